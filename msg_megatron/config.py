@@ -1,0 +1,430 @@
+"""Typed run configuration: YAML in, `section.field=value` overrides, validation before any compute.
+
+Field names follow megatron's where one exists. The `model` section is the *final* (target)
+architecture; `growth.stages` is the schedule that reaches it, written as the paper's tuples
+(hidden, ffn, heads, layers) so Table 2 / Table 10 can be copied literally.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the field and the fix."""
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One architecture point in the paper's order (section 2.2)."""
+
+    hidden: int
+    ffn: int
+    heads: int
+    layers: int
+
+    def as_tuple(self):
+        return (self.hidden, self.ffn, self.heads, self.layers)
+
+    def __str__(self):
+        return "({}, {}, {}, {})".format(*self.as_tuple())
+
+
+@dataclass
+class ModelConfig:
+    family: str = "gpt"
+    """Model family; only the decoder-only `gpt` exists so far."""
+    vocab_size: int = 2048
+    """Tokenizer vocabulary size (the embedding is padded to `make_vocab_size_divisible_by`)."""
+    make_vocab_size_divisible_by: int = 128
+    """Pad the embedding rows to a multiple of this (times the TP degree), as megatron does."""
+    hidden_size: int = 256
+    """Final hidden size (the first element of the last stage's shape)."""
+    ffn_hidden_size: int = 1024
+    """Final FFN size."""
+    num_attention_heads: int = 4
+    """Final number of attention heads."""
+    num_layers: int = 4
+    """Final number of transformer layers."""
+    kv_channels: Optional[int] = None
+    """Head dimension, fixed while heads grow (paper appendix A). Default: hidden_size // num_attention_heads."""
+    seq_length: int = 128
+    """Training sequence length."""
+    norm: str = "layernorm"
+    """`layernorm` or `rmsnorm`."""
+    norm_epsilon: float = 1e-5
+    """Epsilon of every norm."""
+    activation: str = "gelu"
+    """`gelu` (tanh approximation, as GPT-2) or `swiglu`."""
+    position_embedding: str = "learned"
+    """`learned` absolute positions or `rope`."""
+    rotary_base: int = 10000
+    """RoPE base when position_embedding is rope."""
+    tie_embeddings: bool = True
+    """Share the input embedding with the output layer."""
+    add_bias_linear: bool = True
+    """Biases in the attention and MLP linear layers."""
+    init_method_std: float = 0.02
+    """Std of the normal init of a model built from scratch."""
+
+    @property
+    def shape(self) -> Shape:
+        return Shape(self.hidden_size, self.ffn_hidden_size, self.num_attention_heads, self.num_layers)
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+
+@dataclass
+class StageConfig:
+    step: int = 0
+    """Training step at which this stage's shape takes effect (growth happens before that step)."""
+    shape: List[int] = field(default_factory=list)
+    """[hidden, ffn, heads, layers] of this stage."""
+    kv_channels: Optional[int] = None
+    """Optional statement of the head dim; it must equal model.kv_channels (heads grow at fixed head dim)."""
+
+
+@dataclass
+class GrowthConfig:
+    ramp_steps: int = 100
+    """Steps over which new masks ramp linearly from 0 to 1 (the paper's phi, section 3.2.1)."""
+    init: str = "normal"
+    """New width weights: `normal` (N(0, init_std), paper 3.2.2), `zeros`, or `copy` (replicate existing units)."""
+    init_std: float = 0.02
+    """Std of the normal init of new weights."""
+    depth_init: str = "interpolate"
+    """New layers: `interpolate` (copy each layer above itself), `stack` (repeat the stack), `random`."""
+    lr_reset_stages: List[int] = field(default_factory=list)
+    """Stage indices (1 = first growth) at which the learning rate resets to its peak."""
+    stages: List[StageConfig] = field(default_factory=list)
+    """The schedule; empty trains a fixed-size model. The first stage is at step 0, the last is the model shape."""
+
+
+@dataclass
+class ParallelConfig:
+    tensor: int = 1
+    """Tensor-parallel degree (1 until the parallelism issue lands)."""
+    pipeline: int = 1
+    """Pipeline-parallel degree (1 until the parallelism issue lands)."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    """Total optimizer steps."""
+    global_batch_size: int = 8
+    """Sequences per optimizer step."""
+    micro_batch_size: int = 8
+    """Sequences per forward/backward; global/micro micro-batches are accumulated."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr: float = 1e-4
+    """Learning rate at the end of the decay."""
+    warmup_steps: int = 10
+    """Linear warmup steps from 0 to lr."""
+    decay_style: str = "cosine"
+    """`cosine`, `linear` or `constant` decay after warmup."""
+    decay_steps: Optional[int] = None
+    """Step at which the decay reaches min_lr (default: steps)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (not applied to norms and biases)."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.95
+    """AdamW beta2."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    clip_grad: float = 1.0
+    """Global gradient-norm clip (0 disables)."""
+    seed: int = 1234
+    """Seed of the initial model, new growth weights and the data order."""
+    log_interval: int = 1
+    """Log every N steps."""
+    eval_interval: int = 50
+    """Evaluate every N steps (0: only at the end)."""
+    eval_iters: int = 4
+    """Validation batches per evaluation."""
+    save_interval: int = 0
+    """Save a checkpoint every N steps (0: only at the end)."""
+    threads: int = 0
+    """torch intra-op threads on CPU (0: torch's default)."""
+
+
+@dataclass
+class DataConfig:
+    corpus: str = "embedded"
+    """`embedded` (Python stdlib sources + pydoc topics, built locally) or a prefix from msg-preprocess."""
+    corpus_mb: float = 4.0
+    """Megabytes of embedded text to use."""
+    valid_fraction: float = 0.02
+    """Share of documents held out for validation (embedded corpus)."""
+    cache_dir: str = ""
+    """Where prepared data is cached (default: $MSG_CACHE_DIR or ~/.cache/msg-megatron)."""
+    tokenizer_model: str = ""
+    """A sentencepiece model to use instead of training one (must match model.vocab_size)."""
+
+
+@dataclass
+class CheckpointConfig:
+    save: str = ""
+    """Directory to save checkpoints into (empty: no checkpoints)."""
+    load: str = ""
+    """Checkpoint directory to resume from (a step directory or a save dir with `latest`)."""
+    keep: int = 3
+    """How many step checkpoints to keep in `save`."""
+
+
+@dataclass
+class LoggingConfig:
+    wandb: str = "auto"
+    """`offline`, `online`, `disabled`, or `auto` (online only when WANDB_API_KEY is set)."""
+    project: str = "msg-megatron"
+    """wandb project."""
+    run_dir: str = "runs/default"
+    """Directory for metrics.jsonl and wandb files."""
+    name: str = ""
+    """Run name (default: the config file's stem)."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    growth: GrowthConfig = field(default_factory=GrowthConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    # ---- derived views -------------------------------------------------------------------
+    def schedule(self) -> List[tuple]:
+        """[(step, Shape)] including the initial shape at step 0."""
+        if not self.growth.stages:
+            return [(0, self.model.shape)]
+        return [(s.step, Shape(*s.shape)) for s in self.growth.stages]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---- loading ---------------------------------------------------------------------------------
+def _hint(name, options):
+    close = difflib.get_close_matches(name, options, n=1)
+    return f" Did you mean `{close[0]}`?" if close else f" Valid keys: {', '.join(sorted(options))}."
+
+
+def _coerce(value, tp, where):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        inner = [a for a in args if a is not type(None)][0]
+        return _coerce(value, inner, where)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config field `{where}` must be a mapping, got {value!r}.")
+        return _build(tp, value, where)
+    if origin in (list, List):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config field `{where}` must be a list, got {value!r}.")
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"config field `{where}` must be true or false, got {value!r}.")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise ConfigError(f"config field `{where}` must be an integer, got {value!r}.")
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config field `{where}` must be a number, got {value!r}.")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)):
+            raise ConfigError(f"config field `{where}` must be a string, got {value!r}.")
+        return str(value)
+    return value
+
+
+def _build(cls, data: dict, where: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in (data or {}).items():
+        path = f"{where}.{key}" if where else key
+        if key not in names:
+            raise ConfigError(f"unknown config key `{path}`.{_hint(key, names)}")
+        kwargs[key] = _coerce(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def parse_override(text: str):
+    """`a.b=value` -> (['a', 'b'], parsed value). Values are parsed as YAML scalars/lists."""
+    if "=" not in text:
+        raise ConfigError(f"override `{text}` must look like `section.field=value` (e.g. train.steps=50).")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override `{text}`: cannot parse value: {e}") from None
+    return key.strip().split("."), value
+
+
+def _apply_override(data: dict, path: List[str], value):
+    node = data
+    for i, part in enumerate(path[:-1]):
+        if isinstance(node, list):
+            node = node[int(part)]
+            continue
+        node = node.setdefault(part, {})
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"override `{'.'.join(path)}`: `{'.'.join(path[:i + 1])}` is not a section.")
+    last = path[-1]
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None) -> Config:
+    """Read YAML (optional), apply `section.field=value` overrides, validate."""
+    data: dict = {}
+    if path:
+        if not os.path.exists(path):
+            raise ConfigError(f"config file `{path}` does not exist (the presets live in configs/).")
+        with open(path) as f:
+            try:
+                data = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"config file `{path}` is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file `{path}` must hold a mapping of sections (model:, train:, ...).")
+    for ov in overrides or []:
+        keys, value = parse_override(ov)
+        _apply_override(data, keys, value)
+    cfg = _build(Config, data)
+    if path and not cfg.logging.name:
+        cfg.logging.name = os.path.splitext(os.path.basename(path))[0]
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict) -> Config:
+    cfg = _build(Config, data)
+    validate(cfg)
+    return cfg
+
+
+# ---- validation ------------------------------------------------------------------------------
+def _choice(value, options, where):
+    if value not in options:
+        raise ConfigError(f"config field `{where}` is {value!r}; choose one of {', '.join(options)}.")
+
+
+def _positive(value, where):
+    if value is None or value <= 0:
+        raise ConfigError(f"config field `{where}` must be positive, got {value!r}.")
+
+
+def validate(cfg: Config) -> None:
+    """Reject bad configs before any compute, naming the field and the fix."""
+    m, g, t, p = cfg.model, cfg.growth, cfg.train, cfg.parallel
+    _choice(m.family, ["gpt"], "model.family")
+    _choice(m.norm, ["layernorm", "rmsnorm"], "model.norm")
+    _choice(m.activation, ["gelu", "swiglu"], "model.activation")
+    _choice(m.position_embedding, ["learned", "rope"], "model.position_embedding")
+    _choice(g.init, ["normal", "zeros", "copy"], "growth.init")
+    _choice(g.depth_init, ["interpolate", "stack", "random"], "growth.depth_init")
+    _choice(t.decay_style, ["cosine", "linear", "constant"], "train.decay_style")
+    _choice(cfg.logging.wandb, ["auto", "offline", "online", "disabled"], "logging.wandb")
+    for name in ("vocab_size", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_layers",
+                 "seq_length", "make_vocab_size_divisible_by"):
+        _positive(getattr(m, name), f"model.{name}")
+    if m.kv_channels is not None:
+        _positive(m.kv_channels, "model.kv_channels")
+    elif m.hidden_size % m.num_attention_heads:
+        raise ConfigError(
+            f"model.hidden_size={m.hidden_size} is not divisible by model.num_attention_heads="
+            f"{m.num_attention_heads}; set model.kv_channels (the fixed head dim) explicitly.")
+    if m.position_embedding == "rope" and m.head_dim % 2:
+        raise ConfigError(f"model.kv_channels={m.head_dim} must be even for rope; set an even head dim.")
+    for name in ("steps", "global_batch_size", "micro_batch_size", "log_interval"):
+        _positive(getattr(t, name), f"train.{name}")
+    if t.global_batch_size % t.micro_batch_size:
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} is not a multiple of train.micro_batch_size="
+            f"{t.micro_batch_size}; make it one (it is accumulated in micro-batches).")
+    if t.lr <= 0 or t.min_lr < 0 or t.min_lr > t.lr:
+        raise ConfigError(f"train.lr={t.lr}, train.min_lr={t.min_lr}: need 0 <= min_lr <= lr and lr > 0.")
+    if t.warmup_steps < 0:
+        raise ConfigError("train.warmup_steps must be >= 0.")
+    if g.ramp_steps < 0:
+        raise ConfigError("growth.ramp_steps (the paper's phi) must be >= 0.")
+    if g.init_std < 0:
+        raise ConfigError("growth.init_std must be >= 0.")
+    if p.tensor != 1 or p.pipeline != 1:
+        # honoured by the parallelism issue; refuse rather than silently train something else
+        raise ConfigError(
+            f"parallel.tensor={p.tensor}, parallel.pipeline={p.pipeline}: only 1x1 is supported in this "
+            "version; set parallel.tensor=1 parallel.pipeline=1.")
+    if not 0 <= cfg.data.valid_fraction < 1:
+        raise ConfigError("data.valid_fraction must be in [0, 1).")
+    _validate_stages(cfg)
+
+
+def _validate_stages(cfg: Config) -> None:
+    m, g = cfg.model, cfg.growth
+    if not g.stages:
+        if g.lr_reset_stages:
+            raise ConfigError("growth.lr_reset_stages is set but growth.stages is empty; remove it or add stages.")
+        return
+    prev_step, prev = None, None
+    for i, st in enumerate(g.stages):
+        where = f"growth.stages[{i}]"
+        if len(st.shape) != 4:
+            raise ConfigError(f"`{where}.shape` must be [hidden, ffn, heads, layers], got {st.shape}.")
+        if any(v <= 0 for v in st.shape):
+            raise ConfigError(f"`{where}.shape` {st.shape}: every size must be positive.")
+        hidden, ffn, heads, layers = st.shape
+        if st.kv_channels is not None and st.kv_channels != m.head_dim:
+            raise ConfigError(
+                f"`{where}.kv_channels`={st.kv_channels} differs from the model's head dim {m.head_dim}; MSG grows "
+                "heads at a fixed head dim (paper appendix A). Remove it or set it to model.kv_channels.")
+        if i == 0 and st.step != 0:
+            raise ConfigError(f"`{where}.step` is {st.step}; the first stage is the initial shape and must be at step 0.")
+        if prev_step is not None and st.step <= prev_step:
+            raise ConfigError(
+                f"`{where}.step`={st.step} is not after the previous stage's step {prev_step}; "
+                "list stages in increasing step order.")
+        if st.step >= cfg.train.steps and i > 0:
+            raise ConfigError(
+                f"`{where}.step`={st.step} is not before train.steps={cfg.train.steps}; the stage would never run.")
+        if prev is not None:
+            names = ["hidden", "ffn", "heads", "layers"]
+            for n, a, b in zip(names, prev, st.shape):
+                if b < a:
+                    raise ConfigError(
+                        f"`{where}.shape` shrinks {n} from {a} to {b}; growth only adds units. "
+                        "Make every dimension >= the previous stage's.")
+            if list(prev) == list(st.shape):
+                raise ConfigError(f"`{where}.shape` equals the previous stage's; remove the stage or grow something.")
+        prev_step, prev = st.step, st.shape
+    if tuple(prev) != m.shape.as_tuple():
+        raise ConfigError(
+            f"the last stage's shape {list(prev)} differs from the model section {list(m.shape.as_tuple())}; "
+            "the model section is the final shape, so make them equal.")
+    for i in g.lr_reset_stages:
+        if not 1 <= i < len(g.stages):
+            raise ConfigError(f"growth.lr_reset_stages entry {i} is not a growth stage (1..{len(g.stages) - 1}).")

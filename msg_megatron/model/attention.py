@@ -1,0 +1,74 @@
+"""Self-attention with per-head masks (paper appendix A, eq. 22-26), on megatron's TP linears.
+
+The fused QKV weight uses megatron's per-group interleaved layout: for each head (query group,
+MHA here) the rows [q_h; k_h; v_h], each head_dim long. New heads are appended as whole groups,
+so the existing heads stay a prefix. Head dim is fixed while heads grow.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+
+from .masks import active_mask, register_mask
+
+
+@dataclass
+class MaskedAttentionSubmodules:
+    linear_qkv: Union[ModuleSpec, type] = None
+    linear_proj: Union[ModuleSpec, type] = None
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rope_cos_sin(seq_len: int, head_dim: int, base: int, dtype=torch.float32):
+    """cos/sin tables [s, 1, 1, head_dim] in the rotate-half (Llama/HF) convention."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    freqs = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype)[:, None, None, :], emb.sin().to(dtype)[:, None, None, :]
+
+
+class MaskedSelfAttention(MegatronModule):
+    def __init__(self, config, submodules: MaskedAttentionSubmodules, layer_number: int = 1):
+        super().__init__(config=config)
+        self.layer_number = layer_number
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.kv_channels
+        proj_in = self.num_heads * self.head_dim
+        self.linear_qkv = build_module(
+            submodules.linear_qkv, config.hidden_size, 3 * proj_in, config=config,
+            init_method=config.init_method, gather_output=False, bias=config.add_bias_linear,
+            skip_bias_add=False, is_expert=False)
+        self.linear_proj = build_module(
+            submodules.linear_proj, proj_in, config.hidden_size, config=config,
+            init_method=config.output_layer_init_method, bias=config.add_bias_linear,
+            input_is_parallel=True, skip_bias_add=False, is_expert=False)
+        register_mask(self, "head", self.num_heads)
+
+    def forward(self, x: torch.Tensor, rope: Optional[tuple] = None) -> torch.Tensor:
+        s, b, _ = x.shape
+        qkv, _ = self.linear_qkv(x)
+        heads = qkv.shape[-1] // (3 * self.head_dim)  # local heads (a TP rank holds a share)
+        q, k, v = qkv.view(s, b, heads, 3 * self.head_dim).split(self.head_dim, dim=-1)
+        if rope is not None:
+            cos, sin = rope
+            q = q * cos[:s] + rotate_half(q) * sin[:s]
+            k = k * cos[:s] + rotate_half(k) * sin[:s]
+        # [s, b, h, d] -> [b, h, s, d]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0 / math.sqrt(self.head_dim))
+        head_mask = active_mask(self, "head")
+        if head_mask is not None:  # eq. 23-24: a masked head contributes an all-zero output
+            out = out * head_mask.to(out.dtype)[None, :, None, None]
+        out = out.permute(2, 0, 1, 3).reshape(s, b, heads * self.head_dim)
+        out, _ = self.linear_proj(out)
+        return out

@@ -1,0 +1,70 @@
+"""Growth masks as model state (paper eq. 10, 16, 20, 23).
+
+Every mask is a pair of buffers: `<name>_mask` (the value used in forward) and `<name>_birth`
+(the step at which each entry was added; -inf for entries that existed from the start). The value
+at step s is clamp((s - birth) / ramp_steps, 0, 1): 0 right after growth (strict function
+preservation), 1 after `ramp_steps` (paper section 3.2.1, "mask strength" phi). Keeping the birth
+per entry lets a growth start while an earlier ramp still runs, and makes the mask a pure function
+of the step (exact on resume). When every entry is 1 the mask is *folded*: `<name>_active` is False
+and forward takes the ordinary, unmasked path.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator, Tuple
+
+import torch
+from torch import nn
+
+
+def register_mask(module: nn.Module, name: str, size: int) -> None:
+    """Add a fully-open mask (all ones, born at -inf) of `size` entries to `module`."""
+    module.register_buffer(f"{name}_mask", torch.ones(size))
+    module.register_buffer(f"{name}_birth", torch.full((size,), -math.inf))
+    setattr(module, f"{name}_active", False)
+    names = list(getattr(module, "_mask_names", ()))
+    module._mask_names = tuple(names + [name])
+
+
+def active_mask(module: nn.Module, name: str):
+    """The mask tensor if it still matters, else None (folded)."""
+    return getattr(module, f"{name}_mask") if getattr(module, f"{name}_active") else None
+
+
+def iter_masks(model: nn.Module) -> Iterator[Tuple[nn.Module, str]]:
+    for mod in model.modules():
+        for name in getattr(mod, "_mask_names", ()):
+            yield mod, name
+
+
+def mask_values(birth: torch.Tensor, step: int, ramp_steps: int) -> torch.Tensor:
+    if ramp_steps <= 0:
+        return torch.ones_like(birth)
+    return ((step - birth) / ramp_steps).clamp_(0.0, 1.0)
+
+
+@torch.no_grad()
+def update_masks(model: nn.Module, step: int, ramp_steps: int) -> float:
+    """Set every mask to its value at `step`; fold the ones that reached 1.
+
+    Returns the smallest mask value in the model (1.0 when nothing ramps), for logging.
+    """
+    lowest = 1.0
+    for mod, name in iter_masks(model):
+        value = mask_values(getattr(mod, f"{name}_birth"), step, ramp_steps)
+        getattr(mod, f"{name}_mask").copy_(value)
+        low = float(value.min()) if value.numel() else 1.0
+        setattr(mod, f"{name}_active", low < 1.0)
+        lowest = min(lowest, low)
+    return lowest
+
+
+def refresh_active(model: nn.Module) -> None:
+    """Recompute the folded/active flags from the mask values (after loading a state dict)."""
+    for mod, name in iter_masks(model):
+        value = getattr(mod, f"{name}_mask")
+        setattr(mod, f"{name}_active", bool(value.numel()) and float(value.min()) < 1.0)
+
+
+def ramping(model: nn.Module) -> bool:
+    return any(getattr(mod, f"{name}_active") for mod, name in iter_masks(model))

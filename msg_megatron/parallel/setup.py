@@ -1,0 +1,50 @@
+"""Initialise torch.distributed and megatron-core's parallel state.
+
+Single process (no torchrun/srun environment): a world of one on gloo over a loopback TCP store,
+so megatron's tensor-parallel layers and dist_checkpointing run unchanged on a laptop.
+Under torchrun the usual RANK/WORLD_SIZE/MASTER_ADDR variables are used.
+"""
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+from .cpu_compat import apply_cpu_patches
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def initialize_parallel(tensor: int = 1, pipeline: int = 1, seed: int = 1234) -> None:
+    """Idempotent: set up the default process group and megatron's TP/PP/DP groups."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    apply_cpu_patches()
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            if torch.cuda.is_available():
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            dist.init_process_group(backend)
+        else:
+            store = dist.TCPStore("127.0.0.1", _free_port(), 1, is_master=True)
+            dist.init_process_group(backend, store=store, rank=0, world_size=1)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(tensor, pipeline)
+    if torch.cuda.is_available():
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def destroy_parallel() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
