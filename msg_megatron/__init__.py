@@ -1,3 +1,9 @@
 """msg-megatron: Masked Structural Growth (MSG) pre-training on megatron-core."""
 
 __version__ = "0.1.0"
+
+import warnings as _warnings
+
+# megatron-core announces its pure-PyTorch fallbacks on import; they are expected on CPU.
+_warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+_warnings.filterwarnings("ignore", message=".*full scope is deprecated.*")

@@ -5,7 +5,9 @@ megatron-core 0.16.1 assumes CUDA in a few spots. Each patch below is applied on
 On a GPU machine nothing here runs.
 
 Measured needs on megatron-core 0.16.1 (see ../shared/DESIGN.md):
-- `torch.cuda.current_device()` is called while building groups and checkpoints: return 0.
+- `torch.cuda.current_device()` is used as `device=` of small status tensors that
+  dist_checkpointing broadcasts after a save (strategies/state_dict_saver.py): return "cpu" so
+  those tensors live where gloo can send them.
 - `torch.cuda.synchronize()` in timers/checkpointing: a no-op on CPU.
 - The tensor-parallel RNG tracker stores CUDA RNG states: keep CPU generator states instead.
 """
@@ -23,7 +25,7 @@ def apply_cpu_patches() -> bool:
         return False
     if _APPLIED:
         return True
-    torch.cuda.current_device = lambda: 0  # device index used only as a label on CPU
+    torch.cuda.current_device = lambda: "cpu"
     torch.cuda.synchronize = lambda *a, **k: None
 
     from megatron.core.tensor_parallel import random as tp_random

@@ -1,0 +1,166 @@
+"""Checkpoints on megatron-core `dist_checkpointing` (global shapes + offsets, reloadable under
+another layout), written atomically.
+
+A save directory holds step directories and a `latest` marker:
+    SAVE/step_000120/          dist_checkpointing files + msg_meta.json + tokenizer.model
+    SAVE/latest                "step_000120"
+Each step directory is written under `.tmp-step_...` and renamed when complete; `latest` is
+replaced by an atomic rename afterwards. `msg_meta.json` (plain JSON: shape, step, config, version)
+is read first so the loader can build a model of the right shape before loading tensors.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from .. import __version__
+from ..config import Shape
+
+META = "msg_meta.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete or does not fit the request."""
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A step directory from either itself or a save directory with a `latest` marker."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint `{path}` does not exist")
+    if os.path.exists(os.path.join(path, META)):
+        return path
+    marker = os.path.join(path, "latest")
+    if os.path.exists(marker):
+        with open(marker) as f:
+            step_dir = os.path.join(path, f.read().strip())
+        if not os.path.exists(os.path.join(step_dir, META)):
+            raise CheckpointError(f"`{marker}` points to `{step_dir}`, which is not a complete checkpoint")
+        return step_dir
+    raise CheckpointError(f"`{path}` is neither a checkpoint (no {META}) nor a save directory (no `latest`)")
+
+
+def read_meta(path: str) -> dict:
+    step_dir = resolve_checkpoint(path)
+    try:
+        with open(os.path.join(step_dir, META)) as f:
+            meta = json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"`{os.path.join(step_dir, META)}` is corrupt ({e}); use another checkpoint") from None
+    meta["path"] = step_dir
+    return meta
+
+
+def _sharded(model, optimizer):
+    """The sharded state dict of model and AdamW moments (moments mirror their parameter's shards)."""
+    from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
+
+    sd = model.sharded_state_dict(prefix="model.")
+    sd = {k: v for k, v in sd.items() if not k.endswith("_extra_state")}
+    if optimizer is not None:
+        for name, p in model.named_parameters():
+            st = optimizer.state.get(p)
+            if not st:
+                continue
+            for key in ("exp_avg", "exp_avg_sq"):
+                sd[f"optimizer.{key}.{name}"] = make_sharded_optimizer_tensor(
+                    sd[f"model.{name}"], st[key], prefix=f"optimizer.{key}")
+    return sd
+
+
+def _optimizer_steps(model, optimizer) -> dict:
+    return {name: int(optimizer.state[p]["step"]) for name, p in model.named_parameters()
+            if optimizer is not None and optimizer.state.get(p)}
+
+
+def save_checkpoint(save_dir: str, model, optimizer, state: dict, config: dict, tokenizer_path: str = "",
+                    keep: int = 3) -> str:
+    """Write SAVE/step_XXXXXX atomically; `state` is a JSON-able dict (step, stage, data position...)."""
+    from megatron.core import dist_checkpointing
+
+    step = int(state["step"])
+    name = f"step_{step:06d}"
+    final = os.path.join(save_dir, name)
+    tmp = os.path.join(save_dir, f".tmp-{name}")
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    if rank0:
+        os.makedirs(save_dir, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    if dist.is_initialized():
+        dist.barrier()
+    sd = _sharded(model, optimizer)
+    sd["rng_state"] = torch.get_rng_state()
+    dist_checkpointing.save(sd, tmp)
+    if rank0:
+        meta = {"version": __version__, "shape": list(model.shape.as_tuple()), "state": state,
+                "optimizer_steps": _optimizer_steps(model, optimizer), "config": config}
+        with open(os.path.join(tmp, META), "w") as f:
+            json.dump(meta, f, indent=1)
+        if tokenizer_path:
+            shutil.copyfile(tokenizer_path, os.path.join(tmp, "tokenizer.model"))
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        marker_tmp = os.path.join(save_dir, ".latest.tmp")
+        with open(marker_tmp, "w") as f:
+            f.write(name)
+        os.replace(marker_tmp, os.path.join(save_dir, "latest"))
+        _prune(save_dir, keep)
+    if dist.is_initialized():
+        dist.barrier()
+    return final
+
+
+def _prune(save_dir: str, keep: int) -> None:
+    if keep <= 0:
+        return
+    steps = sorted(d for d in os.listdir(save_dir) if d.startswith("step_"))
+    for d in steps[:-keep]:
+        shutil.rmtree(os.path.join(save_dir, d), ignore_errors=True)
+
+
+def load_checkpoint(path: str, model, optimizer=None, expect_shape: Optional[Shape] = None) -> dict:
+    """Load tensors into `model` (built at the checkpoint's shape) and `optimizer`; return the meta."""
+    from megatron.core import dist_checkpointing
+
+    from ..model.masks import refresh_active
+
+    meta = read_meta(path)
+    shape = Shape(*meta["shape"])
+    if shape != model.shape or (expect_shape is not None and shape != expect_shape):
+        raise CheckpointError(f"checkpoint `{meta['path']}` has shape {shape}, but the model to load into is "
+                              f"{expect_shape or model.shape}; grow it with msg-grow or pick the matching stage")
+    has_opt = bool(meta.get("optimizer_steps")) and optimizer is not None
+    if has_opt:
+        # AdamW allocates its moments lazily; create them so their shards can be filled in place
+        for p in model.parameters():
+            if p not in optimizer.state:
+                optimizer.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                                      "exp_avg_sq": torch.zeros_like(p)}
+    sd = _sharded(model, optimizer if has_opt else None)
+    sd["rng_state"] = torch.get_rng_state()
+    try:
+        loaded = dist_checkpointing.load(sd, meta["path"])
+    except Exception as e:  # noqa: BLE001 - report which checkpoint failed and why
+        raise CheckpointError(f"cannot load checkpoint `{meta['path']}`: {type(e).__name__}: {e}") from e
+    torch.set_rng_state(loaded.pop("rng_state"))
+    model_sd = {k[len("model."):]: v for k, v in loaded.items() if k.startswith("model.")}
+    missing, unexpected = model.load_state_dict(model_sd, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint `{meta['path']}` does not fit the model: missing {missing}, "
+                              f"unexpected {unexpected}")
+    refresh_active(model)
+    if has_opt:
+        steps = meta["optimizer_steps"]
+        for name, p in model.named_parameters():
+            st = optimizer.state[p]
+            st["exp_avg"].copy_(loaded[f"optimizer.exp_avg.{name}"])
+            st["exp_avg_sq"].copy_(loaded[f"optimizer.exp_avg_sq.{name}"])
+            st["step"] = torch.tensor(float(steps.get(name, 0)))
+    return meta

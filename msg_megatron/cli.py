@@ -1,0 +1,22 @@
+"""Shared command-line plumbing: known user errors become one clear line and exit status 2."""
+from __future__ import annotations
+
+import sys
+
+from .checkpoint.dist import CheckpointError
+from .config import ConfigError
+from .data.prepare import DataError
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError, FileNotFoundError, ValueError)
+
+
+def run_cli(prog: str, fn, argv=None) -> int:
+    try:
+        return fn(sys.argv[1:] if argv is None else argv) or 0
+    except USER_ERRORS as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        from .parallel import destroy_parallel
+
+        destroy_parallel()

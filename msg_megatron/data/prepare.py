@@ -1,0 +1,150 @@
+"""Prepared data directories: tokenizer.model + megatron indexed datasets + a manifest.
+
+Layout of a prepared directory (the embedded corpus's cache, or msg-preprocess output):
+    tokenizer.model        sentencepiece model
+    train.bin / train.idx  megatron-core IndexedDataset, one document (tokens + EOD) per entry
+    valid.bin / valid.idx  held-out documents
+    manifest.json          what was built, file sizes; a directory without a matching manifest is
+                           incomplete or corrupt and is rebuilt (cache) or reported (user data)
+Directories are written under a temporary name and renamed when complete, so a crash never leaves
+a half-built directory that looks finished.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from typing import List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from .. import __version__
+from .corpus import Doc, embedded_documents, select_documents, split_documents
+from .tokenizer import Tokenizer, train_tokenizer
+
+FILES = ("tokenizer.model", "train.bin", "train.idx", "valid.bin", "valid.idx")
+
+
+class DataError(RuntimeError):
+    """Prepared data that is missing, corrupt or does not fit the config."""
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("MSG_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "msg-megatron")
+
+
+def _write_split(docs: List[Doc], tok: Tokenizer, prefix: str) -> int:
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    dtype = np.uint16 if tok.vocab_size < 65_000 else np.int32
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=dtype)
+    n_tokens = 0
+    for _, text in docs:
+        ids = tok.encode(text) + [tok.eod]
+        builder.add_document(torch.tensor(ids, dtype=torch.int64), [len(ids)])
+        n_tokens += len(ids)
+    builder.finalize(prefix + ".idx")
+    return n_tokens
+
+
+def build_prepared_dir(out_dir: str, train_docs: List[Doc], valid_docs: List[Doc], vocab_size: int,
+                       tokenizer_model: str = "", key: Optional[dict] = None) -> dict:
+    """Tokenize and write a prepared directory atomically; returns the manifest."""
+    parent = os.path.dirname(os.path.abspath(out_dir)) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    try:
+        tok_path = os.path.join(tmp, "tokenizer.model")
+        if tokenizer_model:
+            shutil.copyfile(tokenizer_model, tok_path)
+        else:
+            train_tokenizer((t for _, t in train_docs), tok_path, vocab_size)
+        tok = Tokenizer(tok_path)
+        if tok.vocab_size != vocab_size:
+            raise DataError(f"tokenizer `{tokenizer_model or tok_path}` has {tok.vocab_size} pieces but "
+                            f"model.vocab_size is {vocab_size}; set model.vocab_size={tok.vocab_size}")
+        counts = {"train": _write_split(train_docs, tok, os.path.join(tmp, "train")),
+                  "valid": _write_split(valid_docs, tok, os.path.join(tmp, "valid"))}
+        if counts["train"] == 0:
+            raise DataError("no training tokens: the input documents are empty")
+        manifest = {"version": __version__, "key": key or {}, "vocab_size": vocab_size, "tokens": counts,
+                    "documents": {"train": len(train_docs), "valid": len(valid_docs)},
+                    "sizes": {f: os.path.getsize(os.path.join(tmp, f)) for f in FILES}}
+        with open(os.path.join(tmp, "manifest.json"), "w") as f:
+            json.dump(manifest, f, indent=1)
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.rename(tmp, out_dir)
+        return manifest
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_prepared_dir(path: str) -> dict:
+    """Return the manifest of a complete prepared directory, else raise DataError naming the problem."""
+    mpath = os.path.join(path, "manifest.json")
+    if not os.path.isdir(path):
+        raise DataError(f"data directory `{path}` does not exist; build it with msg-preprocess "
+                        "or set data.corpus=embedded")
+    try:
+        with open(mpath) as f:
+            manifest = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        raise DataError(f"`{mpath}` is missing or unreadable: `{path}` is incomplete; rebuild it with "
+                        "msg-preprocess") from None
+    for name, size in manifest.get("sizes", {}).items():
+        fp = os.path.join(path, name)
+        if not os.path.exists(fp):
+            raise DataError(f"`{fp}` is missing; rebuild `{path}` with msg-preprocess")
+        if os.path.getsize(fp) != size:
+            raise DataError(f"`{fp}` has {os.path.getsize(fp)} bytes, the manifest says {size}: the file is "
+                            f"truncated or modified; rebuild `{path}`")
+    return manifest
+
+
+def prepare_embedded(cache_dir: str, corpus_mb: float, vocab_size: int, valid_fraction: float,
+                     tokenizer_model: str = "", log=print) -> str:
+    """The cached prepared directory of the embedded corpus, built (or rebuilt) when needed."""
+    key = {"corpus": "embedded", "corpus_mb": corpus_mb, "vocab_size": vocab_size,
+           "valid_fraction": valid_fraction, "tokenizer": _file_digest(tokenizer_model)}
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    out = os.path.join(cache_dir or default_cache_dir(), f"embedded-{digest}")
+    if os.path.exists(out):
+        try:
+            check_prepared_dir(out)
+            return out
+        except DataError as e:
+            log(f"[data] cached corpus is unusable ({e}); rebuilding {out}")
+    log(f"[data] building the embedded corpus ({corpus_mb} MB, vocab {vocab_size}) into {out}")
+    docs = select_documents(embedded_documents(), int(corpus_mb * 1e6))
+    train, valid = split_documents(docs, valid_fraction)
+    manifest = build_prepared_dir(out, train, valid, vocab_size, tokenizer_model, key)
+    log(f"[data] {manifest['tokens']['train']} train / {manifest['tokens']['valid']} valid tokens")
+    return out
+
+
+def _file_digest(path: str) -> str:
+    if not path:
+        return ""
+    if not os.path.exists(path):
+        raise DataError(f"data.tokenizer_model `{path}` does not exist")
+    with open(path, "rb") as f:
+        return hashlib.sha1(f.read()).hexdigest()
+
+
+def resolve_data_dir(dcfg, vocab_size: int, log=print) -> Tuple[str, dict]:
+    """(prepared directory, manifest) for a DataConfig; checks the vocabulary matches the model."""
+    if dcfg.corpus == "embedded":
+        path = prepare_embedded(dcfg.cache_dir, dcfg.corpus_mb, vocab_size, dcfg.valid_fraction,
+                                dcfg.tokenizer_model, log)
+    else:
+        path = dcfg.corpus
+    manifest = check_prepared_dir(path)
+    if manifest["vocab_size"] != vocab_size:
+        raise DataError(f"data `{path}` was tokenized with a vocabulary of {manifest['vocab_size']} but "
+                        f"model.vocab_size is {vocab_size}; set model.vocab_size={manifest['vocab_size']}")
+    return path, manifest

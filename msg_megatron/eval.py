@@ -1,0 +1,82 @@
+"""msg-eval --load CKPT [--text FILE] [--json]: validation loss of a checkpoint, or its loss on a text file."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+from .cli import run_cli
+
+
+def load_model_from_checkpoint(path: str):
+    """(model, config, meta) built at the checkpoint's shape, masks as saved."""
+    from .checkpoint.dist import load_checkpoint, read_meta
+    from .config import Shape, config_from_dict
+    from .model import build_model
+    from .parallel import initialize_parallel
+
+    meta = read_meta(path)
+    cfg = config_from_dict(meta["config"])
+    initialize_parallel(1, 1, cfg.train.seed)
+    model = build_model(cfg.model, Shape(*meta["shape"]), perform_init=False)
+    load_checkpoint(meta["path"], model)
+    return model, cfg, meta
+
+
+@torch.no_grad()
+def text_loss(model, tokenizer, text: str, seq_length: int) -> float:
+    ids = tokenizer.encode(text) + [tokenizer.eod]
+    if len(ids) < 2:
+        raise ValueError("the text has fewer than 2 tokens; nothing to score")
+    total, count = 0.0, 0
+    for start in range(0, len(ids) - 1, seq_length):
+        chunk = torch.tensor(ids[start:start + seq_length + 1])[None]
+        if chunk.shape[1] < 2:
+            break
+        losses = model(chunk[:, :-1], chunk[:, 1:])
+        total += float(losses.sum())
+        count += losses.numel()
+    return total / count
+
+
+def _main(argv) -> int:
+    ap = argparse.ArgumentParser(prog="msg-eval", description=__doc__)
+    ap.add_argument("--load", required=True, help="checkpoint step directory or save directory")
+    ap.add_argument("--text", help="score this text file instead of the validation split")
+    ap.add_argument("--iters", type=int, default=None, help="validation batches (default: train.eval_iters)")
+    ap.add_argument("--json", action="store_true", help="print one JSON line")
+    args = ap.parse_args(argv)
+    from .data import Tokenizer, TokenWindows, resolve_data_dir
+    from .training.evaluate import validation_loss
+
+    model, cfg, meta = load_model_from_checkpoint(args.load)
+    model.eval()
+    out = {"checkpoint": meta["path"], "step": meta["state"]["step"], "shape": meta["shape"]}
+    if args.text:
+        if not os.path.exists(args.text):
+            raise FileNotFoundError(f"--text file `{args.text}` does not exist")
+        tok = Tokenizer(os.path.join(meta["path"], "tokenizer.model"))
+        with open(args.text, encoding="utf-8", errors="replace") as f:
+            out["loss"] = text_loss(model, tok, f.read(), cfg.model.seq_length)
+        out["text"] = args.text
+    else:
+        data_dir, _ = resolve_data_dir(cfg.data, cfg.model.vocab_size, log=lambda *_: None)
+        valid = TokenWindows(os.path.join(data_dir, "valid"), cfg.model.seq_length, cfg.train.seed)
+        out["val_loss"] = validation_loss(model, valid, cfg.train.micro_batch_size, args.iters or cfg.train.eval_iters)
+    if args.json:
+        print(json.dumps(out))
+    else:
+        key = "loss" if args.text else "val_loss"
+        print(f"{meta['path']} (step {out['step']}, shape {tuple(out['shape'])}): {key} = {out[key]:.6f}")
+    return 0
+
+
+def main(argv=None) -> None:
+    sys.exit(run_cli("msg-eval", _main, argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""msg-grow --load CKPT --shape H,F,A,L --save OUT: grow a checkpoint offline.
+
+New entries start masked (masks at 0, born at the checkpoint's step), so the grown checkpoint
+computes the same function; the AdamW moments grow with it. Unless --no-verify, prints the
+validation loss before and after as the function-preservation check.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .cli import run_cli
+
+
+def parse_shape(text: str):
+    from .config import Shape
+
+    try:
+        parts = [int(x) for x in text.replace(" ", "").strip("()[]").split(",")]
+    except ValueError:
+        parts = []
+    if len(parts) != 4 or any(p <= 0 for p in parts):
+        raise ValueError(f"--shape `{text}` must be four positive integers hidden,ffn,heads,layers (e.g. 256,1024,4,4)")
+    return Shape(*parts)
+
+
+def _main(argv) -> int:
+    ap = argparse.ArgumentParser(prog="msg-grow", description=__doc__)
+    ap.add_argument("--load", required=True, help="checkpoint step directory or save directory")
+    ap.add_argument("--shape", required=True, help="target hidden,ffn,heads,layers")
+    ap.add_argument("--save", required=True, help="save directory for the grown checkpoint")
+    ap.add_argument("--init", default=None, choices=["normal", "zeros", "copy"], help="default: the config's")
+    ap.add_argument("--init-std", type=float, default=None)
+    ap.add_argument("--depth-init", default=None, choices=["interpolate", "stack", "random"])
+    ap.add_argument("--no-verify", action="store_true", help="skip the before/after validation loss")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    shape = parse_shape(args.shape)
+
+    from .checkpoint.dist import CheckpointError, load_checkpoint, read_meta, save_checkpoint
+    from .config import Shape, config_from_dict
+    from .data import TokenWindows, resolve_data_dir
+    from .growth.axes import axis_maps
+    from .growth.operators import grow_model
+    from .growth.optimizer_state import grow_optimizer
+    from .model import build_model, count_parameters, update_masks
+    from .parallel import initialize_parallel
+    from .training.evaluate import validation_loss
+    from .training.optimizer import build_optimizer
+
+    meta = read_meta(args.load)
+    if os.path.abspath(os.path.dirname(meta["path"])) == os.path.abspath(args.save):
+        raise CheckpointError(f"--save `{args.save}` is the source's own save directory; choose a new one so "
+                              "the original stays intact")
+    cfg = config_from_dict(meta["config"])
+    g = cfg.growth
+    initialize_parallel(1, 1, cfg.train.seed)
+    old_shape = Shape(*meta["shape"])
+    model = build_model(cfg.model, old_shape, perform_init=False)
+    optimizer = build_optimizer(model, cfg.train)
+    load_checkpoint(meta["path"], model, optimizer)
+    step = meta["state"]["step"]
+
+    valid = None
+    if not args.no_verify:
+        data_dir, _ = resolve_data_dir(cfg.data, cfg.model.vocab_size, log=lambda *_: None)
+        valid = TokenWindows(os.path.join(data_dir, "valid"), cfg.model.seq_length, cfg.train.seed)
+    before = validation_loss(model, valid, cfg.train.micro_batch_size, cfg.train.eval_iters)
+
+    new_model, name_map = grow_model(
+        model, shape, step=step, init=args.init or g.init,
+        init_std=g.init_std if args.init_std is None else args.init_std,
+        depth_init=args.depth_init or g.depth_init, seed=cfg.train.seed + 7919 * step)
+    maps = axis_maps(old_shape, shape, cfg.model.head_dim, cfg.model.activation == "swiglu")
+    new_opt = grow_optimizer(optimizer, model, new_model, name_map, maps, cfg.train)
+    update_masks(new_model, step, g.ramp_steps)
+    after = validation_loss(new_model, valid, cfg.train.micro_batch_size, cfg.train.eval_iters)
+
+    state = dict(meta["state"], stage=meta["state"]["stage"] + 1)
+    tok = os.path.join(meta["path"], "tokenizer.model")
+    path = save_checkpoint(args.save, new_model, new_opt, state, meta["config"], tok if os.path.exists(tok) else "")
+    out = {"from": list(old_shape.as_tuple()), "to": list(shape.as_tuple()), "step": step, "saved": path,
+           "params": count_parameters(new_model), "val_loss_before": before, "val_loss_after": after}
+    if before is not None:
+        out["rel_diff"] = abs(after - before) / abs(before)
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"grew {old_shape} -> {shape} at step {step}: {out['params']:,} params, saved {path}")
+        if before is not None:
+            print(f"function preservation: val_loss {before:.6f} -> {after:.6f} (rel diff {out['rel_diff']:.2e})")
+    return 0
+
+
+def main(argv=None) -> None:
+    sys.exit(run_cli("msg-grow", _main, argv))
+
+
+if __name__ == "__main__":
+    main()

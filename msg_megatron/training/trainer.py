@@ -1,0 +1,192 @@
+"""The training loop. A growth event is one explicit method (`grow`) called between steps.
+
+    for step in range(start, steps):
+        if a stage starts at this step: grow()          # MSG operators, masks at 0, AdamW state grown
+        update masks to this step's ramp value          # fold the ones that reached 1
+        train_step()                                    # forward/backward over micro-batches, AdamW
+        log / evaluate / save at their intervals
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from typing import Optional
+
+import torch
+
+from ..checkpoint.dist import CheckpointError, load_checkpoint, read_meta, save_checkpoint
+from ..config import Config, Shape
+from ..data import TokenWindows, resolve_data_dir
+from ..growth.axes import axis_maps
+from ..growth.operators import grow_model
+from ..growth.optimizer_state import grow_optimizer
+from ..model import build_model, count_parameters, update_masks
+from ..parallel import initialize_parallel
+from .evaluate import validation_loss
+from .metrics import MetricsLogger
+from .optimizer import build_optimizer
+from .schedule import LRSchedule
+
+
+class Trainer:
+    def __init__(self, cfg: Config, log_enabled: bool = True):
+        self.cfg = cfg
+        t = cfg.train
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        initialize_parallel(cfg.parallel.tensor, cfg.parallel.pipeline, t.seed)
+        self.metrics = MetricsLogger(cfg.logging.run_dir, cfg.logging.wandb, cfg.logging.project,
+                                     cfg.logging.name, cfg.to_dict(), enabled=log_enabled)
+        self.data_dir, manifest = resolve_data_dir(cfg.data, cfg.model.vocab_size, log=self.metrics.print)
+        seq = cfg.model.seq_length
+        self.train_data = TokenWindows(os.path.join(self.data_dir, "train"), seq, t.seed)
+        self.valid_data = (TokenWindows(os.path.join(self.data_dir, "valid"), seq, t.seed)
+                           if manifest["tokens"]["valid"] > seq + 1 else None)
+        self.schedule = cfg.schedule()
+        reset_steps = [self.schedule[i][0] for i in cfg.growth.lr_reset_stages]
+        self.lr_schedule = LRSchedule(t.lr, t.min_lr, t.warmup_steps, t.decay_steps or t.steps, t.decay_style,
+                                      reset_steps)
+        self.step, self.stage, self.consumed_samples = 0, 0, 0
+        self.model = build_model(cfg.model, self.schedule[0][1], seed=t.seed)
+        self.optimizer = build_optimizer(self.model, t)
+        if cfg.checkpoint.load:
+            self.resume(cfg.checkpoint.load)
+        self._probe = self._probe_batch()
+
+    # ---- growth --------------------------------------------------------------------------
+    def grow(self, stage: int) -> dict:
+        """Grow to `stage`'s shape before training step `self.step` (paper section 3.1)."""
+        g = self.cfg.growth
+        old_shape, new_shape = self.model.shape, self.schedule[stage][1]
+        loss_before = self.probe_loss()
+        new_model, name_map = grow_model(self.model, new_shape, step=self.step, init=g.init, init_std=g.init_std,
+                                         depth_init=g.depth_init, seed=self.cfg.train.seed + stage)
+        maps = axis_maps(old_shape, new_shape, self.cfg.model.head_dim, self.cfg.model.activation == "swiglu")
+        self.optimizer = grow_optimizer(self.optimizer, self.model, new_model, name_map, maps, self.cfg.train)
+        self.model, self.stage = new_model, stage
+        update_masks(self.model, self.step, g.ramp_steps)
+        loss_after = self.probe_loss()
+        record = {"event": "growth", "step": self.step, "stage": stage, "from": list(old_shape.as_tuple()),
+                  "to": list(new_shape.as_tuple()), "params": count_parameters(self.model),
+                  "probe_loss_before": loss_before, "probe_loss_after": loss_after}
+        self.metrics.print(f"[grow] step {self.step}: stage {stage} {old_shape} -> {new_shape}, "
+                           f"params {record['params']:,}, probe loss {loss_before:.6f} -> {loss_after:.6f}")
+        self.metrics.log(record)
+        return record
+
+    # ---- steps ---------------------------------------------------------------------------
+    def train_step(self) -> dict:
+        t = self.cfg.train
+        self.model.train()
+        lr = self.lr_schedule(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        n_micro = t.global_batch_size // t.micro_batch_size
+        total = 0.0
+        start = time.perf_counter()
+        for i in range(n_micro):
+            batch = self.train_data.batch(self.consumed_samples + i * t.micro_batch_size, t.micro_batch_size)
+            loss = self.model(batch[:, :-1], batch[:, 1:]).mean()
+            (loss / n_micro).backward()
+            total += float(loss.detach())
+        grad_norm = (torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.clip_grad)
+                     if t.clip_grad > 0 else _grad_norm(self.model))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        elapsed = time.perf_counter() - start
+        self.consumed_samples += t.global_batch_size
+        loss = total / n_micro
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss} at step {self.step}; lower train.lr or raise train.clip_grad")
+        return {"loss": loss, "lr": lr, "grad_norm": float(grad_norm),
+                "tokens_per_s": t.global_batch_size * self.cfg.model.seq_length / elapsed, "step_time": elapsed}
+
+    def evaluate(self) -> Optional[float]:
+        return validation_loss(self.model, self.valid_data, self.cfg.train.micro_batch_size,
+                               self.cfg.train.eval_iters)
+
+    def _probe_batch(self) -> torch.Tensor:
+        data = self.valid_data or self.train_data
+        return data.batch(0, min(4, self.cfg.train.micro_batch_size))
+
+    @torch.no_grad()
+    def probe_loss(self) -> float:
+        """Loss on one fixed batch; equal before and after an MSG growth (function preservation)."""
+        self.model.eval()
+        return float(self.model(self._probe[:, :-1], self._probe[:, 1:]).mean())
+
+    # ---- checkpoints ---------------------------------------------------------------------
+    def state(self) -> dict:
+        return {"step": self.step, "stage": self.stage, "consumed_samples": self.consumed_samples}
+
+    def save(self) -> Optional[str]:
+        ck = self.cfg.checkpoint
+        if not ck.save:
+            return None
+        path = save_checkpoint(ck.save, self.model, self.optimizer, self.state(), self.cfg.to_dict(),
+                               os.path.join(self.data_dir, "tokenizer.model"), ck.keep)
+        self.metrics.print(f"[save] step {self.step} -> {path}")
+        return path
+
+    def resume(self, path: str) -> None:
+        meta = read_meta(path)
+        saved_model = meta["config"]["model"]
+        mine = dataclasses.asdict(self.cfg.model)
+        diff = sorted(k for k in mine if saved_model.get(k) != mine[k])
+        if diff:
+            raise CheckpointError(
+                f"checkpoint `{meta['path']}` was trained with another model config (differs in "
+                f"{', '.join(f'model.{k}' for k in diff)}); use the same model section or a matching checkpoint")
+        st = meta["state"]
+        self.step, self.stage, self.consumed_samples = st["step"], st["stage"], st["consumed_samples"]
+        shape = Shape(*meta["shape"])
+        if shape != self.schedule[self.stage][1]:
+            raise CheckpointError(f"checkpoint `{meta['path']}` has shape {shape} but stage {self.stage} of the "
+                                  f"schedule is {self.schedule[self.stage][1]}; fix growth.stages or the checkpoint")
+        self.model = build_model(self.cfg.model, shape, perform_init=False)
+        self.optimizer = build_optimizer(self.model, self.cfg.train)
+        load_checkpoint(meta["path"], self.model, self.optimizer)
+        self.metrics.print(f"[resume] {meta['path']}: step {self.step}, stage {self.stage}, shape {shape}")
+
+    # ---- the loop ------------------------------------------------------------------------
+    def run(self) -> dict:
+        t, g = self.cfg.train, self.cfg.growth
+        last_eval = None
+        self.metrics.print(f"[train] shape {self.model.shape}, params {count_parameters(self.model):,}, "
+                           f"{len(self.schedule) - 1} growth stage(s), {t.steps} steps")
+        while self.step < t.steps:
+            while self.stage + 1 < len(self.schedule) and self.schedule[self.stage + 1][0] <= self.step:
+                self.grow(self.stage + 1)
+            lowest_mask = update_masks(self.model, self.step, g.ramp_steps)
+            rec = self.train_step()
+            rec.update(step=self.step, stage=self.stage, shape=list(self.model.shape.as_tuple()),
+                       params=count_parameters(self.model), mask=lowest_mask)
+            if self.step % t.log_interval == 0 or self.step == t.steps - 1:
+                self.metrics.log(rec)
+                self.metrics.print(
+                    f"step {self.step:6d} | stage {self.stage} {self.model.shape} | loss {rec['loss']:.4f} | "
+                    f"lr {rec['lr']:.2e} | {rec['tokens_per_s']:.0f} tok/s"
+                    + (f" | mask {lowest_mask:.2f}" if lowest_mask < 1 else ""))
+            self.step += 1
+            if t.eval_interval and self.step % t.eval_interval == 0 and self.step < t.steps:
+                last_eval = self._log_eval()
+            if t.save_interval and self.step % t.save_interval == 0 and self.step < t.steps:
+                self.save()
+        last_eval = self._log_eval()
+        self.save()
+        self.metrics.close()
+        return {"step": self.step, "val_loss": last_eval, "shape": list(self.model.shape.as_tuple())}
+
+    def _log_eval(self) -> Optional[float]:
+        val = self.evaluate()
+        if val is not None:
+            self.metrics.log({"step": self.step, "val_loss": val, "stage": self.stage})
+            self.metrics.print(f"[eval] step {self.step} | val_loss {val:.4f}")
+        return val
+
+
+def _grad_norm(model) -> torch.Tensor:
+    norms = [p.grad.detach().norm() for p in model.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.tensor(0.0)
