@@ -248,6 +248,11 @@ def _coerce(value, tp, where):
             raise ConfigError(f"config field `{where}` must be an integer, got {value!r}.")
         return int(value)
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads `3e-3` (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config field `{where}` must be a number, got {value!r}.")
         return float(value)

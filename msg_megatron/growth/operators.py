@@ -143,7 +143,7 @@ def grow_model(model: MaskedGPT, new_shape: Shape, *, step: int, init: Union[str
                 key = (src_layer, rest)
                 is_copy = key in seen
                 seen.add(key)
-        gen = _generator(seed, step, name)
+        gen = _generator(seed, step, src_name)  # a copied layer is an exact copy of its grown source
         if fresh:
             value = _fresh_layer_tensor(name, tuple(target.shape), init_fn, init_std, gen, step)
             name_map[name] = None

@@ -1,0 +1,55 @@
+import pytest
+
+from msg_megatron.config import ConfigError, load_config
+
+SMALL = ["model.hidden_size=64", "model.ffn_hidden_size=128", "model.num_attention_heads=4", "model.num_layers=2",
+         "train.steps=20"]
+
+
+def stages(*items):
+    return "growth.stages=[" + ", ".join("{step: %d, shape: %s}" % (s, list(sh)) for s, sh in items) + "]"
+
+
+def test_demo_config_loads_and_overrides(tmp_path):
+    cfg = load_config("configs/demo_cpu.yaml", ["train.steps=500", "model.norm=rmsnorm", "growth.ramp_steps=7"])
+    assert cfg.train.steps == 500 and cfg.model.norm == "rmsnorm" and cfg.growth.ramp_steps == 7
+    assert cfg.schedule()[0][1].as_tuple() == (128, 256, 4, 2)
+    assert cfg.logging.name == "demo_cpu"
+
+
+@pytest.mark.parametrize("preset", ["demo_cpu", "gpt2_full", "gpt2_sch1g", "gpt2_sch_new"])
+def test_presets_validate(preset):
+    cfg = load_config(f"configs/{preset}.yaml")
+    assert cfg.schedule()[-1][1] == cfg.model.shape
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["model.hidn_size=3"], ["unknown config key", "model.hidn_size", "hidden_size"]),
+    (["train.steps=abc"], ["train.steps", "integer"]),
+    (["model.norm=batchnorm"], ["model.norm", "layernorm, rmsnorm"]),
+    ([stages((0, (64, 128, 4, 2)), (5, (32, 128, 4, 2)))], ["shrinks hidden", "stages[1]"]),
+    ([stages((0, (32, 64, 2, 1)), (10, (48, 96, 3, 1)), (5, (64, 128, 4, 2)))], ["stages[2].step", "increasing"]),
+    ([stages((3, (64, 128, 4, 2)))], ["stages[0].step", "step 0"]),
+    ([stages((0, (0, 128, 4, 2)), (5, (64, 128, 4, 2)))], ["positive"]),
+    ([stages((0, (32, 64, 2, 1)), (5, (64, 128, 4, 2))), "model.kv_channels=16",
+      "growth.stages.1.kv_channels=8"], ["kv_channels", "fixed head dim"]),
+    ([stages((0, (32, 64, 2, 1)), (5, (64, 128, 8, 2)))], ["last stage", "model section"]),
+    ([stages((0, (32, 64, 2, 1)), (50, (64, 128, 4, 2)))], ["train.steps"]),
+    (["train.global_batch_size=6", "train.micro_batch_size=4"], ["global_batch_size", "multiple"]),
+    (["parallel.tensor=2"], ["parallel.tensor"]),
+    (["train.steps"], ["section.field=value"]),
+])
+def test_bad_configs_fail_clearly(overrides, words):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, SMALL + overrides)
+    for w in words:
+        assert w in str(e.value), str(e.value)
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(tmp_path / "nope.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(bad))

@@ -1,0 +1,163 @@
+"""Strict function preservation of the MSG operators (paper eq. 10-26) and AdamW-state growth.
+
+Tolerance: logits right after growth equal the pre-growth logits to <= 1e-5 relative (max-abs
+error over max-abs logit) in float32: the grown matmuls sum over extra exactly-zero terms and may
+round differently. In float64 the same comparison is <= 1e-12.
+"""
+import itertools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import rel_err, tiny_model_cfg
+from msg_megatron.config import Shape, TrainConfig
+from msg_megatron.growth.axes import axis_maps
+from msg_megatron.growth.operators import grow_model, plan_depth
+from msg_megatron.growth.optimizer_state import grow_optimizer
+from msg_megatron.model import build_model, refresh_active, update_masks
+from msg_megatron.training.optimizer import build_optimizer
+
+OLD = Shape(32, 64, 4, 2)
+TOKENS = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(0))
+
+
+def huge_init(name, shape, gen):
+    """Arbitrary, large new values everywhere, norms included: masks alone must preserve the function."""
+    return torch.randn(shape, generator=gen) * 100.0
+
+
+def logits(model, dtype=torch.float32):
+    model.eval()
+    with torch.no_grad():
+        return model.to(dtype)(TOKENS)
+
+
+VARIANTS = list(itertools.product(["layernorm", "rmsnorm"], ["gelu", "swiglu"], ["learned", "rope"], [True, False]))
+
+
+@pytest.mark.parametrize("norm,act,pos,tie", VARIANTS)
+def test_every_variant_all_dimensions_at_once(norm, act, pos, tie):
+    cfg = tiny_model_cfg(norm=norm, activation=act, position_embedding=pos, tie_embeddings=tie)
+    model = build_model(cfg, OLD)
+    before = logits(model)
+    for init in ["normal", "zeros", "copy", huge_init]:
+        grown, _ = grow_model(model, Shape(48, 96, 6, 5), step=3, init=init)
+        assert rel_err(before, logits(grown)) <= 1e-5, init
+
+
+@pytest.mark.parametrize("new", [Shape(40, 64, 4, 2), Shape(32, 100, 4, 2), Shape(32, 64, 7, 2), Shape(32, 64, 4, 3),
+                                 Shape(32, 64, 4, 6), Shape(33, 65, 5, 3)])
+@pytest.mark.parametrize("depth_init", ["interpolate", "stack", "random"])
+def test_each_dimension_alone_any_size(new, depth_init):
+    model = build_model(tiny_model_cfg(activation="swiglu"), OLD)
+    before = logits(model)
+    grown, _ = grow_model(model, new, step=0, init=huge_init, depth_init=depth_init)
+    assert grown.shape == new
+    assert rel_err(before, logits(grown)) <= 1e-5
+
+
+def test_float64_figure():
+    model = build_model(tiny_model_cfg(), OLD).double()
+    before = logits(model, torch.float64)
+    grown, _ = grow_model(model, Shape(48, 96, 6, 5), step=0, init=huge_init)
+    assert rel_err(before, logits(grown.double(), torch.float64)) <= 1e-12
+
+
+def test_old_weights_copied_exactly_and_layout():
+    cfg = tiny_model_cfg(activation="swiglu")
+    model = build_model(cfg, OLD)
+    grown, _ = grow_model(model, Shape(48, 96, 6, 4), step=0, depth_init="interpolate")
+    o, g = model.state_dict(), grown.state_dict()
+    hd = cfg.head_dim
+    # QKV: per-head [q, k, v] groups; old heads stay a prefix (megatron's grouped layout)
+    assert torch.equal(g["layers.0.self_attention.linear_qkv.weight"][:4 * 3 * hd, :32],
+                       o["layers.0.self_attention.linear_qkv.weight"])
+    # SwiGLU fc1 is [gate; up]: old units are a prefix of each half
+    fc1_old, fc1_new = o["layers.1.mlp.linear_fc1.weight"], g["layers.2.mlp.linear_fc1.weight"]
+    assert torch.equal(fc1_new[:64, :32], fc1_old[:64]) and torch.equal(fc1_new[96:160, :32], fc1_old[64:])
+    # interpolate: layer i's copy sits right above it, with its depth mask at 0
+    assert torch.equal(g["layers.1.mlp.linear_fc2.weight"], g["layers.0.mlp.linear_fc2.weight"])
+    assert float(g["layers.1.depth_mask"]) == 0.0 and float(g["layers.0.depth_mask"]) == 1.0
+
+
+def test_plan_depth():
+    assert plan_depth(3, 6, "interpolate") == [0, 0, 1, 1, 2, 2]
+    assert plan_depth(3, 12, "interpolate") == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2]
+    assert plan_depth(3, 5, "stack") == [0, 1, 2, 0, 1]
+    assert plan_depth(2, 4, "random") == [0, 1, None, None]
+    assert sorted(plan_depth(4, 7, "interpolate")) == plan_depth(4, 7, "interpolate")
+
+
+def test_growth_during_a_running_ramp_and_folding():
+    model = build_model(tiny_model_cfg(), OLD)
+    a, _ = grow_model(model, Shape(40, 80, 5, 3), step=10, init=huge_init)
+    update_masks(a, 15, 10)  # first ramp half-way
+    mid = logits(a)
+    b, _ = grow_model(a, Shape(48, 96, 6, 5), step=15, init=huge_init)
+    update_masks(b, 15, 10)
+    assert rel_err(mid, logits(b)) <= 1e-5
+    # entries of the first growth keep ramping from their own birth step
+    update_masks(b, 20, 10)
+    hm = b.hidden_mask
+    assert torch.all(hm[:32] == 1) and torch.all(hm[32:40] == 1.0) and torch.all(hm[40:] == 0.5)
+    # after every ramp: masks fold away, the forward is the plain one, logits unchanged
+    update_masks(b, 25, 10)  # every mask reaches 1 ...
+    for m in b.modules():
+        for n in getattr(m, "_mask_names", ()):
+            setattr(m, f"{n}_active", True)  # ... evaluate the masked path with masks at 1
+    at_one = logits(b)
+    refresh_active(b)  # then fold
+    assert not any(getattr(m, f"{n}_active") for m in b.modules() for n in getattr(m, "_mask_names", ()))
+    assert rel_err(at_one, logits(b)) <= 1e-5
+
+
+@settings(max_examples=12, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 9), st.integers(0, 20), st.integers(0, 2), st.integers(0, 2),
+                          st.integers(1, 6)), min_size=1, max_size=3),
+       st.sampled_from(["layernorm", "rmsnorm"]), st.sampled_from(["gelu", "swiglu"]))
+def test_random_growth_sequences(steps, norm, act):
+    model = build_model(tiny_model_cfg(norm=norm, activation=act, position_embedding="rope"), Shape(8, 8, 1, 1))
+    step = 0
+    for dh, df, da, dl, gap in steps:
+        s = model.shape
+        before = logits(model)
+        model, _ = grow_model(model, Shape(s.hidden + dh, s.ffn + df, s.heads + da, s.layers + dl), step=step,
+                              init=huge_init, depth_init="interpolate" if dl % 2 else "random")
+        assert rel_err(before, logits(model)) <= 1e-5
+        step += gap
+        update_masks(model, step, 4)
+
+
+def test_optimizer_moments_bit_identical_after_growth():
+    tcfg = TrainConfig()
+    model = build_model(tiny_model_cfg(), OLD)
+    opt = build_optimizer(model, tcfg)
+    model.train()
+    for _ in range(2):
+        model(TOKENS, TOKENS).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    new_shape = Shape(48, 96, 6, 4)
+    grown, name_map = grow_model(model, new_shape, step=2)
+    maps = axis_maps(OLD, new_shape, 8, False)
+    new_opt = grow_optimizer(opt, model, grown, name_map, maps, tcfg)
+    old_p, new_p = dict(model.named_parameters()), dict(grown.named_parameters())
+    w_old = opt.state[old_p["layers.1.mlp.linear_fc1.weight"]]
+    w_new = new_opt.state[new_p["layers.2.mlp.linear_fc1.weight"]]  # layer 1 moved up by its copy
+    assert torch.equal(w_new["exp_avg"][:64, :32], w_old["exp_avg"])
+    assert torch.equal(w_new["exp_avg_sq"][:64, :32], w_old["exp_avg_sq"])
+    assert torch.all(w_new["exp_avg"][64:] == 0) and torch.all(w_new["exp_avg"][:, 32:] == 0)
+    assert float(w_new["step"]) == 2.0
+    assert new_p["layers.1.mlp.linear_fc1.weight"] not in new_opt.state  # a new layer starts from scratch
+    # training continues with the grown optimizer
+    grown.train()
+    grown(TOKENS, TOKENS).mean().backward()
+    new_opt.step()
+
+
+def test_shrinking_is_refused():
+    model = build_model(tiny_model_cfg(), OLD)
+    with pytest.raises(ValueError, match="cannot shrink hidden"):
+        grow_model(model, Shape(16, 64, 4, 2), step=0)
