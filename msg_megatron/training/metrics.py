@@ -14,6 +14,8 @@ from typing import Optional
 
 def resolve_wandb_mode(mode: str) -> str:
     if mode == "auto":
+        if os.environ.get("WANDB_MODE") in ("offline", "online", "disabled"):
+            return os.environ["WANDB_MODE"]
         return "online" if os.environ.get("WANDB_API_KEY") else "offline"
     return mode
 
