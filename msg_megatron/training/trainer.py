@@ -166,7 +166,8 @@ class Trainer:
             if self.step % t.log_interval == 0 or self.step == t.steps - 1:
                 self.metrics.log(rec)
                 self.metrics.print(
-                    f"step {self.step:6d} | stage {self.stage} {self.model.shape} | loss {rec['loss']:.4f} | "
+                    f"step {self.step:6d} | stage {self.stage} {self.model.shape} {rec['params'] / 1e6:.2f}M | "
+                    f"loss {rec['loss']:.4f} | "
                     f"lr {rec['lr']:.2e} | {rec['tokens_per_s']:.0f} tok/s"
                     + (f" | mask {lowest_mask:.2f}" if lowest_mask < 1 else ""))
             self.step += 1
