@@ -41,7 +41,17 @@ def _extensions():
         flags.append("-march=x86-64-v3")
     ext = CppExtension("msg_megatron._masked_norm_cpu", ["csrc/masked_norm_cpu.cpp"],
                        extra_compile_args=flags, extra_link_args=["-fopenmp"])
-    return [ext], OptionalBuildExtension.with_options(no_python_abi_suffix=True, use_ninja=False)
+    exts = [ext]
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if torch.version.cuda and CUDA_HOME:  # a CUDA build of torch: the GPU kernels too
+        from torch.utils.cpp_extension import CUDAExtension
+
+        exts.append(CUDAExtension(
+            "msg_megatron._masked_norm_cuda", ["csrc/masked_norm_cuda_bind.cpp", "csrc/masked_norm_cuda.cu"],
+            extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17"]}))
+    return exts, OptionalBuildExtension.with_options(no_python_abi_suffix=True, use_ninja=False)
 
 
 EXTENSIONS, BUILD_EXT = _extensions()

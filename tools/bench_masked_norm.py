@@ -5,8 +5,9 @@
 For each hidden size, forward+backward time (median) of: the CPU extension (`cpu-ext`), the
 pure-PyTorch masked norm (`torch`), and the unmasked `torch.nn.functional.layer_norm` /
 RMSNorm on the same shape. Targets (issue 5): cpu-ext >= 2x faster than torch-masked, and
-<= 1.3x the time of the unmasked norm. On a GPU the CUDA kernels' bandwidth is measured by the
-GPU benchmark (not available on this machine).
+<= 1.3x the time of the unmasked norm. With `--gpu` (needs a CUDA build and a GPU): achieved memory
+bandwidth of the CUDA kernels (bytes that must move / time) as a fraction of the device's copy
+bandwidth (`clone` of the same tensor, measured in the same run), for hidden 1024-16384, bf16.
 """
 from __future__ import annotations
 
@@ -33,13 +34,51 @@ def timed(fn, x, repeats):
     return statistics.median(out)
 
 
+def gpu_bandwidth(rows: int, hiddens, repeats: int = 50):
+    """[(hidden, fwd GB/s, bwd GB/s, copy GB/s)] for bf16 masked LayerNorm on the current GPU."""
+    out = []
+    for d in hiddens:
+        x = torch.randn(rows, d, device="cuda", dtype=torch.bfloat16)
+        dy = torch.randn_like(x)
+        m = torch.ones(d, device="cuda")
+        m[d * 3 // 4:] = 0.5
+        w, b = torch.randn(d, device="cuda"), torch.randn(d, device="cuda")
+
+        def cuda_time(fn):
+            fn()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(repeats):
+                fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end) / 1e3 / repeats
+
+        y, mean, rstd = torch.ops.msg_ops.masked_layer_norm_fwd(x, m, w, b, 1e-5)
+        nbytes = x.numel() * x.element_size()
+        t_f = cuda_time(lambda: torch.ops.msg_ops.masked_layer_norm_fwd(x, m, w, b, 1e-5))
+        t_b = cuda_time(lambda: torch.ops.msg_ops.masked_layer_norm_bwd(dy, x, m, w, mean, rstd))
+        t_c = cuda_time(lambda: x.clone())
+        out.append((d, 2 * nbytes / t_f / 1e9, 3 * nbytes / t_b / 1e9, 2 * nbytes / t_c / 1e9))
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=4096)
     ap.add_argument("--hidden", type=int, nargs="+", default=[1024, 4096])
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--gpu", action="store_true", help="measure the CUDA kernels' bandwidth instead")
     args = ap.parse_args()
+    if args.gpu:
+        if mn.backend("cuda") != "cuda":
+            raise SystemExit("--gpu needs a GPU and the CUDA extension (a CUDA build of torch)")
+        print(f"{torch.cuda.get_device_name()}: bf16 masked LayerNorm, {args.rows} rows")
+        for d, f, b, c in gpu_bandwidth(args.rows, [1024, 2048, 4096, 8192, 16384]):
+            print(f"hidden {d:5d}: fwd {f:7.0f} GB/s ({f / c:.0%} of copy), bwd {b:7.0f} GB/s ({b / c:.0%}), "
+                  f"copy {c:7.0f} GB/s")
+        return
     if mn.backend("cpu") != "cpu-ext":
         raise SystemExit(f"CPU extension unavailable ({mn.extension_status()}); build it first")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()

@@ -5,8 +5,9 @@ RMSNorm: ms = sum(c*x^2)/sum(c); the normalised output is multiplied by c again 
 features with c = 0 neither influence the statistics nor leave the norm. Statistics are kept in
 float32 at least, whatever the input dtype. The mask is a constant (no gradient).
 
-Backends: `cpu-ext` (csrc/masked_norm_cpu.cpp, built by setup.py) for CPU tensors when it loaded,
-else `torch` (the reference implementation below, also used for other devices). mask=None is the
+Backends: `cpu-ext` (csrc/masked_norm_cpu.cpp, built by setup.py) for CPU tensors, `cuda`
+(csrc/masked_norm_cuda.cu, built when torch has CUDA) for CUDA tensors, else `torch` (the
+reference implementation below). mask=None is the
 folded fast path: the ordinary norm.
 """
 from __future__ import annotations
@@ -46,9 +47,29 @@ def _load_extension() -> bool:
 _HAS_CPU_EXT = _load_extension()
 
 
+def _load_cuda_extension() -> bool:
+    """The CUDA kernels register into the operators the CPU library defines, so it loads second."""
+    if not (_HAS_CPU_EXT and torch.cuda.is_available()):
+        return False
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    libs = glob.glob(os.path.join(here, "_masked_norm_cuda*.so"))
+    try:
+        if libs:
+            torch.ops.load_library(libs[0])
+            return True
+    except (OSError, RuntimeError):
+        pass
+    return False
+
+
+_HAS_CUDA_EXT = _load_cuda_extension()
+
+
 def backend(device: str = "cpu") -> str:
-    """Which implementation runs for tensors on `device`: `cpu-ext` or `torch`."""
-    return "cpu-ext" if _HAS_CPU_EXT and device == "cpu" else "torch"
+    """Which implementation runs for tensors on `device` (`cpu` or `cuda`): `cuda`, `cpu-ext` or `torch`."""
+    if device.startswith("cuda"):
+        return "cuda" if _HAS_CUDA_EXT else "torch"
+    return "cpu-ext" if _HAS_CPU_EXT else "torch"
 
 
 def extension_status() -> str:
@@ -75,6 +96,8 @@ class _MaskedNormFn(torch.autograd.Function):
 
 
 def _use_ext(x: torch.Tensor) -> bool:
+    if x.device.type == "cuda":
+        return _HAS_CUDA_EXT and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
     return _HAS_CPU_EXT and x.device.type == "cpu"
 
 
