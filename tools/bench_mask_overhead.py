@@ -67,8 +67,9 @@ def main():
     times = {k: [] for k in models}
     for k in models:  # warm-up
         step_time(models[k], opts[k], tokens, 1)
-    for _ in range(args.rounds):  # interleave so machine noise hits all three alike
-        for k in models:
+    names = list(models)
+    for r in range(args.rounds):  # interleave, rotating the order, so noise and order effects hit all alike
+        for k in names[r % 3:] + names[:r % 3]:
             times[k] += step_time(models[k], opts[k], tokens, args.repeats)
     med = {k: statistics.median(v) for k, v in times.items()}
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
