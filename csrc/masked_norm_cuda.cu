@@ -4,16 +4,24 @@
 // csrc/masked_norm_cuda_bind.cpp registers the launchers as the CUDA implementation of the
 // msg_ops operators when torch is built with CUDA.
 //
-// Layout: one block per row (grid-stride over rows), statistics accumulated in fp32, inputs and
-// outputs in fp32/fp16/bf16, mask/weight/bias in fp32. Loads are vectorised (VEC elements per
-// access) when the row length and pointers allow it, otherwise scalar (odd hidden sizes).
-// Backward writes dx per row and accumulates dw/db per block into fp32 partial rows
-// [blocks, d], reduced over blocks by a second kernel (no atomics: deterministic).
+// Two paths, both one block per row (grid-stride over rows), statistics in fp32, inputs and outputs
+// in fp32/fp16/bf16, mask/weight/bias in fp32:
+//  * fast path (row length a multiple of 16 bytes; up to 512 threads x 4 packs of 16 bytes for
+//    bf16/fp16, x 8 for fp32: rows of up to 16384 values): the row is loaded once
+//    into registers with 16-byte accesses and every pass (mean, variance, output; or the two
+//    gradient sums and dx) runs on registers, so x is read once and y written once (forward), and
+//    x, dy read once and dx written once (backward): the memory traffic of a plain fused norm.
+//    dw/db accumulate in the block's shared memory across its rows (each thread owns its
+//    columns: no atomics) and are written once per block as fp32 partial rows [blocks, d].
+//  * generic path (odd sizes, misaligned pointers, very wide rows): scalar loops that re-read the
+//    row from L1/L2 for each pass and accumulate dw/db partial rows in global memory.
+// The partial rows are summed over blocks by a second kernel in a fixed order (deterministic).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 namespace msg {
 
@@ -149,6 +157,278 @@ __global__ void masked_norm_bwd_kernel(const T* __restrict__ dy, const T* __rest
   }
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// Fast path: whole row in registers, kept as raw 16-byte packs (bf16: 4 registers per 8 values)
+// and widened to fp32 on use. Thread t owns packs t, t + blockDim, ... (ITEMS of them). While a row
+// is reduced and written, the block's next row is already being loaded (PF: prefetch), so each
+// block keeps memory busy through its reductions.
+
+// Chan et al.'s pairwise combination of (weight, mean, M2): the mask-weighted mean and variance
+// (eq. 16-17) in one block reduction instead of two, without the cancellation of E[x^2] - E[x]^2.
+__device__ __forceinline__ void chan_combine(float& w, float& mu, float& m2, float w_b, float mu_b, float m2_b) {
+  const float wt = w + w_b;
+  if (wt <= 0.f) return;
+  const float delta = mu_b - mu, f = __fdividef(w_b, wt);
+  mu += delta * f;
+  m2 += m2_b + delta * delta * w * f;
+  w = wt;
+}
+
+// Block-wide (weight, mean, M2); `shared` holds 3 * 32 floats. Every thread gets the result.
+__device__ __forceinline__ void block_chan(float& w, float& mu, float& m2, float* shared) {
+  for (int off = 16; off > 0; off >>= 1)
+    chan_combine(w, mu, m2, __shfl_xor_sync(0xffffffff, w, off), __shfl_xor_sync(0xffffffff, mu, off),
+                 __shfl_xor_sync(0xffffffff, m2, off));
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+  __syncthreads();
+  if (lane == 0) {
+    shared[warp] = w;
+    shared[32 + warp] = mu;
+    shared[64 + warp] = m2;
+  }
+  __syncthreads();
+  w = lane < warps ? shared[lane] : 0.f;
+  mu = lane < warps ? shared[32 + lane] : 0.f;
+  m2 = lane < warps ? shared[64 + lane] : 0.f;
+  for (int off = 16; off > 0; off >>= 1)
+    chan_combine(w, mu, m2, __shfl_xor_sync(0xffffffff, w, off), __shfl_xor_sync(0xffffffff, mu, off),
+                 __shfl_xor_sync(0xffffffff, m2, off));
+}
+
+template <typename T, int VEC, int ITEMS>
+__device__ __forceinline__ void load_row(Pack<T, VEC> (&dst)[ITEMS], const T* row, int packs) {
+  const Pack<T, VEC>* src = reinterpret_cast<const Pack<T, VEC>*>(row);
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    const int p = threadIdx.x + i * blockDim.x;  // < 4096: 32-bit indices
+    if (p < packs) dst[i] = src[p];
+  }
+}
+
+template <typename T, int VEC, int ITEMS, bool RMS>
+__global__ void __launch_bounds__(512) reg_fwd_kernel(const T* __restrict__ x, const float* __restrict__ m,
+                                                      const float* __restrict__ w, const float* __restrict__ b,
+                                                      T* __restrict__ y, float* __restrict__ mean,
+                                                      float* __restrict__ rstd, int64_t rows, int64_t d, float eps) {
+  __shared__ float shared[96];
+  using P = Pack<T, VEC>;
+  using FP = Pack<float, VEC>;
+  constexpr bool PF = ITEMS <= 4;  // prefetch while registers allow (<= 64 bytes per thread per row)
+  const int packs = static_cast<int>(d / VEC);
+  // The mask is read in all three passes of every row: keep it in registers (loaded once per
+  // block) so those reads don't compete with x and y for L1 bandwidth.
+  FP mk[ITEMS];
+  // this thread's mask weight, and the whole row's (constant across rows)
+  float wt = 0.f, unused = 0.f;
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    const int p = threadIdx.x + i * blockDim.x;  // < 4096: 32-bit indices
+    mk[i] = FP{};
+    if (p < packs) {
+      mk[i] = reinterpret_cast<const FP*>(m)[p];
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) wt += mk[i].v[k];
+    }
+  }
+  float msum = wt;
+  block_sum2(msum, unused, shared);
+  const float inv_m = 1.f / msum;
+  P cur[ITEMS], nxt[ITEMS];
+  int64_t r = blockIdx.x;
+  if (PF && r < rows) load_row<T, VEC, ITEMS>(cur, x + r * d, packs);
+  for (; r < rows; r += gridDim.x) {
+    if (PF) {
+      if (r + gridDim.x < rows) load_row<T, VEC, ITEMS>(nxt, x + (r + gridDim.x) * d, packs);
+    } else {
+      load_row<T, VEC, ITEMS>(cur, x + r * d, packs);
+    }
+    float mu = 0.f, var;
+    if (RMS) {
+      float s2 = 0.f;
+#pragma unroll
+      for (int i = 0; i < ITEMS; ++i) {
+        const int p = threadIdx.x + i * blockDim.x;  // < 4096: 32-bit indices
+        if (p < packs) {
+          const FP& mp = mk[i];
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) s2 += mp.v[k] * to_f(cur[i].v[k]) * to_f(cur[i].v[k]);
+        }
+      }
+      block_sum2(s2, unused, shared);
+      var = s2 * inv_m;
+    } else {  // thread-local two-pass mean and M2 on registers, then one block-wide Chan reduction
+      float s1 = 0.f;
+#pragma unroll
+      for (int i = 0; i < ITEMS; ++i) {
+        const int p = threadIdx.x + i * blockDim.x;  // < 4096: 32-bit indices
+        if (p < packs) {
+          const FP& mp = mk[i];
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) s1 += mp.v[k] * to_f(cur[i].v[k]);
+        }
+      }
+      float tw = wt, tmu = wt > 0.f ? s1 / wt : 0.f, tm2 = 0.f;
+#pragma unroll
+      for (int i = 0; i < ITEMS; ++i) {
+        const int p = threadIdx.x + i * blockDim.x;  // < 4096: 32-bit indices
+        if (p < packs) {
+          const FP& mp = mk[i];
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) {
+            const float c = to_f(cur[i].v[k]) - tmu;
+            tm2 += mp.v[k] * c * c;
+          }
+        }
+      }
+      block_chan(tw, tmu, tm2, shared);
+      mu = tmu;
+      var = tm2 * inv_m;
+    }
+    const float rs = rsqrtf(var + eps);
+    P* yr = reinterpret_cast<P*>(y + r * d);
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+      const int p = threadIdx.x + i * blockDim.x;  // < 4096: 32-bit indices
+      if (p < packs) {
+        const FP& mp = mk[i];
+        const FP wp = reinterpret_cast<const FP*>(w)[p];
+        FP bp{};
+        if (b != nullptr) bp = reinterpret_cast<const FP*>(b)[p];
+        P out;
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          const float o = (to_f(cur[i].v[k]) - mu) * rs * wp.v[k] + (b != nullptr ? bp.v[k] : 0.f);
+          out.v[k] = from_f<T>(mp.v[k] * o);  // re-masked output (eq. 19)
+        }
+        yr[p] = out;
+      }
+    }
+    if (threadIdx.x == 0) {
+      mean[r] = mu;
+      rstd[r] = rs;
+    }
+    if (PF) {
+#pragma unroll
+      for (int i = 0; i < ITEMS; ++i) cur[i] = nxt[i];
+    }
+  }
+}
+
+// Backward on registers; dw/db partial sums in dynamic shared memory, laid out [VEC][packs] per
+// gradient so that consecutive threads touch consecutive words (no bank conflicts).
+template <typename T, int VEC, int ITEMS, bool RMS>
+__global__ void __launch_bounds__(512) reg_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x,
+                                                      const float* __restrict__ m, const float* __restrict__ w,
+                                                      const float* __restrict__ mean, const float* __restrict__ rstd,
+                                                      T* __restrict__ dx, float* __restrict__ dw_part,
+                                                      float* __restrict__ db_part, int64_t rows, int64_t d) {
+  __shared__ float shared[64];
+  extern __shared__ float acc[];  // dw: acc[k * packs + p], db: acc[(VEC + k) * packs + p]
+  using P = Pack<T, VEC>;
+  using FP = Pack<float, VEC>;
+  constexpr bool PF = ITEMS <= 2;  // two tensors per row: prefetch while <= 64 bytes per thread
+  const int packs = static_cast<int>(d / VEC);
+  const FP* mv = reinterpret_cast<const FP*>(m);
+  const FP* wv = reinterpret_cast<const FP*>(w);
+  float msum = 0.f, unused = 0.f;
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    const int p = threadIdx.x + i * blockDim.x;  // < 4096: 32-bit indices
+    if (p < packs) {
+      const FP mp = mv[p];
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        msum += mp.v[k];
+        acc[k * packs + p] = 0.f;
+        acc[(VEC + k) * packs + p] = 0.f;
+      }
+    }
+  }
+  block_sum2(msum, unused, shared);
+  const float inv_m = 1.f / msum;
+  P xs[ITEMS], gs[ITEMS], xn[ITEMS], gn[ITEMS];
+  int64_t r = blockIdx.x;
+  if (PF && r < rows) {
+    load_row<T, VEC, ITEMS>(xs, x + r * d, packs);
+    load_row<T, VEC, ITEMS>(gs, dy + r * d, packs);
+  }
+  for (; r < rows; r += gridDim.x) {
+    if (PF) {
+      if (r + gridDim.x < rows) {
+        load_row<T, VEC, ITEMS>(xn, x + (r + gridDim.x) * d, packs);
+        load_row<T, VEC, ITEMS>(gn, dy + (r + gridDim.x) * d, packs);
+      }
+    } else {
+      load_row<T, VEC, ITEMS>(xs, x + r * d, packs);
+      load_row<T, VEC, ITEMS>(gs, dy + r * d, packs);
+    }
+    const float mu = mean[r], rs = rstd[r];
+    float s_a = 0.f, s_b = 0.f;
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+      const int p = threadIdx.x + i * blockDim.x;  // < 4096: 32-bit indices
+      if (p < packs) {
+        const FP mp = mv[p];
+        const FP wp = wv[p];
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          const float xh = (to_f(xs[i].v[k]) - mu) * rs;
+          const float g = to_f(gs[i].v[k]) * mp.v[k];  // gradient through the output mask
+          const float dxh = g * wp.v[k];
+          s_a += dxh;
+          s_b += dxh * xh;
+          acc[k * packs + p] += g * xh;  // this thread owns these columns: no race
+          acc[(VEC + k) * packs + p] += g;
+        }
+      }
+    }
+    block_sum2(s_a, s_b, shared);
+    if (RMS) s_a = 0.f;
+    P* dxr = reinterpret_cast<P*>(dx + r * d);
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+      const int p = threadIdx.x + i * blockDim.x;  // < 4096: 32-bit indices
+      if (p < packs) {
+        const FP mp = mv[p];
+        const FP wp = wv[p];
+        P out;
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          const float xh = (to_f(xs[i].v[k]) - mu) * rs;
+          const float dxh = to_f(gs[i].v[k]) * mp.v[k] * wp.v[k];
+          out.v[k] = from_f<T>(rs * (dxh - mp.v[k] * inv_m * (s_a + xh * s_b)));
+        }
+        dxr[p] = out;
+      }
+    }
+    if (PF) {
+#pragma unroll
+      for (int i = 0; i < ITEMS; ++i) {
+        xs[i] = xn[i];
+        gs[i] = gn[i];
+      }
+    }
+  }
+  // Each thread flushes the columns it owns (the only ones it wrote): no synchronisation needed.
+  FP* dwp = reinterpret_cast<FP*>(dw_part + static_cast<int64_t>(blockIdx.x) * d);
+  FP* dbp = reinterpret_cast<FP*>(db_part + static_cast<int64_t>(blockIdx.x) * d);
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    const int p = threadIdx.x + i * blockDim.x;  // < 4096: 32-bit indices
+    if (p < packs) {
+      FP a, c;
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        a.v[k] = acc[k * packs + p];
+        c.v[k] = acc[(VEC + k) * packs + p];
+      }
+      dwp[p] = a;
+      dbp[p] = c;
+    }
+  }
+}
+
 // dw[j] = sum_b dw_part[b, j] (and db): one thread per column, fixed order (deterministic).
 __global__ void reduce_partials_kernel(const float* __restrict__ dw_part, const float* __restrict__ db_part,
                                        float* __restrict__ dw, float* __restrict__ db, int blocks, int64_t d) {
@@ -176,14 +456,84 @@ inline bool can_vectorise(const void* p, int64_t d, int vec) {
 }
 
 template <typename T>
+inline bool aligned(const void* p, int bytes) {
+  return p == nullptr || reinterpret_cast<uintptr_t>(p) % bytes == 0;
+}
+
+// Fast-path geometry: ITEMS packs per thread, at most 512 threads (so __launch_bounds__(512) leaves
+// 128 registers per thread); ITEMS grows first so each thread has several 16-byte loads in flight.
+struct RegGeometry {
+  int items = 0, threads = 0;  // items == 0: use the generic path
+};
+
+template <typename T>
+RegGeometry reg_geometry(const void* x, const void* y, const float* m, const float* w, const float* b, int64_t d) {
+  constexpr int VEC = 16 / sizeof(T);
+  RegGeometry g;
+  if (d % VEC != 0 || !aligned<T>(x, 16) || !aligned<T>(y, 16) || !aligned<T>(m, 4 * VEC) ||
+      !aligned<T>(w, 4 * VEC) || !aligned<T>(b, 4 * VEC))
+    return g;
+  const int64_t packs = d / VEC;
+  const int max_items = sizeof(T) == 4 ? 8 : 4;  // 8 packs of 2-byte types spill registers
+  for (int items = 1; items <= max_items; items *= 2) {
+    if ((packs + items - 1) / items <= 512) {
+      g.items = items;
+      g.threads = static_cast<int>(((packs + items - 1) / items + 31) / 32 * 32);
+      return g;
+    }
+  }
+  return g;
+}
+
+#define MSG_BY_ITEMS(ITEMS_VAR, BODY)                  \
+  switch (ITEMS_VAR) {                                 \
+    case 1: { constexpr int IT = 1; BODY; } break;     \
+    case 2: { constexpr int IT = 2; BODY; } break;     \
+    case 4: { constexpr int IT = 4; BODY; } break;     \
+    default: { constexpr int IT = 8; BODY; } break;    \
+  }
+
+// Blocks for the fast backward: as many as fit on the device at once (each block's shared-memory
+// dw/db rows are written to the partial buffer once, so fewer blocks = less partial traffic).
+template <typename K>
+int resident_blocks(K kernel, int threads, size_t smem, int cap) {
+  int device = 0, sms = 0, per_sm = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (smem > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem);
+  const int n = sms * (per_sm > 0 ? per_sm : 0);
+  return n < cap ? n : cap;
+}
+
+template <typename T>
 void launch_masked_norm_fwd(const T* x, const float* m, const float* w, const float* b, T* y, float* mean,
                             float* rstd, int64_t rows, int64_t d, float eps, bool rms, int max_blocks,
                             cudaStream_t stream) {
-  const int threads = threads_for(d);
   const int blocks = static_cast<int>(rows < max_blocks ? rows : max_blocks);
   if (blocks == 0) return;
   constexpr int VEC = 16 / sizeof(T);  // 16-byte accesses
-  const bool vec = can_vectorise<T>(x, d, VEC);
+  const RegGeometry g = reg_geometry<T>(x, y, m, w, b, d);
+  if (g.items > 0) {
+    // as many blocks as are resident at once (each then streams its rows with prefetch)
+#define MSG_REG_FWD(R)                                                                        \
+  MSG_BY_ITEMS(g.items, ({                                                                    \
+    auto kernel = reg_fwd_kernel<T, VEC, IT, R>;                                              \
+    int nb = resident_blocks(kernel, g.threads, 0, 1 << 30);                                  \
+    if (nb > rows) nb = static_cast<int>(rows);                                               \
+    if (nb < 1) nb = 1;                                                                       \
+    kernel<<<nb, g.threads, 0, stream>>>(x, m, w, b, y, mean, rstd, rows, d, eps);            \
+  }))
+    if (rms) {
+      MSG_REG_FWD(true)
+    } else {
+      MSG_REG_FWD(false)
+    }
+#undef MSG_REG_FWD
+    return;
+  }
+  const int threads = threads_for(d);
+  const bool vec = can_vectorise<T>(x, d, VEC) && can_vectorise<T>(y, d, VEC);
 #define MSG_FWD(V, R) \
   masked_norm_fwd_kernel<T, V, R><<<blocks, threads, 0, stream>>>(x, m, w, b, y, mean, rstd, rows, d, eps)
   if (vec && rms) MSG_FWD(VEC, true);
@@ -193,17 +543,51 @@ void launch_masked_norm_fwd(const T* x, const float* m, const float* w, const fl
 #undef MSG_FWD
 }
 
+inline size_t max_dynamic_smem() {
+  int device = 0, optin = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  return static_cast<size_t>(optin) - 64 * sizeof(float);  // the static reduction buffer
+}
+
 template <typename T>
 void launch_masked_norm_bwd(const T* dy, const T* x, const float* m, const float* w, const float* mean,
                             const float* rstd, T* dx, float* dw_part, float* db_part, float* dw, float* db,
                             int64_t rows, int64_t d, bool rms, int partial_blocks, cudaStream_t stream) {
+  constexpr int VEC = 16 / sizeof(T);
+  const int rt = 256;
+  const int reduce_grid = static_cast<int>((d + rt - 1) / rt);
+  RegGeometry g = reg_geometry<T>(x, dx, m, w, nullptr, d);
+  if (!aligned<T>(dy, 16)) g.items = 0;
+  const size_t smem = 2 * sizeof(float) * static_cast<size_t>(d);
+  if (g.items > 0 && rows > 0 && smem <= max_dynamic_smem()) {
+    int blocks = 0;
+#define MSG_REG_BWD(R)                                                                                      \
+  MSG_BY_ITEMS(g.items, ({                                                                                  \
+    auto kernel = reg_bwd_kernel<T, VEC, IT, R>;                                                            \
+    blocks = resident_blocks(kernel, g.threads, smem, partial_blocks);                                      \
+    if (blocks > rows) blocks = static_cast<int>(rows);                                                     \
+    if (blocks > 0)                                                                                         \
+      kernel<<<blocks, g.threads, smem, stream>>>(dy, x, m, w, mean, rstd, dx, dw_part, db_part, rows, d); \
+  }))
+    if (rms) {
+      MSG_REG_BWD(true)
+    } else {
+      MSG_REG_BWD(false)
+    }
+#undef MSG_REG_BWD
+    if (blocks > 0) {
+      reduce_partials_kernel<<<reduce_grid, rt, 0, stream>>>(dw_part, db_part, dw, db, blocks, d);
+      return;
+    }
+  }
+  // generic path: partial rows accumulated in global memory, so they start at zero
   const int threads = threads_for(d);
   const int blocks = static_cast<int>(rows < partial_blocks ? rows : partial_blocks);
   cudaMemsetAsync(dw_part, 0, sizeof(float) * partial_blocks * d, stream);
   cudaMemsetAsync(db_part, 0, sizeof(float) * partial_blocks * d, stream);
   if (blocks > 0) {
-    constexpr int VEC = 16 / sizeof(T);
-    const bool vec = can_vectorise<T>(x, d, VEC) && can_vectorise<T>(dy, d, VEC);
+    const bool vec = can_vectorise<T>(x, d, VEC) && can_vectorise<T>(dy, d, VEC) && can_vectorise<T>(dx, d, VEC);
 #define MSG_BWD(V, R)                                                                                       \
   masked_norm_bwd_kernel<T, V, R><<<blocks, threads, 0, stream>>>(dy, x, m, w, mean, rstd, dx, dw_part, \
                                                                   db_part, rows, d)
@@ -213,10 +597,9 @@ void launch_masked_norm_bwd(const T* dy, const T* x, const float* m, const float
     else MSG_BWD(1, false);
 #undef MSG_BWD
   }
-  const int rt = 256;
-  reduce_partials_kernel<<<static_cast<int>((d + rt - 1) / rt), rt, 0, stream>>>(dw_part, db_part, dw, db,
-                                                                                partial_blocks, d);
+  reduce_partials_kernel<<<reduce_grid, rt, 0, stream>>>(dw_part, db_part, dw, db, partial_blocks, d);
 }
+#undef MSG_BY_ITEMS
 
 #define MSG_INSTANTIATE(T)                                                                                     \
   template void launch_masked_norm_fwd<T>(const T*, const float*, const float*, const float*, T*, float*, \

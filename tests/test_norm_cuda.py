@@ -30,26 +30,34 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available() or mn.backend("cuda") != 
 @gpu
 @pytest.mark.parametrize("rms", [False, True])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 5e-3), (torch.bfloat16, 3e-2)])
-@pytest.mark.parametrize("d", [1, 7, 1024, 4099, 16384])
-def test_cuda_matches_float64_reference(rms, dtype, tol, d):
-    gen = torch.Generator().manual_seed(d)
-    x = torch.randn(37, d, generator=gen)
+@pytest.mark.parametrize("rows,d,offset", [
+    (37, 1, 0), (37, 7, 0), (37, 1024, 0), (37, 4099, 0), (37, 16384, 0),  # generic + register paths
+    (3001, 1024, 0),   # many rows per block: dw/db accumulate across rows in shared memory
+    (64, 12288, 0), (16, 32768, 0),  # widest register layouts (fp32 32768 takes the generic path)
+    (45, 1024, 1),     # x misaligned by one element: generic path for an even width
+])
+def test_cuda_matches_float64_reference(rms, dtype, tol, rows, d, offset):
+    gen = torch.Generator().manual_seed(d + rows)
+    x = torch.randn(rows * d + offset, generator=gen)[offset:].view(rows, d)
     w, b = torch.randn(d, generator=gen), torch.randn(d, generator=gen)
     m = torch.rand(d, generator=gen)
     m[0] = 1.0
-    dy = torch.randn(37, d, generator=gen)
+    dy = torch.randn(rows, d, generator=gen)
     xq = x.to(dtype)  # the reference sees the same quantised input
 
     def grads(xx, mm, ww, bb, dyy, fn):
-        xx, ww = xx.clone().requires_grad_(), ww.clone().requires_grad_()
-        bb = None if rms else bb.clone().requires_grad_()
+        xx, ww = xx.detach().requires_grad_(), ww.detach().requires_grad_()  # detach keeps the offset
+        bb = None if rms else bb.detach().requires_grad_()
         y = fn(xx, mm, ww, 1e-5) if rms else fn(xx, mm, ww, bb, 1e-5)
         gs = torch.autograd.grad(y, [t for t in (xx, ww, bb) if t is not None], dyy.to(y.dtype))
         return [y] + list(gs)
 
     ref = grads(xq.double(), m.double(), w.double(), b.double(), dy.double(),
                 mn.masked_rms_norm_torch if rms else mn.masked_layer_norm_torch)
-    got = grads(xq.cuda(), m.cuda(), w.cuda(), b.cuda(), dy.cuda(), mn.masked_rms_norm if rms else mn.masked_layer_norm)
+    xc = torch.cat([torch.zeros(offset, dtype=dtype), xq.flatten()]).cuda()[offset:].view(rows, d)
+    got = grads(xc, m.cuda(), w.cuda(), b.cuda(), dy.cuda(), mn.masked_rms_norm if rms else mn.masked_layer_norm)
+    # d == 1: x - mean is one rounding error (exactly 0 in float64), amplified by 1/sqrt(eps) = 316
+    tol = tol * 316 if d == 1 else tol
     for g, r in zip(got, ref):
         scale = r.abs().max().clamp_min(1.0)
         torch.testing.assert_close(g.double().cpu() / scale, r / scale, rtol=tol, atol=tol)

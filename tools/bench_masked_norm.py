@@ -6,8 +6,9 @@ For each hidden size, forward+backward time (median) of: the CPU extension (`cpu
 pure-PyTorch masked norm (`torch`), and the unmasked `torch.nn.functional.layer_norm` /
 RMSNorm on the same shape. Targets (issue 5): cpu-ext >= 2x faster than torch-masked, and
 <= 1.3x the time of the unmasked norm. With `--gpu` (needs a CUDA build and a GPU): achieved memory
-bandwidth of the CUDA kernels (bytes that must move / time) as a fraction of the device's copy
-bandwidth (`clone` of the same tensor, measured in the same run), for hidden 1024-16384, bf16.
+bandwidth of the CUDA kernels (bytes that must move / time) as a fraction of the device's
+spec-sheet peak, next to torch's fused unmasked layer_norm and a copy of the same tensor, for
+hidden 1024-16384, bf16.
 """
 from __future__ import annotations
 
@@ -34,15 +35,27 @@ def timed(fn, x, repeats):
     return statistics.median(out)
 
 
-def gpu_bandwidth(rows: int, hiddens, repeats: int = 50):
-    """[(hidden, fwd GB/s, bwd GB/s, copy GB/s)] for bf16 masked LayerNorm on the current GPU."""
+# Spec-sheet DRAM bandwidth (GB/s) by device-name fragment, for the "% of peak" column.
+PEAK_GBS = {"H200": 4800, "H100 80GB HBM3": 3350, "H100 PCIe": 2000, "H100": 3350, "A100-SXM4-80GB": 2039,
+            "A100 80GB": 2039, "A100": 1555, "A800": 2039}
+
+
+def peak_bandwidth() -> float | None:
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_GBS.items() if k in name), None)
+
+
+def gpu_bandwidth(tokens: int, hiddens, repeats: int = 30, dtype=torch.bfloat16):
+    """Per hidden size: GB/s of the masked LayerNorm/RMSNorm kernels (fwd: read x + write y; bwd:
+    read x, dy + write dx), of torch's unmasked fused layer_norm on the same shape, and of a copy."""
     out = []
     for d in hiddens:
-        x = torch.randn(rows, d, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(tokens, d, device="cuda", dtype=dtype)
         dy = torch.randn_like(x)
         m = torch.ones(d, device="cuda")
-        m[d * 3 // 4:] = 0.5
+        m[d * 3 // 4:] = 0.5  # mid-ramp mask: the kernels do the same work for any mask
         w, b = torch.randn(d, device="cuda"), torch.randn(d, device="cuda")
+        wt, bt = w.to(dtype), b.to(dtype)
 
         def cuda_time(fn):
             fn()
@@ -54,12 +67,26 @@ def gpu_bandwidth(rows: int, hiddens, repeats: int = 50):
             torch.cuda.synchronize()
             return start.elapsed_time(end) / 1e3 / repeats
 
-        y, mean, rstd = torch.ops.msg_ops.masked_layer_norm_fwd(x, m, w, b, 1e-5)
+        ops = torch.ops.msg_ops
         nbytes = x.numel() * x.element_size()
-        t_f = cuda_time(lambda: torch.ops.msg_ops.masked_layer_norm_fwd(x, m, w, b, 1e-5))
-        t_b = cuda_time(lambda: torch.ops.msg_ops.masked_layer_norm_bwd(dy, x, m, w, mean, rstd))
-        t_c = cuda_time(lambda: x.clone())
-        out.append((d, 2 * nbytes / t_f / 1e9, 3 * nbytes / t_b / 1e9, 2 * nbytes / t_c / 1e9))
+        row = {"hidden": d, "tokens": tokens}
+        y, mean, rstd = ops.masked_layer_norm_fwd(x, m, w, b, 1e-5)
+        row["ln_fwd"] = 2 * nbytes / cuda_time(lambda: ops.masked_layer_norm_fwd(x, m, w, b, 1e-5)) / 1e9
+        row["ln_bwd"] = 3 * nbytes / cuda_time(lambda: ops.masked_layer_norm_bwd(dy, x, m, w, mean, rstd)) / 1e9
+        y, mean, rstd = ops.masked_rms_norm_fwd(x, m, w, 1e-5)
+        row["rms_fwd"] = 2 * nbytes / cuda_time(lambda: ops.masked_rms_norm_fwd(x, m, w, 1e-5)) / 1e9
+        row["rms_bwd"] = 3 * nbytes / cuda_time(lambda: ops.masked_rms_norm_bwd(dy, x, m, w, mean, rstd)) / 1e9
+        # torch's own fused (unmasked) LayerNorm, same shape and dtype, as the bar to match
+        xr = x.detach().requires_grad_()
+        wr, br = wt.detach().requires_grad_(), bt.detach().requires_grad_()
+        yr = F.layer_norm(xr, (d,), wr, br, 1e-5)
+        row["torch_ln_fwd"] = 2 * nbytes / cuda_time(lambda: F.layer_norm(x, (d,), wt, bt, 1e-5)) / 1e9
+        row["torch_ln_bwd"] = 3 * nbytes / cuda_time(
+            lambda: torch.autograd.grad(yr, [xr, wr, br], dy, retain_graph=True)) / 1e9
+        row["copy"] = 2 * nbytes / cuda_time(lambda: x.clone()) / 1e9
+        out.append(row)
+        del x, dy, y, xr, yr
+        torch.cuda.empty_cache()
     return out
 
 
@@ -70,14 +97,28 @@ def main():
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--gpu", action="store_true", help="measure the CUDA kernels' bandwidth instead")
+    ap.add_argument("--tokens", type=int, default=32768, help="rows for --gpu (tokens per micro-batch)")
     args = ap.parse_args()
     if args.gpu:
         if mn.backend("cuda") != "cuda":
             raise SystemExit("--gpu needs a GPU and the CUDA extension (a CUDA build of torch)")
-        print(f"{torch.cuda.get_device_name()}: bf16 masked LayerNorm, {args.rows} rows")
-        for d, f, b, c in gpu_bandwidth(args.rows, [1024, 2048, 4096, 8192, 16384]):
-            print(f"hidden {d:5d}: fwd {f:7.0f} GB/s ({f / c:.0%} of copy), bwd {b:7.0f} GB/s ({b / c:.0%}), "
-                  f"copy {c:7.0f} GB/s")
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        peak = peak_bandwidth()
+        rows = gpu_bandwidth(args.tokens, [1024, 2048, 4096, 8192, 12288, 16384])
+        if args.json:
+            print(json.dumps({"device": torch.cuda.get_device_name(), "peak_gbs": peak, "commit": commit, "rows": rows}))
+            return
+        print(f"{torch.cuda.get_device_name()} (spec peak {peak} GB/s), bf16, {args.tokens} tokens, commit {commit}")
+        print("GB/s (% of spec peak); copy = x.clone() on the same tensor")
+        print(f"{'hidden':>6s} " + " ".join(f"{k:>14s}" for k in
+              ("ln_fwd", "ln_bwd", "rms_fwd", "rms_bwd", "torch_ln_fwd", "torch_ln_bwd", "copy")))
+        for r in rows:
+            cells = []
+            for k in ("ln_fwd", "ln_bwd", "rms_fwd", "rms_bwd", "torch_ln_fwd", "torch_ln_bwd", "copy"):
+                frac = f"({r[k] / peak:.0%})" if peak else ""
+                cells.append(f"{r[k]:7.0f} {frac:>6s}")
+            print(f"{r['hidden']:6d} " + " ".join(cells))
+        print("target: masked kernels >= 80% of peak bandwidth")
         return
     if mn.backend("cpu") != "cpu-ext":
         raise SystemExit(f"CPU extension unavailable ({mn.extension_status()}); build it first")

@@ -95,6 +95,16 @@ class _MaskedNormFn(torch.autograd.Function):
         return dx, None, dw.to(weight.dtype), db.to(weight.dtype) if ctx.has_bias else None, None, None
 
 
+def _check_shapes(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+    """Shape errors are reported here, in Python, before any kernel runs: the same message on every
+    backend, and no C++ exception has to cross the extension boundary."""
+    d = x.shape[-1] if x.dim() else 0
+    for name, t in (("mask", mask), ("weight", weight), ("bias", bias)):
+        if t is not None and tuple(t.shape) != (d,):
+            raise RuntimeError(f"masked norm: {name} must have shape [{d}] (the last dimension of x), "
+                               f"got {list(t.shape)}")
+
+
 def _use_ext(x: torch.Tensor) -> bool:
     if x.device.type == "cuda":
         return _HAS_CUDA_EXT and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
@@ -105,6 +115,7 @@ def masked_layer_norm(x: torch.Tensor, mask: Optional[torch.Tensor], weight: tor
                       bias: Optional[torch.Tensor], eps: float) -> torch.Tensor:
     if mask is None:  # folded: an ordinary LayerNorm
         return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+    _check_shapes(x, mask, weight, bias)
     if _use_ext(x):
         return _MaskedNormFn.apply(x, mask.detach(), weight, bias, eps, False)
     return masked_layer_norm_torch(x, mask, weight, bias, eps)
@@ -112,6 +123,8 @@ def masked_layer_norm(x: torch.Tensor, mask: Optional[torch.Tensor], weight: tor
 
 def masked_rms_norm(x: torch.Tensor, mask: Optional[torch.Tensor], weight: torch.Tensor,
                     eps: float) -> torch.Tensor:
+    if mask is not None:
+        _check_shapes(x, mask, weight, None)
     if mask is not None and _use_ext(x):
         return _MaskedNormFn.apply(x, mask.detach(), weight, None, eps, True)
     return masked_rms_norm_torch(x, mask, weight, eps)
