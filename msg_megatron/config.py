@@ -111,9 +111,9 @@ class GrowthConfig:
 @dataclass
 class ParallelConfig:
     tensor: int = 1
-    """Tensor-parallel degree (1 until the parallelism issue lands)."""
+    """Tensor-parallel degree: heads, FFN units and the vocabulary are split over this many ranks."""
     pipeline: int = 1
-    """Pipeline-parallel degree (1 until the parallelism issue lands)."""
+    """Pipeline-parallel degree (only 1 in this version; pipeline stages are not built yet)."""
 
 
 @dataclass
@@ -379,14 +379,41 @@ def validate(cfg: Config) -> None:
         raise ConfigError("growth.ramp_steps (the paper's phi) must be >= 0.")
     if g.init_std < 0:
         raise ConfigError("growth.init_std must be >= 0.")
-    if p.tensor != 1 or p.pipeline != 1:
-        # honoured by the parallelism issue; refuse rather than silently train something else
+    _positive(p.tensor, "parallel.tensor")
+    _positive(p.pipeline, "parallel.pipeline")
+    if p.pipeline != 1:
+        # refuse rather than silently train something else
         raise ConfigError(
-            f"parallel.tensor={p.tensor}, parallel.pipeline={p.pipeline}: only 1x1 is supported in this "
-            "version; set parallel.tensor=1 parallel.pipeline=1.")
+            f"parallel.pipeline={p.pipeline}: pipeline parallelism is not built in this version; set "
+            "parallel.pipeline=1 (tensor and data parallelism are supported).")
+    if p.tensor > 1 and g.init == "copy":
+        raise ConfigError(
+            f"growth.init=copy with parallel.tensor={p.tensor}: a copied unit may live on another tensor-"
+            "parallel rank; grow with parallel.tensor=1, or use growth.init=normal or zeros.")
     if not 0 <= cfg.data.valid_fraction < 1:
         raise ConfigError("data.valid_fraction must be in [0, 1).")
     _validate_stages(cfg)
+    _validate_layout(cfg)
+
+
+def _validate_layout(cfg: Config) -> None:
+    """Every stage's heads and FFN units must split evenly over the tensor-parallel ranks (each rank
+    appends its share of new units locally when they grow)."""
+    tp = cfg.parallel.tensor
+    for i, (step, shape) in enumerate(cfg.schedule()):
+        where = f"growth.stages[{i}]" if cfg.growth.stages else "model"
+        for dim, n in (("heads", shape.heads), ("ffn", shape.ffn)):
+            if n % tp:
+                raise ConfigError(
+                    f"`{where}` has {dim}={n}, which does not divide by parallel.tensor={tp}; choose a "
+                    f"multiple of {tp} for every stage, or another tensor-parallel degree.")
+    mult = cfg.model.make_vocab_size_divisible_by
+    padded = -(-cfg.model.vocab_size // mult) * mult
+    if padded % tp:
+        raise ConfigError(
+            f"the padded vocabulary ({padded} rows: model.vocab_size={cfg.model.vocab_size} rounded up to "
+            f"model.make_vocab_size_divisible_by={mult}) does not divide by parallel.tensor={tp}; set "
+            f"make_vocab_size_divisible_by to a multiple of {tp}.")
 
 
 def _validate_stages(cfg: Config) -> None:

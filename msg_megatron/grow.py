@@ -42,7 +42,7 @@ def _main(argv) -> int:
     from .checkpoint.dist import CheckpointError, load_checkpoint, read_meta, save_checkpoint
     from .config import Shape, config_from_dict
     from .data import TokenWindows, resolve_data_dir
-    from .growth.axes import axis_maps
+    from .growth.axes import GrowthPlan
     from .growth.operators import grow_model
     from .growth.optimizer_state import grow_optimizer
     from .model import build_model, count_parameters, update_masks
@@ -73,8 +73,7 @@ def _main(argv) -> int:
         model, shape, step=step, init=args.init or g.init,
         init_std=g.init_std if args.init_std is None else args.init_std,
         depth_init=args.depth_init or g.depth_init, seed=cfg.train.seed + 7919 * step)
-    maps = axis_maps(old_shape, shape, cfg.model.head_dim, cfg.model.activation == "swiglu")
-    new_opt = grow_optimizer(optimizer, model, new_model, name_map, maps, cfg.train)
+    new_opt = grow_optimizer(optimizer, model, new_model, name_map, GrowthPlan(model, shape), cfg.train)
     update_masks(new_model, step, g.ramp_steps)
     after = validation_loss(new_model, valid, cfg.train.micro_batch_size, cfg.train.eval_iters)
 

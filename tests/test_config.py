@@ -36,7 +36,15 @@ def test_presets_validate(preset):
     ([stages((0, (32, 64, 2, 1)), (5, (64, 128, 8, 2)))], ["last stage", "model section"]),
     ([stages((0, (32, 64, 2, 1)), (50, (64, 128, 4, 2)))], ["train.steps"]),
     (["train.global_batch_size=6", "train.micro_batch_size=4"], ["global_batch_size", "multiple"]),
-    (["parallel.tensor=2"], ["parallel.tensor"]),
+    (["parallel.pipeline=2"], ["parallel.pipeline", "not built"]),
+    (["parallel.tensor=3"], ["heads=4", "parallel.tensor=3"]),  # bad layout: names the numbers
+    ([stages((0, (32, 64, 2, 1)), (5, (64, 128, 4, 2))), "parallel.tensor=4"], ["stages[0]", "heads=2", "parallel.tensor=4"]),
+    (["parallel.tensor=2", "growth.init=copy"], ["growth.init=copy", "parallel.tensor=2"]),
+    (["parallel.tensor=0"], ["parallel.tensor", "positive"]),
+    (["parallel.tensor=3", "model.num_attention_heads=3", "model.ffn_hidden_size=130", "model.kv_channels=16"],
+     ["ffn=130", "parallel.tensor=3"]),
+    (["parallel.tensor=3", "model.num_attention_heads=3", "model.ffn_hidden_size=96", "model.kv_channels=16"],
+     ["padded vocabulary", "make_vocab_size_divisible_by"]),
     (["train.steps"], ["section.field=value"]),
 ])
 def test_bad_configs_fail_clearly(overrides, words):

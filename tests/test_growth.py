@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from conftest import rel_err, tiny_model_cfg
 from msg_megatron.config import Shape, TrainConfig
-from msg_megatron.growth.axes import axis_maps
+from msg_megatron.growth.axes import GrowthPlan
 from msg_megatron.growth.operators import grow_model, plan_depth
 from msg_megatron.growth.optimizer_state import grow_optimizer
 from msg_megatron.model import build_model, refresh_active, update_masks
@@ -141,8 +141,7 @@ def test_optimizer_moments_bit_identical_after_growth():
         opt.zero_grad()
     new_shape = Shape(48, 96, 6, 4)
     grown, name_map = grow_model(model, new_shape, step=2)
-    maps = axis_maps(OLD, new_shape, 8, False)
-    new_opt = grow_optimizer(opt, model, grown, name_map, maps, tcfg)
+    new_opt = grow_optimizer(opt, model, grown, name_map, GrowthPlan(model, new_shape), tcfg)
     old_p, new_p = dict(model.named_parameters()), dict(grown.named_parameters())
     w_old = opt.state[old_p["layers.1.mlp.linear_fc1.weight"]]
     w_new = new_opt.state[new_p["layers.2.mlp.linear_fc1.weight"]]  # layer 1 moved up by its copy

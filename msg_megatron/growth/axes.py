@@ -5,13 +5,15 @@ parameter and mask buffer of MaskedGPT is listed by name pattern with one role p
 
 Roles: `hidden`, `ffn` (FFN units), `ffn_in` (fc1 rows: FFN units, or [gate; up] blocks with
 SwiGLU), `qkv` (per-head groups of 3*head_dim rows), `heads_hd` (per-head groups of head_dim),
-`heads` (one entry per head), `fixed` (never grows: vocabulary, positions, the depth scalar).
+`heads` (one entry per head), `vocab` (embedding/output rows: split over TP ranks, never grows),
+`fixed` (never grows, replicated: positions, the depth scalar). Heads and FFN units are split over
+the tensor-parallel ranks; `hidden` is replicated.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -19,17 +21,17 @@ from ..config import Shape
 
 _TABLE = [
     (r"hidden_(mask|birth)", ("hidden",)),
-    (r"embedding\.weight", ("fixed", "hidden")),
+    (r"embedding\.weight", ("vocab", "hidden")),
     (r"position_embeddings\.weight", ("fixed", "hidden")),
-    (r"output_layer\.weight", ("fixed", "hidden")),
+    (r"output_layer\.weight", ("vocab", "hidden")),
     (r"(final_norm|layers\.\d+\.(input_norm|pre_mlp_norm))\.(weight|bias)", ("hidden",)),
     (r"layers\.\d+\.depth_(mask|birth)", ("fixed",)),
-    (r"layers\.\d+\.self_attention\.head_(mask|birth)", ("heads",)),
+    (r"layers\.\d+\.self_attention\.head_(mask|birth|ids)", ("heads",)),
     (r"layers\.\d+\.self_attention\.linear_qkv\.weight", ("qkv", "hidden")),
     (r"layers\.\d+\.self_attention\.linear_qkv\.bias", ("qkv",)),
     (r"layers\.\d+\.self_attention\.linear_proj\.weight", ("hidden", "heads_hd")),
     (r"layers\.\d+\.self_attention\.linear_proj\.bias", ("hidden",)),
-    (r"layers\.\d+\.mlp\.ffn_(mask|birth)", ("ffn",)),
+    (r"layers\.\d+\.mlp\.ffn_(mask|birth|ids)", ("ffn",)),
     (r"layers\.\d+\.mlp\.linear_fc1\.weight", ("ffn_in", "hidden")),
     (r"layers\.\d+\.mlp\.linear_fc1\.bias", ("ffn_in",)),
     (r"layers\.\d+\.mlp\.linear_fc2\.weight", ("hidden", "ffn")),
@@ -46,43 +48,92 @@ def axis_roles(name: str) -> Tuple[str, ...]:
 
 
 @dataclass(frozen=True)
-class AxisMap:
-    """How one axis maps from the old size to the new size.
+class AxisPlan:
+    """How one axis of one (local, possibly tensor-parallel-sharded) tensor grows.
 
-    `old_pos[i]`: position in the new axis of old entry i (old entries keep their values).
-    `source[j]`: for every new position j, the old entry it would replicate (used by init=copy).
-    `new_size`: length of the new axis.
+    `new_local`: the axis' local size after growth.
+    `old_pos[i]`: position in the new local axis of old local entry i (old entries keep their values).
+    `canon[j]`: for every new local position j, its index in the canonical (single-rank) tensor of
+        size `canon_size`; new weights are drawn there, so every TP layout draws the same values.
+    `source[j]`: the old local entry that new position j replicates (init=copy, single rank only).
+    `new_ids`: canonical unit ids of the new local units (the `<name>_ids` buffers), else None.
     """
 
+    new_local: int
     old_pos: torch.Tensor
+    canon: torch.Tensor
+    canon_size: int
     source: torch.Tensor
-    new_size: int
+    new_ids: Optional[torch.Tensor] = None
 
 
-def _blocked_map(n_old: int, n_new: int, unit: int, blocks: int) -> AxisMap:
-    """Units of `unit` entries, in `blocks` consecutive blocks (SwiGLU fc1 has 2: gate and up).
+def unit_plan(n_old: int, n_new: int, unit: int, blocks: int, old_ids: torch.Tensor, rank: int, tp: int) -> AxisPlan:
+    """Units of `unit` entries in `blocks` consecutive blocks (SwiGLU fc1 has 2: gate and up), split
+    over `tp` ranks. Each rank appends its share of the new units (canonical ids n_old + rank *
+    added/tp + k) at the end of each of its blocks; `old_ids` are its old units' canonical ids."""
+    added = (n_new - n_old) // tp
+    lo, ln = n_old // tp, n_new // tp
+    new_ids = torch.cat([old_ids.to(torch.long), n_old + rank * added + torch.arange(added)])
+    k = torch.arange(unit)
+    u = torch.arange(ln)
+    src_u = torch.where(u < lo, u, (u - lo) % max(lo, 1))
+    old_pos, canon, source = [], [], []
+    for b in range(blocks):  # vectorised over units: plans for 40k-unit FFNs are cheap
+        canon.append((b * n_new * unit + new_ids[:, None] * unit + k).flatten())
+        old_pos.append((b * ln * unit + torch.arange(lo)[:, None] * unit + k).flatten())
+        source.append((b * lo * unit + src_u[:, None] * unit + k).flatten())
+    return AxisPlan(blocks * ln * unit, torch.cat(old_pos), torch.cat(canon), blocks * n_new * unit,
+                    torch.cat(source), new_ids)
 
-    New units are appended at the end of each block; new unit u replicates old unit (u - n_old) % n_old.
+
+class GrowthPlan:
+    """Per-axis plans for every tensor of one model growing to `new_shape`, on this TP rank.
+
+    The unit ids of each layer's heads and FFN units are read from the old model, so a layer that
+    was already grown under TP (rank-interleaved order) keeps drawing by canonical position.
     """
-    old_pos, source = [], []
-    for b in range(blocks):
-        base_new, base_old = b * n_new * unit, b * n_old * unit
-        for u in range(n_new):
-            src_u = u if u < n_old else (u - n_old) % n_old
-            src = base_old + src_u * unit + torch.arange(unit)
-            source.append(src)
-            if u < n_old:
-                old_pos.append(base_new + u * unit + torch.arange(unit))
-    cat = lambda xs: torch.cat(xs) if xs else torch.zeros(0, dtype=torch.long)  # noqa: E731
-    return AxisMap(cat(old_pos), cat(source), blocks * n_new * unit)
 
+    def __init__(self, model, new_shape: Shape):
+        from ..model.masks import tp_rank_size
 
-def axis_maps(old: Shape, new: Shape, head_dim: int, gated: bool) -> Dict[str, AxisMap]:
-    return {
-        "hidden": _blocked_map(old.hidden, new.hidden, 1, 1),
-        "ffn": _blocked_map(old.ffn, new.ffn, 1, 1),
-        "ffn_in": _blocked_map(old.ffn, new.ffn, 1, 2 if gated else 1),
-        "qkv": _blocked_map(old.heads, new.heads, 3 * head_dim, 1),
-        "heads_hd": _blocked_map(old.heads, new.heads, head_dim, 1),
-        "heads": _blocked_map(old.heads, new.heads, 1, 1),
-    }
+        self.old, self.new = model.shape, new_shape
+        self.rank, self.tp = tp_rank_size()
+        self.head_dim = model.mcfg.head_dim
+        self.gated = model.mcfg.activation == "swiglu"
+        self.vocab = model.vocab_padded
+        sd = model.state_dict()
+        self.ids = {i: (sd[f"layers.{i}.self_attention.head_ids"], sd[f"layers.{i}.mlp.ffn_ids"])
+                    for i in range(self.old.layers)}
+        self._cache: Dict[tuple, Optional[AxisPlan]] = {}
+
+    def axes(self, name: str, fresh: bool = False) -> list:
+        """One plan per axis of tensor `name` (None: the axis neither grows nor is sharded).
+        `fresh`: plans for a new, randomly initialised layer (no old units)."""
+        layer = int(name.split(".")[1]) if name.startswith("layers.") else None
+        return [self._plan(role, None if fresh else layer, fresh) for role in axis_roles(name)]
+
+    def _plan(self, role: str, layer: Optional[int], fresh: bool) -> Optional[AxisPlan]:
+        key = (role, layer, fresh)
+        if key not in self._cache:
+            self._cache[key] = self._make(role, layer, fresh)
+        return self._cache[key]
+
+    def _make(self, role: str, layer: Optional[int], fresh: bool) -> Optional[AxisPlan]:
+        o, n, r, tp = self.old, self.new, self.rank, self.tp
+        empty = torch.zeros(0, dtype=torch.long)
+        if role == "fixed":
+            return None
+        if role == "hidden":  # replicated on every TP rank
+            return unit_plan(0 if fresh else o.hidden, n.hidden, 1, 1,
+                             empty if fresh else torch.arange(o.hidden), 0, 1)
+        if role == "vocab":  # sharded, never grows: rank r holds canonical rows [r*V/tp, (r+1)*V/tp)
+            local = self.vocab // tp
+            rows = r * local + torch.arange(local)
+            return AxisPlan(local, torch.arange(local), rows, self.vocab, torch.arange(local))
+        heads = role in ("qkv", "heads_hd", "heads")
+        n_old = 0 if fresh else (o.heads if heads else o.ffn)
+        n_new = n.heads if heads else n.ffn
+        ids = empty if fresh else self.ids[layer][0 if heads else 1]
+        unit, blocks = {"qkv": (3 * self.head_dim, 1), "heads_hd": (self.head_dim, 1), "heads": (1, 1),
+                        "ffn": (1, 1), "ffn_in": (1, 2 if self.gated else 1)}[role]
+        return unit_plan(n_old, n_new, unit, blocks, ids, r, tp)

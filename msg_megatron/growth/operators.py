@@ -21,7 +21,7 @@ import torch
 from ..config import Shape
 from ..model.gpt import MaskedGPT
 from ..model.masks import refresh_active
-from .axes import AxisMap, axis_maps, axis_roles
+from .axes import AxisPlan, GrowthPlan
 
 InitFn = Callable[[str, Tuple[int, ...], torch.Generator], torch.Tensor]
 
@@ -51,34 +51,69 @@ def _is_mask(name: str) -> bool:
     return name.endswith("_mask") or name.endswith("_birth")
 
 
-def _generator(seed: int, step: int, name: str) -> torch.Generator:
-    # A stream per (seed, growth step, tensor): the result does not depend on iteration order.
-    g = torch.Generator()
-    g.manual_seed((seed * 1_000_003 + step * 7919 + zlib.crc32(name.encode())) % (2**63))
-    return g
+def _generators(seed: int, step: int, name: str) -> Callable[[int], torch.Generator]:
+    """chunk -> a generator for that chunk of the canonical tensor `name` at this growth step: the
+    values depend on neither iteration order nor the tensor-parallel layout."""
+    base = seed * 1_000_003 + step * 7919 + zlib.crc32(name.encode())
+
+    def gen_for(chunk: int) -> torch.Generator:
+        g = torch.Generator()
+        g.manual_seed((base + chunk * 104_729) % (2**63))
+        return g
+
+    return gen_for
 
 
-def grow_tensor(name: str, old: torch.Tensor, maps: Dict[str, AxisMap], init: Optional[InitFn],
-                gen: torch.Generator, step: int) -> torch.Tensor:
-    """Grow one tensor along every axis whose role grows; old entries copied bit-exactly."""
-    roles = axis_roles(name)
-    axes = [maps.get(r) for r in roles]  # None: the axis keeps its size
-    new_shape = tuple(a.new_size if a is not None else old.shape[i] for i, a in enumerate(axes))
+DRAW_CHUNK = 1024  # canonical rows drawn per generator: bounded memory for any tensor size
+
+
+def draw_new(name: str, plans: List[Optional[AxisPlan]], local_shape: Tuple[int, ...], init: InitFn,
+             gen_for: Callable[[int], torch.Generator]) -> torch.Tensor:
+    """This rank's part of the canonical (single-rank) tensor of initial values.
+
+    The canonical tensor is drawn in chunks of DRAW_CHUNK rows along axis 0, chunk c from its own
+    generator `gen_for(c)`; only the chunks holding this rank's rows are drawn. Every TP layout (and
+    a single rank) therefore gets the same values for the same canonical entries.
+    """
+    canon_shape = [p.canon_size if p is not None else local_shape[i] for i, p in enumerate(plans)]
+    index = [p.canon if p is not None else torch.arange(local_shape[i]) for i, p in enumerate(plans)]
+    out = torch.empty(local_shape)
+    if out.numel() == 0:
+        return out
+    rows = index[0]
+    chunk_of = rows // DRAW_CHUNK
+    for c in torch.unique(chunk_of).tolist():
+        where = (chunk_of == c).nonzero().squeeze(1)
+        n = min(DRAW_CHUNK, canon_shape[0] - c * DRAW_CHUNK)
+        block = init(name, tuple([n] + canon_shape[1:]), gen_for(c))
+        block = block[rows[where] - c * DRAW_CHUNK]
+        if len(index) > 1:
+            block = block[:, index[1]]
+        out[where] = block
+    return out
+
+
+def grow_tensor(name: str, old: torch.Tensor, plans: List[Optional[AxisPlan]], init: Optional[InitFn],
+                gen_for: Optional[Callable[[int], torch.Generator]], step: int) -> torch.Tensor:
+    """Grow one (local) tensor along every axis whose role grows; old entries copied bit-exactly."""
+    new_shape = tuple(p.new_local if p is not None else old.shape[i] for i, p in enumerate(plans))
     if new_shape == tuple(old.shape):
         return old.clone()
     if name.endswith("_mask"):
         new = torch.zeros(new_shape, dtype=old.dtype)  # eq. 10: new entries start masked
     elif name.endswith("_birth"):
         new = torch.full(new_shape, float(step), dtype=old.dtype)
+    elif name.endswith("_ids"):
+        return plans[0].new_ids.clone()
     elif init is None:  # copy: every new entry replicates its source unit (Net2Net's map, no split)
         new = old
-        for dim, a in enumerate(axes):
-            if a is not None:
-                new = new.index_select(dim, a.source)
+        for dim, p in enumerate(plans):
+            if p is not None:
+                new = new.index_select(dim, p.source)
         return new.clone()
     else:
-        new = init(name, new_shape, gen).to(old.dtype)
-    index = [a.old_pos if a is not None else torch.arange(old.shape[i]) for i, a in enumerate(axes)]
+        new = draw_new(name, plans, new_shape, init, gen_for).to(old.dtype)
+    index = [p.old_pos if p is not None else torch.arange(old.shape[i]) for i, p in enumerate(plans)]
     if len(index) == 1:
         new[index[0]] = old
     else:
@@ -121,11 +156,13 @@ def grow_model(model: MaskedGPT, new_shape: Shape, *, step: int, init: Union[str
             raise ValueError(f"cannot shrink {dim} from {a} to {b}: growth only adds units")
     init_fn = named_init(init, init_std) if isinstance(init, str) else init
     mcfg = model.mcfg
-    maps = axis_maps(old_shape, new_shape, mcfg.head_dim, mcfg.activation == "swiglu")
+    plan = GrowthPlan(model, new_shape)
+    if init_fn is None and plan.tp > 1:
+        raise ValueError("init=copy needs tensor parallel size 1: a copied unit may live on another rank")
     old_sd = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
 
     new_model = MaskedGPT(mcfg, new_shape, perform_init=False)
-    plan = plan_depth(old_shape.layers, new_shape.layers, depth_init)
+    depth_plan = plan_depth(old_shape.layers, new_shape.layers, depth_init)
     seen = set()
     name_map: Dict[str, Optional[str]] = {}
     new_sd = {}
@@ -135,7 +172,7 @@ def grow_model(model: MaskedGPT, new_shape: Shape, *, step: int, init: Union[str
         src_name, is_copy, fresh = name, False, False
         if name.startswith("layers."):
             _, idx, rest = name.split(".", 2)
-            src_layer = plan[int(idx)]
+            src_layer = depth_plan[int(idx)]
             if src_layer is None:
                 fresh = True
             else:
@@ -143,12 +180,14 @@ def grow_model(model: MaskedGPT, new_shape: Shape, *, step: int, init: Union[str
                 key = (src_layer, rest)
                 is_copy = key in seen
                 seen.add(key)
-        gen = _generator(seed, step, src_name)  # a copied layer is an exact copy of its grown source
+        # a copied layer is an exact copy of its grown source: same generators
+        gen_for = _generators(seed, step, src_name)
         if fresh:
-            value = _fresh_layer_tensor(name, tuple(target.shape), init_fn, init_std, gen, step)
+            value = _fresh_layer_tensor(name, tuple(target.shape), plan.axes(name, fresh=True), init_fn,
+                                        init_std, gen_for, step)
             name_map[name] = None
         else:
-            value = grow_tensor(src_name, old_sd[src_name], maps, init_fn, gen, step)
+            value = grow_tensor(src_name, old_sd[src_name], plan.axes(src_name), init_fn, gen_for, step)
             name_map[name] = None if is_copy else src_name
             if is_copy and name.endswith("depth_mask"):
                 value = torch.zeros_like(value)  # eq. 20: a new layer starts skipped
@@ -165,7 +204,7 @@ def grow_model(model: MaskedGPT, new_shape: Shape, *, step: int, init: Union[str
     return new_model, name_map
 
 
-def _fresh_layer_tensor(name, shape, init_fn, std, gen, step) -> torch.Tensor:
+def _fresh_layer_tensor(name, shape, plans, init_fn, std, gen_for, step) -> torch.Tensor:
     """A tensor of a randomly initialised new layer (depth_init=random)."""
     if name.endswith("depth_mask"):
         return torch.zeros(shape)
@@ -175,5 +214,6 @@ def _fresh_layer_tensor(name, shape, init_fn, std, gen, step) -> torch.Tensor:
         return torch.ones(shape)  # inside a skipped layer, its own units need no extra mask
     if name.endswith("_birth"):
         return torch.full(shape, -math.inf)
-    fn = init_fn or named_init("normal", std)
-    return fn(name, shape, gen)
+    if name.endswith("_ids"):
+        return plans[0].new_ids.clone()
+    return draw_new(name, plans, shape, init_fn or named_init("normal", std), gen_for)

@@ -15,12 +15,12 @@ import torch
 
 from ..config import TrainConfig
 from ..training.optimizer import build_optimizer
-from .axes import AxisMap
+from .axes import GrowthPlan
 from .operators import grow_tensor
 
 
 def grow_optimizer(old_opt: torch.optim.Optimizer, old_model: torch.nn.Module, new_model: torch.nn.Module,
-                   name_map: Dict[str, Optional[str]], maps: Dict[str, AxisMap], tcfg: TrainConfig
+                   name_map: Dict[str, Optional[str]], plan: GrowthPlan, tcfg: TrainConfig
                    ) -> torch.optim.Optimizer:
     old_params = dict(old_model.named_parameters())
     new_opt = build_optimizer(new_model, tcfg)
@@ -33,10 +33,14 @@ def grow_optimizer(old_opt: torch.optim.Optimizer, old_model: torch.nn.Module, n
         st = old_opt.state[old_params[src]]
         new_st = {"step": st["step"].clone()}
         for key in ("exp_avg", "exp_avg_sq"):
-            new_st[key] = grow_tensor(src, st[key], maps, _zeros, None, 0)
+            new_st[key] = grow_tensor(src, st[key], plan.axes(src), _zeros, _no_rng, 0)
         new_opt.state[p] = new_st
     return new_opt
 
 
 def _zeros(name, shape, gen):  # new moments start from scratch (paper 3.2.2)
     return torch.zeros(shape)
+
+
+def _no_rng(chunk):
+    return None

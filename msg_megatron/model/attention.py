@@ -2,7 +2,9 @@
 
 The fused QKV weight uses megatron's per-group interleaved layout: for each head (query group,
 MHA here) the rows [q_h; k_h; v_h], each head_dim long. New heads are appended as whole groups,
-so the existing heads stay a prefix. Head dim is fixed while heads grow.
+so the existing heads stay a prefix. Head dim is fixed while heads grow. Under tensor parallelism
+each rank holds whole heads (megatron splits the fused QKV rows contiguously), and the head mask
+and unit ids are sharded with them.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
-from .masks import active_mask, register_mask
+from .masks import active_mask, register_mask, register_unit_ids, sharded_state_dict_tp_buffers, tp_rank_size
 
 
 @dataclass
@@ -52,7 +54,14 @@ class MaskedSelfAttention(MegatronModule):
             submodules.linear_proj, proj_in, config.hidden_size, config=config,
             init_method=config.output_layer_init_method, bias=config.add_bias_linear,
             input_is_parallel=True, skip_bias_add=False, is_expert=False)
-        register_mask(self, "head", self.num_heads)
+        rank, tp = tp_rank_size()
+        local = self.num_heads // tp  # the config check guarantees divisibility
+        register_mask(self, "head", local)
+        register_unit_ids(self, "head", rank * local + torch.arange(local))
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        return sharded_state_dict_tp_buffers(self, prefix, sharded_offsets, metadata,
+                                             {"head_mask": 0, "head_birth": 0, "head_ids": 0})
 
     def forward(self, x: torch.Tensor, rope: Optional[tuple] = None) -> torch.Tensor:
         s, b, _ = x.shape

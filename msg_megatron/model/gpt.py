@@ -10,6 +10,7 @@ import math
 
 import torch
 from megatron.core.tensor_parallel import (ColumnParallelLinear, VocabParallelEmbedding,
+                                           gather_from_tensor_model_parallel_region,
                                            vocab_parallel_cross_entropy)
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
@@ -23,8 +24,12 @@ from .norms import norm_class
 from .spec import masked_layer_spec
 
 
-def padded_vocab_size(mcfg: ModelConfig, tensor_parallel: int = 1) -> int:
-    multiple = mcfg.make_vocab_size_divisible_by * tensor_parallel
+def padded_vocab_size(mcfg: ModelConfig) -> int:
+    """Embedding rows: the vocabulary padded to `make_vocab_size_divisible_by`. Unlike megatron
+    (which pads to a multiple of divisible_by x TP), the padding does not depend on the TP degree,
+    so a checkpoint keeps its shapes when it is resumed under another layout; the config check
+    requires the padded size to divide by parallel.tensor."""
+    multiple = mcfg.make_vocab_size_divisible_by
     return int(math.ceil(mcfg.vocab_size / multiple) * multiple)
 
 
@@ -91,8 +96,8 @@ class MaskedGPT(MegatronModule):
         x = self.final_norm(x, hmask)
         weight = self.embedding.weight if self.mcfg.tie_embeddings else None
         logits, _ = self.output_layer(x, weight=weight)  # [s, b, v]
-        if labels is None:
-            return logits.transpose(0, 1)
+        if labels is None:  # full-vocabulary logits on every TP rank
+            return gather_from_tensor_model_parallel_region(logits).transpose(0, 1)
         loss = vocab_parallel_cross_entropy(logits.float(), labels.transpose(0, 1).contiguous())
         return loss.transpose(0, 1)
 
@@ -103,4 +108,14 @@ def build_model(mcfg: ModelConfig, shape: Shape, seed: int = 1234, perform_init:
 
 
 def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """Parameters of the whole model: TP-sharded ones summed over the tensor-parallel ranks,
+    replicated ones counted once (a collective under TP: call it on every rank)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+
+    if not ps.model_parallel_is_initialized() or ps.get_tensor_model_parallel_world_size() == 1:
+        return sum(p.numel() for p in model.parameters())
+    n = torch.tensor(sum(p.numel() for p in model.parameters() if param_is_not_tensor_parallel_duplicate(p)),
+                     dtype=torch.float64)
+    torch.distributed.all_reduce(n, group=ps.get_tensor_model_parallel_group())
+    return int(n)

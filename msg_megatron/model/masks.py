@@ -26,6 +26,48 @@ def register_mask(module: nn.Module, name: str, size: int) -> None:
     module._mask_names = tuple(names + [name])
 
 
+def register_unit_ids(module: nn.Module, name: str, ids: torch.Tensor) -> None:
+    """`<name>_ids`: for each local unit (head or FFN unit) of a tensor-parallel shard, its position
+    in the canonical single-rank order (old units first, each growth's new units appended).
+
+    Under TP each rank appends its share of new units locally, so the rank-concatenated order
+    differs from the single-rank one; growth draws new weights by canonical position, so a grown
+    TP run computes the same function as a TP=1 run grown from the same weights, and export or
+    reshard can restore the canonical order.
+    """
+    module.register_buffer(f"{name}_ids", ids.to(torch.long).clone())
+
+
+def tp_rank_size():
+    """(tensor-parallel rank, size); (0, 1) before megatron's parallel state exists."""
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        return 0, 1
+    return (parallel_state.get_tensor_model_parallel_rank(),
+            parallel_state.get_tensor_model_parallel_world_size())
+
+
+def sharded_state_dict_tp_buffers(module, prefix: str, sharded_offsets, metadata, axis_map: dict):
+    """megatron's default MegatronModule.sharded_state_dict, but with this module's own TP-sharded
+    buffers (per-head / per-FFN-unit masks, births, unit ids) declared sharded along `axis_map`."""
+    from megatron.core import parallel_state
+    from megatron.core.transformer.utils import (ensure_metadata_has_dp_cp_group,
+                                                 make_sharded_tensors_for_checkpoint,
+                                                 sharded_state_dict_default)
+
+    own = {}
+    module._save_to_state_dict(own, "", keep_vars=True)
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    metadata = ensure_metadata_has_dp_cp_group(metadata)
+    out = make_sharded_tensors_for_checkpoint(own, prefix, axis_map, sharded_offsets=sharded_offsets,
+                                              tp_group=tp_group, dp_cp_group=metadata["dp_cp_group"])
+    for name, child in module.named_children():
+        out.update(sharded_state_dict_default(child, f"{prefix}{name}.", sharded_offsets, metadata,
+                                              tp_group=tp_group))
+    return out
+
+
 def active_mask(module: nn.Module, name: str):
     """The mask tensor if it still matters, else None (folded)."""
     return getattr(module, f"{name}_mask") if getattr(module, f"{name}_active") else None

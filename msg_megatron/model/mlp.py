@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
-from .masks import active_mask, register_mask
+from .masks import active_mask, register_mask, register_unit_ids, sharded_state_dict_tp_buffers, tp_rank_size
 
 
 @dataclass
@@ -18,25 +18,53 @@ class MaskedMLPSubmodules:
     linear_fc2: Union[ModuleSpec, type] = None
 
 
+def _gated_master_init(base_init, ffn: int, tp: int):
+    """SwiGLU fc1 init: megatron's CPU initialisation draws the full [gate; up] master weight and
+    gives rank r the r-th contiguous row block, but each rank computes [gate_r; up_r] from its
+    block. Reorder the master rows so that rank r's block is [gate_r; up_r]: every TP degree then
+    starts from the same function as a single rank (GPU initialisation draws per-rank shards and
+    passes local shapes, which are left as drawn)."""
+
+    def init(w: torch.Tensor):
+        base_init(w)
+        if tp > 1 and w.shape[0] == 2 * ffn:
+            local = ffn // tp
+            order = torch.cat([torch.cat([torch.arange(r * local, (r + 1) * local),
+                                          ffn + torch.arange(r * local, (r + 1) * local)]) for r in range(tp)])
+            with torch.no_grad():
+                w.copy_(w[order])
+
+    return init
+
+
 class MaskedMLP(MegatronModule):
     """fc1 -> activation (GELU, or SwiGLU = silu(gate) * up) -> * ffn mask -> fc2.
 
-    With SwiGLU, fc1's rows are [gate; up] (megatron's gated_linear_unit layout, per TP rank).
+    With SwiGLU, fc1's rows are [gate; up] (megatron's gated_linear_unit layout, per TP rank: the
+    global fc1 under TP is [gate_0; up_0; gate_1; up_1; ...]).
     """
 
     def __init__(self, config, submodules: MaskedMLPSubmodules, layer_number: int = 1):
         super().__init__(config=config)
         self.gated = config.gated_linear_unit
         ffn = config.ffn_hidden_size
+        rank, tp = tp_rank_size()
+        fc1_init = _gated_master_init(config.init_method, ffn, tp) if self.gated else config.init_method
         self.linear_fc1 = build_module(
             submodules.linear_fc1, config.hidden_size, 2 * ffn if self.gated else ffn, config=config,
-            init_method=config.init_method, gather_output=False, bias=config.add_bias_linear,
+            init_method=fc1_init, gather_output=False, bias=config.add_bias_linear,
             skip_bias_add=False, is_expert=False)
         self.linear_fc2 = build_module(
             submodules.linear_fc2, ffn, config.hidden_size, config=config,
             init_method=config.output_layer_init_method, bias=config.add_bias_linear,
             input_is_parallel=True, skip_bias_add=False, is_expert=False)
-        register_mask(self, "ffn", ffn)
+        local = ffn // tp
+        register_mask(self, "ffn", local)  # sharded with fc1's output / fc2's input
+        register_unit_ids(self, "ffn", rank * local + torch.arange(local))
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        return sharded_state_dict_tp_buffers(self, prefix, sharded_offsets, metadata,
+                                             {"ffn_mask": 0, "ffn_birth": 0, "ffn_ids": 0})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, _ = self.linear_fc1(x)

@@ -36,9 +36,28 @@ def initialize_parallel(tensor: int = 1, pipeline: int = 1, seed: int = 1234) ->
             store = dist.TCPStore("127.0.0.1", _free_port(), 1, is_master=True)
             dist.init_process_group(backend, store=store, rank=0, world_size=1)
     if not parallel_state.model_parallel_is_initialized():
+        world = dist.get_world_size()
+        if world % (tensor * pipeline):
+            from ..config import ConfigError
+
+            raise ConfigError(
+                f"world size {world} is not a multiple of parallel.tensor x parallel.pipeline = {tensor} x "
+                f"{pipeline} = {tensor * pipeline}; launch a multiple of {tensor * pipeline} processes "
+                f"(the rest is data parallelism) or change the layout.")
         parallel_state.initialize_model_parallel(tensor, pipeline)
     if torch.cuda.is_available():
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def is_logging_rank() -> bool:
+    """The one rank that writes logs and metrics (global rank 0: TP rank 0, DP rank 0; with PP=1
+    it is also on the last pipeline stage, where the loss is)."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
 
 
 def destroy_parallel() -> None:

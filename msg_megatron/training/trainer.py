@@ -17,14 +17,16 @@ from typing import Optional
 import torch
 
 from ..checkpoint.dist import CheckpointError, load_checkpoint, read_meta, save_checkpoint
-from ..config import Config, Shape
+from ..config import Config, ConfigError, Shape
 from ..data import TokenWindows, resolve_data_dir
-from ..growth.axes import axis_maps
+from ..growth.axes import GrowthPlan
 from ..growth.operators import grow_model
 from ..growth.optimizer_state import grow_optimizer
 from ..model import build_model, count_parameters, update_masks
-from ..parallel import initialize_parallel
+from ..parallel import barrier, initialize_parallel, is_logging_rank
+from ..parallel.grads import allreduce_data_parallel_grads, grad_norm_and_clip
 from .evaluate import validation_loss
+from .flops import device_peak_tflops, flops_per_token
 from .metrics import MetricsLogger
 from .optimizer import build_optimizer
 from .schedule import LRSchedule
@@ -37,9 +39,24 @@ class Trainer:
         if t.threads:
             torch.set_num_threads(t.threads)
         initialize_parallel(cfg.parallel.tensor, cfg.parallel.pipeline, t.seed)
+        from megatron.core import parallel_state as ps
+
+        self.dp_rank, self.dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        self.world = torch.distributed.get_world_size()
+        n_micro = t.global_batch_size // t.micro_batch_size
+        if n_micro % self.dp:
+            raise ConfigError(
+                f"train.global_batch_size={t.global_batch_size} is {n_micro} micro-batches of "
+                f"{t.micro_batch_size}, which do not split over {self.dp} data-parallel ranks; make it a "
+                f"multiple of micro_batch_size x {self.dp} = {t.micro_batch_size * self.dp}.")
         self.metrics = MetricsLogger(cfg.logging.run_dir, cfg.logging.wandb, cfg.logging.project,
-                                     cfg.logging.name, cfg.to_dict(), enabled=log_enabled)
-        self.data_dir, manifest = resolve_data_dir(cfg.data, cfg.model.vocab_size, log=self.metrics.print)
+                                     cfg.logging.name, cfg.to_dict(), enabled=log_enabled and is_logging_rank())
+        # rank 0 prepares (or validates) the data first; the others then find it ready
+        if is_logging_rank():
+            self.data_dir, manifest = resolve_data_dir(cfg.data, cfg.model.vocab_size, log=self.metrics.print)
+        barrier()
+        if not is_logging_rank():
+            self.data_dir, manifest = resolve_data_dir(cfg.data, cfg.model.vocab_size, log=lambda *_: None)
         seq = cfg.model.seq_length
         self.train_data = TokenWindows(os.path.join(self.data_dir, "train"), seq, t.seed)
         self.valid_data = (TokenWindows(os.path.join(self.data_dir, "valid"), seq, t.seed)
@@ -54,6 +71,7 @@ class Trainer:
         if cfg.checkpoint.load:
             self.resume(cfg.checkpoint.load)
         self._probe = self._probe_batch()
+        self.peak_tflops = device_peak_tflops()
 
     # ---- growth --------------------------------------------------------------------------
     def grow(self, stage: int) -> dict:
@@ -63,8 +81,8 @@ class Trainer:
         loss_before = self.probe_loss()
         new_model, name_map = grow_model(self.model, new_shape, step=self.step, init=g.init, init_std=g.init_std,
                                          depth_init=g.depth_init, seed=self.cfg.train.seed + stage)
-        maps = axis_maps(old_shape, new_shape, self.cfg.model.head_dim, self.cfg.model.activation == "swiglu")
-        self.optimizer = grow_optimizer(self.optimizer, self.model, new_model, name_map, maps, self.cfg.train)
+        plan = GrowthPlan(self.model, new_shape)
+        self.optimizer = grow_optimizer(self.optimizer, self.model, new_model, name_map, plan, self.cfg.train)
         self.model, self.stage = new_model, stage
         update_masks(self.model, self.step, g.ramp_steps)
         loss_after = self.probe_loss()
@@ -84,24 +102,37 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         n_micro = t.global_batch_size // t.micro_batch_size
-        total = 0.0
+        local = n_micro // self.dp  # this DP rank's micro-batches: a contiguous block of the batch
+        total = torch.zeros((), dtype=torch.float64)
         start = time.perf_counter()
-        for i in range(n_micro):
-            batch = self.train_data.batch(self.consumed_samples + i * t.micro_batch_size, t.micro_batch_size)
+        for i in range(local):
+            j = self.dp_rank * local + i
+            batch = self.train_data.batch(self.consumed_samples + j * t.micro_batch_size, t.micro_batch_size)
             loss = self.model(batch[:, :-1], batch[:, 1:]).mean()
-            (loss / n_micro).backward()
+            (loss / n_micro).backward()  # scaled by the whole batch: the DP sum is the batch mean
             total += float(loss.detach())
-        grad_norm = (torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.clip_grad)
-                     if t.clip_grad > 0 else _grad_norm(self.model))
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        allreduce_data_parallel_grads(params)
+        if self.dp > 1:
+            from megatron.core import parallel_state as ps
+
+            torch.distributed.all_reduce(total, group=ps.get_data_parallel_group())
+        grad_norm = grad_norm_and_clip(params, t.clip_grad)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - start
         self.consumed_samples += t.global_batch_size
-        loss = total / n_micro
+        loss = float(total) / n_micro
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss is {loss} at step {self.step}; lower train.lr or raise train.clip_grad")
-        return {"loss": loss, "lr": lr, "grad_norm": float(grad_norm),
-                "tokens_per_s": t.global_batch_size * self.cfg.model.seq_length / elapsed, "step_time": elapsed}
+        tokens_per_s = t.global_batch_size * self.cfg.model.seq_length / elapsed
+        fpt = flops_per_token(self.cfg.model, self.model.shape, self.model.vocab_padded)
+        tflops = tokens_per_s * fpt / self.world / 1e12  # achieved model TFLOP/s per process (GPU)
+        rec = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s, "step_time": elapsed,
+               "flops_per_token": fpt, "tflops_per_gpu": tflops}
+        if self.peak_tflops:
+            rec["mfu"] = tflops / self.peak_tflops
+        return rec
 
     def evaluate(self) -> Optional[float]:
         return validation_loss(self.model, self.valid_data, self.cfg.train.micro_batch_size,
@@ -169,6 +200,7 @@ class Trainer:
                     f"step {self.step:6d} | stage {self.stage} {self.model.shape} {rec['params'] / 1e6:.2f}M | "
                     f"loss {rec['loss']:.4f} | "
                     f"lr {rec['lr']:.2e} | {rec['tokens_per_s']:.0f} tok/s"
+                    + (f" | MFU {rec['mfu']:.1%}" if "mfu" in rec else "")
                     + (f" | mask {lowest_mask:.2f}" if lowest_mask < 1 else ""))
             self.step += 1
             if t.eval_interval and self.step % t.eval_interval == 0 and self.step < t.steps:
@@ -187,7 +219,3 @@ class Trainer:
             self.metrics.print(f"[eval] step {self.step} | val_loss {val:.4f}")
         return val
 
-
-def _grad_norm(model) -> torch.Tensor:
-    norms = [p.grad.detach().norm() for p in model.parameters() if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.tensor(0.0)
