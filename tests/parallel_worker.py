@@ -1,0 +1,42 @@
+"""Run under torchrun by tests/test_parallel.py: build a tiny model at a TP degree, grow it, and
+write (on rank 0) the canonical gathered weights and the losses on a fixed batch before and after.
+
+    torchrun --nproc_per_node N tests/parallel_worker.py OUT.pt TP '{"model": {...}, "old": [...], "new": [...]}'
+"""
+import json
+import sys
+
+import torch
+
+
+def main():
+    out, tp, spec = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
+    from msg_megatron.config import ModelConfig, Shape
+    from msg_megatron.growth.operators import grow_model
+    from msg_megatron.model import build_model
+    from msg_megatron.parallel import destroy_parallel, initialize_parallel
+    from msg_megatron.parallel.gather import canonical_state_dict
+
+    initialize_parallel(tp, 1)
+    mcfg = ModelConfig(**spec["model"])
+    old, new = Shape(*spec["old"]), Shape(*spec["new"])
+    model = build_model(mcfg, old, seed=spec.get("seed", 7))
+    tokens = torch.randint(0, mcfg.vocab_size, (2, mcfg.seq_length + 1), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        before = model(tokens[:, :-1], tokens[:, 1:]).mean().item()
+        logits_before = model(tokens[:, :-1])
+    sd_before = canonical_state_dict(model)
+    grown, _ = grow_model(model, new, step=5, init=spec.get("init", "normal"), init_std=spec.get("init_std", 0.02),
+                          depth_init=spec.get("depth_init", "interpolate"), seed=11)
+    with torch.no_grad():
+        after = grown(tokens[:, :-1], tokens[:, 1:]).mean().item()
+        logits_after = grown(tokens[:, :-1])
+    sd_after = canonical_state_dict(grown)
+    if torch.distributed.get_rank() == 0:
+        torch.save({"before": before, "after": after, "logits_before": logits_before, "logits_after": logits_after,
+                    "sd_before": sd_before, "sd_after": sd_after, "tokens": tokens}, out)
+    destroy_parallel()
+
+
+if __name__ == "__main__":
+    main()
