@@ -113,7 +113,7 @@ class ParallelConfig:
     tensor: int = 1
     """Tensor-parallel degree: heads, FFN units and the vocabulary are split over this many ranks."""
     pipeline: int = 1
-    """Pipeline-parallel degree (only 1 in this version; pipeline stages are not built yet)."""
+    """Pipeline-parallel degree: layers are split into this many consecutive stages (1F1B schedule)."""
 
 
 @dataclass
@@ -381,11 +381,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError("growth.init_std must be >= 0.")
     _positive(p.tensor, "parallel.tensor")
     _positive(p.pipeline, "parallel.pipeline")
-    if p.pipeline != 1:
-        # refuse rather than silently train something else
-        raise ConfigError(
-            f"parallel.pipeline={p.pipeline}: pipeline parallelism is not built in this version; set "
-            "parallel.pipeline=1 (tensor and data parallelism are supported).")
     if p.tensor > 1 and g.init == "copy":
         raise ConfigError(
             f"growth.init=copy with parallel.tensor={p.tensor}: a copied unit may live on another tensor-"
@@ -398,15 +393,27 @@ def validate(cfg: Config) -> None:
 
 def _validate_layout(cfg: Config) -> None:
     """Every stage's heads and FFN units must split evenly over the tensor-parallel ranks (each rank
-    appends its share of new units locally when they grow)."""
-    tp = cfg.parallel.tensor
-    for i, (step, shape) in enumerate(cfg.schedule()):
+    appends its share of new units locally when they grow), and its layers over the pipeline stages."""
+    tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
+    sched = cfg.schedule()
+    for i, (step, shape) in enumerate(sched):
         where = f"growth.stages[{i}]" if cfg.growth.stages else "model"
         for dim, n in (("heads", shape.heads), ("ffn", shape.ffn)):
             if n % tp:
                 raise ConfigError(
                     f"`{where}` has {dim}={n}, which does not divide by parallel.tensor={tp}; choose a "
                     f"multiple of {tp} for every stage, or another tensor-parallel degree.")
+        if shape.layers % pp:
+            raise ConfigError(
+                f"`{where}` has layers={shape.layers}, which does not split evenly over parallel.pipeline={pp} "
+                f"stages; choose a multiple of {pp} for every stage (changing the pipeline degree between "
+                "stages goes through a checkpoint: msg-grow).")
+    grows_depth = any(b[1].layers != a[1].layers for a, b in zip(sched, sched[1:]))
+    if pp > 1 and grows_depth and cfg.growth.depth_init != "interpolate":
+        raise ConfigError(
+            f"growth.depth_init={cfg.growth.depth_init} with parallel.pipeline={pp}: new layers would have to "
+            "move between pipeline stages; use growth.depth_init=interpolate (each copy sits above its source, "
+            "on the same stage).")
     mult = cfg.model.make_vocab_size_divisible_by
     padded = -(-cfg.model.vocab_size // mult) * mult
     if padded % tp:

@@ -36,7 +36,10 @@ def test_presets_validate(preset):
     ([stages((0, (32, 64, 2, 1)), (5, (64, 128, 8, 2)))], ["last stage", "model section"]),
     ([stages((0, (32, 64, 2, 1)), (50, (64, 128, 4, 2)))], ["train.steps"]),
     (["train.global_batch_size=6", "train.micro_batch_size=4"], ["global_batch_size", "multiple"]),
-    (["parallel.pipeline=2"], ["parallel.pipeline", "not built"]),
+    (["parallel.pipeline=3"], ["layers=2", "parallel.pipeline=3"]),
+    ([stages((0, (32, 64, 2, 2)), (5, (64, 128, 4, 4))), "model.num_layers=4", "parallel.pipeline=2",
+      "growth.depth_init=stack"],
+     ["depth_init=stack", "interpolate"]),
     (["parallel.tensor=3"], ["heads=4", "parallel.tensor=3"]),  # bad layout: names the numbers
     ([stages((0, (32, 64, 2, 1)), (5, (64, 128, 4, 2))), "parallel.tensor=4"], ["stages[0]", "heads=2", "parallel.tensor=4"]),
     (["parallel.tensor=2", "growth.init=copy"], ["growth.init=copy", "parallel.tensor=2"]),

@@ -160,3 +160,17 @@ def test_shrinking_is_refused():
     model = build_model(tiny_model_cfg(), OLD)
     with pytest.raises(ValueError, match="cannot shrink hidden"):
         grow_model(model, Shape(16, 64, 4, 2), step=0)
+
+
+def test_tensor_parallel_marks_survive_building_without_init():
+    """Resume and growth build models with perform_init=False; megatron then leaves sharded weights
+    unmarked, which would make the gradient norm count them as replicated under TP."""
+    def marked(m):
+        return sorted(n for n, p in m.named_parameters() if getattr(p, "tensor_model_parallel", False))
+
+    cfg = tiny_model_cfg()
+    initialised, bare = build_model(cfg, cfg.shape), build_model(cfg, cfg.shape, perform_init=False)
+    grown, _ = grow_model(initialised, Shape(56, 112, 7, 6), step=0)
+    assert marked(initialised) == marked(bare) and len(marked(bare)) > 0
+    per_layer = sum(n.startswith("layers.0.") for n in marked(initialised))  # qkv, proj, fc1, fc2 (+ column biases)
+    assert len(marked(grown)) == len(marked(initialised)) + per_layer  # one new layer

@@ -3,9 +3,9 @@
 - A TP=2 model grown in every dimension equals, gathered into the canonical layout, a TP=1 model
   grown from the same weights: bitwise (the same old values are copied and the same new values are
   drawn), and the loss on a fixed batch is unchanged by the growth (function preservation).
-- Training equivalence: the same config trained at (TP, DP) in {(2,1), (1,2), (2,2)} with a growth
-  mid-run gives per-step losses equal to the single-process run within 1e-5 relative, before, at
-  and after the growth (different reduction orders: not bitwise).
+- Training equivalence: the same config trained at (TP, PP, DP) in {(2,1,1), (1,2,1), (2,2,1),
+  (1,1,2), (2,1,2)} with a growth mid-run gives per-step losses equal to the single-process run
+  within 1e-5 relative, before, at and after the growth (reduction orders differ: not bitwise).
 - Bad layouts fail fast with a message naming the numbers.
 """
 import json
@@ -69,13 +69,16 @@ TRAIN = ["model.vocab_size=512", "model.seq_length=32", "model.kv_channels=8", "
          "train.warmup_steps=2", "train.log_interval=1", "train.eval_interval=0", "data.corpus_mb=0.3",
          "data.valid_fraction=0.05", "logging.wandb=disabled"]
 
-# (tensor, data-parallel, architecture, stages): one growth dimension (or two) per layout
-CASES = [
-    (2, 1, ["model.norm=rmsnorm", "model.activation=swiglu", "model.position_embedding=rope"],
-     [[32, 64, 2, 2], [32, 128, 4, 2]]),                       # ffn + heads under TP
-    (1, 2, [], [[32, 64, 2, 2], [48, 64, 2, 3]]),              # hidden + layers under DP
-    (2, 2, ["model.tie_embeddings=false"], [[32, 64, 2, 2], [48, 64, 2, 2]]),  # hidden under TP x DP
-]
+LLAMA = ["model.norm=rmsnorm", "model.activation=swiglu", "model.position_embedding=rope"]
+# (tensor, pipeline, data-parallel, architecture, stages): every growth dimension appears, and every
+# layout of the issue: (2,1,1), (1,2,1), (2,2,1), (1,1,2), (2,1,2)
+CASES = {
+    "tp2": (2, 1, 1, LLAMA, [[32, 64, 2, 2], [32, 128, 4, 2]]),                          # ffn + heads
+    "pp2": (1, 2, 1, [], [[32, 64, 2, 2], [48, 64, 2, 4]]),                              # hidden + layers, tied copy
+    "tp2pp2": (2, 2, 1, LLAMA, [[32, 64, 2, 2], [32, 128, 4, 4]]),                       # ffn, heads, layers
+    "dp2": (1, 1, 2, [], [[32, 64, 2, 2], [48, 64, 2, 3]]),                              # hidden + layers
+    "tp2dp2": (2, 1, 2, ["model.tie_embeddings=false"], [[32, 64, 2, 2], [48, 64, 2, 2]]),  # hidden
+}
 
 
 def _write_config(path, extra, stages):
@@ -94,14 +97,15 @@ def _losses(run_dir):
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("tp,dp,extra,stages", CASES, ids=["tp2", "dp2", "tp2dp2"])
-def test_training_matches_single_process(tmp_path, tiny_data, tp, dp, extra, stages):
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_training_matches_single_process(tmp_path, tiny_data, case):
+    tp, pp, dp, extra, stages = CASES[case]
     cfg = tmp_path / "cfg.yaml"
     _write_config(cfg, extra, stages)
     ref = run_cli(["msg_megatron.pretrain", str(cfg), f"logging.run_dir={tmp_path}/ref"], timeout=300)
     assert ref.returncode == 0, ref.stderr[-3000:]
-    r = torchrun(tp * dp, ["-m", "msg_megatron.pretrain", str(cfg), f"parallel.tensor={tp}",
-                           f"logging.run_dir={tmp_path}/par"])
+    r = torchrun(tp * pp * dp, ["-m", "msg_megatron.pretrain", str(cfg), f"parallel.tensor={tp}",
+                                f"parallel.pipeline={pp}", f"logging.run_dir={tmp_path}/par"])
     assert r.returncode == 0, r.stderr[-3000:]
     want, _ = _losses(tmp_path / "ref")
     got, growths = _losses(tmp_path / "par")
@@ -109,8 +113,10 @@ def test_training_matches_single_process(tmp_path, tiny_data, tp, dp, extra, sta
     for step in range(8):  # before (0-3), at (4) and after (5-7, mid-ramp) the growth
         assert abs(got[step] - want[step]) <= 1e-5 * abs(want[step]), (step, got[step], want[step])
     assert len(growths) == 1
-    g = growths[0]
+    g = growths[0]  # function preservation at the growth step under this layout (also TP=2 x PP=2)
     assert abs(g["probe_loss_after"] - g["probe_loss_before"]) <= 1e-5 * g["probe_loss_before"]
+    ref_growth = _losses(tmp_path / "ref")[1][0]
+    assert g["params"] == ref_growth["params"]  # the parameter count is global under every layout
 
 
 @pytest.mark.timeout(300)

@@ -56,25 +56,28 @@ def read_meta(path: str) -> dict:
 
 
 def _sharded(model, optimizer):
-    """The sharded state dict of model and AdamW moments (moments mirror their parameter's shards)."""
+    """The sharded state dict of model and AdamW state: the moments mirror their parameter's
+    shards; each parameter's step count (bias correction) is a one-element tensor under the
+    parameter's checkpoint key, saved once (TP rank 0 of the parameter's main replica)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing import ShardedTensor
     from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
 
     sd = model.sharded_state_dict(prefix="model.")
     sd = {k: v for k, v in sd.items() if not k.endswith("_extra_state")}
     if optimizer is not None:
+        tp_rank, dp_rank = ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_rank()
         for name, p in model.named_parameters():
             st = optimizer.state.get(p)
             if not st:
                 continue
+            model_sh = sd[f"model.{name}"]
             for key in ("exp_avg", "exp_avg_sq"):
-                sd[f"optimizer.{key}.{name}"] = make_sharded_optimizer_tensor(
-                    sd[f"model.{name}"], st[key], prefix=f"optimizer.{key}")
+                sd[f"optimizer.{key}.{name}"] = make_sharded_optimizer_tensor(model_sh, st[key], prefix=f"optimizer.{key}")
+            step = st["step"].detach().reshape(1).to(torch.float64)
+            sd[f"optimizer.step.{name}"] = ShardedTensor.from_rank_offsets(
+                "optimizer.step." + model_sh.key, step, replica_id=(model_sh.replica_id[0], tp_rank, dp_rank))
     return sd
-
-
-def _optimizer_steps(model, optimizer) -> dict:
-    return {name: int(optimizer.state[p]["step"]) for name, p in model.named_parameters()
-            if optimizer is not None and optimizer.state.get(p)}
 
 
 def save_checkpoint(save_dir: str, model, optimizer, state: dict, config: dict, tokenizer_path: str = "",
@@ -98,7 +101,7 @@ def save_checkpoint(save_dir: str, model, optimizer, state: dict, config: dict, 
     dist_checkpointing.save(sd, tmp)
     if rank0:
         meta = {"version": __version__, "shape": list(model.shape.as_tuple()), "state": state,
-                "optimizer_steps": _optimizer_steps(model, optimizer), "config": config}
+                "optimizer": optimizer is not None, "config": config}
         with open(os.path.join(tmp, META), "w") as f:
             json.dump(meta, f, indent=1)
         if tokenizer_path:
@@ -135,7 +138,7 @@ def load_checkpoint(path: str, model, optimizer=None, expect_shape: Optional[Sha
     if shape != model.shape or (expect_shape is not None and shape != expect_shape):
         raise CheckpointError(f"checkpoint `{meta['path']}` has shape {shape}, but the model to load into is "
                               f"{expect_shape or model.shape}; grow it with msg-grow or pick the matching stage")
-    has_opt = bool(meta.get("optimizer_steps")) and optimizer is not None
+    has_opt = bool(meta.get("optimizer")) and optimizer is not None
     if has_opt:
         # AdamW allocates its moments lazily; create them so their shards can be filled in place
         for p in model.parameters():
@@ -157,10 +160,9 @@ def load_checkpoint(path: str, model, optimizer=None, expect_shape: Optional[Sha
                               f"unexpected {unexpected}")
     refresh_active(model)
     if has_opt:
-        steps = meta["optimizer_steps"]
         for name, p in model.named_parameters():
             st = optimizer.state[p]
             st["exp_avg"].copy_(loaded[f"optimizer.exp_avg.{name}"])
             st["exp_avg_sq"].copy_(loaded[f"optimizer.exp_avg_sq.{name}"])
-            st["step"] = torch.tensor(float(steps.get(name, 0)))
+            st["step"] = torch.tensor(float(loaded[f"optimizer.step.{name}"][0]))
     return meta

@@ -103,7 +103,7 @@ class GrowthPlan:
         self.vocab = model.vocab_padded
         sd = model.state_dict()
         self.ids = {i: (sd[f"layers.{i}.self_attention.head_ids"], sd[f"layers.{i}.mlp.ffn_ids"])
-                    for i in range(self.old.layers)}
+                    for i in range(model.local_layers)}
         self._cache: Dict[tuple, Optional[AxisPlan]] = {}
 
     def axes(self, name: str, fresh: bool = False) -> list:

@@ -162,7 +162,22 @@ def grow_model(model: MaskedGPT, new_shape: Shape, *, step: int, init: Union[str
     old_sd = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
 
     new_model = MaskedGPT(mcfg, new_shape, perform_init=False)
-    depth_plan = plan_depth(old_shape.layers, new_shape.layers, depth_init)
+    if new_shape.layers != old_shape.layers and new_model.layer_offset and depth_init != "interpolate":
+        raise ValueError(f"depth_init={depth_init} under pipeline parallelism would move layers between stages; "
+                         "use interpolate (copies stay on their source's stage)")
+    # Per stage: interpolation of the stage's own layers equals the global plan restricted to it.
+    depth_plan = plan_depth(model.local_layers, new_model.local_layers, depth_init)
+
+    def rng_name(name: str, offset: int) -> str:
+        """Generator names use global layer numbers (and the embedding's name for the tied output
+        copy), so every pipeline layout draws the same values as a single rank."""
+        if name.startswith("layers."):
+            _, idx, rest = name.split(".", 2)
+            return f"layers.{offset + int(idx)}.{rest}"
+        if name == "output_layer.weight" and model.shared_output_copy():
+            return "embedding.weight"
+        return name
+
     seen = set()
     name_map: Dict[str, Optional[str]] = {}
     new_sd = {}
@@ -181,7 +196,8 @@ def grow_model(model: MaskedGPT, new_shape: Shape, *, step: int, init: Union[str
                 is_copy = key in seen
                 seen.add(key)
         # a copied layer is an exact copy of its grown source: same generators
-        gen_for = _generators(seed, step, src_name)
+        gen_for = _generators(seed, step, rng_name(name, new_model.layer_offset) if fresh
+                              else rng_name(src_name, model.layer_offset))
         if fresh:
             value = _fresh_layer_tensor(name, tuple(target.shape), plan.axes(name, fresh=True), init_fn,
                                         init_std, gen_for, step)

@@ -7,11 +7,13 @@ while m_h is 0 on new features the grown model computes exactly the old function
 from __future__ import annotations
 
 import math
+import zlib
 
 import torch
 from megatron.core.tensor_parallel import (ColumnParallelLinear, VocabParallelEmbedding,
                                            gather_from_tensor_model_parallel_region,
                                            vocab_parallel_cross_entropy)
+from megatron.core.enums import ModelType
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import build_module
@@ -33,6 +35,21 @@ def padded_vocab_size(mcfg: ModelConfig) -> int:
     return int(math.ceil(mcfg.vocab_size / multiple) * multiple)
 
 
+def pp_rank_size():
+    """(pipeline-parallel rank, size); (0, 1) before megatron's parallel state exists."""
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        return 0, 1
+    return ps.get_pipeline_model_parallel_rank(), ps.get_pipeline_model_parallel_world_size()
+
+
+def _seed_module(seed: int, tag: str) -> None:
+    """Each module draws its initial weights from its own seed (embedding, layer i, output), so
+    a pipeline stage that builds only some modules gets the same weights as a single rank."""
+    torch.manual_seed((seed * 1_000_003 + zlib.crc32(tag.encode())) % (2**63))
+
+
 def transformer_config(mcfg: ModelConfig, shape: Shape, perform_init: bool = True) -> TransformerConfig:
     """megatron's TransformerConfig for one stage's shape (head dim fixed at model.kv_channels)."""
     std = mcfg.init_method_std
@@ -47,30 +64,66 @@ def transformer_config(mcfg: ModelConfig, shape: Shape, perform_init: bool = Tru
         output_layer_init_method=lambda w: nn.init.normal_(w, 0.0, std / math.sqrt(2.0 * shape.layers)),
         use_cpu_initialization=not torch.cuda.is_available(), perform_initialization=perform_init,
         hidden_dropout=0.0, attention_dropout=0.0, params_dtype=torch.float32,
+        pipeline_dtype=torch.float32,  # activations sent between pipeline stages
     )
 
 
 class MaskedGPT(MegatronModule):
-    def __init__(self, mcfg: ModelConfig, shape: Shape, perform_init: bool = True):
+    """The GPT, or under pipeline parallelism one stage of it: the first stage holds the embeddings,
+    the last the final norm and output layer, every stage `layers / PP` consecutive layers (state
+    dict names are local, `layers.0...`; checkpoints use global layer numbers). The hidden mask
+    lives on every stage. With tied embeddings and PP > 1 the last stage keeps a copy of the
+    embedding as its output weight (marked `shared`), kept equal by summing the two gradients."""
+
+    def __init__(self, mcfg: ModelConfig, shape: Shape, perform_init: bool = True, seed: int = 1234):
         config = transformer_config(mcfg, shape, perform_init)
         super().__init__(config=config)
         self.mcfg, self.shape = mcfg, shape
+        pp_rank, pp = pp_rank_size()
+        self.pre_process, self.post_process = pp_rank == 0, pp_rank == pp - 1
+        self.local_layers = shape.layers // pp  # the config check guarantees divisibility
+        self.layer_offset = pp_rank * self.local_layers
         self.vocab_padded = padded_vocab_size(mcfg)
-        self.embedding = VocabParallelEmbedding(self.vocab_padded, shape.hidden, init_method=config.init_method,
-                                                config=config)
-        if mcfg.position_embedding == "learned":
-            self.position_embeddings = nn.Embedding(mcfg.seq_length, shape.hidden)
-            if perform_init:
-                config.init_method(self.position_embeddings.weight)
+        self.share_embeddings_and_output_weights = mcfg.tie_embeddings
+        self.input_tensor = None
+        self.model_type = ModelType.encoder_or_decoder  # read by megatron's pipeline schedules
+        if self.pre_process:
+            _seed_module(seed, "embedding")
+            self.embedding = VocabParallelEmbedding(self.vocab_padded, shape.hidden, init_method=config.init_method,
+                                                    config=config)
+            if mcfg.position_embedding == "learned":
+                self.position_embeddings = nn.Embedding(mcfg.seq_length, shape.hidden)
+                if perform_init:
+                    config.init_method(self.position_embeddings.weight)
         spec = masked_layer_spec(mcfg.norm)
-        self.layers = nn.ModuleList(
-            [build_module(spec, config=config, layer_number=i + 1) for i in range(shape.layers)])
-        self.final_norm = norm_class(mcfg.norm)(config, shape.hidden, mcfg.norm_epsilon)
-        self.output_layer = ColumnParallelLinear(
-            shape.hidden, self.vocab_padded, config=config, init_method=config.init_method, bias=False,
-            gather_output=False, skip_weight_param_allocation=mcfg.tie_embeddings)
+        layers = []
+        for i in range(self.local_layers):
+            _seed_module(seed, f"layer{self.layer_offset + i}")
+            layers.append(build_module(spec, config=config, layer_number=self.layer_offset + i + 1))
+        self.layers = nn.ModuleList(layers)
+        if self.post_process:
+            self.final_norm = norm_class(mcfg.norm)(config, shape.hidden, mcfg.norm_epsilon)
+            tied_here = mcfg.tie_embeddings and self.pre_process
+            # the untied output layer, or (tied, PP > 1) the copy of the embedding: same draw as the embedding
+            _seed_module(seed, "embedding" if mcfg.tie_embeddings else "output")
+            self.output_layer = ColumnParallelLinear(
+                shape.hidden, self.vocab_padded, config=config, init_method=config.init_method, bias=False,
+                gather_output=False, skip_weight_param_allocation=tied_here)
+            if mcfg.tie_embeddings and not tied_here:
+                self.output_layer.weight.shared = True  # a duplicate: not counted in norms/params
         register_mask(self, "hidden", shape.hidden)
         self._rope = None
+        _mark_tensor_parallel_weights(self)
+
+    def shared_output_copy(self) -> bool:
+        """True on the last stage of a PP > 1 model with tied embeddings."""
+        return self.post_process and self.mcfg.tie_embeddings and not self.pre_process
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """Called by megatron's pipeline schedules with the previous stage's output."""
+        if isinstance(input_tensor, (list, tuple)):
+            input_tensor = input_tensor[0]
+        self.input_tensor = input_tensor
 
     def rope(self, seq_len: int):
         if self.mcfg.position_embedding != "rope":
@@ -80,42 +133,116 @@ class MaskedGPT(MegatronModule):
         return self._rope
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor = None) -> torch.Tensor:
-        """tokens [b, s] -> logits [b, s, vocab_padded], or per-token losses [b, s] given labels."""
+        """tokens [b, s] -> logits [b, s, vocab_padded], or per-token losses [b, s] given labels; on a
+        stage other than the last, the hidden states [s, b, h] for the next stage."""
         b, s = tokens.shape
         if s > self.mcfg.seq_length and self.mcfg.position_embedding == "learned":
             raise ValueError(f"sequence of {s} tokens is longer than model.seq_length={self.mcfg.seq_length}")
         hmask = active_mask(self, "hidden")
-        x = self.embedding(tokens).transpose(0, 1)  # [s, b, h]
-        if self.mcfg.position_embedding == "learned":
-            x = x + self.position_embeddings(torch.arange(s, device=tokens.device))[:, None, :]
-        if hmask is not None:
-            x = x * hmask
+        if self.pre_process:
+            x = self.embedding(tokens).transpose(0, 1)  # [s, b, h]
+            if self.mcfg.position_embedding == "learned":
+                x = x + self.position_embeddings(torch.arange(s, device=tokens.device))[:, None, :]
+            if hmask is not None:
+                x = x * hmask
+        else:
+            x = self.input_tensor
         rope = self.rope(s)
         for layer in self.layers:
             x = layer(x, hmask, rope)
+        if not self.post_process:
+            return x
         x = self.final_norm(x, hmask)
-        weight = self.embedding.weight if self.mcfg.tie_embeddings else None
+        weight = self.embedding.weight if (self.mcfg.tie_embeddings and self.pre_process) else None
         logits, _ = self.output_layer(x, weight=weight)  # [s, b, v]
         if labels is None:  # full-vocabulary logits on every TP rank
             return gather_from_tensor_model_parallel_region(logits).transpose(0, 1)
         loss = vocab_parallel_cross_entropy(logits.float(), labels.transpose(0, 1).contiguous())
         return loss.transpose(0, 1)
 
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """megatron's default, plus: layers under their global numbers, the hidden mask saved by the
+        first stage only (a replica elsewhere), and the tied output copy stored as the embedding."""
+        from megatron.core import parallel_state as ps
+        from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
+        from megatron.core.transformer.utils import (ensure_metadata_has_dp_cp_group,
+                                                     make_sharded_tensors_for_checkpoint,
+                                                     sharded_state_dict_default)
+
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        own = {}
+        self._save_to_state_dict(own, "", keep_vars=True)
+        out = make_sharded_tensors_for_checkpoint(own, prefix, sharded_offsets=sharded_offsets,
+                                                  dp_cp_group=metadata["dp_cp_group"],
+                                                  tp_group=ps.get_tensor_model_parallel_group())
+        pp_rank, _ = pp_rank_size()
+        for sh in out.values():
+            sh.replica_id = (pp_rank,) + tuple(sh.replica_id[1:])
+        for name, child in self.named_children():
+            if name == "layers":
+                for i, layer in enumerate(self.layers):
+                    local, glob = f"{prefix}layers.{i}.", f"{prefix}layers.{self.layer_offset + i}."
+                    lsd = sharded_state_dict_default(layer, local, sharded_offsets, metadata)
+                    replace_prefix_for_sharding(lsd, local, glob)
+                    out.update(lsd)
+                continue
+            sub = sharded_state_dict_default(child, f"{prefix}{name}.", sharded_offsets, metadata)
+            if name == "output_layer" and self.shared_output_copy():
+                for sh in sub.values():
+                    if hasattr(sh, "key") and sh.key == f"{prefix}output_layer.weight":
+                        sh.key = f"{prefix}embedding.weight"
+                        sh.replica_id = (1,) + tuple(sh.replica_id[1:])
+            out.update(sub)
+        return out
+
+
+def _mark_tensor_parallel_weights(model: nn.Module) -> None:
+    """megatron marks a TP-sharded weight (`tensor_model_parallel`, `partition_dim`) only when it
+    initialises it; a model built with perform_initialization=False (resume, growth) would have its
+    shards taken for replicated tensors by the gradient norm and parameter count. Mark them here."""
+    from megatron.core.tensor_parallel import RowParallelLinear
+
+    for mod in model.modules():
+        if isinstance(mod, (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding)):
+            w = getattr(mod, "weight", None)
+            if w is not None and not hasattr(w, "tensor_model_parallel"):
+                w.tensor_model_parallel = True
+                w.partition_dim = 1 if isinstance(mod, RowParallelLinear) else 0
+                w.partition_stride = 1
+
+
+def sync_tied_output(model: "MaskedGPT") -> None:
+    """Make the last stage's output copy equal the first stage's embedding (PP > 1, tied): the copy
+    is zeroed and summed with the embedding over megatron's embedding group (first + last stage)."""
+    from megatron.core import parallel_state as ps
+
+    _, pp = pp_rank_size()
+    if pp == 1 or not model.mcfg.tie_embeddings or not ps.is_rank_in_embedding_group():
+        return
+    weight = model.embedding.weight if model.pre_process else model.output_layer.weight
+    with torch.no_grad():
+        if not model.pre_process:
+            weight.zero_()
+        torch.distributed.all_reduce(weight.data, group=ps.get_embedding_group())
+
 
 def build_model(mcfg: ModelConfig, shape: Shape, seed: int = 1234, perform_init: bool = True) -> MaskedGPT:
-    torch.manual_seed(seed)
-    return MaskedGPT(mcfg, shape, perform_init)
+    model = MaskedGPT(mcfg, shape, perform_init, seed=seed)
+    if perform_init:
+        sync_tied_output(model)
+    return model
 
 
 def count_parameters(model: nn.Module) -> int:
-    """Parameters of the whole model: TP-sharded ones summed over the tensor-parallel ranks,
-    replicated ones counted once (a collective under TP: call it on every rank)."""
+    """Parameters of the whole model: summed over tensor- and pipeline-parallel ranks, replicated
+    ones and the tied output copy counted once (a collective under TP/PP: call it on every rank)."""
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
-    if not ps.model_parallel_is_initialized() or ps.get_tensor_model_parallel_world_size() == 1:
+    if not ps.model_parallel_is_initialized() or ps.get_model_parallel_group().size() == 1:
         return sum(p.numel() for p in model.parameters())
-    n = torch.tensor(sum(p.numel() for p in model.parameters() if param_is_not_tensor_parallel_duplicate(p)),
+    n = torch.tensor(sum(p.numel() for p in model.parameters()
+                         if param_is_not_tensor_parallel_duplicate(p) and not getattr(p, "shared", False)),
                      dtype=torch.float64)
-    torch.distributed.all_reduce(n, group=ps.get_tensor_model_parallel_group())
+    torch.distributed.all_reduce(n, group=ps.get_model_parallel_group())
     return int(n)

@@ -10,6 +10,9 @@ Measured needs on megatron-core 0.16.1 (see ../shared/DESIGN.md):
   those tensors live where gloo can send them.
 - `torch.cuda.synchronize()` in timers/checkpointing: a no-op on CPU.
 - The tensor-parallel RNG tracker stores CUDA RNG states: keep CPU generator states instead.
+- The pipeline schedules (pipeline_parallel/schedules.py) create a token counter with a hard-coded
+  `device="cuda"`: their module-level `torch` is replaced by a view of torch whose tensor factories
+  map a CUDA device to the CPU. (The p2p buffers use `torch.cuda.current_device()`, patched above.)
 """
 from __future__ import annotations
 
@@ -39,5 +42,31 @@ def apply_cpu_patches() -> bool:
     tp_random._set_cuda_rng_state = _set_cuda_rng_state
     if hasattr(tp_random, "_get_cuda_rng_state"):
         tp_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+
+    from megatron.core.pipeline_parallel import schedules
+
+    schedules.torch = _TorchOnCpu(torch)
     _APPLIED = True
     return True
+
+
+class _TorchOnCpu:
+    """`torch` for a module that hard-codes `device="cuda"` in tensor factories: same attributes,
+    but zeros/ones/empty/full/tensor given a CUDA device allocate on the CPU."""
+
+    _FACTORIES = ("zeros", "ones", "empty", "full", "tensor")
+
+    def __init__(self, module):
+        self._torch = module
+
+    def __getattr__(self, name):
+        attr = getattr(self._torch, name)
+        if name not in self._FACTORIES:
+            return attr
+
+        def factory(*args, **kwargs):
+            if str(kwargs.get("device", "")).startswith("cuda"):
+                kwargs["device"] = "cpu"
+            return attr(*args, **kwargs)
+
+        return factory

@@ -5,9 +5,13 @@ each scaled by 1/(micro-batches in the whole global batch), and the gradients ar
 the DP group here, so the update equals the single-process one up to summation order. The sum is
 done in flat buckets (one all-reduce per ~`bucket_mb` MB) rather than one call per parameter.
 
+Tied embeddings under PP: the first stage's embedding and the last stage's output copy get their
+gradients summed over megatron's embedding group, so the two stay equal after every update.
+
 Gradient norm: a tensor-parallel-sharded parameter (megatron marks it `tensor_model_parallel`)
-contributes its local squares summed over the TP group; a replicated one (norm weights, biases of
-row-parallel layers, positions) counts once, as in megatron's `get_grad_norm_fp32`.
+contributes its local squares summed over the TP and PP groups; a replicated one (norm weights,
+biases of row-parallel layers, positions) counts once and the tied output copy (`shared`) not at
+all, as in megatron's `get_grad_norm_fp32`.
 """
 from __future__ import annotations
 
@@ -48,15 +52,13 @@ def grad_norm_and_clip(params: Iterable[torch.nn.Parameter], max_norm: float) ->
     from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
     params = [p for p in params if p.grad is not None]
-    if not params:
-        return 0.0
     # a sharded parameter counts on every TP rank (its shards), a replicated one on TP rank 0 only
     sq = torch.zeros((), dtype=torch.float64)
     for p in params:
-        if param_is_not_tensor_parallel_duplicate(p):
+        if param_is_not_tensor_parallel_duplicate(p) and not getattr(p, "shared", False):
             sq += p.grad.detach().double().pow(2).sum()
-    if ps.get_tensor_model_parallel_world_size() > 1:
-        dist.all_reduce(sq, group=ps.get_tensor_model_parallel_group())
+    if ps.get_model_parallel_group().size() > 1:  # TP x PP
+        dist.all_reduce(sq, group=ps.get_model_parallel_group())
     total = math.sqrt(float(sq))
     if max_norm > 0:
         coef = max_norm / (total + 1e-6)
@@ -64,3 +66,16 @@ def grad_norm_and_clip(params: Iterable[torch.nn.Parameter], max_norm: float) ->
             for p in params:
                 p.grad.detach().mul_(coef)
     return total
+
+
+def allreduce_tied_embedding_grads(model) -> None:
+    """Sum the embedding's and the output copy's gradients (tied embeddings, PP > 1)."""
+    from megatron.core import parallel_state as ps
+
+    if (ps.get_pipeline_model_parallel_world_size() == 1 or not model.mcfg.tie_embeddings
+            or not ps.is_rank_in_embedding_group()):
+        return
+    weight = model.embedding.weight if model.pre_process else model.output_layer.weight
+    if weight.grad is None:
+        weight.grad = torch.zeros_like(weight)
+    dist.all_reduce(weight.grad, group=ps.get_embedding_group())

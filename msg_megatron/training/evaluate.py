@@ -10,8 +10,11 @@ import torch
 def validation_loss(model, windows, micro_batch_size: int, iters: int) -> Optional[float]:
     if windows is None:
         return None
+    from .microbatches import run_microbatches
+
     was_training = model.training
     model.eval()
-    losses = [float(model(b[:, :-1], b[:, 1:]).mean()) for b in windows.sequential(micro_batch_size, iters)]
+    batches = list(windows.sequential(micro_batch_size, iters))
+    total = run_microbatches(model, batches, forward_only=True)  # every pipeline stage takes part
     model.train(was_training)
-    return sum(losses) / len(losses) if losses else None
+    return total / len(batches) if batches else None

@@ -24,9 +24,10 @@ from ..growth.operators import grow_model
 from ..growth.optimizer_state import grow_optimizer
 from ..model import build_model, count_parameters, update_masks
 from ..parallel import barrier, initialize_parallel, is_logging_rank
-from ..parallel.grads import allreduce_data_parallel_grads, grad_norm_and_clip
+from ..parallel.grads import allreduce_data_parallel_grads, allreduce_tied_embedding_grads, grad_norm_and_clip
 from .evaluate import validation_loss
 from .flops import device_peak_tflops, flops_per_token
+from .microbatches import run_microbatches
 from .metrics import MetricsLogger
 from .optimizer import build_optimizer
 from .schedule import LRSchedule
@@ -103,16 +104,15 @@ class Trainer:
             group["lr"] = lr
         n_micro = t.global_batch_size // t.micro_batch_size
         local = n_micro // self.dp  # this DP rank's micro-batches: a contiguous block of the batch
-        total = torch.zeros((), dtype=torch.float64)
         start = time.perf_counter()
-        for i in range(local):
-            j = self.dp_rank * local + i
-            batch = self.train_data.batch(self.consumed_samples + j * t.micro_batch_size, t.micro_batch_size)
-            loss = self.model(batch[:, :-1], batch[:, 1:]).mean()
-            (loss / n_micro).backward()  # scaled by the whole batch: the DP sum is the batch mean
-            total += float(loss.detach())
+        batches = [self.train_data.batch(self.consumed_samples + (self.dp_rank * local + i) * t.micro_batch_size,
+                                         t.micro_batch_size) for i in range(local)]
+        # each micro-batch's loss scaled by 1/(micro-batches in the whole batch): the DP sum is the batch mean
+        total = torch.tensor(run_microbatches(self.model, batches, forward_only=False, loss_scale=local / n_micro),
+                             dtype=torch.float64)
         params = [p for p in self.model.parameters() if p.requires_grad]
         allreduce_data_parallel_grads(params)
+        allreduce_tied_embedding_grads(self.model)
         if self.dp > 1:
             from megatron.core import parallel_state as ps
 
@@ -146,7 +146,9 @@ class Trainer:
     def probe_loss(self) -> float:
         """Loss on one fixed batch; equal before and after an MSG growth (function preservation)."""
         self.model.eval()
-        return float(self.model(self._probe[:, :-1], self._probe[:, 1:]).mean())
+        loss = run_microbatches(self.model, [self._probe], forward_only=True)
+        self.model.train()
+        return loss
 
     # ---- checkpoints ---------------------------------------------------------------------
     def state(self) -> dict:

@@ -1,0 +1,50 @@
+"""Forward (and backward) over a list of micro-batches with megatron's schedules.
+
+One code path for every layout: megatron-core's `get_forward_backward_func()` picks the
+no-pipelining schedule at PP = 1 and 1F1B (`forward_backward_pipelining_without_interleaving`) at
+PP > 1; activations travel between stages as [seq, batch, hidden] float32 tensors.
+
+The loss of each micro-batch is the mean per-token loss. The schedule divides it by the number of
+micro-batches it runs; `loss_scale` rescales so the backward sums to the single-process gradient
+(train step: local micro-batches / micro-batches in the whole global batch). The returned value is
+the sum of the micro-batch mean losses, on every rank (it only exists on the last stage, which
+shares it with the others over the pipeline group).
+"""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+import torch.distributed as dist
+
+
+def run_microbatches(model, batches: List[torch.Tensor], *, forward_only: bool, loss_scale: float = 1.0) -> float:
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    if not batches:
+        return 0.0
+    micro, seq_plus_one = batches[0].shape
+
+    def forward_step(data_iterator, module):
+        batch = next(data_iterator)
+        out = module(batch[:, :-1], batch[:, 1:])  # per-token losses on the last stage, else hidden
+
+        def loss_func(per_token: torch.Tensor):
+            loss = per_token.float().mean()
+            return loss * loss_scale, {"loss": loss.detach()}
+
+        return out, loss_func
+
+    with torch.set_grad_enabled(not forward_only):
+        store = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter(batches), model=model,
+            num_microbatches=len(batches), seq_length=seq_plus_one - 1, micro_batch_size=micro,
+            forward_only=forward_only)
+    total = torch.zeros((), dtype=torch.float64)
+    if ps.is_pipeline_last_stage():
+        for rec in store:
+            total += float(rec["loss"])
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        dist.all_reduce(total, group=ps.get_pipeline_model_parallel_group())
+    return float(total)
