@@ -18,6 +18,7 @@ def main():
     from msg_megatron.parallel.gather import canonical_state_dict
 
     initialize_parallel(tp, 1)
+    from megatron.core import parallel_state as ps
     mcfg = ModelConfig(**spec["model"])
     old, new = Shape(*spec["old"]), Shape(*spec["new"])
     model = build_model(mcfg, old, seed=spec.get("seed", 7))
@@ -32,6 +33,12 @@ def main():
         after = grown(tokens[:, :-1], tokens[:, 1:]).mean().item()
         logits_after = grown(tokens[:, :-1])
     sd_after = canonical_state_dict(grown)
+    # every rank's own local tensors, for the cross-rank RNG checks
+    local = {k: v for k, v in grown.state_dict().items() if not k.endswith("_extra_state")}
+    torch.save({"tp_rank": ps.get_tensor_model_parallel_rank(), "dp_rank": ps.get_data_parallel_rank(),
+                "local": local, "sharded": sorted(n for n, p in grown.named_parameters()
+                                                  if getattr(p, "tensor_model_parallel", False))},
+               f"{out}.rank{torch.distributed.get_rank()}")
     if torch.distributed.get_rank() == 0:
         torch.save({"before": before, "after": after, "logits_before": logits_before, "logits_after": logits_after,
                     "sd_before": sd_before, "sd_after": sd_after, "tokens": tokens}, out)

@@ -64,6 +64,32 @@ def test_tp2_growth_equals_single_rank_growth(tmp_path, arch):
     torch.testing.assert_close(b["logits_after"], a["logits_after"], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.timeout(300)
+def test_new_weights_across_ranks(tmp_path):
+    """New replicated tensors are identical on the TP ranks, new sharded ones differ per TP rank,
+    and everything is identical across DP ranks (TP=2 x DP=2, growth in every dimension)."""
+    spec = {"model": MODELS["gpt2"], "old": [32, 64, 2, 2], "new": [48, 96, 4, 3], "init_std": 1.0}
+    out = tmp_path / "w.pt"
+    r = torchrun(4, ["tests/parallel_worker.py", str(out), "2", json.dumps(spec)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [torch.load(f"{out}.rank{i}") for i in range(4)]
+    by = {(x["tp_rank"], x["dp_rank"]): x for x in ranks}
+    assert sorted(by) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    sharded = set(by[(0, 0)]["sharded"])
+    assert "layers.2.mlp.linear_fc1.weight" in sharded and "layers.2.input_norm.weight" not in sharded
+    for name, t in by[(0, 0)]["local"].items():
+        for tp in (0, 1):  # DP replicas hold identical tensors
+            assert torch.equal(by[(tp, 0)]["local"][name], by[(tp, 1)]["local"][name]), name
+        other = by[(1, 0)]["local"][name]
+        if name in sharded and name.endswith(".weight"):  # (new biases are zeros everywhere)
+            assert not torch.equal(t, other), name  # different shards of the new weights
+        elif name not in sharded and not name.endswith(("_mask", "_birth", "_ids")):
+            assert torch.equal(t, other), name  # replicated: the same everywhere
+    # the freshly grown replicated tensors really are new random values (not zeros/ones)
+    pos = by[(0, 0)]["local"]["position_embeddings.weight"]
+    assert pos[:, 32:].abs().sum() > 0
+
+
 TRAIN = ["model.vocab_size=512", "model.seq_length=32", "model.kv_channels=8", "growth.ramp_steps=3",
          "train.steps=8", "train.global_batch_size=4", "train.micro_batch_size=1", "train.lr=3e-3",
          "train.warmup_steps=2", "train.log_interval=1", "train.eval_interval=0", "data.corpus_mb=0.3",
