@@ -120,6 +120,8 @@ class ParallelConfig:
 class TrainConfig:
     steps: int = 100
     """Total optimizer steps."""
+    precision: str = "fp32"
+    """`fp32`, or `bf16`: matmuls under bf16 autocast (parameters, optimizer, norms and loss stay fp32)."""
     global_batch_size: int = 8
     """Sequences per optimizer step."""
     micro_batch_size: int = 8
@@ -161,7 +163,8 @@ class TrainConfig:
 @dataclass
 class DataConfig:
     corpus: str = "embedded"
-    """`embedded` (Python stdlib sources + pydoc topics, built locally) or a prefix from msg-preprocess."""
+    """`embedded` (Python stdlib sources + pydoc topics, built locally), `synthetic` (uniformly random
+    tokens: throughput benchmarks, like megatron's --mock-data) or a directory from msg-preprocess."""
     corpus_mb: float = 4.0
     """Megabytes of embedded text to use."""
     valid_fraction: float = 0.02
@@ -353,6 +356,7 @@ def validate(cfg: Config) -> None:
     _choice(g.init, ["normal", "zeros", "copy"], "growth.init")
     _choice(g.depth_init, ["interpolate", "stack", "random"], "growth.depth_init")
     _choice(t.decay_style, ["cosine", "linear", "constant"], "train.decay_style")
+    _choice(t.precision, ["fp32", "bf16"], "train.precision")
     _choice(cfg.logging.wandb, ["auto", "offline", "online", "disabled"], "logging.wandb")
     for name in ("vocab_size", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_layers",
                  "seq_length", "make_vocab_size_divisible_by"):

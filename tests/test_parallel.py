@@ -91,7 +91,7 @@ def test_new_weights_across_ranks(tmp_path):
 
 
 TRAIN = ["model.vocab_size=512", "model.seq_length=32", "model.kv_channels=8", "growth.ramp_steps=3",
-         "train.steps=8", "train.global_batch_size=4", "train.micro_batch_size=1", "train.lr=3e-3",
+         "train.steps=8", "train.global_batch_size=8", "train.micro_batch_size=2", "train.lr=3e-3",
          "train.warmup_steps=2", "train.log_interval=1", "train.eval_interval=0", "data.corpus_mb=0.3",
          "data.valid_fraction=0.05", "logging.wandb=disabled"]
 

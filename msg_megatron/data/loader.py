@@ -52,3 +52,23 @@ class TokenWindows:
                                            (b * size + k + 1) * self.seq_length + 1], dtype=np.int64)
                     for k in range(size)]
             yield torch.from_numpy(np.stack(rows))
+
+
+class SyntheticWindows:
+    """Uniformly random tokens with the TokenWindows interface (`data.corpus=synthetic`): sample i
+    is drawn from its own seeded generator, so batches are reproducible and resumable. For
+    throughput and MFU benchmarks (megatron's --mock-data); the loss cannot fall below ln(vocab)."""
+
+    def __init__(self, vocab_size: int, seq_length: int, seed: int = 1234, num_samples: int = 1 << 30):
+        self.vocab_size, self.seq_length, self.seed, self.num_samples = vocab_size, seq_length, seed, num_samples
+
+    def window(self, sample: int) -> np.ndarray:
+        rng = np.random.default_rng((self.seed, sample))
+        return rng.integers(0, self.vocab_size, self.seq_length + 1, dtype=np.int64)
+
+    def batch(self, first_sample: int, size: int) -> torch.Tensor:
+        return torch.from_numpy(np.stack([self.window(first_sample + k) for k in range(size)]))
+
+    def sequential(self, size: int, max_batches: int):
+        for b in range(max_batches):
+            yield self.batch(self.num_samples + b * size, size)  # disjoint from training samples

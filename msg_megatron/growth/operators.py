@@ -99,21 +99,22 @@ def grow_tensor(name: str, old: torch.Tensor, plans: List[Optional[AxisPlan]], i
     new_shape = tuple(p.new_local if p is not None else old.shape[i] for i, p in enumerate(plans))
     if new_shape == tuple(old.shape):
         return old.clone()
+    dev = old.device  # new values are drawn on the CPU (layout-independent streams), then moved
     if name.endswith("_mask"):
-        new = torch.zeros(new_shape, dtype=old.dtype)  # eq. 10: new entries start masked
+        new = torch.zeros(new_shape, dtype=old.dtype, device=dev)  # eq. 10: new entries start masked
     elif name.endswith("_birth"):
-        new = torch.full(new_shape, float(step), dtype=old.dtype)
+        new = torch.full(new_shape, float(step), dtype=old.dtype, device=dev)
     elif name.endswith("_ids"):
-        return plans[0].new_ids.clone()
+        return plans[0].new_ids.to(dev)
     elif init is None:  # copy: every new entry replicates its source unit (Net2Net's map, no split)
         new = old
         for dim, p in enumerate(plans):
             if p is not None:
-                new = new.index_select(dim, p.source)
+                new = new.index_select(dim, p.source.to(dev))
         return new.clone()
     else:
-        new = draw_new(name, plans, new_shape, init, gen_for).to(old.dtype)
-    index = [p.old_pos if p is not None else torch.arange(old.shape[i]) for i, p in enumerate(plans)]
+        new = draw_new(name, plans, new_shape, init, gen_for).to(device=dev, dtype=old.dtype)
+    index = [(p.old_pos if p is not None else torch.arange(old.shape[i])).to(dev) for i, p in enumerate(plans)]
     if len(index) == 1:
         new[index[0]] = old
     else:
@@ -161,7 +162,9 @@ def grow_model(model: MaskedGPT, new_shape: Shape, *, step: int, init: Union[str
         raise ValueError("init=copy needs tensor parallel size 1: a copied unit may live on another rank")
     old_sd = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
 
-    new_model = MaskedGPT(mcfg, new_shape, perform_init=False)
+    from ..parallel.setup import device
+
+    new_model = MaskedGPT(mcfg, new_shape, perform_init=False).to(device())
     if new_shape.layers != old_shape.layers and new_model.layer_offset and depth_init != "interpolate":
         raise ValueError(f"depth_init={depth_init} under pipeline parallelism would move layers between stages; "
                          "use interpolate (copies stay on their source's stage)")

@@ -128,8 +128,10 @@ class MaskedGPT(MegatronModule):
     def rope(self, seq_len: int):
         if self.mcfg.position_embedding != "rope":
             return None
-        if self._rope is None or self._rope[0].shape[0] < seq_len:
-            self._rope = rope_cos_sin(max(seq_len, self.mcfg.seq_length), self.mcfg.head_dim, self.mcfg.rotary_base)
+        dev = self.layers[0].input_norm.weight.device if len(self.layers) else torch.device("cpu")
+        if self._rope is None or self._rope[0].shape[0] < seq_len or self._rope[0].device != dev:
+            cos, sin = rope_cos_sin(max(seq_len, self.mcfg.seq_length), self.mcfg.head_dim, self.mcfg.rotary_base)
+            self._rope = cos.to(dev), sin.to(dev)
         return self._rope
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor = None) -> torch.Tensor:
@@ -140,7 +142,7 @@ class MaskedGPT(MegatronModule):
             raise ValueError(f"sequence of {s} tokens is longer than model.seq_length={self.mcfg.seq_length}")
         hmask = active_mask(self, "hidden")
         if self.pre_process:
-            x = self.embedding(tokens).transpose(0, 1)  # [s, b, h]
+            x = self.embedding(tokens).transpose(0, 1).contiguous()  # [s, b, h]; p2p sends need contiguous
             if self.mcfg.position_embedding == "learned":
                 x = x + self.position_embeddings(torch.arange(s, device=tokens.device))[:, None, :]
             if hmask is not None:
@@ -151,7 +153,7 @@ class MaskedGPT(MegatronModule):
         for layer in self.layers:
             x = layer(x, hmask, rope)
         if not self.post_process:
-            return x
+            return x.contiguous()
         x = self.final_norm(x, hmask)
         weight = self.embedding.weight if (self.mcfg.tie_embeddings and self.pre_process) else None
         logits, _ = self.output_layer(x, weight=weight)  # [s, b, v]
@@ -227,7 +229,9 @@ def sync_tied_output(model: "MaskedGPT") -> None:
 
 
 def build_model(mcfg: ModelConfig, shape: Shape, seed: int = 1234, perform_init: bool = True) -> MaskedGPT:
-    model = MaskedGPT(mcfg, shape, perform_init, seed=seed)
+    from ..parallel.setup import device
+
+    model = MaskedGPT(mcfg, shape, perform_init, seed=seed).to(device())
     if perform_init:
         sync_tied_output(model)
     return model
@@ -241,8 +245,10 @@ def count_parameters(model: nn.Module) -> int:
 
     if not ps.model_parallel_is_initialized() or ps.get_model_parallel_group().size() == 1:
         return sum(p.numel() for p in model.parameters())
+    from ..parallel.setup import device
+
     n = torch.tensor(sum(p.numel() for p in model.parameters()
                          if param_is_not_tensor_parallel_duplicate(p) and not getattr(p, "shared", False)),
-                     dtype=torch.float64)
+                     dtype=torch.float64, device=device())
     torch.distributed.all_reduce(n, group=ps.get_model_parallel_group())
     return int(n)

@@ -53,10 +53,12 @@ def grad_norm_and_clip(params: Iterable[torch.nn.Parameter], max_norm: float) ->
 
     params = [p for p in params if p.grad is not None]
     # a sharded parameter counts on every TP rank (its shards), a replicated one on TP rank 0 only
-    sq = torch.zeros((), dtype=torch.float64)
+    from .setup import device
+
+    sq = torch.zeros((), dtype=torch.float64, device=device())
     for p in params:
         if param_is_not_tensor_parallel_duplicate(p) and not getattr(p, "shared", False):
-            sq += p.grad.detach().double().pow(2).sum()
+            sq += p.grad.detach().double().pow(2).sum()  # stays on the device: no sync per tensor
     if ps.get_model_parallel_group().size() > 1:  # TP x PP
         dist.all_reduce(sq, group=ps.get_model_parallel_group())
     total = math.sqrt(float(sq))

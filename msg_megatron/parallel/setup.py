@@ -49,6 +49,11 @@ def initialize_parallel(tensor: int = 1, pipeline: int = 1, seed: int = 1234) ->
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
+def device() -> torch.device:
+    """Where model, data and collective buffers live: this process's GPU (NCCL), else the CPU (gloo)."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def is_logging_rank() -> bool:
     """The one rank that writes logs and metrics (global rank 0: TP rank 0, DP rank 0; with PP=1
     it is also on the last pipeline stage, where the loss is)."""

@@ -18,17 +18,23 @@ import torch
 import torch.distributed as dist
 
 
-def run_microbatches(model, batches: List[torch.Tensor], *, forward_only: bool, loss_scale: float = 1.0) -> float:
+def run_microbatches(model, batches: List[torch.Tensor], *, forward_only: bool, loss_scale: float = 1.0,
+                     bf16: bool = False) -> float:
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from ..parallel import device
 
     if not batches:
         return 0.0
     micro, seq_plus_one = batches[0].shape
+    dev = device()
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16)
 
     def forward_step(data_iterator, module):
-        batch = next(data_iterator)
-        out = module(batch[:, :-1], batch[:, 1:])  # per-token losses on the last stage, else hidden
+        batch = next(data_iterator).to(dev, non_blocking=True)
+        with autocast:  # bf16: matmuls in bf16, parameters, norms, residual stream and loss in fp32
+            out = module(batch[:, :-1], batch[:, 1:])  # per-token losses on the last stage, else hidden
 
         def loss_func(per_token: torch.Tensor):
             loss = per_token.float().mean()
@@ -41,10 +47,10 @@ def run_microbatches(model, batches: List[torch.Tensor], *, forward_only: bool, 
             forward_step_func=forward_step, data_iterator=iter(batches), model=model,
             num_microbatches=len(batches), seq_length=seq_plus_one - 1, micro_batch_size=micro,
             forward_only=forward_only)
-    total = torch.zeros((), dtype=torch.float64)
+    total = torch.zeros((), dtype=torch.float64, device=dev)
     if ps.is_pipeline_last_stage():
         for rec in store:
-            total += float(rec["loss"])
+            total += rec["loss"].double()
     if ps.get_pipeline_model_parallel_world_size() > 1:
         dist.all_reduce(total, group=ps.get_pipeline_model_parallel_group())
-    return float(total)
+    return float(total)  # the one host sync of the step

@@ -18,12 +18,12 @@ import torch
 
 from ..checkpoint.dist import CheckpointError, load_checkpoint, read_meta, save_checkpoint
 from ..config import Config, ConfigError, Shape
-from ..data import TokenWindows, resolve_data_dir
+from ..data import SyntheticWindows, TokenWindows, resolve_data_dir
 from ..growth.axes import GrowthPlan
 from ..growth.operators import grow_model
 from ..growth.optimizer_state import grow_optimizer
 from ..model import build_model, count_parameters, update_masks
-from ..parallel import barrier, initialize_parallel, is_logging_rank
+from ..parallel import barrier, device, initialize_parallel, is_logging_rank
 from ..parallel.grads import allreduce_data_parallel_grads, allreduce_tied_embedding_grads, grad_norm_and_clip
 from .evaluate import validation_loss
 from .flops import device_peak_tflops, flops_per_token
@@ -52,16 +52,21 @@ class Trainer:
                 f"multiple of micro_batch_size x {self.dp} = {t.micro_batch_size * self.dp}.")
         self.metrics = MetricsLogger(cfg.logging.run_dir, cfg.logging.wandb, cfg.logging.project,
                                      cfg.logging.name, cfg.to_dict(), enabled=log_enabled and is_logging_rank())
-        # rank 0 prepares (or validates) the data first; the others then find it ready
-        if is_logging_rank():
-            self.data_dir, manifest = resolve_data_dir(cfg.data, cfg.model.vocab_size, log=self.metrics.print)
-        barrier()
-        if not is_logging_rank():
-            self.data_dir, manifest = resolve_data_dir(cfg.data, cfg.model.vocab_size, log=lambda *_: None)
         seq = cfg.model.seq_length
-        self.train_data = TokenWindows(os.path.join(self.data_dir, "train"), seq, t.seed)
-        self.valid_data = (TokenWindows(os.path.join(self.data_dir, "valid"), seq, t.seed)
-                           if manifest["tokens"]["valid"] > seq + 1 else None)
+        if cfg.data.corpus == "synthetic":
+            self.data_dir = ""
+            self.train_data = SyntheticWindows(cfg.model.vocab_size, seq, t.seed)
+            self.valid_data = SyntheticWindows(cfg.model.vocab_size, seq, t.seed)
+        else:
+            # rank 0 prepares (or validates) the data first; the others then find it ready
+            if is_logging_rank():
+                self.data_dir, manifest = resolve_data_dir(cfg.data, cfg.model.vocab_size, log=self.metrics.print)
+            barrier()
+            if not is_logging_rank():
+                self.data_dir, manifest = resolve_data_dir(cfg.data, cfg.model.vocab_size, log=lambda *_: None)
+            self.train_data = TokenWindows(os.path.join(self.data_dir, "train"), seq, t.seed)
+            self.valid_data = (TokenWindows(os.path.join(self.data_dir, "valid"), seq, t.seed)
+                               if manifest["tokens"]["valid"] > seq + 1 else None)
         self.schedule = cfg.schedule()
         reset_steps = [self.schedule[i][0] for i in cfg.growth.lr_reset_stages]
         self.lr_schedule = LRSchedule(t.lr, t.min_lr, t.warmup_steps, t.decay_steps or t.steps, t.decay_style,
@@ -73,6 +78,11 @@ class Trainer:
             self.resume(cfg.checkpoint.load)
         self._probe = self._probe_batch()
         self.peak_tflops = device_peak_tflops()
+        self.bf16 = t.precision == "bf16"
+        if self.bf16 and not torch.cuda.is_available():
+            # megatron's TP linears run their backward under CUDA autocast only
+            raise ConfigError("train.precision=bf16 needs a GPU (bf16 autocast of megatron's linears is CUDA-only); "
+                              "use train.precision=fp32 on CPU.")
 
     # ---- growth --------------------------------------------------------------------------
     def grow(self, stage: int) -> dict:
@@ -108,8 +118,8 @@ class Trainer:
         batches = [self.train_data.batch(self.consumed_samples + (self.dp_rank * local + i) * t.micro_batch_size,
                                          t.micro_batch_size) for i in range(local)]
         # each micro-batch's loss scaled by 1/(micro-batches in the whole batch): the DP sum is the batch mean
-        total = torch.tensor(run_microbatches(self.model, batches, forward_only=False, loss_scale=local / n_micro),
-                             dtype=torch.float64)
+        total = torch.tensor(run_microbatches(self.model, batches, forward_only=False, loss_scale=local / n_micro,
+                                              bf16=self.bf16), dtype=torch.float64, device=device())
         params = [p for p in self.model.parameters() if p.requires_grad]
         allreduce_data_parallel_grads(params)
         allreduce_tied_embedding_grads(self.model)
@@ -136,7 +146,7 @@ class Trainer:
 
     def evaluate(self) -> Optional[float]:
         return validation_loss(self.model, self.valid_data, self.cfg.train.micro_batch_size,
-                               self.cfg.train.eval_iters)
+                               self.cfg.train.eval_iters, bf16=self.bf16)
 
     def _probe_batch(self) -> torch.Tensor:
         data = self.valid_data or self.train_data
@@ -146,7 +156,7 @@ class Trainer:
     def probe_loss(self) -> float:
         """Loss on one fixed batch; equal before and after an MSG growth (function preservation)."""
         self.model.eval()
-        loss = run_microbatches(self.model, [self._probe], forward_only=True)
+        loss = run_microbatches(self.model, [self._probe], forward_only=True, bf16=self.bf16)
         self.model.train()
         return loss
 
@@ -159,7 +169,7 @@ class Trainer:
         if not ck.save:
             return None
         path = save_checkpoint(ck.save, self.model, self.optimizer, self.state(), self.cfg.to_dict(),
-                               os.path.join(self.data_dir, "tokenizer.model"), ck.keep)
+                               os.path.join(self.data_dir, "tokenizer.model") if self.data_dir else "", ck.keep)
         self.metrics.print(f"[save] step {self.step} -> {path}")
         return path
 

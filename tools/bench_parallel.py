@@ -1,0 +1,176 @@
+"""Step time under tensor / pipeline parallelism, side by side, and MFU on one GPU.
+
+    python tools/bench_parallel.py [--steps 12] [--json]        # CPU: (1,1,1), (2,1,1), (1,2,1)
+    python tools/bench_parallel.py --gpu [--steps 30]           # one GPU: ~1B model, bf16, MFU
+
+CPU mode runs the same small fixed-shape config (synthetic tokens, no growth) at each layout under
+torchrun (gloo) and reports the median step time, its ratio to the single-process run, and the
+communication share: the time spent inside torch.distributed calls (collectives, and waits on
+pipeline sends/receives) divided by the training time, measured on every rank by wrapping those
+calls, averaged over ranks. On 2 CPU cores, TP/PP cannot be faster than one process; the figures
+show what the parallel machinery costs.
+
+GPU mode trains a ~1.2B-parameter GPT (hidden 2048, ffn 8192, 16 heads of 128, 24 layers,
+sequence 2048, vocabulary 32768, SwiGLU/RMSNorm/RoPE) in bf16 on synthetic tokens with the real
+trainer, and prints tokens/s, achieved TFLOP/s and MFU (training/flops.py) from its metrics.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+CPU_CONFIG = ["model.vocab_size=2048", "model.hidden_size=256", "model.ffn_hidden_size=1024",
+              "model.num_attention_heads=8", "model.num_layers=4", "model.seq_length=128", "data.corpus=synthetic",
+              "train.global_batch_size=8", "train.micro_batch_size=2", "train.eval_interval=0", "train.eval_iters=1",
+              "train.log_interval=1", "train.warmup_steps=1", "logging.wandb=disabled", "checkpoint.save="]
+GPU_CONFIG = ["model.vocab_size=32768", "model.hidden_size=2048", "model.ffn_hidden_size=8192",
+              "model.num_attention_heads=16", "model.kv_channels=128", "model.num_layers=24",
+              "model.seq_length=2048", "model.norm=rmsnorm", "model.activation=swiglu",
+              "model.position_embedding=rope", "model.tie_embeddings=false", "data.corpus=synthetic",
+              "train.precision=bf16", "train.global_batch_size=16", "train.micro_batch_size=4",
+              "train.eval_interval=0", "train.eval_iters=1", "train.log_interval=1", "train.warmup_steps=2",
+              "logging.wandb=disabled", "checkpoint.save="]
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _install_comm_timer():
+    """Wrap torch.distributed's collectives and p2p calls; returns the accumulator dict."""
+    import torch.distributed as dist
+
+    acc = {"seconds": 0.0}
+
+    def timed(fn):
+        def wrapper(*args, **kwargs):
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            if kwargs.get("async_op"):
+                out = _TimedWork(out, acc)
+            acc["seconds"] += time.perf_counter() - t0
+            return out
+        return wrapper
+
+    def timed_batch(fn):
+        def wrapper(ops):
+            t0 = time.perf_counter()
+            reqs = [_TimedWork(r, acc) for r in fn(ops)]
+            acc["seconds"] += time.perf_counter() - t0
+            return reqs
+        return wrapper
+
+    for name in ("all_reduce", "all_gather", "all_gather_into_tensor", "_all_gather_base", "reduce_scatter_tensor",
+                 "_reduce_scatter_base", "broadcast", "barrier", "send", "recv"):
+        if hasattr(dist, name):
+            setattr(dist, name, timed(getattr(dist, name)))
+    dist.batch_isend_irecv = timed_batch(dist.batch_isend_irecv)
+    return acc
+
+
+class _TimedWork:
+    def __init__(self, work, acc):
+        self.work, self.acc = work, acc
+
+    def wait(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        out = self.work.wait(*args, **kwargs)
+        self.acc["seconds"] += time.perf_counter() - t0
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self.work, name)
+
+
+def worker(config_overrides, out_path):
+    import torch.distributed as dist
+
+    acc = _install_comm_timer()
+    from msg_megatron.config import load_config
+    from msg_megatron.training.trainer import Trainer
+
+    cfg = load_config(None, config_overrides)
+    trainer = Trainer(cfg)
+    acc["seconds"] = 0.0  # setup collectives are not part of training
+    times = []
+    while trainer.step < cfg.train.steps:
+        rec = trainer.train_step()
+        times.append(rec["step_time"])
+        trainer.step += 1
+        last = rec
+    comm = acc["seconds"]
+    share = comm / sum(times)
+    import torch
+
+    t = torch.tensor([share], dtype=torch.float64, device="cuda" if torch.cuda.is_available() else "cpu")
+    dist.all_reduce(t)
+    if dist.get_rank() == 0:
+        skip = min(2, len(times) - 1)  # warm-up steps
+        with open(out_path, "w") as f:
+            json.dump({"median_step_s": statistics.median(times[skip:]), "comm_share": float(t) / dist.get_world_size(),
+                       "tokens_per_s": last["tokens_per_s"], "tflops_per_gpu": last["tflops_per_gpu"],
+                       "mfu": last.get("mfu"), "world": dist.get_world_size()}, f)
+
+
+def run_layout(tp, pp, steps, overrides, tmp):
+    out = os.path.join(tmp, f"tp{tp}pp{pp}.json")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(tp * pp), "--master_port",
+           str(_port()), os.path.abspath(__file__), "--worker", out, "--"] + overrides + [
+        f"parallel.tensor={tp}", f"parallel.pipeline={pp}", f"train.steps={steps}", f"logging.run_dir={tmp}/run{tp}{pp}"]
+    env = dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    if r.returncode:
+        raise SystemExit(f"layout TP={tp} PP={pp} failed:\n{r.stderr[-3000:]}")
+    with open(out) as f:
+        return json.load(f)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--gpu", action="store_true")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+    if args.worker:
+        return worker(args.overrides, args.worker)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                            text=True).stdout.strip()
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.gpu:
+            res = run_layout(1, 1, args.steps or 30, GPU_CONFIG + args.overrides, tmp)
+            if args.json:
+                print(json.dumps({"commit": commit, "gpu": res}))
+                return
+            mfu = f"{res['mfu']:.1%}" if res["mfu"] is not None else "n/a (GPU not in the peak table)"
+            print(f"~1.2B GPT, bf16, one GPU, commit {commit}: {res['tokens_per_s']:.0f} tokens/s, "
+                  f"{res['tflops_per_gpu']:.0f} TFLOP/s, MFU {mfu}, median step {res['median_step_s']:.3f} s")
+            return
+        layouts = [(1, 1), (2, 1), (1, 2)]
+        results = {f"tp{tp}pp{pp}": run_layout(tp, pp, args.steps or 12, CPU_CONFIG + args.overrides, tmp)
+                   for tp, pp in layouts}
+    base = results["tp1pp1"]["median_step_s"]
+    if args.json:
+        print(json.dumps({"commit": commit, "cpu": results}))
+        return
+    print(f"CPU, gloo, fixed shape (256, 1024, 8, 4), seq 128, batch 8, commit {commit}")
+    print(f"{'layout':10s} {'processes':>9s} {'step (s)':>9s} {'vs 1x1':>7s} {'comm share':>11s}")
+    for name, r in results.items():
+        print(f"{name:10s} {r['world']:9d} {r['median_step_s']:9.3f} {r['median_step_s'] / base:6.2f}x "
+              f"{r['comm_share']:10.1%}")
+
+
+if __name__ == "__main__":
+    main()
