@@ -102,7 +102,7 @@ class GrowthPlan:
         self.gated = model.mcfg.activation == "swiglu"
         self.vocab = model.vocab_padded
         sd = model.state_dict()
-        self.ids = {i: (sd[f"layers.{i}.self_attention.head_ids"], sd[f"layers.{i}.mlp.ffn_ids"])
+        self.ids = {i: (sd[f"layers.{i}.self_attention.head_ids"].cpu(), sd[f"layers.{i}.mlp.ffn_ids"].cpu())
                     for i in range(model.local_layers)}
         self._cache: Dict[tuple, Optional[AxisPlan]] = {}
 
