@@ -10,7 +10,7 @@ pipeline sends/receives) divided by the training time, measured on every rank by
 calls, averaged over ranks. On 2 CPU cores, TP/PP cannot be faster than one process; the figures
 show what the parallel machinery costs.
 
-GPU mode trains a ~1.2B-parameter GPT (hidden 2048, ffn 8192, 16 heads of 128, 24 layers,
+GPU mode trains a ~1.7B-parameter GPT (hidden 2048, ffn 8192, 16 heads of 128, 24 layers,
 sequence 2048, vocabulary 32768, SwiGLU/RMSNorm/RoPE) in bf16 on synthetic tokens with the real
 trainer, and prints tokens/s, achieved TFLOP/s and MFU (training/flops.py) from its metrics.
 """
@@ -155,7 +155,7 @@ def main():
                 print(json.dumps({"commit": commit, "gpu": res}))
                 return
             mfu = f"{res['mfu']:.1%}" if res["mfu"] is not None else "n/a (GPU not in the peak table)"
-            print(f"~1.2B GPT, bf16, one GPU, commit {commit}: {res['tokens_per_s']:.0f} tokens/s, "
+            print(f"~1.7B GPT, bf16, one GPU, commit {commit}: {res['tokens_per_s']:.0f} tokens/s, "
                   f"{res['tflops_per_gpu']:.0f} TFLOP/s, MFU {mfu}, median step {res['median_step_s']:.3f} s")
             return
         layouts = [(1, 1), (2, 1), (1, 2)]
