@@ -180,9 +180,14 @@ class CheckpointConfig:
     save: str = ""
     """Directory to save checkpoints into (empty: no checkpoints)."""
     load: str = ""
-    """Checkpoint directory to resume from (a step directory or a save dir with `latest`)."""
+    """Checkpoint to resume from: a step directory, a save dir (its `latest`), or `auto`: the newest
+    complete checkpoint in `save` if there is one (an incomplete or corrupt newer one is skipped and
+    reported), else start from scratch. The setting for jobs that may be preempted and requeued."""
     keep: int = 3
     """How many step checkpoints to keep in `save`."""
+    verify: str = "size"
+    """Checks on load against the manifest: `size` (every file present with its size) or `full`
+    (also each file's CRC-32: reads the whole checkpoint once more)."""
 
 
 @dataclass
@@ -357,6 +362,9 @@ def validate(cfg: Config) -> None:
     _choice(g.depth_init, ["interpolate", "stack", "random"], "growth.depth_init")
     _choice(t.decay_style, ["cosine", "linear", "constant"], "train.decay_style")
     _choice(t.precision, ["fp32", "bf16"], "train.precision")
+    _choice(cfg.checkpoint.verify, ["size", "full"], "checkpoint.verify")
+    if cfg.checkpoint.load == "auto" and not cfg.checkpoint.save:
+        raise ConfigError("checkpoint.load=auto resumes from checkpoint.save, which is empty; set checkpoint.save.")
     _choice(cfg.logging.wandb, ["auto", "offline", "online", "disabled"], "logging.wandb")
     for name in ("vocab_size", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_layers",
                  "seq_length", "make_vocab_size_divisible_by"):

@@ -17,9 +17,11 @@ def _main(argv) -> int:
     cfg = load_config(args.config, args.overrides)
     from .training.trainer import Trainer
 
+    from .training.trainer import PREEMPTED_EXIT
+
     result = Trainer(cfg).run()
     print(json.dumps({"final": result}))
-    return 0
+    return PREEMPTED_EXIT if result.get("preempted") else 0
 
 
 def main(argv=None) -> None:

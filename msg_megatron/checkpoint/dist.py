@@ -2,10 +2,12 @@
 another layout), written atomically.
 
 A save directory holds step directories and a `latest` marker:
-    SAVE/step_000120/          dist_checkpointing files + msg_meta.json + tokenizer.model
+    SAVE/step_000120/          dist_checkpointing files + msg_meta.json + tokenizer.model + manifest.json
     SAVE/latest                "step_000120"
-Each step directory is written under `.tmp-step_...` and renamed when complete; `latest` is
-replaced by an atomic rename afterwards. `msg_meta.json` (plain JSON: shape, step, config, version)
+Each step directory is written under `.tmp-step_...`; when every rank has finished, the files'
+sizes and CRC-32s (computed in parallel, file i by rank i) go into `manifest.json`, the directory is
+renamed, and `latest` is replaced by an atomic rename. Loading verifies the manifest (sizes always,
+checksums with `full`); `checkpoint.load=auto` falls back to the newest complete step and says so. `msg_meta.json` (plain JSON: shape, step, config, version)
 is read first so the loader can build a model of the right shape before loading tensors.
 """
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch.distributed as dist
 
 from .. import __version__
 from ..config import Shape
+from .manifest import IncompleteCheckpoint, checksum_files, list_files, newest_complete, verify_manifest, write_manifest
 
 META = "msg_meta.json"
 
@@ -28,30 +31,61 @@ class CheckpointError(RuntimeError):
     """A checkpoint that is missing, incomplete or does not fit the request."""
 
 
-def resolve_checkpoint(path: str) -> str:
-    """A step directory from either itself or a save directory with a `latest` marker."""
+def resolve_checkpoint(path: str, full: bool = False, fallback: bool = False, notes: list = None) -> str:
+    """A verified step directory from either itself or a save directory (its `latest` marker).
+
+    `fallback`: if the marked step is incomplete or corrupt (or the marker is missing), use the
+    newest step that verifies and append what was skipped to `notes`; otherwise such a checkpoint
+    is an error that names the bad file.
+    """
+    notes = notes if notes is not None else []
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint `{path}` does not exist")
-    if os.path.exists(os.path.join(path, META)):
+    if os.path.exists(os.path.join(path, META)) or os.path.basename(os.path.normpath(path)).startswith("step_"):
+        try:
+            verify_manifest(path, full)
+        except IncompleteCheckpoint as e:
+            raise CheckpointError(f"checkpoint `{path}` is not usable: {e}; use another step or "
+                                  "checkpoint.load=auto") from None
         return path
     marker = os.path.join(path, "latest")
+    has_steps = any(d.startswith("step_") for d in os.listdir(path))
+    if not os.path.exists(marker) and not has_steps:
+        raise CheckpointError(f"`{path}` is neither a checkpoint (no {META}) nor a save directory (no `latest`, "
+                              "no step_* directories)")
+    problem, step_dir = None, None
     if os.path.exists(marker):
         with open(marker) as f:
             step_dir = os.path.join(path, f.read().strip())
-        if not os.path.exists(os.path.join(step_dir, META)):
-            raise CheckpointError(f"`{marker}` points to `{step_dir}`, which is not a complete checkpoint")
-        return step_dir
-    raise CheckpointError(f"`{path}` is neither a checkpoint (no {META}) nor a save directory (no `latest`)")
+        try:
+            verify_manifest(step_dir, full)
+            return step_dir
+        except IncompleteCheckpoint as e:
+            problem = f"`{marker}` points to `{step_dir}`, which is not usable: {e}"
+    else:
+        problem = f"`{path}` has no `latest` marker (a save was interrupted before updating it)"
+    if not fallback:
+        raise CheckpointError(problem + "; name a complete step_* directory, or use checkpoint.load=auto to "
+                              "fall back to the newest complete one")
+    found, rejected = newest_complete(path, full, skip=step_dir)
+    notes.append(problem)
+    notes += [f"skipped `{d}`: {why}" for d, why in rejected]
+    if found is None:
+        raise CheckpointError(problem + f"; and no other step in `{path}` is complete")
+    notes.append(f"falling back to `{found}`, the newest complete checkpoint")
+    return found
 
 
-def read_meta(path: str) -> dict:
-    step_dir = resolve_checkpoint(path)
+def read_meta(path: str, full: bool = False, fallback: bool = False) -> dict:
+    notes = []
+    step_dir = resolve_checkpoint(path, full, fallback, notes)
     try:
         with open(os.path.join(step_dir, META)) as f:
             meta = json.load(f)
     except json.JSONDecodeError as e:
         raise CheckpointError(f"`{os.path.join(step_dir, META)}` is corrupt ({e}); use another checkpoint") from None
     meta["path"] = step_dir
+    meta["notes"] = notes
     return meta
 
 
@@ -106,6 +140,19 @@ def save_checkpoint(save_dir: str, model, optimizer, state: dict, config: dict, 
             json.dump(meta, f, indent=1)
         if tokenizer_path:
             shutil.copyfile(tokenizer_path, os.path.join(tmp, "tokenizer.model"))
+    # every rank's files are on disk: checksum them in parallel, rank 0 writes the manifest
+    if dist.is_initialized():
+        dist.barrier()
+    files = list_files(tmp)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    mine = checksum_files(tmp, files, dist.get_rank() if dist.is_initialized() else 0, world)
+    parts = [None] * world
+    if world > 1:
+        dist.all_gather_object(parts, mine)
+    else:
+        parts = [mine]
+    if rank0:
+        write_manifest(tmp, {k: v for p in parts for k, v in p.items()})
         if os.path.exists(final):
             shutil.rmtree(final)
         os.rename(tmp, final)
@@ -127,13 +174,13 @@ def _prune(save_dir: str, keep: int) -> None:
         shutil.rmtree(os.path.join(save_dir, d), ignore_errors=True)
 
 
-def load_checkpoint(path: str, model, optimizer=None, expect_shape: Optional[Shape] = None) -> dict:
+def load_checkpoint(path: str, model, optimizer=None, expect_shape: Optional[Shape] = None, full: bool = False) -> dict:
     """Load tensors into `model` (built at the checkpoint's shape) and `optimizer`; return the meta."""
     from megatron.core import dist_checkpointing
 
     from ..model.masks import refresh_active
 
-    meta = read_meta(path)
+    meta = read_meta(path, full=full)
     shape = Shape(*meta["shape"])
     if shape != model.shape or (expect_shape is not None and shape != expect_shape):
         raise CheckpointError(f"checkpoint `{meta['path']}` has shape {shape}, but the model to load into is "

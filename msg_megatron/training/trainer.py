@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import signal
+import threading
 import time
 from typing import Optional
 
@@ -31,6 +33,10 @@ from .microbatches import run_microbatches
 from .metrics import MetricsLogger
 from .optimizer import build_optimizer
 from .schedule import LRSchedule
+
+
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL: saved on SIGTERM/SIGUSR1, resume to continue (launchers requeue on it)
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class Trainer:
@@ -74,8 +80,14 @@ class Trainer:
         self.step, self.stage, self.consumed_samples = 0, 0, 0
         self.model = build_model(cfg.model, self.schedule[0][1], seed=t.seed)
         self.optimizer = build_optimizer(self.model, t)
-        if cfg.checkpoint.load:
-            self.resume(cfg.checkpoint.load)
+        ck = cfg.checkpoint
+        if ck.load == "auto":
+            if os.path.isdir(ck.save) and any(d.startswith("step_") for d in os.listdir(ck.save)):
+                self.resume(ck.save, fallback=True)
+            else:
+                self.metrics.print(f"[resume] checkpoint.load=auto: no checkpoint in `{ck.save}` yet, starting fresh")
+        elif ck.load:
+            self.resume(ck.load)
         self._probe = self._probe_batch()
         self.peak_tflops = device_peak_tflops()
         self.bf16 = t.precision == "bf16"
@@ -171,10 +183,34 @@ class Trainer:
         path = save_checkpoint(ck.save, self.model, self.optimizer, self.state(), self.cfg.to_dict(),
                                os.path.join(self.data_dir, "tokenizer.model") if self.data_dir else "", ck.keep)
         self.metrics.print(f"[save] step {self.step} -> {path}")
+        self._last_saved = self.step
         return path
 
-    def resume(self, path: str) -> None:
-        meta = read_meta(path)
+    # ---- preemption ----------------------------------------------------------------------
+    def _install_signal_handlers(self):
+        """SIGTERM / SIGUSR1 (what SLURM sends before a time limit or preemption) only set a flag:
+        the current step finishes, every rank agrees at the step boundary, a checkpoint is saved and
+        the run ends with PREEMPTED_EXIT."""
+        self._signal = None
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def handler(signum, frame):  # noqa: ARG001
+            self._signal = signum
+
+        return {s: signal.signal(s, handler) for s in PREEMPT_SIGNALS}
+
+    def _preempt_requested(self) -> bool:
+        flag = torch.tensor([1.0 if self._signal else 0.0], device=device())
+        if self.world > 1:  # one rank signalled is enough: all stop at the same step
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def resume(self, path: str, fallback: bool = False) -> None:
+        full = self.cfg.checkpoint.verify == "full"
+        meta = read_meta(path, full=full, fallback=fallback)
+        for note in meta["notes"]:
+            self.metrics.print(f"[resume] {note}")
         saved_model = meta["config"]["model"]
         mine = dataclasses.asdict(self.cfg.model)
         diff = sorted(k for k in mine if saved_model.get(k) != mine[k])
@@ -190,13 +226,22 @@ class Trainer:
                                   f"schedule is {self.schedule[self.stage][1]}; fix growth.stages or the checkpoint")
         self.model = build_model(self.cfg.model, shape, perform_init=False)
         self.optimizer = build_optimizer(self.model, self.cfg.train)
-        load_checkpoint(meta["path"], self.model, self.optimizer)
+        load_checkpoint(meta["path"], self.model, self.optimizer, full=full)
         self.metrics.print(f"[resume] {meta['path']}: step {self.step}, stage {self.stage}, shape {shape}")
 
     # ---- the loop ------------------------------------------------------------------------
     def run(self) -> dict:
         t, g = self.cfg.train, self.cfg.growth
         last_eval = None
+        self._last_saved = None
+        previous = self._install_signal_handlers()
+        try:
+            return self._loop(t, g, last_eval)
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+    def _loop(self, t, g, last_eval) -> dict:
         self.metrics.print(f"[train] shape {self.model.shape}, params {count_parameters(self.model):,}, "
                            f"{len(self.schedule) - 1} growth stage(s), {t.steps} steps")
         while self.step < t.steps:
@@ -219,6 +264,14 @@ class Trainer:
                 last_eval = self._log_eval()
             if t.save_interval and self.step % t.save_interval == 0 and self.step < t.steps:
                 self.save()
+            if self.step < t.steps and self._preempt_requested():
+                name = signal.Signals(self._signal).name if self._signal else "a signal on another rank"
+                self.metrics.print(f"[preempt] {name}: stopping after step {self.step - 1}")
+                if self._last_saved != self.step:
+                    if self.save() is None:
+                        self.metrics.print("[preempt] checkpoint.save is empty: nothing saved")
+                self.metrics.close()
+                return {"step": self.step, "preempted": True, "shape": list(self.model.shape.as_tuple())}
         last_eval = self._log_eval()
         self.save()
         self.metrics.close()

@@ -1,0 +1,93 @@
+"""The manifest of a checkpoint directory: every file's size and CRC-32, written last.
+
+A step directory is complete only if `manifest.json` exists and every file it lists is there with
+its recorded size (always checked on load) and checksum (checked with `full=True`, e.g.
+`checkpoint.verify=full`). The manifest is written inside the temporary directory after all ranks
+finished writing, and the directory is renamed only then, so a kill at any moment leaves either no
+step directory or a complete one; a later truncation or corruption is reported by file name.
+"""
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from typing import Dict, List, Optional
+
+MANIFEST = "manifest.json"
+
+
+class IncompleteCheckpoint(RuntimeError):
+    """A checkpoint directory whose files do not match its manifest (or that has none)."""
+
+
+def _crc32(path: str, chunk: int = 1 << 24) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                return crc
+            crc = zlib.crc32(block, crc)
+
+
+def list_files(root: str) -> List[str]:
+    out = []
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            rel = os.path.relpath(os.path.join(dirpath, name), root)
+            if rel != MANIFEST:
+                out.append(rel)
+    return sorted(out)
+
+
+def checksum_files(root: str, files: List[str], rank: int = 0, world: int = 1) -> Dict[str, dict]:
+    """Size and CRC-32 of this rank's share of `files` (file i is read by rank i % world)."""
+    return {rel: {"bytes": os.path.getsize(os.path.join(root, rel)), "crc32": _crc32(os.path.join(root, rel))}
+            for i, rel in enumerate(files) if i % world == rank}
+
+
+def write_manifest(root: str, entries: Dict[str, dict]) -> None:
+    tmp = os.path.join(root, MANIFEST + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump({"files": entries}, f, indent=0, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(root, MANIFEST))
+
+
+def verify_manifest(root: str, full: bool = False) -> None:
+    """Raise IncompleteCheckpoint naming the first problem: no manifest, a missing file, a size or
+    checksum that differs."""
+    path = os.path.join(root, MANIFEST)
+    if not os.path.exists(path):
+        raise IncompleteCheckpoint(f"`{root}` has no {MANIFEST}: the save did not finish")
+    try:
+        with open(path) as f:
+            entries = json.load(f)["files"]
+    except (json.JSONDecodeError, KeyError) as e:
+        raise IncompleteCheckpoint(f"`{path}` is corrupt ({e})") from None
+    for rel, want in entries.items():
+        file = os.path.join(root, rel)
+        if not os.path.exists(file):
+            raise IncompleteCheckpoint(f"`{file}` is missing (listed in the manifest)")
+        size = os.path.getsize(file)
+        if size != want["bytes"]:
+            raise IncompleteCheckpoint(f"`{file}` has {size} bytes, the manifest says {want['bytes']} (truncated?)")
+        if full and _crc32(file) != want["crc32"]:
+            raise IncompleteCheckpoint(f"`{file}` fails its CRC-32 check (corrupted)")
+
+
+def newest_complete(save_dir: str, full: bool = False, skip: Optional[str] = None):
+    """(newest step directory that verifies, [(rejected dir, reason), ...]) in `save_dir`."""
+    rejected = []
+    steps = sorted((d for d in os.listdir(save_dir) if d.startswith("step_")), reverse=True)
+    for d in steps:
+        root = os.path.join(save_dir, d)
+        if skip and os.path.abspath(root) == os.path.abspath(skip):
+            continue
+        try:
+            verify_manifest(root, full)
+            return root, rejected
+        except IncompleteCheckpoint as e:
+            rejected.append((root, str(e)))
+    return None, rejected
