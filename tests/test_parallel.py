@@ -152,3 +152,36 @@ def test_world_size_not_a_multiple_of_layout_fails_fast(tmp_path, tiny_data):
     r = torchrun(3, ["-m", "msg_megatron.pretrain", str(cfg), "parallel.tensor=2"])
     assert r.returncode != 0
     assert "world size 3" in r.stderr and "parallel.tensor x parallel.pipeline = 2 x 1" in r.stderr, r.stderr[-2000:]
+
+
+# (layout saved, layout resumed, architecture, stages); the checkpoint is taken at step 6, mid-ramp
+RESHARD = {
+    "tp2_to_tp1": ((2, 1), (1, 1), LLAMA, [[32, 64, 2, 2], [32, 128, 4, 2]]),   # interleaved heads, SwiGLU fc1
+    "tp1_to_tp2": ((1, 1), (2, 1), LLAMA, [[32, 64, 2, 2], [32, 128, 4, 2]]),
+    "pp1_to_pp2": ((1, 1), (1, 2), [], [[32, 64, 2, 2], [48, 64, 2, 4]]),        # tied copy from the embedding
+    "dp1_to_dp2": ((1, 1), (1, 1, 2), [], [[32, 64, 2, 2], [48, 64, 2, 3]]),
+}
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("case", sorted(RESHARD))
+def test_resume_under_another_layout(tmp_path, tiny_data, case):
+    saved, resumed, extra, stages = RESHARD[case]
+    cfg = tmp_path / "cfg.yaml"
+    _write_config(cfg, extra, stages)
+
+    def launch(layout, *args):
+        tp, pp = layout[0], layout[1]
+        world = tp * pp * (layout[2] if len(layout) > 2 else 1)
+        return torchrun(world, ["-m", "msg_megatron.pretrain", str(cfg), f"parallel.tensor={tp}",
+                                f"parallel.pipeline={pp}"] + list(args))
+
+    r = launch(saved, f"logging.run_dir={tmp_path}/a", f"checkpoint.save={tmp_path}/ck", "train.save_interval=6")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = launch(resumed, f"logging.run_dir={tmp_path}/b", f"checkpoint.load={tmp_path}/ck/step_000006")
+    assert r.returncode == 0, r.stderr[-3000:]
+    want, _ = _losses(tmp_path / "a")
+    got, _ = _losses(tmp_path / "b")
+    assert sorted(got) == [6, 7]
+    for step in got:
+        assert abs(got[step] - want[step]) <= 1e-5 * abs(want[step]), (step, got[step], want[step])

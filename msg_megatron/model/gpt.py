@@ -172,11 +172,11 @@ class MaskedGPT(MegatronModule):
                                                      sharded_state_dict_default)
 
         metadata = ensure_metadata_has_dp_cp_group(metadata)
+        tp_group = ps.get_tensor_model_parallel_group()
         own = {}
         self._save_to_state_dict(own, "", keep_vars=True)
         out = make_sharded_tensors_for_checkpoint(own, prefix, sharded_offsets=sharded_offsets,
-                                                  dp_cp_group=metadata["dp_cp_group"],
-                                                  tp_group=ps.get_tensor_model_parallel_group())
+                                                  dp_cp_group=metadata["dp_cp_group"], tp_group=tp_group)
         pp_rank, _ = pp_rank_size()
         for sh in out.values():
             sh.replica_id = (pp_rank,) + tuple(sh.replica_id[1:])
@@ -184,11 +184,12 @@ class MaskedGPT(MegatronModule):
             if name == "layers":
                 for i, layer in enumerate(self.layers):
                     local, glob = f"{prefix}layers.{i}.", f"{prefix}layers.{self.layer_offset + i}."
-                    lsd = sharded_state_dict_default(layer, local, sharded_offsets, metadata)
+                    lsd = sharded_state_dict_default(layer, local, sharded_offsets, metadata, tp_group=tp_group)
                     replace_prefix_for_sharding(lsd, local, glob)
                     out.update(lsd)
                 continue
-            sub = sharded_state_dict_default(child, f"{prefix}{name}.", sharded_offsets, metadata)
+            # tp_group: a replicated tensor (final norm) must be a replica on TP ranks > 0
+            sub = sharded_state_dict_default(child, f"{prefix}{name}.", sharded_offsets, metadata, tp_group=tp_group)
             if name == "output_layer" and self.shared_output_copy():
                 for sh in sub.values():
                     if hasattr(sh, "key") and sh.key == f"{prefix}output_layer.weight":

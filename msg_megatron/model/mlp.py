@@ -63,8 +63,17 @@ class MaskedMLP(MegatronModule):
         register_unit_ids(self, "ffn", rank * local + torch.arange(local))
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
-        return sharded_state_dict_tp_buffers(self, prefix, sharded_offsets, metadata,
-                                             {"ffn_mask": 0, "ffn_birth": 0, "ffn_ids": 0})
+        sd = sharded_state_dict_tp_buffers(self, prefix, sharded_offsets, metadata,
+                                           {"ffn_mask": 0, "ffn_birth": 0, "ffn_ids": 0})
+        if self.gated:
+            # each TP rank holds [gate_r; up_r]: save gate and up as two tensors, each sharded over TP,
+            # so the checkpoint reloads under another TP degree (megatron's own SwiGLU factory)
+            from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+
+            for key in (f"{prefix}linear_fc1.weight", f"{prefix}linear_fc1.bias"):
+                if key in sd:
+                    sd[key] = apply_swiglu_sharded_factory(sd[key], sharded_offsets)
+        return sd
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, _ = self.linear_fc1(x)
