@@ -1,8 +1,11 @@
-"""msg-grow --load CKPT --shape H,F,A,L --save OUT: grow a checkpoint offline.
+"""msg-grow --load CKPT --shape H,F,A,L --save OUT [--tensor T --pipeline P]: grow a checkpoint offline.
 
 New entries start masked (masks at 0, born at the checkpoint's step), so the grown checkpoint
-computes the same function; the AdamW moments grow with it. Unless --no-verify, prints the
-validation loss before and after as the function-preservation check.
+computes the same function; the AdamW moments grow with it. The checkpoint is read in the target
+layout (any saved layout reshards on load), grown there and written in it, so a change of TP/PP
+between growth stages is one command; for large models run it under torchrun with T x P (x DP)
+processes, each holding only its shards. Unless --no-verify, prints the validation loss before and
+after as the function-preservation check.
 """
 from __future__ import annotations
 
@@ -34,6 +37,8 @@ def _main(argv) -> int:
     ap.add_argument("--init", default=None, choices=["normal", "zeros", "copy"], help="default: the config's")
     ap.add_argument("--init-std", type=float, default=None)
     ap.add_argument("--depth-init", default=None, choices=["interpolate", "stack", "random"])
+    ap.add_argument("--tensor", type=int, default=None, help="target tensor-parallel degree (default: the saved one)")
+    ap.add_argument("--pipeline", type=int, default=None, help="target pipeline degree (default: the saved one)")
     ap.add_argument("--no-verify", action="store_true", help="skip the before/after validation loss")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
@@ -46,7 +51,7 @@ def _main(argv) -> int:
     from .growth.operators import grow_model
     from .growth.optimizer_state import grow_optimizer
     from .model import build_model, count_parameters, update_masks
-    from .parallel import initialize_parallel
+    from .parallel import barrier, initialize_parallel, is_logging_rank
     from .training.evaluate import validation_loss
     from .training.optimizer import build_optimizer
 
@@ -56,7 +61,18 @@ def _main(argv) -> int:
                               "the original stays intact")
     cfg = config_from_dict(meta["config"])
     g = cfg.growth
-    initialize_parallel(1, 1, cfg.train.seed)
+    tp = args.tensor or cfg.parallel.tensor
+    pp = args.pipeline or cfg.parallel.pipeline
+    old = Shape(*meta["shape"])
+    for what, s in (("the checkpoint's shape", old), ("--shape", shape)):
+        if s.heads % tp or s.ffn % tp or s.layers % pp:
+            raise ValueError(f"{what} {s} does not fit --tensor {tp} --pipeline {pp}: heads and ffn must divide by "
+                             f"the tensor degree and layers by the pipeline degree")
+    depth_init = args.depth_init or g.depth_init
+    if pp > 1 and shape.layers != old.layers and depth_init != "interpolate":
+        raise ValueError(f"--depth-init {depth_init} with --pipeline {pp} would move layers between stages; "
+                         "use interpolate")
+    initialize_parallel(tp, pp, cfg.train.seed)
     old_shape = Shape(*meta["shape"])
     model = build_model(cfg.model, old_shape, perform_init=False)
     optimizer = build_optimizer(model, cfg.train)
@@ -65,6 +81,9 @@ def _main(argv) -> int:
 
     valid = None
     if not args.no_verify:
+        if is_logging_rank():
+            data_dir, _ = resolve_data_dir(cfg.data, cfg.model.vocab_size, log=lambda *_: None)
+        barrier()
         data_dir, _ = resolve_data_dir(cfg.data, cfg.model.vocab_size, log=lambda *_: None)
         valid = TokenWindows(os.path.join(data_dir, "valid"), cfg.model.seq_length, cfg.train.seed)
     before = validation_loss(model, valid, cfg.train.micro_batch_size, cfg.train.eval_iters)
@@ -72,18 +91,22 @@ def _main(argv) -> int:
     new_model, name_map = grow_model(
         model, shape, step=step, init=args.init or g.init,
         init_std=g.init_std if args.init_std is None else args.init_std,
-        depth_init=args.depth_init or g.depth_init, seed=cfg.train.seed + 7919 * step)
+        depth_init=depth_init, seed=cfg.train.seed + 7919 * step)
     new_opt = grow_optimizer(optimizer, model, new_model, name_map, GrowthPlan(model, shape), cfg.train)
     update_masks(new_model, step, g.ramp_steps)
     after = validation_loss(new_model, valid, cfg.train.micro_batch_size, cfg.train.eval_iters)
 
     state = dict(meta["state"], stage=meta["state"]["stage"] + 1)
     tok = os.path.join(meta["path"], "tokenizer.model")
-    path = save_checkpoint(args.save, new_model, new_opt, state, meta["config"], tok if os.path.exists(tok) else "")
+    saved_cfg = dict(meta["config"], parallel=dict(meta["config"]["parallel"], tensor=tp, pipeline=pp))
+    path = save_checkpoint(args.save, new_model, new_opt, state, saved_cfg, tok if os.path.exists(tok) else "")
     out = {"from": list(old_shape.as_tuple()), "to": list(shape.as_tuple()), "step": step, "saved": path,
            "params": count_parameters(new_model), "val_loss_before": before, "val_loss_after": after}
     if before is not None:
         out["rel_diff"] = abs(after - before) / abs(before)
+    out["layout"] = {"tensor": tp, "pipeline": pp}
+    if not is_logging_rank():
+        return 0
     if args.json:
         print(json.dumps(out))
     else:

@@ -185,3 +185,39 @@ def test_resume_under_another_layout(tmp_path, tiny_data, case):
     assert sorted(got) == [6, 7]
     for step in got:
         assert abs(got[step] - want[step]) <= 1e-5 * abs(want[step]), (step, got[step], want[step])
+
+
+@pytest.mark.timeout(600)
+def test_offline_growth_onto_a_new_layout(tmp_path, tiny_data):
+    """Train at TP=2 PP=1, then `msg-grow` under torchrun reads it at TP=1 PP=2, grows every
+    dimension and writes the new layout: validation loss equal before and after (<= 1e-5 rel), and
+    equal to the source run's own final validation loss (the reshard on load is exact too)."""
+    cfg = tmp_path / "cfg.yaml"
+    _write_config(cfg, LLAMA + ["train.eval_iters=2"], [[32, 64, 2, 2], [32, 128, 4, 2]])
+    r = torchrun(2, ["-m", "msg_megatron.pretrain", str(cfg), "parallel.tensor=2",
+                     f"logging.run_dir={tmp_path}/a", f"checkpoint.save={tmp_path}/ck"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    with open(tmp_path / "a" / "metrics.jsonl") as f:
+        source_val = [json.loads(x) for x in f if "val_loss" in x][-1]["val_loss"]
+    r = torchrun(2, ["-m", "msg_megatron.grow", "--load", str(tmp_path / "ck"), "--shape", "48,192,6,4",
+                     "--save", str(tmp_path / "grown"), "--tensor", "1", "--pipeline", "2", "--json"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["layout"] == {"tensor": 1, "pipeline": 2} and out["to"] == [48, 192, 6, 4]
+    assert abs(out["val_loss_before"] - source_val) <= 1e-5 * source_val
+    assert out["rel_diff"] <= 1e-5
+    from msg_megatron.checkpoint.dist import read_meta
+
+    meta = read_meta(str(tmp_path / "grown"), full=True)
+    assert meta["shape"] == [48, 192, 6, 4] and meta["config"]["parallel"]["pipeline"] == 2
+
+
+def test_msg_grow_rejects_a_shape_that_does_not_fit_the_layout(tmp_path, tiny_data):
+    cfg = tmp_path / "cfg.yaml"
+    _write_config(cfg, [], [[32, 64, 2, 2], [32, 128, 4, 2]])
+    r = run_cli(["msg_megatron.pretrain", str(cfg), f"logging.run_dir={tmp_path}/a", f"checkpoint.save={tmp_path}/ck"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_cli(["msg_megatron.grow", "--load", str(tmp_path / "ck"), "--shape", "48,192,6,3", "--save",
+                 str(tmp_path / "g"), "--pipeline", "2"])
+    assert r.returncode == 2 and "layers by the pipeline degree" in r.stderr and "--pipeline 2" in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "g").exists()
