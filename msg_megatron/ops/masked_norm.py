@@ -127,6 +127,9 @@ def masked_rms_norm(x: torch.Tensor, mask: Optional[torch.Tensor], weight: torch
         _check_shapes(x, mask, weight, None)
     if mask is not None and _use_ext(x):
         return _MaskedNormFn.apply(x, mask.detach(), weight, None, eps, True)
+    if mask is None and x.is_cuda and x.dtype == weight.dtype:
+        # folded on a GPU: torch's fused RMSNorm (the CPU keeps the reference ops, bit-stable)
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
     return masked_rms_norm_torch(x, mask, weight, eps)
 
 

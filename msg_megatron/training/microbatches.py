@@ -33,8 +33,7 @@ def run_microbatches(model, batches: List[torch.Tensor], *, forward_only: bool, 
 
     def forward_step(data_iterator, module):
         batch = next(data_iterator).to(dev, non_blocking=True)
-        with autocast:  # bf16: matmuls in bf16, parameters, norms, residual stream and loss in fp32
-            out = module(batch[:, :-1], batch[:, 1:])  # per-token losses on the last stage, else hidden
+        out = module(batch[:, :-1], batch[:, 1:])  # per-token losses on the last stage, else hidden
 
         def loss_func(per_token: torch.Tensor):
             loss = per_token.float().mean()
@@ -42,7 +41,10 @@ def run_microbatches(model, batches: List[torch.Tensor], *, forward_only: bool, 
 
         return out, loss_func
 
-    with torch.set_grad_enabled(not forward_only):
+    # bf16: matmuls in bf16; parameters, norms, residual stream and loss stay fp32. One autocast
+    # region around all micro-batches, so each weight is cast to bf16 once per step (autocast's
+    # cache), not once per micro-batch.
+    with torch.set_grad_enabled(not forward_only), autocast:
         store = get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=iter(batches), model=model,
             num_microbatches=len(batches), seq_length=seq_plus_one - 1, micro_batch_size=micro,
