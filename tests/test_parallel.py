@@ -160,6 +160,8 @@ RESHARD = {
     "tp1_to_tp2": ((1, 1), (2, 1), LLAMA, [[32, 64, 2, 2], [32, 128, 4, 2]]),
     "pp1_to_pp2": ((1, 1), (1, 2), [], [[32, 64, 2, 2], [48, 64, 2, 4]]),        # tied copy from the embedding
     "dp1_to_dp2": ((1, 1), (1, 1, 2), [], [[32, 64, 2, 2], [48, 64, 2, 3]]),
+    # learned positions and the tied output copy saved from TP2 x PP2, resumed on one process
+    "tp2pp2_to_tp1pp1": ((2, 2), (1, 1), [], [[32, 64, 2, 2], [48, 128, 4, 4]]),
 }
 
 
