@@ -116,7 +116,7 @@ def _sharded(model, optimizer):
 
 def save_checkpoint(save_dir: str, model, optimizer, state: dict, config: dict, tokenizer_path: str = "",
                     keep: int = 3) -> str:
-    """Write SAVE/step_XXXXXX atomically; `state` is a JSON-able dict (step, stage, data position...)."""
+    """Write SAVE/step_<step, 6 digits> atomically; `state` is a JSON-able dict (step, stage, data position...)."""
     from megatron.core import dist_checkpointing
 
     step = int(state["step"])

@@ -110,7 +110,7 @@ class Trainer:
         update_masks(self.model, self.step, g.ramp_steps)
         loss_after = self.probe_loss()
         record = {"event": "growth", "step": self.step, "stage": stage, "from": list(old_shape.as_tuple()),
-                  "to": list(new_shape.as_tuple()), "params": count_parameters(self.model),
+                  "to": list(new_shape.as_tuple()), "params": self.num_params(),
                   "probe_loss_before": loss_before, "probe_loss_after": loss_after}
         self.metrics.print(f"[grow] step {self.step}: stage {stage} {old_shape} -> {new_shape}, "
                            f"params {record['params']:,}, probe loss {loss_before:.6f} -> {loss_after:.6f}")
@@ -186,6 +186,13 @@ class Trainer:
         self._last_saved = self.step
         return path
 
+    def num_params(self) -> int:
+        """The whole model's parameter count (a collective under TP/PP), recounted only when the
+        model object changes (growth, resume), not every step."""
+        if getattr(self, "_params_of", None) is not self.model:
+            self._params_of, self._params = self.model, count_parameters(self.model)
+        return self._params
+
     # ---- preemption ----------------------------------------------------------------------
     def _install_signal_handlers(self):
         """SIGTERM / SIGUSR1 (what SLURM sends before a time limit or preemption) only set a flag:
@@ -242,7 +249,7 @@ class Trainer:
                 signal.signal(sig, old)
 
     def _loop(self, t, g, last_eval) -> dict:
-        self.metrics.print(f"[train] shape {self.model.shape}, params {count_parameters(self.model):,}, "
+        self.metrics.print(f"[train] shape {self.model.shape}, params {self.num_params():,}, "
                            f"{len(self.schedule) - 1} growth stage(s), {t.steps} steps")
         while self.step < t.steps:
             while self.stage + 1 < len(self.schedule) and self.schedule[self.stage + 1][0] <= self.step:
@@ -250,7 +257,7 @@ class Trainer:
             lowest_mask = update_masks(self.model, self.step, g.ramp_steps)
             rec = self.train_step()
             rec.update(step=self.step, stage=self.stage, shape=list(self.model.shape.as_tuple()),
-                       params=count_parameters(self.model), mask=lowest_mask)
+                       params=self.num_params(), mask=lowest_mask)
             if self.step % t.log_interval == 0 or self.step == t.steps - 1:
                 self.metrics.log(rec)
                 self.metrics.print(
