@@ -46,12 +46,12 @@ def _main(argv) -> int:
 
     from .checkpoint.dist import CheckpointError, load_checkpoint, read_meta, save_checkpoint
     from .config import Shape, config_from_dict
-    from .data import TokenWindows, resolve_data_dir
+    from .data import TokenWindows, resolve_data_dir_all_ranks
     from .growth.axes import GrowthPlan
     from .growth.operators import grow_model
     from .growth.optimizer_state import grow_optimizer
     from .model import build_model, count_parameters, update_masks
-    from .parallel import barrier, initialize_parallel, is_logging_rank
+    from .parallel import initialize_parallel, is_logging_rank
     from .training.evaluate import validation_loss
     from .training.optimizer import build_optimizer
 
@@ -81,18 +81,16 @@ def _main(argv) -> int:
 
     valid = None
     if not args.no_verify:
-        if is_logging_rank():
-            data_dir, _ = resolve_data_dir(cfg.data, cfg.model.vocab_size, log=lambda *_: None)
-        barrier()
-        data_dir, _ = resolve_data_dir(cfg.data, cfg.model.vocab_size, log=lambda *_: None)
+        data_dir, _ = resolve_data_dir_all_ranks(cfg.data, cfg.model.vocab_size, log=lambda *_: None)
         valid = TokenWindows(os.path.join(data_dir, "valid"), cfg.model.seq_length, cfg.train.seed)
     before = validation_loss(model, valid, cfg.train.micro_batch_size, cfg.train.eval_iters)
 
+    plan = GrowthPlan(model, shape)
     new_model, name_map = grow_model(
-        model, shape, step=step, init=args.init or g.init,
+        model, shape, step=step, plan=plan, init=args.init or g.init,
         init_std=g.init_std if args.init_std is None else args.init_std,
         depth_init=depth_init, seed=cfg.train.seed + 7919 * step)
-    new_opt = grow_optimizer(optimizer, model, new_model, name_map, GrowthPlan(model, shape), cfg.train)
+    new_opt = grow_optimizer(optimizer, model, new_model, name_map, plan, cfg.train)
     update_masks(new_model, step, g.ramp_steps)
     after = validation_loss(new_model, valid, cfg.train.micro_batch_size, cfg.train.eval_iters)
 

@@ -109,3 +109,12 @@ def test_cli_errors_are_clear(tmp_path):
     assert r.returncode == 2 and "does not exist" in r.stderr
     r = run_cli(["msg_megatron.grow", "--load", str(tmp_path), "--shape", "1,2,3", "--save", str(tmp_path / "x")])
     assert r.returncode == 2 and "--shape" in r.stderr
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU refusal")
+def test_bf16_on_cpu_is_refused_before_any_work(tmp_path):
+    from msg_megatron.config import ConfigError
+    from msg_megatron.training.trainer import Trainer
+
+    with pytest.raises(ConfigError, match="train.precision=bf16 needs a GPU"):
+        Trainer(tiny_cfg(tmp_path, "train.precision=bf16", "data.corpus=/nonexistent"))

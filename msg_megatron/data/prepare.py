@@ -136,6 +136,19 @@ def _file_digest(path: str) -> str:
         return hashlib.sha1(f.read()).hexdigest()
 
 
+def resolve_data_dir_all_ranks(dcfg, vocab_size: int, log=print) -> Tuple[str, dict]:
+    """resolve_data_dir under torch.distributed: global rank 0 prepares (or validates) the data
+    first and logs; the other ranks wait for it, then find the prepared directory ready."""
+    from ..parallel import barrier, is_logging_rank
+
+    if is_logging_rank():
+        out = resolve_data_dir(dcfg, vocab_size, log=log)
+    barrier()
+    if not is_logging_rank():
+        out = resolve_data_dir(dcfg, vocab_size, log=lambda *_: None)
+    return out
+
+
 def resolve_data_dir(dcfg, vocab_size: int, log=print) -> Tuple[str, dict]:
     """(prepared directory, manifest) for a DataConfig; checks the vocabulary matches the model."""
     if dcfg.corpus == "embedded":

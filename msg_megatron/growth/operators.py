@@ -146,8 +146,8 @@ def plan_depth(old_layers: int, new_layers: int, depth_init: str) -> List[Option
 
 
 def grow_model(model: MaskedGPT, new_shape: Shape, *, step: int, init: Union[str, InitFn] = "normal",
-               init_std: float = 0.02, depth_init: str = "interpolate", seed: int = 1234
-               ) -> Tuple[MaskedGPT, Dict[str, Optional[str]]]:
+               init_std: float = 0.02, depth_init: str = "interpolate", seed: int = 1234,
+               plan: Optional[GrowthPlan] = None) -> Tuple[MaskedGPT, Dict[str, Optional[str]]]:
     """Return (grown model, name map). The name map gives, for each new tensor, the old tensor it
     grew from (None for tensors of randomly initialised new layers); optimizer-state growth uses it.
     """
@@ -157,7 +157,7 @@ def grow_model(model: MaskedGPT, new_shape: Shape, *, step: int, init: Union[str
             raise ValueError(f"cannot shrink {dim} from {a} to {b}: growth only adds units")
     init_fn = named_init(init, init_std) if isinstance(init, str) else init
     mcfg = model.mcfg
-    plan = GrowthPlan(model, new_shape)
+    plan = plan or GrowthPlan(model, new_shape)  # callers growing the optimizer too pass theirs
     if init_fn is None and plan.tp > 1:
         raise ValueError("init=copy needs tensor parallel size 1: a copied unit may live on another rank")
     old_sd = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}

@@ -20,12 +20,12 @@ import torch
 
 from ..checkpoint.dist import CheckpointError, load_checkpoint, read_meta, save_checkpoint
 from ..config import Config, ConfigError, Shape
-from ..data import SyntheticWindows, TokenWindows, resolve_data_dir
+from ..data import SyntheticWindows, TokenWindows, resolve_data_dir_all_ranks
 from ..growth.axes import GrowthPlan
 from ..growth.operators import grow_model
 from ..growth.optimizer_state import grow_optimizer
 from ..model import build_model, count_parameters, update_masks
-from ..parallel import barrier, device, initialize_parallel, is_logging_rank
+from ..parallel import device, initialize_parallel, is_logging_rank
 from ..parallel.grads import allreduce_data_parallel_grads, allreduce_tied_embedding_grads, grad_norm_and_clip
 from .evaluate import validation_loss
 from .flops import device_peak_tflops, flops_per_token
@@ -45,6 +45,11 @@ class Trainer:
         t = cfg.train
         if t.threads:
             torch.set_num_threads(t.threads)
+        self.bf16 = t.precision == "bf16"
+        if self.bf16 and not torch.cuda.is_available():
+            # megatron's TP linears run their backward under CUDA autocast only
+            raise ConfigError("train.precision=bf16 needs a GPU (bf16 autocast of megatron's linears is CUDA-only); "
+                              "use train.precision=fp32 on CPU.")
         initialize_parallel(cfg.parallel.tensor, cfg.parallel.pipeline, t.seed)
         from megatron.core import parallel_state as ps
 
@@ -64,12 +69,7 @@ class Trainer:
             self.train_data = SyntheticWindows(cfg.model.vocab_size, seq, t.seed)
             self.valid_data = SyntheticWindows(cfg.model.vocab_size, seq, t.seed)
         else:
-            # rank 0 prepares (or validates) the data first; the others then find it ready
-            if is_logging_rank():
-                self.data_dir, manifest = resolve_data_dir(cfg.data, cfg.model.vocab_size, log=self.metrics.print)
-            barrier()
-            if not is_logging_rank():
-                self.data_dir, manifest = resolve_data_dir(cfg.data, cfg.model.vocab_size, log=lambda *_: None)
+            self.data_dir, manifest = resolve_data_dir_all_ranks(cfg.data, cfg.model.vocab_size, self.metrics.print)
             self.train_data = TokenWindows(os.path.join(self.data_dir, "train"), seq, t.seed)
             self.valid_data = (TokenWindows(os.path.join(self.data_dir, "valid"), seq, t.seed)
                                if manifest["tokens"]["valid"] > seq + 1 else None)
@@ -90,11 +90,6 @@ class Trainer:
             self.resume(ck.load)
         self._probe = self._probe_batch()
         self.peak_tflops = device_peak_tflops()
-        self.bf16 = t.precision == "bf16"
-        if self.bf16 and not torch.cuda.is_available():
-            # megatron's TP linears run their backward under CUDA autocast only
-            raise ConfigError("train.precision=bf16 needs a GPU (bf16 autocast of megatron's linears is CUDA-only); "
-                              "use train.precision=fp32 on CPU.")
 
     # ---- growth --------------------------------------------------------------------------
     def grow(self, stage: int) -> dict:
@@ -102,9 +97,9 @@ class Trainer:
         g = self.cfg.growth
         old_shape, new_shape = self.model.shape, self.schedule[stage][1]
         loss_before = self.probe_loss()
-        new_model, name_map = grow_model(self.model, new_shape, step=self.step, init=g.init, init_std=g.init_std,
-                                         depth_init=g.depth_init, seed=self.cfg.train.seed + stage)
         plan = GrowthPlan(self.model, new_shape)
+        new_model, name_map = grow_model(self.model, new_shape, step=self.step, init=g.init, init_std=g.init_std,
+                                         depth_init=g.depth_init, seed=self.cfg.train.seed + stage, plan=plan)
         self.optimizer = grow_optimizer(self.optimizer, self.model, new_model, name_map, plan, self.cfg.train)
         self.model, self.stage = new_model, stage
         update_masks(self.model, self.step, g.ramp_steps)
