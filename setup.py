@@ -55,6 +55,7 @@ def _extensions():
 
 
 EXTENSIONS, BUILD_EXT = _extensions()
+HF = ["transformers==5.23.0", "safetensors>=0.4", "tokenizers>=0.20"]
 
 VERSION = re.search(r'__version__ = "([^"]+)"', Path("msg_megatron/__init__.py").read_text()).group(1)
 
@@ -79,7 +80,11 @@ setup(
         "numpy>=1.24",
         "tqdm>=4.60",
     ],
-    extras_require={"test": ["pytest>=7", "pytest-timeout>=2", "hypothesis>=6"]},
+    extras_require={
+        # Hugging Face export/import; this transformers release installs without touching torch
+        "hf": HF,
+        "test": ["pytest>=7", "pytest-timeout>=2", "hypothesis>=6"] + HF,
+    },
     ext_modules=EXTENSIONS,
     cmdclass={"build_ext": BUILD_EXT},
     entry_points={
@@ -88,6 +93,8 @@ setup(
             "msg-eval=msg_megatron.eval:main",
             "msg-grow=msg_megatron.grow:main",
             "msg-preprocess=msg_megatron.preprocess:main",
+            "msg-export-hf=msg_megatron.hf.export:main",
+            "msg-import-hf=msg_megatron.hf.import_hf:main",
         ]
     },
 )

@@ -183,6 +183,10 @@ class CheckpointConfig:
     """Checkpoint to resume from: a step directory, a save dir (its `latest`), or `auto`: the newest
     complete checkpoint in `save` if there is one (an incomplete or corrupt newer one is skipped and
     reported), else start from scratch. The setting for jobs that may be preempted and requeued."""
+    init_from: str = ""
+    """Start a new run (step 0, fresh optimizer) from this checkpoint's weights, e.g. msg-import-hf's
+    output: its shape must be growth.stages[0]'s and its architecture this config's. A checkpoint
+    found by `load` (a resumed job) takes precedence."""
     keep: int = 3
     """How many step checkpoints to keep in `save`."""
     verify: str = "size"

@@ -114,6 +114,16 @@ def _sharded(model, optimizer):
     return sd
 
 
+def _rng_sharded(state: torch.Tensor):
+    """Every rank's torch RNG state as row `rank` of a [world, state] tensor (ranks' generators differ:
+    each pipeline stage seeds its own modules)."""
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return ShardedTensor.from_rank_offsets("rng_state", state.reshape(1, -1).clone(), (0, rank, world), replica_id=0)
+
+
 def save_checkpoint(save_dir: str, model, optimizer, state: dict, config: dict, tokenizer_path: str = "",
                     keep: int = 3) -> str:
     """Write SAVE/step_<step, 6 digits> atomically; `state` is a JSON-able dict (step, stage, data position...)."""
@@ -131,7 +141,7 @@ def save_checkpoint(save_dir: str, model, optimizer, state: dict, config: dict, 
     if dist.is_initialized():
         dist.barrier()
     sd = _sharded(model, optimizer)
-    sd["rng_state"] = torch.get_rng_state()
+    sd["rng_state"] = _rng_sharded(torch.get_rng_state())
     dist_checkpointing.save(sd, tmp)
     if rank0:
         meta = {"version": __version__, "shape": list(model.shape.as_tuple()), "state": state,
@@ -174,8 +184,10 @@ def _prune(save_dir: str, keep: int) -> None:
         shutil.rmtree(os.path.join(save_dir, d), ignore_errors=True)
 
 
-def load_checkpoint(path: str, model, optimizer=None, expect_shape: Optional[Shape] = None, full: bool = False) -> dict:
-    """Load tensors into `model` (built at the checkpoint's shape) and `optimizer`; return the meta."""
+def load_checkpoint(path: str, model, optimizer=None, expect_shape: Optional[Shape] = None, full: bool = False,
+                    restore_rng: bool = True) -> dict:
+    """Load tensors into `model` (built at the checkpoint's shape) and `optimizer`; return the meta.
+    `restore_rng`: also set this process's torch RNG to the saved state (exact resume)."""
     from megatron.core import dist_checkpointing
 
     from ..model.masks import refresh_active
@@ -193,12 +205,19 @@ def load_checkpoint(path: str, model, optimizer=None, expect_shape: Optional[Sha
                 optimizer.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
                                       "exp_avg_sq": torch.zeros_like(p)}
     sd = _sharded(model, optimizer if has_opt else None)
-    sd["rng_state"] = torch.get_rng_state()
+    rng_md = dist_checkpointing.load_tensors_metadata(meta["path"]).get("rng_state")
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if rng_md is None:  # (checkpoints of 0.1.0 before per-rank states: rank 0's state, common)
+        sd["rng_state"] = torch.get_rng_state()
+    elif rng_md.global_shape[0] == world:  # same world: each rank gets its own generator back
+        sd["rng_state"] = _rng_sharded(torch.get_rng_state())
     try:
         loaded = dist_checkpointing.load(sd, meta["path"])
     except Exception as e:  # noqa: BLE001 - report which checkpoint failed and why
         raise CheckpointError(f"cannot load checkpoint `{meta['path']}`: {type(e).__name__}: {e}") from e
-    torch.set_rng_state(loaded.pop("rng_state"))
+    rng = loaded.pop("rng_state", None)
+    if restore_rng and rng is not None:  # (another world size: the states do not map; keep ours)
+        torch.set_rng_state(rng.reshape(-1).to(torch.uint8))
     model_sd = {k[len("model."):]: v for k, v in loaded.items() if k.startswith("model.")}
     missing, unexpected = model.load_state_dict(model_sd, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]

@@ -22,6 +22,24 @@ def _unit_size(role: str, head_dim: int) -> int:
     return {"qkv": 3 * head_dim, "heads_hd": head_dim}.get(role, 1)
 
 
+def canonical_units(t: torch.Tensor, axis: int, order: torch.Tensor, unit: int, blocks: int = 1) -> torch.Tensor:
+    """Permute the units (heads or FFN units) of `t` along `axis` into canonical order.
+
+    `t`'s axis holds `blocks` consecutive blocks (2 for SwiGLU's [gate; up]), each of len(order)
+    units of `unit` entries (3 x head_dim rows of a fused QKV head, head_dim columns of the output
+    projection, 1 for FFN units); canonical unit u is the unit at position order[u] of each block.
+    """
+    x = t.movedim(axis, 0)
+    x = x.reshape(blocks, order.numel(), unit, *x.shape[1:])[:, order]
+    return x.reshape(-1, *x.shape[3:]).movedim(0, axis).contiguous()
+
+
+def unit_roles(name: str):
+    """(axis, role) of the tensor-parallel unit axis of tensor `name` (heads, FFN units), or None."""
+    roles = axis_roles(name)
+    return next(((i, r) for i, r in enumerate(roles) if r in ("qkv", "heads_hd", "heads", "ffn", "ffn_in")), None)
+
+
 def canonical_state_dict(model, dst: Optional[int] = 0) -> Optional[Dict[str, torch.Tensor]]:
     """Full tensors in the canonical layout on global rank `dst` (None elsewhere); every TP rank
     must call it. Without TP this is the state dict itself (its units are already canonical)."""
@@ -52,14 +70,11 @@ def canonical_state_dict(model, dst: Optional[int] = 0) -> Optional[Dict[str, to
         id_parts = [torch.empty_like(sd[ids_name]) for _ in range(tp)]
         dist.all_gather(id_parts, sd[ids_name], group=group)
         order = torch.argsort(torch.cat(id_parts))  # canonical unit u comes from gathered unit order[u]
-        unit = _unit_size(role, head_dim)
         blocks = 2 if (role == "ffn_in" and gated) else 1
-        # each rank's shard is [block 0 units; block 1 units]: regroup into per-block unit lists
-        per_block = []
-        for b in range(blocks):
-            units = [p.movedim(axis, 0).reshape(blocks, -1, unit, *p.movedim(axis, 0).shape[1:])[b] for p in parts]
-            per_block.append(torch.cat(units, 0)[order])
-        full = torch.cat([pb.reshape(-1, *pb.shape[2:]) for pb in per_block], 0).movedim(0, axis)
-        out[name] = full.contiguous()
+        # each rank's shard is [block 0 units; block 1 units]: lay them out as the checkpoint's global
+        # tensor does ([block 0 of every rank; block 1 of every rank]), then sort the units
+        split = [p.chunk(blocks, axis) for p in parts]
+        full = torch.cat([s[b] for b in range(blocks) for s in split], axis)
+        out[name] = canonical_units(full, axis, order, _unit_size(role, head_dim), blocks)
     rank = dist.get_rank()
     return out if dst is None or rank == dst else None

@@ -84,10 +84,14 @@ class Trainer:
         if ck.load == "auto":
             if os.path.isdir(ck.save) and any(d.startswith("step_") for d in os.listdir(ck.save)):
                 self.resume(ck.save, fallback=True)
+            elif ck.init_from:
+                self.init_from(ck.init_from)
             else:
                 self.metrics.print(f"[resume] checkpoint.load=auto: no checkpoint in `{ck.save}` yet, starting fresh")
         elif ck.load:
             self.resume(ck.load)
+        elif ck.init_from:
+            self.init_from(ck.init_from)
         self._probe = self._probe_batch()
         self.peak_tflops = device_peak_tflops()
 
@@ -230,6 +234,36 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, self.cfg.train)
         load_checkpoint(meta["path"], self.model, self.optimizer, full=full)
         self.metrics.print(f"[resume] {meta['path']}: step {self.step}, stage {self.stage}, shape {shape}")
+
+    def init_from(self, path: str) -> None:
+        """Start from a checkpoint's weights at step 0 (checkpoint.init_from): the first stage's model
+        is that checkpoint; optimizer, step, data position and RNG start fresh."""
+        from ..config import ModelConfig
+        from ..model.masks import ramping
+
+        meta = read_meta(path, full=self.cfg.checkpoint.verify == "full")
+        saved = ModelConfig(**meta["config"]["model"])
+        sizes = ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_layers", "init_method_std", "kv_channels")
+        diff = sorted(k for k in dataclasses.asdict(saved) if k not in sizes
+                      and getattr(saved, k) != getattr(self.cfg.model, k))
+        if saved.head_dim != self.cfg.model.head_dim:
+            diff.append("kv_channels")
+        if diff:
+            raise CheckpointError(
+                f"checkpoint.init_from `{meta['path']}` has another architecture: "
+                + ", ".join(f"model.{k}={getattr(saved, k) if k != 'kv_channels' else saved.head_dim}" for k in diff)
+                + "; set these in the config")
+        shape = Shape(*meta["shape"])
+        if shape != self.schedule[0][1]:
+            raise CheckpointError(f"checkpoint.init_from `{meta['path']}` has shape {shape}, but growth.stages[0] is "
+                                  f"{self.schedule[0][1]}; start the schedule at {list(shape.as_tuple())}")
+        self.model = build_model(self.cfg.model, shape, perform_init=False)
+        self.optimizer = build_optimizer(self.model, self.cfg.train)
+        load_checkpoint(meta["path"], self.model, None, full=self.cfg.checkpoint.verify == "full", restore_rng=False)
+        if ramping(self.model):
+            raise CheckpointError(f"checkpoint.init_from `{meta['path']}` is mid-ramp (masks below 1); start from a "
+                                  "checkpoint taken after growth.ramp_steps more steps")
+        self.metrics.print(f"[init] weights of {meta['path']} (shape {shape}) at step 0")
 
     # ---- the loop ------------------------------------------------------------------------
     def run(self) -> dict:

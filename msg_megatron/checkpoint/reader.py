@@ -1,0 +1,94 @@
+"""Read a distributed checkpoint of any TP/PP layout, piece by piece, in the canonical layout.
+
+A dist checkpoint stores every tensor by its global shape, so one process can read any subset of
+tensors whole, whatever layout wrote them, without building the model: `CheckpointReader.layer(i)`
+loads one transformer layer (a few hundred MB at 100B scale), so a converter holds one layer at a
+time, never the whole model. Heads and FFN units come back in the canonical single-rank order
+(growth under TP appends each rank's new units locally; the saved `<head|ffn>_ids` say where each
+unit belongs), exactly as `parallel.gather.canonical_state_dict` gathers a live model.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Iterable, List
+
+import torch
+
+from ..config import Shape, config_from_dict
+from ..parallel.gather import canonical_units, unit_roles
+from .dist import CheckpointError, read_meta
+
+
+class CheckpointReader:
+    def __init__(self, path: str, full_verify: bool = False):
+        from megatron.core import dist_checkpointing
+
+        from ..parallel import initialize_parallel
+
+        self.meta = read_meta(path, full=full_verify)
+        self.path = self.meta["path"]
+        self.cfg = config_from_dict(self.meta["config"])
+        self.mcfg = self.cfg.model
+        self.shape = Shape(*self.meta["shape"])
+        self.step = int(self.meta["state"]["step"])
+        initialize_parallel(1, 1)  # dist_checkpointing reads through torch.distributed (a world of one)
+        try:
+            self._md = dist_checkpointing.load_tensors_metadata(self.path)
+        except Exception as e:  # noqa: BLE001 - name the checkpoint that cannot be read
+            raise CheckpointError(f"cannot read the tensor index of `{self.path}`: {type(e).__name__}: {e}") from e
+
+    def has(self, name: str) -> bool:
+        return f"model.{name}" in self._md
+
+    def names(self) -> List[str]:
+        return sorted(k[len("model."):] for k in self._md if k.startswith("model."))
+
+    def load(self, names: Iterable[str]) -> Dict[str, torch.Tensor]:
+        """Whole tensors (global shape, saved order) of the model tensors `names`."""
+        from megatron.core import dist_checkpointing
+        from megatron.core.dist_checkpointing import ShardedTensor
+
+        sd = {}
+        for name in names:
+            key = f"model.{name}"
+            if key not in self._md:
+                raise CheckpointError(f"checkpoint `{self.path}` has no tensor `{name}` (a missing shard or a "
+                                      "checkpoint of another architecture)")
+            md = self._md[key]
+            sd[name] = ShardedTensor.from_rank_offsets(key, torch.empty(md.global_shape, dtype=md.dtype), replica_id=0)
+        try:
+            loaded = dist_checkpointing.load(sd, self.path)
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"cannot load {sorted(sd)[:3]}... from `{self.path}`: {type(e).__name__}: {e}") from e
+        return {name: loaded[name] for name in sd}  # (load also returns the common, non-tensor state)
+
+    def layer(self, i: int) -> Dict[str, torch.Tensor]:
+        """Layer i's tensors (names relative to the layer: `mlp.linear_fc1.weight`, ...), canonical order."""
+        prefix = f"layers.{i}."
+        raw = self.load([n for n in self.names() if n.startswith(prefix)])
+        orders = {"head": torch.argsort(raw[prefix + "self_attention.head_ids"]),
+                  "ffn": torch.argsort(raw[prefix + "mlp.ffn_ids"])}
+        gated = self.mcfg.activation == "swiglu"
+        out = {}
+        for name, t in raw.items():
+            found = unit_roles(name)
+            if found is not None:
+                axis, role = found
+                unit = {"qkv": 3 * self.mcfg.head_dim, "heads_hd": self.mcfg.head_dim}.get(role, 1)
+                blocks = 2 if (role == "ffn_in" and gated) else 1
+                order = orders["ffn" if role in ("ffn", "ffn_in") else "head"]
+                t = canonical_units(t, axis, order, unit, blocks)
+            out[name[len(prefix):]] = t
+        return out
+
+    def masks_left(self) -> Dict[str, int]:
+        """For every mask not yet at 1: the training steps until its ramp ends (paper 3.2.1)."""
+        ramp = self.cfg.growth.ramp_steps
+        births = self.load([n for n in self.names() if n.endswith("_birth")])
+        masks = self.load([n for n in self.names() if n.endswith("_mask")])
+        left = {}
+        for name, birth in births.items():
+            mask = masks[name[: -len("_birth")] + "_mask"]
+            if mask.numel() and float(mask.min()) < 1.0:
+                left[name[: -len("_birth")]] = max(1, math.ceil(float(birth.max()) + ramp - self.step))
+        return left

@@ -1,0 +1,1 @@
+"""Hugging Face `transformers` export (msg-export-hf) and import (msg-import-hf)."""

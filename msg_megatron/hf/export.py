@@ -1,0 +1,169 @@
+"""msg-export-hf --load CKPT --out DIR [--dtype bf16|fp16|fp32]: a checkpoint as a `transformers` model.
+
+Reads a checkpoint of any TP/PP layout one layer at a time (the canonical unit order restored from
+the saved unit ids), writes sharded safetensors, config.json, generation_config.json and the
+tokenizer (tokenizer.json for AutoTokenizer + the sentencepiece model). The folder loads with
+`AutoModelForCausalLM.from_pretrained(DIR)` and `AutoTokenizer.from_pretrained(DIR)`, no custom
+code. A checkpoint whose masks are still ramping is refused: exporting it would change the function.
+The folder is written under DIR.tmp-* and renamed when complete, so a killed export leaves no
+folder that looks finished.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+
+import torch
+
+from ..cli import run_cli
+
+DTYPES = {"fp32": (torch.float32, "float32"), "bf16": (torch.bfloat16, "bfloat16"), "fp16": (torch.float16, "float16")}
+
+
+def parse_size(text: str) -> int:
+    units = {"KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30}
+    t = text.strip().upper()
+    for u, mult in units.items():
+        if t.endswith(u):
+            return int(float(t[: -len(u)]) * mult)
+    if t.isdigit():
+        return int(t)
+    raise ValueError(f"--max-shard-size `{text}` must be bytes or a number with KB/MB/GB (e.g. 5GB)")
+
+
+class ShardWriter:
+    """Collects tensors and writes a safetensors file whenever `limit` bytes are reached."""
+
+    def __init__(self, out_dir: str, limit: int):
+        self.out_dir, self.limit = out_dir, limit
+        self.pending, self.pending_bytes, self.files, self.index, self.total = {}, 0, [], {}, 0
+
+    def add(self, tensors: dict) -> None:
+        """Add one group (a layer): it goes to the next file if it would take this one over the limit."""
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        if self.pending and self.pending_bytes + size > self.limit:
+            self.flush()
+        for name, t in tensors.items():
+            self.pending[name] = t
+            self.pending_bytes += t.numel() * t.element_size()
+        if self.pending_bytes >= self.limit:
+            self.flush()
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self.pending:
+            return
+        name = f"part-{len(self.files):05d}.safetensors"
+        save_file(self.pending, os.path.join(self.out_dir, name), metadata={"format": "pt"})
+        self.files.append(name)
+        for k in self.pending:
+            self.index[k] = name
+        self.total += self.pending_bytes
+        self.pending, self.pending_bytes = {}, 0
+
+    def finish(self) -> list:
+        """Rename to HF's model-0000i-of-0000N names (one file: model.safetensors) and write the index."""
+        self.flush()
+        n = len(self.files)
+        final = {f: ("model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors")
+                 for i, f in enumerate(self.files)}
+        for old, new in final.items():
+            os.rename(os.path.join(self.out_dir, old), os.path.join(self.out_dir, new))
+        if n > 1:
+            index = {"metadata": {"total_size": self.total},
+                     "weight_map": {k: final[v] for k, v in sorted(self.index.items())}}
+            with open(os.path.join(self.out_dir, "model.safetensors.index.json"), "w") as f:
+                json.dump(index, f, indent=1)
+        return sorted(final.values())
+
+
+def export(load: str, out: str, dtype: str = "fp32", max_shard_size: int = 5 << 30, force: bool = False,
+           log=print) -> dict:
+    from ..checkpoint.dist import CheckpointError
+    from ..checkpoint.reader import CheckpointReader
+    from ..model.gpt import padded_vocab_size
+    from .layout import architecture, hf_config, layer_to_hf, outer_to_hf
+    from .tokenizer import write_tokenizer
+
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype `{dtype}` must be one of {', '.join(DTYPES)}")
+    if os.path.exists(out) and os.listdir(out) and not force:
+        raise ValueError(f"--out `{out}` exists and is not empty; choose a new folder or pass --force to replace it")
+    reader = CheckpointReader(load)
+    mcfg, shape = reader.mcfg, reader.shape
+    arch = architecture(mcfg, shape)
+    left = reader.masks_left()
+    if left:
+        steps = max(left.values())
+        raise CheckpointError(
+            f"checkpoint `{reader.path}` (step {reader.step}) is mid-ramp: {len(left)} masks are not at 1 yet "
+            f"(e.g. {sorted(left)[0]}); exporting would change the model's function. Train {steps} more steps "
+            f"(to step {reader.step + steps}, the end of growth.ramp_steps={reader.cfg.growth.ramp_steps}) and "
+            "export that checkpoint")
+    torch_dtype, dtype_name = DTYPES[dtype]
+    tmp = f"{os.path.normpath(out)}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        writer = ShardWriter(tmp, max_shard_size)
+        cast = lambda d: {k: v.to(torch_dtype).contiguous() for k, v in d.items()}  # noqa: E731
+        outer_names = ["embedding.weight", "final_norm.weight"] + [
+            n for n in ("position_embeddings.weight", "final_norm.bias", "output_layer.weight") if reader.has(n)]
+        writer.add(cast(outer_to_hf(arch, reader.load(outer_names), mcfg)))
+        for i in range(shape.layers):
+            writer.add(cast(layer_to_hf(arch, reader.layer(i), i, mcfg, shape)))
+        files = writer.finish()
+        config = hf_config(arch, mcfg, shape, padded_vocab_size(mcfg), dtype_name)
+        # how to get back (msg-import-hf reads it: the exact model config, the vocabulary before padding)
+        config["msg_megatron"] = {"model": reader.meta["config"]["model"], "shape": list(shape.as_tuple()),
+                                  "step": reader.step, "version": reader.meta.get("version")}
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(config, f, indent=1)
+        with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+            json.dump({"bos_token_id": 1, "eos_token_id": 2}, f, indent=1)
+        tok = os.path.join(reader.path, "tokenizer.model")
+        if os.path.exists(tok):
+            write_tokenizer(tok, tmp, mcfg.seq_length)
+        else:
+            log(f"msg-export-hf: warning: `{reader.path}` holds no tokenizer.model; the export has no tokenizer")
+        if os.path.exists(out):
+            shutil.rmtree(out)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"out": out, "architecture": config["architectures"][0], "shape": list(shape.as_tuple()),
+            "step": reader.step, "dtype": dtype_name, "files": files, "bytes": writer.total,
+            "tokenizer": os.path.exists(tok)}
+
+
+def _main(argv) -> int:
+    ap = argparse.ArgumentParser(prog="msg-export-hf", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--load", required=True, help="checkpoint step directory or save directory (its `latest`)")
+    ap.add_argument("--out", required=True, help="output folder for the transformers model")
+    ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="weights' dtype (default fp32)")
+    ap.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default 5GB)")
+    ap.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    res = export(args.load, args.out, args.dtype, parse_size(args.max_shard_size), args.force)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(f"exported {res['architecture']} {tuple(res['shape'])} (step {res['step']}, {res['dtype']}) to "
+              f"{res['out']}: {len(res['files'])} file(s), {res['bytes'] / 1e6:.1f} MB"
+              + ("" if res["tokenizer"] else ", no tokenizer"))
+    return 0
+
+
+def main(argv=None) -> None:
+    sys.exit(run_cli("msg-export-hf", _main, argv))
+
+
+if __name__ == "__main__":
+    main()
