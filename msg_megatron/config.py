@@ -94,6 +94,11 @@ class StageConfig:
 
 @dataclass
 class GrowthConfig:
+    operator: str = "msg"
+    """`msg` (masked, strictly function-preserving), or the paper's baselines: `nomask` (the same new
+    weights, masks removed right after growth: Table 4's No Mask) and `net2net` (bert2BERT: new
+    units copy existing ones, outgoing weights split between copies, eq. 5-6; new layers are copies,
+    no masks; appendix C)."""
     ramp_steps: int = 100
     """Steps over which new masks ramp linearly from 0 to 1 (the paper's phi, section 3.2.1)."""
     init: str = "normal"
@@ -362,6 +367,7 @@ def validate(cfg: Config) -> None:
     _choice(m.norm, ["layernorm", "rmsnorm"], "model.norm")
     _choice(m.activation, ["gelu", "swiglu"], "model.activation")
     _choice(m.position_embedding, ["learned", "rope"], "model.position_embedding")
+    _choice(g.operator, ["msg", "nomask", "net2net"], "growth.operator")
     _choice(g.init, ["normal", "zeros", "copy"], "growth.init")
     _choice(g.depth_init, ["interpolate", "stack", "random"], "growth.depth_init")
     _choice(t.decay_style, ["cosine", "linear", "constant"], "train.decay_style")
@@ -397,6 +403,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError("growth.init_std must be >= 0.")
     _positive(p.tensor, "parallel.tensor")
     _positive(p.pipeline, "parallel.pipeline")
+    if p.tensor > 1 and g.operator == "net2net":
+        raise ConfigError(
+            f"growth.operator=net2net with parallel.tensor={p.tensor}: a copied unit may live on another "
+            "tensor-parallel rank; run the net2net baseline with parallel.tensor=1.")
+    if g.operator == "net2net" and g.depth_init == "random":
+        raise ConfigError("growth.operator=net2net copies layers; use growth.depth_init=interpolate (bert2BERT) "
+                          "or stack.")
     if p.tensor > 1 and g.init == "copy":
         raise ConfigError(
             f"growth.init=copy with parallel.tensor={p.tensor}: a copied unit may live on another tensor-"

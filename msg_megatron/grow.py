@@ -36,6 +36,8 @@ def _main(argv) -> int:
     ap.add_argument("--save", required=True, help="save directory for the grown checkpoint")
     ap.add_argument("--init", default=None, choices=["normal", "zeros", "copy"], help="default: the config's")
     ap.add_argument("--init-std", type=float, default=None)
+    ap.add_argument("--operator", default=None, choices=["msg", "nomask", "net2net"],
+                    help="default: the config's growth.operator (msg)")
     ap.add_argument("--depth-init", default=None, choices=["interpolate", "stack", "random"])
     ap.add_argument("--tensor", type=int, default=None, help="target tensor-parallel degree (default: the saved one)")
     ap.add_argument("--pipeline", type=int, default=None, help="target pipeline degree (default: the saved one)")
@@ -89,7 +91,7 @@ def _main(argv) -> int:
     new_model, name_map = grow_model(
         model, shape, step=step, plan=plan, init=args.init or g.init,
         init_std=g.init_std if args.init_std is None else args.init_std,
-        depth_init=depth_init, seed=cfg.train.seed + 7919 * step)
+        depth_init=depth_init, seed=cfg.train.seed + 7919 * step, operator=args.operator or g.operator)
     new_opt = grow_optimizer(optimizer, model, new_model, name_map, plan, cfg.train)
     update_masks(new_model, step, g.ramp_steps)
     after = validation_loss(new_model, valid, cfg.train.micro_batch_size, cfg.train.eval_iters)

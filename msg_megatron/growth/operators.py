@@ -20,7 +20,7 @@ import torch
 
 from ..config import Shape
 from ..model.gpt import MaskedGPT
-from ..model.masks import refresh_active
+from ..model.masks import open_masks, refresh_active
 from .axes import AxisPlan, GrowthPlan
 
 InitFn = Callable[[str, Tuple[int, ...], torch.Generator], torch.Tensor]
@@ -93,9 +93,21 @@ def draw_new(name: str, plans: List[Optional[AxisPlan]], local_shape: Tuple[int,
     return out
 
 
+_LINEAR_WEIGHTS = ("linear_qkv.weight", "linear_proj.weight", "linear_fc1.weight", "linear_fc2.weight",
+                   "output_layer.weight")
+
+
+def _outgoing_axis(name: str, dim: int) -> bool:
+    """Axis `dim` of `name` holds a unit's outgoing weights: the input axis of a linear layer."""
+    return dim == 1 and name.endswith(_LINEAR_WEIGHTS)
+
+
 def grow_tensor(name: str, old: torch.Tensor, plans: List[Optional[AxisPlan]], init: Optional[InitFn],
-                gen_for: Optional[Callable[[int], torch.Generator]], step: int) -> torch.Tensor:
-    """Grow one (local) tensor along every axis whose role grows; old entries copied bit-exactly."""
+                gen_for: Optional[Callable[[int], torch.Generator]], step: int,
+                split_copies: bool = False) -> torch.Tensor:
+    """Grow one (local) tensor along every axis whose role grows; old entries copied bit-exactly.
+    `split_copies` (Net2Net, eq. 6, with init=copy): a unit's outgoing weights are divided by the
+    number of its replicas, so the next layer's input sum is unchanged."""
     new_shape = tuple(p.new_local if p is not None else old.shape[i] for i, p in enumerate(plans))
     if new_shape == tuple(old.shape):
         return old.clone()
@@ -110,7 +122,11 @@ def grow_tensor(name: str, old: torch.Tensor, plans: List[Optional[AxisPlan]], i
         new = old
         for dim, p in enumerate(plans):
             if p is not None:
-                new = new.index_select(dim, p.source.to(dev))
+                src = p.source.to(dev)
+                new = new.index_select(dim, src)
+                if split_copies and _outgoing_axis(name, dim):
+                    count = torch.bincount(src, minlength=old.shape[dim]).to(new.dtype)[src]
+                    new = new / count.view(*([1] * dim), -1, *([1] * (new.dim() - dim - 1)))
         return new.clone()
     else:
         new = draw_new(name, plans, new_shape, init, gen_for).to(device=dev, dtype=old.dtype)
@@ -147,10 +163,21 @@ def plan_depth(old_layers: int, new_layers: int, depth_init: str) -> List[Option
 
 def grow_model(model: MaskedGPT, new_shape: Shape, *, step: int, init: Union[str, InitFn] = "normal",
                init_std: float = 0.02, depth_init: str = "interpolate", seed: int = 1234,
-               plan: Optional[GrowthPlan] = None) -> Tuple[MaskedGPT, Dict[str, Optional[str]]]:
+               plan: Optional[GrowthPlan] = None, operator: str = "msg"
+               ) -> Tuple[MaskedGPT, Dict[str, Optional[str]]]:
     """Return (grown model, name map). The name map gives, for each new tensor, the old tensor it
     grew from (None for tensors of randomly initialised new layers); optimizer-state growth uses it.
+
+    `operator`: `msg` (masked); `nomask` (the same new weights, every mask opened at once: the
+    paper's No Mask ablation); `net2net` (bert2BERT, appendix C: new units replicate existing ones
+    with outgoing weights split between replicas (eq. 5-6), new layers are copies, no masks; exact
+    for FFN and head growth, not for hidden growth under LayerNorm (eq. 7) nor for copied layers).
     """
+    if operator not in ("msg", "nomask", "net2net"):
+        raise ValueError(f"unknown growth operator {operator!r}; use msg, nomask or net2net")
+    split_copies = operator == "net2net"
+    if split_copies:
+        init = "copy"
     old_shape = model.shape
     for dim, a, b in zip(("hidden", "ffn", "heads", "layers"), old_shape.as_tuple(), new_shape.as_tuple()):
         if b < a:
@@ -206,7 +233,8 @@ def grow_model(model: MaskedGPT, new_shape: Shape, *, step: int, init: Union[str
                                         init_std, gen_for, step)
             name_map[name] = None
         else:
-            value = grow_tensor(src_name, old_sd[src_name], plan.axes(src_name), init_fn, gen_for, step)
+            value = grow_tensor(src_name, old_sd[src_name], plan.axes(src_name), init_fn, gen_for, step,
+                                split_copies)
             name_map[name] = None if is_copy else src_name
             if is_copy and name.endswith("depth_mask"):
                 value = torch.zeros_like(value)  # eq. 20: a new layer starts skipped
@@ -219,6 +247,8 @@ def grow_model(model: MaskedGPT, new_shape: Shape, *, step: int, init: Union[str
     missing = set(k for k in new_model.state_dict() if not k.endswith("_extra_state")) - set(new_sd)
     if missing:
         raise RuntimeError(f"growth left tensors unset: {sorted(missing)}")
+    if operator != "msg":
+        open_masks(new_model)
     refresh_active(new_model)
     return new_model, name_map
 

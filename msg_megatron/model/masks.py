@@ -101,6 +101,15 @@ def update_masks(model: nn.Module, step: int, ramp_steps: int) -> float:
     return lowest
 
 
+@torch.no_grad()
+def open_masks(model: nn.Module) -> None:
+    """Remove every mask: all entries 1 and born at -inf (the No Mask / Net2Net baselines)."""
+    for mod, name in iter_masks(model):
+        getattr(mod, f"{name}_mask").fill_(1.0)
+        getattr(mod, f"{name}_birth").fill_(-math.inf)
+        setattr(mod, f"{name}_active", False)
+
+
 def refresh_active(model: nn.Module) -> None:
     """Recompute the folded/active flags from the mask values (after loading a state dict)."""
     for mod, name in iter_masks(model):

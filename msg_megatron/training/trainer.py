@@ -78,6 +78,9 @@ class Trainer:
         self.lr_schedule = LRSchedule(t.lr, t.min_lr, t.warmup_steps, t.decay_steps or t.steps, t.decay_style,
                                       reset_steps)
         self.step, self.stage, self.consumed_samples = 0, 0, 0
+        # wall time spent training (steps + growth, not evaluation) and model FLOPs so far: the x-axes
+        # of the paper's speed-up comparisons, carried across resumes
+        self.train_time, self.train_flops = 0.0, 0.0
         self.model = build_model(cfg.model, self.schedule[0][1], seed=t.seed)
         self.optimizer = build_optimizer(self.model, t)
         ck = cfg.checkpoint
@@ -103,7 +106,8 @@ class Trainer:
         loss_before = self.probe_loss()
         plan = GrowthPlan(self.model, new_shape)
         new_model, name_map = grow_model(self.model, new_shape, step=self.step, init=g.init, init_std=g.init_std,
-                                         depth_init=g.depth_init, seed=self.cfg.train.seed + stage, plan=plan)
+                                         depth_init=g.depth_init, seed=self.cfg.train.seed + stage, plan=plan,
+                                         operator=g.operator)
         self.optimizer = grow_optimizer(self.optimizer, self.model, new_model, name_map, plan, self.cfg.train)
         self.model, self.stage = new_model, stage
         update_masks(self.model, self.step, g.ramp_steps)
@@ -173,7 +177,8 @@ class Trainer:
 
     # ---- checkpoints ---------------------------------------------------------------------
     def state(self) -> dict:
-        return {"step": self.step, "stage": self.stage, "consumed_samples": self.consumed_samples}
+        return {"step": self.step, "stage": self.stage, "consumed_samples": self.consumed_samples,
+                "train_time": self.train_time, "train_flops": self.train_flops}
 
     def save(self) -> Optional[str]:
         ck = self.cfg.checkpoint
@@ -226,6 +231,7 @@ class Trainer:
                 f"{', '.join(f'model.{k}' for k in diff)}); use the same model section or a matching checkpoint")
         st = meta["state"]
         self.step, self.stage, self.consumed_samples = st["step"], st["stage"], st["consumed_samples"]
+        self.train_time, self.train_flops = st.get("train_time", 0.0), st.get("train_flops", 0.0)
         shape = Shape(*meta["shape"])
         if shape != self.schedule[self.stage][1]:
             raise CheckpointError(f"checkpoint `{meta['path']}` has shape {shape} but stage {self.stage} of the "
@@ -281,12 +287,16 @@ class Trainer:
         self.metrics.print(f"[train] shape {self.model.shape}, params {self.num_params():,}, "
                            f"{len(self.schedule) - 1} growth stage(s), {t.steps} steps")
         while self.step < t.steps:
+            start = time.perf_counter()
             while self.stage + 1 < len(self.schedule) and self.schedule[self.stage + 1][0] <= self.step:
                 self.grow(self.stage + 1)
             lowest_mask = update_masks(self.model, self.step, g.ramp_steps)
             rec = self.train_step()
+            self.train_time += time.perf_counter() - start
+            self.train_flops += rec["flops_per_token"] * t.global_batch_size * self.cfg.model.seq_length
             rec.update(step=self.step, stage=self.stage, shape=list(self.model.shape.as_tuple()),
-                       params=self.num_params(), mask=lowest_mask)
+                       params=self.num_params(), mask=lowest_mask, train_time=self.train_time,
+                       train_flops=self.train_flops)
             if self.step % t.log_interval == 0 or self.step == t.steps - 1:
                 self.metrics.log(rec)
                 self.metrics.print(
@@ -316,7 +326,8 @@ class Trainer:
     def _log_eval(self) -> Optional[float]:
         val = self.evaluate()
         if val is not None:
-            self.metrics.log({"step": self.step, "val_loss": val, "stage": self.stage})
+            self.metrics.log({"step": self.step, "val_loss": val, "stage": self.stage, "train_time": self.train_time,
+                              "train_flops": self.train_flops})
             self.metrics.print(f"[eval] step {self.step} | val_loss {val:.4f}")
         return val
 
