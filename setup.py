@@ -83,7 +83,7 @@ setup(
     extras_require={
         # Hugging Face export/import; this transformers release installs without touching torch
         "hf": HF,
-        "test": ["pytest>=7", "pytest-timeout>=2", "hypothesis>=6"] + HF,
+        "test": ["pytest>=7", "pytest-timeout>=2", "hypothesis>=6", "matplotlib>=3.7"] + HF,
     },
     ext_modules=EXTENSIONS,
     cmdclass={"build_ext": BUILD_EXT},
@@ -95,6 +95,7 @@ setup(
             "msg-preprocess=msg_megatron.preprocess:main",
             "msg-export-hf=msg_megatron.hf.export:main",
             "msg-import-hf=msg_megatron.hf.import_hf:main",
+            "msg-gridsearch=msg_megatron.gridsearch:main",
         ]
     },
 )

@@ -1,0 +1,109 @@
+"""msg-gridsearch CONFIG --candidates H,F,A,L [H,F,A,L ...] [--steps N] [overrides...]: pick intermediate shapes.
+
+The paper's schedule construction (section 3.2.1): train each candidate structure briefly with the
+config's other settings (same data, batch, LR schedule: its warmup and decay length are kept, so a
+short run sees the schedule's early part) and compare the pre-training rate
+    gamma = d loss / d t = (d loss / d step) * (d step / d t) = alpha * tau        (eq. 21)
+measured by least squares over the second half of each run (training loss against training wall
+time). A small model has the better tau, a large one the better alpha; the table shows both, so a
+schedule can start from the structure that learns fastest per second and grow when it slows down.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from typing import List
+
+from .cli import run_cli
+
+
+def _slope(xs: List[float], ys: List[float]) -> float:
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    var = sum((x - mx) ** 2 for x in xs)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var if var > 0 else 0.0
+
+
+def rates(step_records: List[dict]) -> dict:
+    """alpha (loss drop per step), tau (steps per second), gamma (loss drop per second, eq. 21)
+    over the second half of a run."""
+    half = step_records[len(step_records) // 2:]
+    if len(half) < 3:
+        raise ValueError("too few logged steps to fit a rate; raise --steps or lower train.log_interval")
+    steps = [r["step"] for r in half]
+    times = [r["train_time"] for r in half]
+    losses = [r["loss"] for r in half]
+    alpha = -_slope(steps, losses)
+    tau = (steps[-1] - steps[0]) / max(times[-1] - times[0], 1e-9)
+    gamma = -_slope(times, losses)
+    tail = step_records[-min(10, len(step_records)):]
+    return {"alpha": alpha, "tau": tau, "gamma": gamma, "final_loss": sum(r["loss"] for r in tail) / len(tail),
+            "time": step_records[-1]["train_time"], "params": step_records[-1]["params"],
+            "tokens_per_s": sum(r["tokens_per_s"] for r in half) / len(half)}
+
+
+def search(config: str, candidates, steps: int, overrides: List[str], out_dir: str, log=print) -> List[dict]:
+    from .config import load_config
+    from .training.runs import run_pretrain, steps as step_records
+
+    cfg = load_config(config, overrides)
+    head_dim = cfg.model.head_dim
+    decay = cfg.train.decay_steps or cfg.train.steps
+    results = []
+    for shape in candidates:
+        h, f, a, n = shape.as_tuple()
+        over = list(overrides) + [
+            f"model.hidden_size={h}", f"model.ffn_hidden_size={f}", f"model.num_attention_heads={a}",
+            f"model.num_layers={n}", f"model.kv_channels={head_dim}", "growth.stages=[]", "growth.lr_reset_stages=[]",
+            f"train.steps={steps}", f"train.decay_steps={decay}", "train.eval_interval=0", "train.save_interval=0",
+            "train.log_interval=1", "checkpoint.save=", "checkpoint.load="]
+        run_dir = os.path.join(out_dir, "x".join(str(v) for v in shape.as_tuple()))
+        log(f"[gridsearch] {shape}: {steps} steps -> {run_dir}")
+        recs = run_pretrain(config, over, run_dir)
+        res = dict(rates(step_records(recs)), shape=list(shape.as_tuple()))
+        log(f"[gridsearch] {shape}: gamma {res['gamma']:.4f} loss/s, alpha {res['alpha']:.5f} loss/step, "
+            f"tau {res['tau']:.2f} steps/s, loss {res['final_loss']:.3f}")
+        results.append(res)
+    return results
+
+
+def table(results: List[dict]) -> str:
+    lines = ["| shape (h, f, a, L) | params | tok/s | alpha (loss/step) | tau (step/s) | gamma (loss/s) | loss at end |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    best = max(r["gamma"] for r in results)
+    for r in sorted(results, key=lambda r: -r["gamma"]):
+        mark = " **best**" if r["gamma"] == best else ""
+        lines.append(f"| {tuple(r['shape'])}{mark} | {r['params'] / 1e6:.2f}M | {r['tokens_per_s']:.0f} | "
+                     f"{r['alpha']:.5f} | {r['tau']:.2f} | {r['gamma']:.4f} | {r['final_loss']:.3f} |")
+    return "\n".join(lines)
+
+
+def _main(argv) -> int:
+    from .grow import parse_shape
+
+    ap = argparse.ArgumentParser(prog="msg-gridsearch", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("config")
+    ap.add_argument("overrides", nargs="*", help="section.field=value, applied to every candidate")
+    ap.add_argument("--candidates", nargs="+", required=True, help="shapes hidden,ffn,heads,layers")
+    ap.add_argument("--steps", type=int, default=100, help="training steps per candidate (default 100)")
+    ap.add_argument("--out", default="", help="directory for the candidates' runs (default: a temp dir)")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    candidates = [parse_shape(c) for c in args.candidates]
+    out = args.out or tempfile.mkdtemp(prefix="msg-gridsearch-")
+    results = search(args.config, candidates, args.steps, args.overrides, out,
+                     log=(lambda *_: None) if args.json else print)
+    print(json.dumps(results) if args.json else table(results))
+    return 0
+
+
+def main(argv=None) -> None:
+    sys.exit(run_cli("msg-gridsearch", _main, argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""Run `msg-pretrain` as a child process and read back its metrics: the building block of the
+schedule tools (msg-gridsearch, tools/bench_growth.py), which compare whole runs side by side.
+A child process per run keeps the runs independent (fresh process group, memory, RNG)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import List, Optional
+
+
+class RunFailed(RuntimeError):
+    pass
+
+
+def read_metrics(run_dir: str) -> List[dict]:
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        raise RunFailed(f"`{path}` does not exist: the run did not start")
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def run_pretrain(config: str, overrides: List[str], run_dir: str, timeout: Optional[float] = None,
+                 log_path: Optional[str] = None) -> List[dict]:
+    """Train `config` with `overrides` into a fresh `run_dir`; return its metrics records."""
+    os.makedirs(run_dir, exist_ok=True)
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if os.path.exists(path):
+        os.remove(path)
+    cmd = [sys.executable, "-m", "msg_megatron.pretrain", config, *overrides, f"logging.run_dir={run_dir}",
+           "logging.wandb=disabled"]
+    env = dict(os.environ, WANDB_MODE="disabled")
+    log_path = log_path or os.path.join(run_dir, "stdout.log")
+    with open(log_path, "w") as log:
+        try:
+            r = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout, env=env)
+        except subprocess.TimeoutExpired:
+            raise RunFailed(f"run `{run_dir}` exceeded {timeout:.0f} s; see {log_path}") from None
+    if r.returncode != 0:
+        with open(log_path) as f:
+            tail = f.read()[-2000:]
+        raise RunFailed(f"run `{run_dir}` failed with status {r.returncode}; last output:\n{tail}")
+    return read_metrics(run_dir)
+
+
+def steps(records: List[dict]) -> List[dict]:
+    return [r for r in records if "loss" in r and "event" not in r]
+
+
+def evals(records: List[dict]) -> List[dict]:
+    return [r for r in records if "val_loss" in r]
+
+
+def growths(records: List[dict]) -> List[dict]:
+    return [r for r in records if r.get("event") == "growth"]
