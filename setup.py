@@ -96,6 +96,7 @@ setup(
             "msg-export-hf=msg_megatron.hf.export:main",
             "msg-import-hf=msg_megatron.hf.import_hf:main",
             "msg-gridsearch=msg_megatron.gridsearch:main",
+            "msg-plan=msg_megatron.plan:main",
         ]
     },
 )

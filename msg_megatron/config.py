@@ -90,6 +90,14 @@ class StageConfig:
     """[hidden, ffn, heads, layers] of this stage."""
     kv_channels: Optional[int] = None
     """Optional statement of the head dim; it must equal model.kv_channels (heads grow at fixed head dim)."""
+    global_batch_size: Optional[int] = None
+    """Sequences per step from this stage on (default: train.global_batch_size), e.g. FLM-101B's 2304 -> 2160."""
+    tensor: Optional[int] = None
+    """Tensor-parallel degree from this stage on (default: the previous stage's, else parallel.tensor). A run
+    reaching a stage at another layout saves and exits with status 76; msg-grow --tensor/--pipeline grows and
+    reshards the checkpoint, and the next job resumes at the new layout (launch/slurm/chain_stages.sh)."""
+    pipeline: Optional[int] = None
+    """Pipeline degree from this stage on (default: the previous stage's, else parallel.pipeline)."""
 
 
 @dataclass
@@ -119,6 +127,9 @@ class ParallelConfig:
     """Tensor-parallel degree: heads, FFN units and the vocabulary are split over this many ranks."""
     pipeline: int = 1
     """Pipeline-parallel degree: layers are split into this many consecutive stages (1F1B schedule)."""
+    gpus: int = 0
+    """GPUs the schedule is planned for (msg-plan's data-parallel degree; 0: tensor x pipeline). The
+    launcher decides the real world size."""
 
 
 @dataclass
@@ -227,6 +238,21 @@ class Config:
         if not self.growth.stages:
             return [(0, self.model.shape)]
         return [(s.step, Shape(*s.shape)) for s in self.growth.stages]
+
+    def batch_size(self, stage: int) -> int:
+        """Global batch size (sequences per step) during stage `stage`."""
+        for st in reversed(self.growth.stages[: stage + 1]):
+            if st.global_batch_size:
+                return st.global_batch_size
+        return self.train.global_batch_size
+
+    def layout(self, stage: int) -> tuple:
+        """(tensor, pipeline) degrees stage `stage` runs at: the latest stage up to it that names
+        them, else parallel.*."""
+        before = list(reversed(self.growth.stages[: stage + 1]))
+        tp = next((st.tensor for st in before if st.tensor), self.parallel.tensor)
+        pp = next((st.pipeline for st in before if st.pipeline), self.parallel.pipeline)
+        return tp, pp
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -422,11 +448,21 @@ def validate(cfg: Config) -> None:
 
 def _validate_layout(cfg: Config) -> None:
     """Every stage's heads and FFN units must split evenly over the tensor-parallel ranks (each rank
-    appends its share of new units locally when they grow), and its layers over the pipeline stages."""
-    tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
+    appends its share of new units locally when they grow), and its layers over the pipeline stages
+    (each stage at its own layout when it names one, else at parallel.*)."""
     sched = cfg.schedule()
     for i, (step, shape) in enumerate(sched):
         where = f"growth.stages[{i}]" if cfg.growth.stages else "model"
+        tp, pp = cfg.layout(i)
+        if cfg.growth.stages:
+            st = cfg.growth.stages[i]
+            for name in ("tensor", "pipeline", "global_batch_size"):
+                if getattr(st, name) is not None and getattr(st, name) <= 0:
+                    raise ConfigError(f"`{where}.{name}` must be positive, got {getattr(st, name)}.")
+            gbs = cfg.batch_size(i)
+            if gbs % cfg.train.micro_batch_size:
+                raise ConfigError(f"`{where}` has a global batch size of {gbs}, not a multiple of "
+                                  f"train.micro_batch_size={cfg.train.micro_batch_size}.")
         for dim, n in (("heads", shape.heads), ("ffn", shape.ffn)):
             if n % tp:
                 raise ConfigError(
@@ -437,6 +473,7 @@ def _validate_layout(cfg: Config) -> None:
                 f"`{where}` has layers={shape.layers}, which does not split evenly over parallel.pipeline={pp} "
                 f"stages; choose a multiple of {pp} for every stage (changing the pipeline degree between "
                 "stages goes through a checkpoint: msg-grow).")
+    tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
     grows_depth = any(b[1].layers != a[1].layers for a, b in zip(sched, sched[1:]))
     if pp > 1 and grows_depth and cfg.growth.depth_init != "interpolate":
         raise ConfigError(
@@ -445,6 +482,7 @@ def _validate_layout(cfg: Config) -> None:
             "on the same stage).")
     mult = cfg.model.make_vocab_size_divisible_by
     padded = -(-cfg.model.vocab_size // mult) * mult
+    tp = max([tp] + [cfg.layout(i)[0] for i in range(len(sched))])
     if padded % tp:
         raise ConfigError(
             f"the padded vocabulary ({padded} rows: model.vocab_size={cfg.model.vocab_size} rounded up to "

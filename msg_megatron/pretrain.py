@@ -17,11 +17,15 @@ def _main(argv) -> int:
     cfg = load_config(args.config, args.overrides)
     from .training.trainer import Trainer
 
-    from .training.trainer import PREEMPTED_EXIT
+    from .parallel import is_logging_rank
+    from .training.trainer import PREEMPTED_EXIT, RELAYOUT_EXIT
 
     result = Trainer(cfg).run()
-    print(json.dumps({"final": result}))
-    return PREEMPTED_EXIT if result.get("preempted") else 0
+    if is_logging_rank():
+        print(json.dumps({"final": result}))
+    if result.get("preempted"):
+        return PREEMPTED_EXIT
+    return RELAYOUT_EXIT if result.get("relayout") else 0
 
 
 def main(argv=None) -> None:

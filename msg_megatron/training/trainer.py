@@ -36,6 +36,7 @@ from .schedule import LRSchedule
 
 
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: saved on SIGTERM/SIGUSR1, resume to continue (launchers requeue on it)
+RELAYOUT_EXIT = 76  # saved before a stage that runs at another TP/PP layout: msg-grow reshards, then resume
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
@@ -51,16 +52,19 @@ class Trainer:
             raise ConfigError("train.precision=bf16 needs a GPU (bf16 autocast of megatron's linears is CUDA-only); "
                               "use train.precision=fp32 on CPU.")
         initialize_parallel(cfg.parallel.tensor, cfg.parallel.pipeline, t.seed)
+        self.layout = (cfg.parallel.tensor, cfg.parallel.pipeline)
         from megatron.core import parallel_state as ps
 
         self.dp_rank, self.dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         self.world = torch.distributed.get_world_size()
-        n_micro = t.global_batch_size // t.micro_batch_size
-        if n_micro % self.dp:
-            raise ConfigError(
-                f"train.global_batch_size={t.global_batch_size} is {n_micro} micro-batches of "
-                f"{t.micro_batch_size}, which do not split over {self.dp} data-parallel ranks; make it a "
-                f"multiple of micro_batch_size x {self.dp} = {t.micro_batch_size * self.dp}.")
+        for i in range(len(cfg.schedule())):
+            gbs = cfg.batch_size(i)
+            n_micro = gbs // t.micro_batch_size
+            if n_micro % self.dp and cfg.layout(i) == (cfg.parallel.tensor, cfg.parallel.pipeline):
+                raise ConfigError(
+                    f"the global batch size {gbs} (train.global_batch_size or growth.stages[{i}]) is {n_micro} "
+                    f"micro-batches of {t.micro_batch_size}, which do not split over {self.dp} data-parallel "
+                    f"ranks; make it a multiple of micro_batch_size x {self.dp} = {t.micro_batch_size * self.dp}.")
         self.metrics = MetricsLogger(cfg.logging.run_dir, cfg.logging.wandb, cfg.logging.project,
                                      cfg.logging.name, cfg.to_dict(), enabled=log_enabled and is_logging_rank())
         seq = cfg.model.seq_length
@@ -127,7 +131,8 @@ class Trainer:
         lr = self.lr_schedule(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        n_micro = t.global_batch_size // t.micro_batch_size
+        gbs = self.cfg.batch_size(self.stage)
+        n_micro = gbs // t.micro_batch_size
         local = n_micro // self.dp  # this DP rank's micro-batches: a contiguous block of the batch
         start = time.perf_counter()
         batches = [self.train_data.batch(self.consumed_samples + (self.dp_rank * local + i) * t.micro_batch_size,
@@ -146,14 +151,15 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - start
-        self.consumed_samples += t.global_batch_size
+        self.consumed_samples += gbs
         loss = float(total) / n_micro
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss is {loss} at step {self.step}; lower train.lr or raise train.clip_grad")
-        tokens_per_s = t.global_batch_size * self.cfg.model.seq_length / elapsed
+        tokens_per_s = gbs * self.cfg.model.seq_length / elapsed
         fpt = flops_per_token(self.cfg.model, self.model.shape, self.model.vocab_padded)
         tflops = tokens_per_s * fpt / self.world / 1e12  # achieved model TFLOP/s per process (GPU)
         rec = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s, "step_time": elapsed,
+               "tokens": gbs * self.cfg.model.seq_length,
                "flops_per_token": fpt, "tflops_per_gpu": tflops}
         if self.peak_tflops:
             rec["mfu"] = tflops / self.peak_tflops
@@ -187,7 +193,7 @@ class Trainer:
         path = save_checkpoint(ck.save, self.model, self.optimizer, self.state(), self.cfg.to_dict(),
                                os.path.join(self.data_dir, "tokenizer.model") if self.data_dir else "", ck.keep)
         self.metrics.print(f"[save] step {self.step} -> {path}")
-        self._last_saved = self.step
+        self._last_saved, self._last_saved_path = self.step, path
         return path
 
     def num_params(self) -> int:
@@ -275,7 +281,7 @@ class Trainer:
     def run(self) -> dict:
         t, g = self.cfg.train, self.cfg.growth
         last_eval = None
-        self._last_saved = None
+        self._last_saved, self._last_saved_path = None, None
         previous = self._install_signal_handlers()
         try:
             return self._loop(t, g, last_eval)
@@ -284,16 +290,23 @@ class Trainer:
                 signal.signal(sig, old)
 
     def _loop(self, t, g, last_eval) -> dict:
+        if self.cfg.layout(self.stage) != self.layout:
+            tp, pp = self.cfg.layout(self.stage)
+            raise ConfigError(f"stage {self.stage} of growth.stages runs at tensor={tp} pipeline={pp}, but this job "
+                              f"has parallel.tensor={self.layout[0]} parallel.pipeline={self.layout[1]}; launch it "
+                              f"with parallel.tensor={tp} parallel.pipeline={pp}")
         self.metrics.print(f"[train] shape {self.model.shape}, params {self.num_params():,}, "
                            f"{len(self.schedule) - 1} growth stage(s), {t.steps} steps")
         while self.step < t.steps:
             start = time.perf_counter()
             while self.stage + 1 < len(self.schedule) and self.schedule[self.stage + 1][0] <= self.step:
+                if self.cfg.layout(self.stage + 1) != self.layout:
+                    return self._stop_for_relayout(self.stage + 1)
                 self.grow(self.stage + 1)
             lowest_mask = update_masks(self.model, self.step, g.ramp_steps)
             rec = self.train_step()
             self.train_time += time.perf_counter() - start
-            self.train_flops += rec["flops_per_token"] * t.global_batch_size * self.cfg.model.seq_length
+            self.train_flops += rec["flops_per_token"] * rec["tokens"]
             rec.update(step=self.step, stage=self.stage, shape=list(self.model.shape.as_tuple()),
                        params=self.num_params(), mask=lowest_mask, train_time=self.train_time,
                        train_flops=self.train_flops)
@@ -322,6 +335,22 @@ class Trainer:
         self.save()
         self.metrics.close()
         return {"step": self.step, "val_loss": last_eval, "shape": list(self.model.shape.as_tuple())}
+
+    def _stop_for_relayout(self, stage: int) -> dict:
+        """The next stage runs at another TP/PP layout: save here (before the growth) and stop, so
+        `msg-grow --tensor T --pipeline P` can grow and reshard the checkpoint for the next job."""
+        tp, pp = self.cfg.layout(stage)
+        shape = self.schedule[stage][1]
+        self.metrics.print(f"[relayout] step {self.step}: stage {stage} {shape} runs at tensor={tp} pipeline={pp} "
+                           f"(this job: {self.layout[0]} x {self.layout[1]}); saving and stopping. Next: msg-grow "
+                           f"--load CKPT --shape {','.join(map(str, shape.as_tuple()))} --tensor {tp} --pipeline {pp} "
+                           "--save NEW_DIR, then resume from NEW_DIR at that layout")
+        self._log_eval()
+        path = self.save() if self._last_saved != self.step else self._last_saved_path
+        self.metrics.close()
+        return {"step": self.step, "relayout": {"stage": stage, "shape": list(shape.as_tuple()), "tensor": tp,
+                                                 "pipeline": pp, "checkpoint": path},
+                "shape": list(self.model.shape.as_tuple())}
 
     def _log_eval(self) -> Optional[float]:
         val = self.evaluate()

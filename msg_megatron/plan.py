@@ -1,0 +1,164 @@
+"""msg-plan CONFIG [overrides...] [--mfu 0.5] [--gpu A800] [--json]: what each growth stage costs.
+
+Per stage: parameters (exactly the instantiated model's), training FLOPs per token (the trainer's
+MFU formula), tokens (steps x global batch x sequence), the layout (TP, PP, DP from parallel.gpus),
+memory per GPU and GPU-hours at a given MFU; for the whole schedule, the FLOPs saved against
+training the final shape on the same tokens. Memory per GPU, bf16 mixed precision as megatron:
+  weights 2 B/param, fp32 main gradients 4 B/param, fp32 master weights + Adam moments 12 B/param
+  (divided by DP with the distributed optimizer), on the most loaded pipeline stage (the first: the
+  embedding and PP micro-batches in flight under 1F1B), activations with flash attention (no s^2
+  term), no recomputation and no sequence parallelism, per layer and micro-batch of b sequences
+      s*b*(8h + (8*a*d + 2*F_in + 2*F*(2 if SwiGLU else 1)) / TP) bytes,
+  F_in = 2F for SwiGLU's fc1 else F. Estimates for planning, not measurements.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import List
+
+from .cli import run_cli
+from .config import Config, ModelConfig, Shape, load_config
+from .training.flops import PEAK_TFLOPS, flops_per_token
+
+GIB = 1024 ** 3
+
+
+def count_params(mcfg: ModelConfig, shape: Shape, vocab_padded: int) -> int:
+    """Parameters of MaskedGPT at `shape` (equal to sum(p.numel()) of the built model)."""
+    h, f, a, n = shape.as_tuple()
+    d = mcfg.head_dim
+    bias = mcfg.add_bias_linear
+    norm = 2 * h if mcfg.norm == "layernorm" else h
+    f_in = 2 * f if mcfg.activation == "swiglu" else f
+    layer = (2 * norm + 3 * a * d * h + a * d * h + f_in * h + f * h
+             + (3 * a * d + h + f_in + h if bias else 0))
+    total = n * layer + vocab_padded * h + norm
+    if mcfg.position_embedding == "learned":
+        total += mcfg.seq_length * h
+    if not mcfg.tie_embeddings:
+        total += vocab_padded * h
+    return total
+
+
+def stage_memory(mcfg: ModelConfig, shape: Shape, vocab_padded: int, tp: int, pp: int, dp: int,
+                 micro_batch: int, distributed_optimizer: bool = True) -> dict:
+    h, f, a, n = shape.as_tuple()
+    d, s, b = mcfg.head_dim, mcfg.seq_length, micro_batch
+    total = count_params(mcfg, shape, vocab_padded)
+    outer = count_params(mcfg, Shape(h, f, a, 0), vocab_padded)  # embeddings, output layer, final norm
+    per_layer = (total - outer) / n
+    # the first pipeline stage: its layers plus the embeddings, sharded over TP (the whole model at PP=1)
+    embed = vocab_padded * h + (mcfg.seq_length * h if mcfg.position_embedding == "learned" else 0)
+    local = (per_layer * (n // pp) + embed) / tp if pp > 1 else total / tp
+    opt_bytes = 12 / (dp if distributed_optimizer else 1)
+    f_in = 2 * f if mcfg.activation == "swiglu" else f
+    act_layer = s * b * (8 * h + (8 * a * d + 2 * f_in + 2 * f * (2 if mcfg.activation == "swiglu" else 1)) / tp)
+    # 1F1B: the first stage holds PP micro-batches of its n/PP layers = n layers' worth
+    acts = act_layer * n + (4 * s * b * vocab_padded / tp if pp == 1 else 0)
+    out = {"params_per_gpu": local, "weights": 2 * local, "grads": 4 * local, "optimizer": opt_bytes * local,
+           "activations": acts}
+    out["total"] = sum(out[k] for k in ("weights", "grads", "optimizer", "activations"))
+    return out
+
+
+def plan(cfg: Config, mfu: float, gpu: str, distributed_optimizer: bool = True) -> dict:
+    from .model.gpt import padded_vocab_size
+
+    vocab = padded_vocab_size(cfg.model)
+    sched = cfg.schedule()
+    peak = PEAK_TFLOPS.get(gpu)
+    if peak is None:
+        raise ValueError(f"--gpu {gpu} is not in the peak table ({', '.join(PEAK_TFLOPS)})")
+    stages = []
+    for i, (step, shape) in enumerate(sched):
+        end = sched[i + 1][0] if i + 1 < len(sched) else cfg.train.steps
+        tp, pp = cfg.layout(i)
+        gpus = cfg.parallel.gpus or tp * pp
+        if gpus % (tp * pp):
+            raise ValueError(f"parallel.gpus={gpus} is not a multiple of stage {i}'s tensor x pipeline = {tp * pp}")
+        dp = gpus // (tp * pp)
+        gbs = cfg.batch_size(i)
+        tokens = (end - step) * gbs * cfg.model.seq_length
+        fpt = flops_per_token(cfg.model, shape, vocab)
+        flops = fpt * tokens
+        mem = stage_memory(cfg.model, shape, vocab, tp, pp, dp, cfg.train.micro_batch_size, distributed_optimizer)
+        stages.append({"stage": i, "steps": [step, end], "shape": list(shape.as_tuple()),
+                       "params": count_params(cfg.model, shape, vocab), "flops_per_token": fpt, "tokens": tokens,
+                       "global_batch_size": gbs, "tensor": tp, "pipeline": pp, "data": dp, "gpus": gpus,
+                       "flops": flops, "gpu_hours": flops / (peak * 1e12 * mfu) / 3600,
+                       "days": flops / (peak * 1e12 * mfu * gpus) / 86400,
+                       "memory_gib": {k: v / GIB for k, v in mem.items() if k != "params_per_gpu"}})
+    tokens = sum(s["tokens"] for s in stages)
+    final_fpt = flops_per_token(cfg.model, sched[-1][1], vocab)
+    total = sum(s["flops"] for s in stages)
+    return {"gpu": gpu, "peak_tflops": peak, "mfu": mfu, "distributed_optimizer": distributed_optimizer,
+            "stages": stages, "tokens": tokens, "flops": total, "gpu_hours": sum(s["gpu_hours"] for s in stages),
+            "final_shape_flops": final_fpt * tokens, "flops_saving": 1 - total / (final_fpt * tokens),
+            "speedup_flops": final_fpt * tokens / total}
+
+
+def job_segments(cfg: Config) -> List[dict]:
+    """Consecutive stages that run at the same TP/PP layout form one job; a new layout starts a new
+    job after an offline grow + reshard (the trainer saves and exits 76 at that boundary). Job k
+    saves into checkpoint.save (k = 0) or checkpoint.save + `_stage<first stage>`."""
+    jobs = []
+    for i in range(len(cfg.schedule())):
+        layout = cfg.layout(i)
+        if not jobs or jobs[-1]["layout"] != layout:
+            save = cfg.checkpoint.save if i == 0 else f"{cfg.checkpoint.save.rstrip('/')}_stage{i}"
+            jobs.append({"first_stage": i, "layout": layout, "save": save,
+                         "shape": list(cfg.schedule()[i][1].as_tuple())})
+    return jobs
+
+
+def table(res: dict) -> str:
+    lines = [f"{res['gpu']} ({res['peak_tflops']:.0f} TFLOP/s bf16) at {res['mfu']:.0%} MFU, "
+             f"{'distributed' if res['distributed_optimizer'] else 'replicated'} optimizer",
+             "| stage | steps | shape (h, f, a, L) | params | TP x PP x DP | tokens | FLOPs/token | GPU-hours | days | "
+             "GiB/GPU (w+g+opt+act) |", "|---|---|---|---:|---|---:|---:|---:|---:|---|"]
+    for s in res["stages"]:
+        m = s["memory_gib"]
+        lines.append(f"| {s['stage']} | {s['steps'][0]}-{s['steps'][1]} | {tuple(s['shape'])} | "
+                     f"{s['params'] / 1e9:.2f}B | {s['tensor']} x {s['pipeline']} x {s['data']} | "
+                     f"{s['tokens'] / 1e9:.2f}B | {s['flops_per_token']:.3g} | {s['gpu_hours']:,.0f} | {s['days']:.1f} | "
+                     f"{m['total']:.1f} = {m['weights']:.1f}+{m['grads']:.1f}+{m['optimizer']:.1f}+{m['activations']:.1f} |")
+    lines.append(f"\ntotal: {res['tokens'] / 1e9:.2f}B tokens, {res['flops']:.3g} FLOPs, {res['gpu_hours']:,.0f} "
+                 f"GPU-hours; the final shape on the same tokens: {res['final_shape_flops']:.3g} FLOPs -> the "
+                 f"schedule saves {res['flops_saving']:.1%} ({res['speedup_flops']:.2f}x fewer FLOPs)")
+    return "\n".join(lines)
+
+
+def _main(argv: List[str]) -> int:
+    ap = argparse.ArgumentParser(prog="msg-plan", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("config")
+    ap.add_argument("overrides", nargs="*")
+    ap.add_argument("--mfu", type=float, default=0.5, help="model FLOPs utilisation assumed (default 0.5)")
+    ap.add_argument("--gpu", default="A800", help=f"peak-FLOPs table entry: {', '.join(PEAK_TFLOPS)} (default A800)")
+    ap.add_argument("--no-distributed-optimizer", action="store_true")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--jobs", action="store_true", help="print one line per job of a layout-changing schedule: "
+                    "FIRST_STAGE TENSOR PIPELINE H,F,A,L SAVE_DIR (what launch/slurm/chain_stages.sh reads)")
+    args = ap.parse_args(argv)
+    if args.jobs:
+        cfg = load_config(args.config, args.overrides)
+        if not cfg.checkpoint.save:
+            raise ValueError("checkpoint.save is empty: a multi-job schedule passes checkpoints between jobs")
+        for j in job_segments(cfg):
+            print(j["first_stage"], j["layout"][0], j["layout"][1], ",".join(map(str, j["shape"])), j["save"])
+        return 0
+    if not 0 < args.mfu <= 1:
+        raise ValueError(f"--mfu {args.mfu} must be in (0, 1]")
+    res = plan(load_config(args.config, args.overrides), args.mfu, args.gpu, not args.no_distributed_optimizer)
+    print(json.dumps(res) if args.json else table(res))
+    return 0
+
+
+def main(argv=None) -> None:
+    sys.exit(run_cli("msg-plan", _main, argv))
+
+
+if __name__ == "__main__":
+    main()

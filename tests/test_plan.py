@@ -1,0 +1,59 @@
+"""msg-plan: parameter counts equal the built model's numel (every architecture variant), FLOPs per
+token equal megatron's formula 72 L h^2 (1 + s/(6h) + V/(12 h L)) (Narayanan et al. 2021) where it
+applies (GELU, ffn = 4h, heads x head_dim = h), and the FLM-101B preset reproduces the published
+stage sizes, layouts and token budgets."""
+import itertools
+import json
+
+import pytest
+
+from conftest import run_cli, tiny_model_cfg
+from msg_megatron.config import Shape
+from msg_megatron.model import build_model
+from msg_megatron.model.gpt import padded_vocab_size
+from msg_megatron.plan import count_params
+from msg_megatron.training.flops import flops_per_token
+
+
+@pytest.mark.parametrize("norm,act,pos,tie,bias", list(itertools.product(
+    ["layernorm", "rmsnorm"], ["gelu", "swiglu"], ["learned", "rope"], [True, False], [True, False])))
+def test_parameter_count_equals_numel(norm, act, pos, tie, bias):
+    cfg = tiny_model_cfg(norm=norm, activation=act, position_embedding=pos, tie_embeddings=tie, add_bias_linear=bias)
+    for shape in (Shape(32, 64, 4, 2), Shape(48, 96, 6, 5)):
+        model = build_model(cfg, shape)
+        assert count_params(cfg, shape, padded_vocab_size(cfg)) == sum(p.numel() for p in model.parameters())
+
+
+def test_flops_per_token_is_megatrons_formula():
+    cfg = tiny_model_cfg(vocab_size=50257, seq_length=1024, kv_channels=64)
+    h, n, s, v = 768, 12, 1024, padded_vocab_size(cfg)
+    expect = 72 * n * h * h * (1 + s / (6 * h) + v / (12 * h * n))
+    assert flops_per_token(cfg, Shape(h, 4 * h, 12, n), v) == pytest.approx(expect, rel=1e-12)
+
+
+def test_flm_101b_plan():
+    r = run_cli(["msg_megatron.plan", "configs/flm_101b_a800.yaml", "--json"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout)
+    st = res["stages"]
+    assert [round(s["params"] / 1e9, 1) for s in st] == [16.5, 50.0, 101.7]
+    assert [(s["tensor"], s["pipeline"], s["data"]) for s in st] == [(2, 1, 96), (4, 2, 24), (4, 4, 12)]
+    assert [s["global_batch_size"] for s in st] == [2304, 2304, 2160]
+    assert [round(s["tokens"] / 1e9, 2) for s in st] == [245.37, 39.64, 26.54]
+    assert all(s["memory_gib"]["total"] < 80 for s in st)  # fits an 80 GiB A800 with micro-batch 1
+    assert 0.6 < res["flops_saving"] < 0.8
+    r = run_cli(["msg_megatron.plan", "configs/flm_101b_a800.yaml"])
+    assert "schedule saves" in r.stdout and "4 x 4 x 12" in r.stdout
+
+
+@pytest.mark.parametrize("config", ["configs/gpt2_sch1g.yaml", "configs/gpt2_sch_new.yaml", "configs/demo_cpu.yaml"])
+def test_every_paper_schedule_plans(config):
+    r = run_cli(["msg_megatron.plan", config, "--json", "--gpu", "A100"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout)
+    assert res["flops_saving"] > 0 and len(res["stages"]) >= 2
+
+
+def test_bad_plan_arguments():
+    r = run_cli(["msg_megatron.plan", "configs/demo_cpu.yaml", "--gpu", "V100"])
+    assert r.returncode == 2 and "peak table" in r.stderr
