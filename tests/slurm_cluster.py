@@ -94,11 +94,14 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubsc
 
     def wait(self, job: str, timeout: float, states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL",
                                                       "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED")) -> str:
-        deadline = time.time() + timeout
+        deadline, unknown = time.time() + timeout, 0
         while time.time() < deadline:
             state = self.job_state(job)
             if state in states:
                 return state
+            unknown = unknown + 1 if state == "UNKNOWN" else 0
+            if unknown > 30:
+                raise RuntimeError(f"SLURM does not know job {job!r}")
             time.sleep(1)
         raise TimeoutError(f"job {job} still {self.job_state(job)} after {timeout} s")
 

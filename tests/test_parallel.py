@@ -9,6 +9,7 @@
 - Bad layouts fail fast with a message naming the numbers.
 """
 import json
+import math
 import os
 import socket
 import subprocess
@@ -223,3 +224,23 @@ def test_msg_grow_rejects_a_shape_that_does_not_fit_the_layout(tmp_path, tiny_da
                  str(tmp_path / "g"), "--pipeline", "2"])
     assert r.returncode == 2 and "layers by the pipeline degree" in r.stderr and "--pipeline 2" in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / "g").exists()
+
+
+@pytest.mark.timeout(300)
+def test_training_resumes_from_an_offline_grown_checkpoint(tmp_path, tiny_data):
+    """msg-grow's copied layers have no AdamW state yet (fresh moments): resuming must start them
+    fresh rather than ask the checkpoint for tensors it does not hold."""
+    cfg = tmp_path / "cfg.yaml"
+    _write_config(cfg, ["train.steps=10", "train.save_interval=4"], [[32, 64, 2, 2], [32, 64, 2, 4]])
+    r = run_cli(["msg_megatron.pretrain", str(cfg), f"logging.run_dir={tmp_path}/a", f"checkpoint.save={tmp_path}/ck"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_cli(["msg_megatron.grow", "--load", str(tmp_path / "ck" / "step_000004"), "--shape", "32,64,2,4",
+                 "--save", str(tmp_path / "g"), "--no-verify"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    # the grown checkpoint is stage 1 at step 4: the same config resumes it (stage 1 runs from step 4 on)
+    over = [f"logging.run_dir={tmp_path}/b", f"checkpoint.load={tmp_path}/g"]
+    _write_config(cfg, ["train.steps=10"], [[32, 64, 2, 2], [32, 64, 2, 4]])
+    r = run_cli(["msg_megatron.pretrain", str(cfg), *over])
+    assert r.returncode == 0, r.stderr[-2000:]
+    got, _ = _losses(tmp_path / "b")
+    assert sorted(got) == list(range(4, 10)) and all(math.isfinite(v) for v in got.values())

@@ -106,3 +106,37 @@ def test_signal_saves_requeues_and_finishes_with_the_same_losses(cluster, uninte
     got, _ = _losses(tmp_path / "sig")
     assert sorted(got) == sorted(want)
     assert got == want  # bitwise: same layout, resumed from the checkpoint saved at the signal
+
+
+@pytest.mark.timeout(900)
+def test_chain_of_stages_changes_the_layout(cluster, tmp_path):
+    """chain_stages.sh: stage 0 at TP1 (2 tasks = DP2) saves and exits 76 at the stage boundary,
+    grow_stage.sbatch grows and reshards to TP2 (function preserved), stage 1 resumes at TP2."""
+    import subprocess
+
+    import yaml
+
+    from msg_megatron.config import load_config
+
+    cfg = load_config(CONFIG, SHORT + [
+        "growth.stages=[{step: 0, shape: [128, 256, 4, 2], tensor: 1}, {step: 12, shape: [192, 768, 6, 4], tensor: 2}]",
+        "train.steps=24", f"logging.run_dir={tmp_path}/run", f"checkpoint.save={tmp_path}/ck"])
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    env = dict(cluster.env, MSG_LOG_DIR=str(tmp_path / "logs"), OMP_NUM_THREADS="1", WANDB_MODE="disabled")
+    r = subprocess.run([os.path.join(REPO, "launch", "slurm", "chain_stages.sh"), str(path), "--nodes=1",
+                        "--ntasks-per-node=2", f"--output={tmp_path}/chain-%j.out"], capture_output=True, text=True,
+                       env=env, cwd=REPO, timeout=120)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()  # "stage S: pretrain|grow job ID (...)"
+    assert [x.split()[2] for x in lines] == ["pretrain", "grow", "pretrain"], r.stdout
+    state = cluster.wait(lines[-1].split()[4], 600)
+    log = _job_log(tmp_path, "")
+    assert state == "COMPLETED", r.stdout + log + cluster.logs()
+    assert "training exited with status 76" in log and "grow job" not in log
+    grow_log = next((tmp_path / "logs").glob("grow-*.log")).read_text()
+    rel = float(grow_log.split("rel diff ")[1].split(")")[0])
+    assert rel <= 1e-5, grow_log
+    losses, recs = _losses(tmp_path / "run")
+    assert sorted(losses) == list(range(24))
+    assert os.path.exists(tmp_path / "ck_stage1" / "latest")

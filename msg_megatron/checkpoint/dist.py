@@ -205,7 +205,13 @@ def load_checkpoint(path: str, model, optimizer=None, expect_shape: Optional[Sha
                 optimizer.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
                                       "exp_avg_sq": torch.zeros_like(p)}
     sd = _sharded(model, optimizer if has_opt else None)
-    rng_md = dist_checkpointing.load_tensors_metadata(meta["path"]).get("rng_state")
+    saved = dist_checkpointing.load_tensors_metadata(meta["path"])
+    # parameters saved without AdamW state (e.g. layers copied by an offline msg-grow, which start
+    # with fresh moments) keep fresh state: only request the optimizer tensors that exist
+    fresh = sorted(k for k, v in sd.items() if k.startswith("optimizer.") and getattr(v, "key", None) not in saved)
+    for k in fresh:
+        del sd[k]
+    rng_md = saved.get("rng_state")
     world = dist.get_world_size() if dist.is_initialized() else 1
     if rng_md is None:  # (checkpoints of 0.1.0 before per-rank states: rank 0's state, common)
         sd["rng_state"] = torch.get_rng_state()
@@ -227,6 +233,9 @@ def load_checkpoint(path: str, model, optimizer=None, expect_shape: Optional[Sha
     refresh_active(model)
     if has_opt:
         for name, p in model.named_parameters():
+            if f"optimizer.exp_avg.{name}" not in loaded:
+                optimizer.state.pop(p, None)  # AdamW initialises it lazily, as for a new parameter
+                continue
             st = optimizer.state[p]
             st["exp_avg"].copy_(loaded[f"optimizer.exp_avg.{name}"])
             st["exp_avg_sq"].copy_(loaded[f"optimizer.exp_avg_sq.{name}"])
