@@ -86,14 +86,16 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubsc
         return r
 
     def job_state(self, job: str) -> str:
+        """JobState, or DEPENDENCY_NEVER_SATISFIED for a job that can never start."""
         r = self.run(["scontrol", "show", "job", job, "-o"], check=False)
-        for field in r.stdout.split():
-            if field.startswith("JobState="):
-                return field.split("=", 1)[1]
-        return "UNKNOWN"
+        fields = dict(f.split("=", 1) for f in r.stdout.split() if "=" in f)
+        if fields.get("Reason") == "DependencyNeverSatisfied":
+            return "DEPENDENCY_NEVER_SATISFIED"
+        return fields.get("JobState", "UNKNOWN")
 
     def wait(self, job: str, timeout: float, states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL",
-                                                      "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED")) -> str:
+                                                      "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED",
+                                                      "DEPENDENCY_NEVER_SATISFIED")) -> str:
         deadline, unknown = time.time() + timeout, 0
         while time.time() < deadline:
             state = self.job_state(job)
