@@ -113,6 +113,18 @@ def job_segments(cfg: Config) -> List[dict]:
     return jobs
 
 
+def observed_mfu(run_dir: str) -> float:
+    """Median MFU of the logged steps of a run (GPU runs log `mfu`; the first 10% are warm-up)."""
+    import statistics
+
+    from .training.runs import read_metrics
+
+    vals = [r["mfu"] for r in read_metrics(run_dir) if "mfu" in r]
+    if not vals:
+        raise ValueError(f"`{run_dir}/metrics.jsonl` has no `mfu` values (CPU runs, or an unknown GPU); pass --mfu")
+    return statistics.median(vals[len(vals) // 10:])
+
+
 def table(res: dict) -> str:
     lines = [f"{res['gpu']} ({res['peak_tflops']:.0f} TFLOP/s bf16) at {res['mfu']:.0%} MFU, "
              f"{'distributed' if res['distributed_optimizer'] else 'replicated'} optimizer",
@@ -135,7 +147,9 @@ def _main(argv: List[str]) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("config")
     ap.add_argument("overrides", nargs="*")
-    ap.add_argument("--mfu", type=float, default=0.5, help="model FLOPs utilisation assumed (default 0.5)")
+    ap.add_argument("--mfu", type=float, default=None, help="model FLOPs utilisation assumed (default: --from-run's "
+                    "observed MFU, else 0.5)")
+    ap.add_argument("--from-run", default="", help="a run directory whose metrics.jsonl gives the observed MFU")
     ap.add_argument("--gpu", default="A800", help=f"peak-FLOPs table entry: {', '.join(PEAK_TFLOPS)} (default A800)")
     ap.add_argument("--no-distributed-optimizer", action="store_true")
     ap.add_argument("--json", action="store_true")
@@ -149,6 +163,8 @@ def _main(argv: List[str]) -> int:
         for j in job_segments(cfg):
             print(j["first_stage"], j["layout"][0], j["layout"][1], ",".join(map(str, j["shape"])), j["save"])
         return 0
+    if args.mfu is None:
+        args.mfu = observed_mfu(args.from_run) if args.from_run else 0.5
     if not 0 < args.mfu <= 1:
         raise ValueError(f"--mfu {args.mfu} must be in (0, 1]")
     res = plan(load_config(args.config, args.overrides), args.mfu, args.gpu, not args.no_distributed_optimizer)

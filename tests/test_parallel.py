@@ -244,3 +244,21 @@ def test_training_resumes_from_an_offline_grown_checkpoint(tmp_path, tiny_data):
     assert r.returncode == 0, r.stderr[-2000:]
     got, _ = _losses(tmp_path / "b")
     assert sorted(got) == list(range(4, 10)) and all(math.isfinite(v) for v in got.values())
+
+
+@pytest.mark.timeout(300)
+def test_local_launcher_runs_and_resumes(tmp_path, tiny_data):
+    """launch/local.sh: torchrun on one machine, checkpoint.load=auto added (a second call resumes)."""
+    cfg = tmp_path / "cfg.yaml"
+    _write_config(cfg, [f"checkpoint.save={tmp_path}/ck", f"logging.run_dir={tmp_path}/run"],
+                  [[32, 64, 2, 2], [32, 128, 4, 2]])
+    env = dict(os.environ, WANDB_MODE="disabled", MSG_PYTHON=sys.executable)
+    cmd = [os.path.join(REPO, "launch", "local.sh"), "2", str(cfg), "parallel.tensor=2"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=REPO, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "no checkpoint in" in r.stdout
+    r = subprocess.run(cmd + ["train.steps=10"], capture_output=True, text=True, timeout=240, cwd=REPO, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "[resume]" in r.stdout and "step_000008" in r.stdout
+    got, _ = _losses(tmp_path / "run")
+    assert sorted(got) == list(range(10))

@@ -36,7 +36,9 @@ def test_flm_101b_plan():
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(r.stdout)
     st = res["stages"]
-    assert [round(s["params"] / 1e9, 1) for s in st] == [16.5, 50.0, 101.7]
+    assert [round(s["params"] / 1e9, 2) for s in st] == [16.02, 50.93, 101.70]
+    for s, published in zip(st, (16e9, 51e9, 101e9)):  # within 3% of the published sizes
+        assert abs(s["params"] - published) <= 0.03 * published
     assert [(s["tensor"], s["pipeline"], s["data"]) for s in st] == [(2, 1, 96), (4, 2, 24), (4, 4, 12)]
     assert [s["global_batch_size"] for s in st] == [2304, 2304, 2160]
     assert [round(s["tokens"] / 1e9, 2) for s in st] == [245.37, 39.64, 26.54]
@@ -57,3 +59,15 @@ def test_every_paper_schedule_plans(config):
 def test_bad_plan_arguments():
     r = run_cli(["msg_megatron.plan", "configs/demo_cpu.yaml", "--gpu", "V100"])
     assert r.returncode == 2 and "peak table" in r.stderr
+
+
+def test_mfu_from_a_run(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps({"step": i, "loss": 1.0, "mfu": 0.4}) for i in range(20)))
+    r = run_cli(["msg_megatron.plan", "configs/demo_cpu.yaml", "--json", "--from-run", str(run)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout)["mfu"] == pytest.approx(0.4)
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 0, "loss": 1.0}))
+    r = run_cli(["msg_megatron.plan", "configs/demo_cpu.yaml", "--from-run", str(run)])
+    assert r.returncode == 2 and "no `mfu` values" in r.stderr

@@ -26,7 +26,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from msg_megatron.training.runs import evals, growths, run_pretrain, steps  # noqa: E402
+from msg_megatron.training.runs import evals, growths, read_metrics, run_pretrain, steps  # noqa: E402
 
 CONFIG = os.path.join(REPO, "configs", "demo_cpu.yaml")
 COMMON = ["checkpoint.save=", "checkpoint.load=", "train.log_interval=1"]
@@ -83,9 +83,40 @@ def summarise(name, recs):
     return {"method": name, "train_time_s": st[-1]["train_time"], "train_flops": st[-1]["train_flops"],
             "final_val_loss": ev[-1]["val_loss"], "final_train_loss": st[-1]["loss"],
             "val_curve": [(e["train_time"], e["val_loss"]) for e in ev],
+            "val_flops_curve": [(e["train_flops"], e["val_loss"]) for e in ev],
             "val_steps": [e["step"] for e in ev],
             "loss_curve": [(r["step"], r["loss"]) for r in st], "growths": jumps(st, growths(recs)),
             "growth_times": [next(r["train_time"] for r in st if r["step"] == g["step"]) for g in growths(recs)]}
+
+
+def speedups(results: dict) -> None:
+    """Wall-time speed-up at equal validation loss, per method against the full-size run:
+    `speedup` = (time the full run needs to reach the method's final loss) / (the method's time);
+    when the full run never gets that low on the same budget, `speedup_at_full_loss` = (the full
+    run's time) / (time the method needs to reach the full run's final loss), a lower bound of the
+    first (the full run would need more than its whole budget)."""
+    full = results["full"]
+    for name, r in results.items():
+        if name == "full":
+            continue
+        t_full = time_to_reach(full["val_curve"], r["final_val_loss"])
+        r["full_time_to_same_loss_s"] = t_full
+        r["speedup"] = t_full / r["train_time_s"] if t_full is not None else None
+        t_method = time_to_reach(r["val_curve"], full["final_val_loss"])
+        r["time_to_full_loss_s"] = t_method
+        r["speedup_at_full_loss"] = full["train_time_s"] / t_method if t_method else None
+        r["flops_ratio"] = full["train_flops"] / r["train_flops"]
+        # the same at equal loss in model FLOPs (deterministic; wall time on a shared VM varies ~10%)
+        f_full = time_to_reach(full["val_flops_curve"], r["final_val_loss"])
+        f_method = time_to_reach(r["val_flops_curve"], full["final_val_loss"])
+        r["flops_speedup"] = (f_full / r["train_flops"] if f_full is not None
+                              else (full["train_flops"] / f_method if f_method else None))
+        # the loss change at each growth minus the full run's on the same two batches (same data order)
+        full_loss = dict(full["loss_curve"])
+        for g in r["growths"]:
+            s = g["step"]
+            if g["jump"] is not None and s in full_loss and s - 1 in full_loss:
+                g["excess_jump"] = g["jump"] - (full_loss[s] - full_loss[s - 1])
 
 
 def commit() -> str:
@@ -96,33 +127,35 @@ def commit() -> str:
         return "unknown"
 
 
-def run_all(mode: str, work: str, log) -> dict:
+def _run(overrides, run_dir, reuse):
+    """A run's records: re-read when `reuse` and the run finished (its final evaluation is logged)."""
+    if reuse and os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
+        recs = read_metrics(run_dir)
+        if recs and "val_loss" in recs[-1]:
+            return recs
+    return run_pretrain(CONFIG, overrides, run_dir)
+
+
+def run_all(mode: str, work: str, log, reuse: bool = False) -> dict:
     setting = SETTINGS[mode]
     base = COMMON + setting["over"]
     results = {}
     for m in METHODS:
         log(f"[bench] {m['name']} ...")
         t0 = time.time()
-        recs = run_pretrain(CONFIG, base + m["over"], os.path.join(work, m["name"]))
+        recs = _run(base + m["over"], os.path.join(work, m["name"]), reuse)
         results[m["name"]] = summarise(m["name"], recs)
         log(f"[bench] {m['name']}: {results[m['name']]['train_time_s']:.1f} s training "
             f"({time.time() - t0:.0f} s with evaluation), val loss {results[m['name']]['final_val_loss']:.4f}")
-    full_curve = results["full"]["val_curve"]
-    for name, r in results.items():
-        if name == "full":
-            continue
-        t_full = time_to_reach(full_curve, r["final_val_loss"])
-        r["full_time_to_same_loss_s"] = t_full
-        r["speedup"] = t_full / r["train_time_s"] if t_full is not None else None
-        r["flops_ratio"] = results["full"]["train_flops"] / r["train_flops"]
+    speedups(results)
     ramps = []
     for ramp in sorted(set(setting["ramps"] + [setting["ramp"]])):
         if ramp == setting["ramp"]:
             r = results["msg"]
         else:
             log(f"[bench] msg with ramp_steps={ramp} ...")
-            r = summarise("msg", run_pretrain(CONFIG, base + ["growth.operator=msg", f"growth.ramp_steps={ramp}"],
-                                              os.path.join(work, f"ramp{ramp}")))
+            r = summarise("msg", _run(base + ["growth.operator=msg", f"growth.ramp_steps={ramp}"],
+                                      os.path.join(work, f"ramp{ramp}"), reuse))
         ramps.append({"ramp_steps": ramp, "final_val_loss": r["final_val_loss"], "train_time_s": r["train_time_s"]})
     return {"mode": mode, "config": os.path.relpath(CONFIG, REPO), "overrides": base, "methods": results,
             "ramp_study": ramps, "date": time.strftime("%Y-%m-%d"), "commit": commit(),
@@ -135,24 +168,37 @@ def markdown(res: dict) -> str:
              "", f"{res['date']}, commit {res['commit']}, {res['machine']}; config `{res['config']}` with "
              f"`{' '.join(res['overrides'])}`.", "",
              "| method | training time (s) | model FLOPs | final val loss | full-size time to that loss (s) | "
-             "wall-time speed-up | FLOPs saved |", "|---|---:|---:|---:|---:|---:|---:|"]
+             "time to the full run's final loss (s) | wall-time speed-up at equal loss | FLOPs speed-up at equal loss | "
+             "FLOPs saved (same budget) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    fmt = lambda v, f: "never" if v is None else format(v, f)  # noqa: E731
     for name in ("full", "msg", "nomask", "net2net"):
         r = m[name]
-        t = r.get("full_time_to_same_loss_s")
-        sp = r.get("speedup")
+        if name == "full":
+            lines.append(f"| full | {r['train_time_s']:.1f} | {r['train_flops']:.3g} | {r['final_val_loss']:.4f} | "
+                         f" | {r['train_time_s']:.1f} | 1.00x | 1.00x | |")
+            continue
+        if r.get("speedup") is not None:
+            sp = f"{r['speedup']:.2f}x"
+        elif r.get("speedup_at_full_loss") is not None:
+            sp = f">= {r['speedup_at_full_loss']:.2f}x (full never reaches it)"
+        else:
+            sp = "< 1 (never reaches the full run's loss)"
         lines.append(f"| {name} | {r['train_time_s']:.1f} | {r['train_flops']:.3g} | {r['final_val_loss']:.4f} | "
-                     f"{'' if name == 'full' else ('never' if t is None else f'{t:.1f}')} | "
-                     f"{'1.00x' if name == 'full' else ('n/a' if sp is None else f'{sp:.2f}x')} | "
-                     f"{'' if name == 'full' else format(r['flops_ratio'], '.2f') + 'x'} |")
+                     f"{fmt(r.get('full_time_to_same_loss_s'), '.1f')} | {fmt(r.get('time_to_full_loss_s'), '.1f')} | "
+                     f"{sp} | {fmt(r.get('flops_speedup'), '.2f')}x | {r['flops_ratio']:.2f}x |")
     lines += ["", "Loss at each growth (training loss at the step before and the step after; noise = std of the "
-              "step-to-step change over the 10 steps before; probe = loss on one fixed batch just before/after):", "",
-              "| method | step | to | loss before | loss after | jump | noise | jump / noise | probe before -> after |",
-              "|---|---:|---|---:|---:|---:|---:|---:|---|"]
+              "step-to-step change over the 10 steps before; excess = jump minus the full-size run's change between the "
+              "same two batches, which removes the batches' own difficulty; probe = loss on one fixed batch just "
+              "before/after the growth):", "",
+              "| method | step | to | loss before | loss after | jump | full run's change on the same batches | "
+              "excess jump | excess / noise | probe before -> after |",
+              "|---|---:|---|---:|---:|---:|---:|---:|---:|---|"]
     for name in ("msg", "nomask", "net2net"):
         for g in m[name]["growths"]:
-            ratio = g["jump"] / g["noise"] if g["noise"] else float("nan")
+            ex = g.get("excess_jump")
+            ratio = ex / g["noise"] if (ex is not None and g["noise"]) else float("nan")
             lines.append(f"| {name} | {g['step']} | {tuple(g['to'])} | {g['loss_before']:.4f} | {g['loss_after']:.4f} | "
-                         f"{g['jump']:+.4f} | {g['noise']:.4f} | {ratio:+.1f} | "
+                         f"{g['jump']:+.4f} | {g['jump'] - ex:+.4f} | {ex:+.4f} | {ratio:+.1f} | "
                          f"{g['probe_before']:.4f} -> {g['probe_after']:.4f} |")
     lines += ["", "Mask strength (Table 3): MSG with several ramp lengths, validation loss at the last step:", "",
               "| ramp_steps | final val loss | training time (s) |", "|---:|---:|---:|"]
@@ -198,11 +244,17 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true", help="print the JSON result")
     ap.add_argument("--out-dir", default=os.path.join(REPO, "docs", "benchmarks"))
     ap.add_argument("--work-dir", default="", help="where the runs go (default: a temp dir)")
+    ap.add_argument("--reuse", action="store_true", help="re-read finished runs in --work-dir instead of rerunning")
+    ap.add_argument("--from-json", default="", help="re-derive the report and plot from a saved result")
     args = ap.parse_args(argv)
     mode = "quick" if args.quick else "full"
-    work = args.work_dir or tempfile.mkdtemp(prefix="msg-bench-growth-")
     log = (lambda *_: None) if args.json else print
-    res = run_all(mode, work, log)
+    if args.from_json:
+        with open(args.from_json) as f:
+            res = json.load(f)
+        speedups(res["methods"])
+    else:
+        res = run_all(mode, args.work_dir or tempfile.mkdtemp(prefix="msg-bench-growth-"), log, args.reuse)
     os.makedirs(args.out_dir, exist_ok=True)
     stem = os.path.join(args.out_dir, "growth_cpu" + ("_quick" if args.quick else ""))
     with open(stem + ".json", "w") as f:
