@@ -125,3 +125,39 @@ def test_sigterm_saves_exits_75_and_resume_is_exact(tmp_path, tiny_data):
     assert sorted(got) == list(range(stopped + 1, 30))
     for step, loss in got.items():  # bitwise on CPU, same layout
         assert loss == want[step], step
+
+
+@pytest.mark.timeout(600)
+def test_kill_9_during_a_save_keeps_the_previous_checkpoint_and_resume_is_exact(tmp_path, tiny_data):
+    """SIGKILL while step 12's checkpoint is being written (mid-ramp, right at a growth): the
+    half-written `.tmp-step_000012` is never taken, `latest` still names step 6, and a resumed run
+    (checkpoint.load=auto) reproduces the uninterrupted run's losses bitwise from step 6 on."""
+    import yaml
+
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(load_config(None, TINY + ["train.steps=30", "train.log_interval=1",
+                                                            "train.save_interval=6"]).to_dict()))
+    ref = _pretrain([str(cfg), f"logging.run_dir={tmp_path}/ref", "checkpoint.save="])
+    assert ref.wait(timeout=300) == 0, ref.stderr.read()[-2000:]
+    want = _losses(tmp_path / "ref")
+
+    run = _pretrain([str(cfg), f"logging.run_dir={tmp_path}/a", f"checkpoint.save={tmp_path}/ck"])
+    partial = tmp_path / "ck" / ".tmp-step_000012"
+    deadline = time.time() + 240
+    while time.time() < deadline and not partial.exists() and run.poll() is None:
+        time.sleep(0.01)
+    assert partial.exists(), "never saw the step-12 save in progress"
+    run.kill()
+    run.wait(timeout=60)
+    assert not (tmp_path / "ck" / "step_000012").exists()
+    assert (tmp_path / "ck" / "latest").read_text().strip() == "step_000006"
+    with pytest.raises(CheckpointError):  # named explicitly, the partial one is refused
+        read_meta(str(partial))
+
+    again = _pretrain([str(cfg), f"logging.run_dir={tmp_path}/b", f"checkpoint.save={tmp_path}/ck", "checkpoint.load=auto"])
+    assert again.wait(timeout=300) == 0, again.stderr.read()[-2000:]
+    got = _losses(tmp_path / "b")
+    assert sorted(got) == list(range(6, 30))
+    for step, loss in got.items():
+        assert loss == want[step], step
+    assert (tmp_path / "ck" / "latest").read_text().strip() == "step_000030"
