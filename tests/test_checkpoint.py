@@ -161,3 +161,27 @@ def test_kill_9_during_a_save_keeps_the_previous_checkpoint_and_resume_is_exact(
     for step, loss in got.items():
         assert loss == want[step], step
     assert (tmp_path / "ck" / "latest").read_text().strip() == "step_000030"
+
+
+def test_crafted_metadata_is_not_unpickled(saved, tmp_path):
+    """torch's `.metadata` is a pickle: a crafted one (with a matching manifest, as an attacker would
+    write) is refused by name and its payload never runs; the genuine one loads."""
+    import pickle
+
+    from msg_megatron.checkpoint.manifest import checksum_files, list_files, write_manifest
+    from msg_megatron.checkpoint.reader import CheckpointReader
+
+    ck = _copy(saved, tmp_path)
+    step = ck / "step_000028"
+    assert CheckpointReader(str(step)).names()  # the genuine metadata passes the restricted unpickler
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (step / ".metadata").write_bytes(pickle.dumps(Payload()))
+    write_manifest(str(step), checksum_files(str(step), list_files(str(step)), 0, 1))
+    with pytest.raises(CheckpointError, match="unsafe to load.*posix.system|unsafe to load.*os.system"):
+        CheckpointReader(str(step))
+    assert not marker.exists()

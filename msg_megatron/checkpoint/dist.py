@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from .. import __version__
 from ..config import Shape
+from .safe_pickle import UnsafeCheckpoint, restricted_metadata_loading
 from .manifest import IncompleteCheckpoint, checksum_files, list_files, newest_complete, verify_manifest, write_manifest
 
 META = "msg_meta.json"
@@ -112,6 +113,19 @@ def _sharded(model, optimizer):
             sd[f"optimizer.step.{name}"] = ShardedTensor.from_rank_offsets(
                 "optimizer.step." + model_sh.key, step, replica_id=(model_sh.replica_id[0], tp_rank, dp_rank))
     return sd
+
+
+def tensor_index(path: str) -> dict:
+    """The checkpoint's tensor index (key -> global shape and dtype), read without arbitrary unpickling."""
+    from megatron.core import dist_checkpointing
+
+    try:
+        with restricted_metadata_loading():
+            return dist_checkpointing.load_tensors_metadata(path)
+    except UnsafeCheckpoint as e:
+        raise CheckpointError(f"checkpoint `{path}` is unsafe to load: {e}") from None
+    except Exception as e:  # noqa: BLE001 - name the checkpoint that cannot be read
+        raise CheckpointError(f"cannot read the tensor index of `{path}`: {type(e).__name__}: {e}") from e
 
 
 def _rng_sharded(state: torch.Tensor):
@@ -205,7 +219,7 @@ def load_checkpoint(path: str, model, optimizer=None, expect_shape: Optional[Sha
                 optimizer.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
                                       "exp_avg_sq": torch.zeros_like(p)}
     sd = _sharded(model, optimizer if has_opt else None)
-    saved = dist_checkpointing.load_tensors_metadata(meta["path"])
+    saved = tensor_index(meta["path"])
     # parameters saved without AdamW state (e.g. layers copied by an offline msg-grow, which start
     # with fresh moments) keep fresh state: only request the optimizer tensors that exist
     fresh = sorted(k for k, v in sd.items() if k.startswith("optimizer.") and getattr(v, "key", None) not in saved)
@@ -218,7 +232,10 @@ def load_checkpoint(path: str, model, optimizer=None, expect_shape: Optional[Sha
     elif rng_md.global_shape[0] == world:  # same world: each rank gets its own generator back
         sd["rng_state"] = _rng_sharded(torch.get_rng_state())
     try:
-        loaded = dist_checkpointing.load(sd, meta["path"])
+        with restricted_metadata_loading():
+            loaded = dist_checkpointing.load(sd, meta["path"])
+    except UnsafeCheckpoint as e:
+        raise CheckpointError(f"checkpoint `{meta['path']}` is unsafe to load: {e}") from None
     except Exception as e:  # noqa: BLE001 - report which checkpoint failed and why
         raise CheckpointError(f"cannot load checkpoint `{meta['path']}`: {type(e).__name__}: {e}") from e
     rng = loaded.pop("rng_state", None)

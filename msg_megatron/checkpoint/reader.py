@@ -16,13 +16,12 @@ import torch
 
 from ..config import Shape, config_from_dict
 from ..parallel.gather import canonical_units, unit_roles
-from .dist import CheckpointError, read_meta
+from .dist import CheckpointError, read_meta, tensor_index
+from .safe_pickle import UnsafeCheckpoint, restricted_metadata_loading
 
 
 class CheckpointReader:
     def __init__(self, path: str, full_verify: bool = False):
-        from megatron.core import dist_checkpointing
-
         from ..parallel import initialize_parallel
 
         self.meta = read_meta(path, full=full_verify)
@@ -32,10 +31,7 @@ class CheckpointReader:
         self.shape = Shape(*self.meta["shape"])
         self.step = int(self.meta["state"]["step"])
         initialize_parallel(1, 1)  # dist_checkpointing reads through torch.distributed (a world of one)
-        try:
-            self._md = dist_checkpointing.load_tensors_metadata(self.path)
-        except Exception as e:  # noqa: BLE001 - name the checkpoint that cannot be read
-            raise CheckpointError(f"cannot read the tensor index of `{self.path}`: {type(e).__name__}: {e}") from e
+        self._md = tensor_index(self.path)
 
     def has(self, name: str) -> bool:
         return f"model.{name}" in self._md
@@ -57,7 +53,10 @@ class CheckpointReader:
             md = self._md[key]
             sd[name] = ShardedTensor.from_rank_offsets(key, torch.empty(md.global_shape, dtype=md.dtype), replica_id=0)
         try:
-            loaded = dist_checkpointing.load(sd, self.path)
+            with restricted_metadata_loading():
+                loaded = dist_checkpointing.load(sd, self.path)
+        except UnsafeCheckpoint as e:
+            raise CheckpointError(f"checkpoint `{self.path}` is unsafe to load: {e}") from None
         except Exception as e:  # noqa: BLE001
             raise CheckpointError(f"cannot load {sorted(sd)[:3]}... from `{self.path}`: {type(e).__name__}: {e}") from e
         return {name: loaded[name] for name in sd}  # (load also returns the common, non-tensor state)
