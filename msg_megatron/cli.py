@@ -6,8 +6,10 @@ import sys
 from .checkpoint.dist import CheckpointError
 from .config import ConfigError
 from .data.prepare import DataError
+from .training.runs import RunFailed
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, FileNotFoundError, ValueError)
+# RunFailed: a child training run of msg-gridsearch failed; its message carries the run's last output
+USER_ERRORS = (ConfigError, DataError, CheckpointError, FileNotFoundError, ValueError, RunFailed)
 
 
 def run_cli(prog: str, fn, argv=None) -> int:

@@ -96,15 +96,20 @@ def _pretrain(args, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
-@pytest.mark.timeout(600)
-def test_sigterm_saves_exits_75_and_resume_is_exact(tmp_path, tiny_data):
-    cfg = tmp_path / "cfg.yaml"
+def _config_and_reference(tmp_path, *extra):
+    """The 30-step TINY config written to a file, and the per-step losses of an uninterrupted run."""
     import yaml
 
-    cfg.write_text(yaml.safe_dump(load_config(None, TINY + ["train.steps=30", "train.log_interval=1"]).to_dict()))
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(load_config(None, TINY + ["train.steps=30", "train.log_interval=1", *extra]).to_dict()))
     ref = _pretrain([str(cfg), f"logging.run_dir={tmp_path}/ref", "checkpoint.save="])
     assert ref.wait(timeout=300) == 0, ref.stderr.read()[-2000:]
-    want = _losses(tmp_path / "ref")
+    return cfg, _losses(tmp_path / "ref")
+
+
+@pytest.mark.timeout(600)
+def test_sigterm_saves_exits_75_and_resume_is_exact(tmp_path, tiny_data):
+    cfg, want = _config_and_reference(tmp_path)
 
     run = _pretrain([str(cfg), f"logging.run_dir={tmp_path}/a", f"checkpoint.save={tmp_path}/ck"])
     metrics = tmp_path / "a" / "metrics.jsonl"
@@ -132,14 +137,7 @@ def test_kill_9_during_a_save_keeps_the_previous_checkpoint_and_resume_is_exact(
     """SIGKILL while step 12's checkpoint is being written (mid-ramp, right at a growth): the
     half-written `.tmp-step_000012` is never taken, `latest` still names step 6, and a resumed run
     (checkpoint.load=auto) reproduces the uninterrupted run's losses bitwise from step 6 on."""
-    import yaml
-
-    cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump(load_config(None, TINY + ["train.steps=30", "train.log_interval=1",
-                                                            "train.save_interval=6"]).to_dict()))
-    ref = _pretrain([str(cfg), f"logging.run_dir={tmp_path}/ref", "checkpoint.save="])
-    assert ref.wait(timeout=300) == 0, ref.stderr.read()[-2000:]
-    want = _losses(tmp_path / "ref")
+    cfg, want = _config_and_reference(tmp_path, "train.save_interval=6")
 
     run = _pretrain([str(cfg), f"logging.run_dir={tmp_path}/a", f"checkpoint.save={tmp_path}/ck"])
     partial = tmp_path / "ck" / ".tmp-step_000012"

@@ -15,7 +15,7 @@ from typing import Dict, Iterable, List
 import torch
 
 from ..config import Shape, config_from_dict
-from ..parallel.gather import canonical_units, unit_roles
+from ..parallel.gather import canonical_units, ids_name, unit_layout, unit_roles
 from .dist import CheckpointError, read_meta, tensor_index
 from .safe_pickle import UnsafeCheckpoint, restricted_metadata_loading
 
@@ -65,18 +65,14 @@ class CheckpointReader:
         """Layer i's tensors (names relative to the layer: `mlp.linear_fc1.weight`, ...), canonical order."""
         prefix = f"layers.{i}."
         raw = self.load([n for n in self.names() if n.startswith(prefix)])
-        orders = {"head": torch.argsort(raw[prefix + "self_attention.head_ids"]),
-                  "ffn": torch.argsort(raw[prefix + "mlp.ffn_ids"])}
         gated = self.mcfg.activation == "swiglu"
         out = {}
         for name, t in raw.items():
             found = unit_roles(name)
             if found is not None:
                 axis, role = found
-                unit = {"qkv": 3 * self.mcfg.head_dim, "heads_hd": self.mcfg.head_dim}.get(role, 1)
-                blocks = 2 if (role == "ffn_in" and gated) else 1
-                order = orders["ffn" if role in ("ffn", "ffn_in") else "head"]
-                t = canonical_units(t, axis, order, unit, blocks)
+                unit, blocks = unit_layout(role, self.mcfg.head_dim, gated)
+                t = canonical_units(t, axis, torch.argsort(raw[ids_name(name, role)]), unit, blocks)
             out[name[len(prefix):]] = t
         return out
 

@@ -128,26 +128,10 @@ def model_config_from_hf(hf: dict, tokenizer_vocab=None, seq_length=None):
     return arch, mcfg, shape
 
 
-def tp_shard(name: str, full: torch.Tensor, rank: int, tp: int, gated: bool) -> torch.Tensor:
-    """This TP rank's shard of a canonical tensor: a block of vocabulary rows, or of each unit block
-    (heads, FFN units; for SwiGLU's fc1 [gate_r; up_r]); replicated tensors whole."""
-    from ..growth.axes import axis_roles
-
-    if tp == 1:
-        return full
-    roles = axis_roles(name)
-    axis = next((i for i, r in enumerate(roles) if r in ("vocab", "qkv", "heads_hd", "heads", "ffn", "ffn_in")), None)
-    if axis is None:
-        return full
-    blocks = 2 if (roles[axis] == "ffn_in" and gated) else 1
-    x = full.movedim(axis, 0)
-    x = x.reshape(blocks, tp, x.shape[0] // (blocks * tp), *x.shape[1:])[:, rank]
-    return x.reshape(-1, *x.shape[2:]).movedim(0, axis).contiguous()
-
-
 def fill_model(model, arch: str, get) -> None:
     """Copy HF weights into a freshly built (possibly TP/PP-sharded) model, shard by shard."""
     from ..model.masks import tp_rank_size
+    from ..parallel.gather import tp_shard
     from .layout import layer_from_hf, outer_from_hf
 
     mcfg, shape = model.mcfg, model.shape
@@ -158,7 +142,7 @@ def fill_model(model, arch: str, get) -> None:
 
     def put(local: str, canonical_name: str, full: torch.Tensor):
         p = params[local]
-        shard = tp_shard(canonical_name, full, rank, tp, gated)
+        shard = tp_shard(canonical_name, full, rank, tp, mcfg.head_dim, gated)
         if shard.shape != p.shape:
             raise UnsupportedArchitecture(f"`{local}`: the HF weight gives {tuple(shard.shape)}, the model expects "
                                           f"{tuple(p.shape)} (config.json does not match the weights)")
@@ -169,7 +153,7 @@ def fill_model(model, arch: str, get) -> None:
     if model.pre_process or model.post_process:
         outer = outer_from_hf(arch, get, mcfg)
         for name, t in outer.items():
-            if name in params and (model.pre_process or name.startswith(("final_norm", "output_layer"))):
+            if name in params:  # (this stage's: the embeddings on the first, the norm/output on the last)
                 put(name, name, t)
         if model.shared_output_copy():  # tied embedding, last stage of PP > 1: its copy of the embedding
             put("output_layer.weight", "embedding.weight", outer["embedding.weight"])
@@ -191,8 +175,7 @@ def _tokenizer(folder: str):
     return path, Tokenizer(path).vocab_size
 
 
-def import_hf(folder: str, save: str, tensor: int = 1, pipeline: int = 1, seq_length=None, verify: bool = True,
-              log=print) -> dict:
+def import_hf(folder: str, save: str, tensor: int = 1, pipeline: int = 1, seq_length=None, verify: bool = True) -> dict:
     from ..checkpoint.dist import save_checkpoint
     from ..config import config_from_dict
     from ..model import build_model, count_parameters

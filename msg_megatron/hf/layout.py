@@ -149,8 +149,8 @@ def layer_from_hf(arch: str, get, i: int, mcfg: ModelConfig, shape: Shape) -> Di
         out["mlp.linear_fc1.bias"] = get(p + "mlp.c_fc.bias")
         out["mlp.linear_fc2.bias"] = get(p + "mlp.c_proj.bias")
         if not bias:  # a model without biases was exported with zero biases: drop them again
-            dropped = [n for n in list(out) if n.endswith(".bias") and "norm" not in n]
-            for n in dropped:
+            out["self_attention.linear_qkv.bias"] = torch.cat([qb, kb, vb])
+            for n in [n for n in list(out) if n.endswith(".bias") and "norm" not in n]:
                 if out.pop(n).abs().max() != 0:
                     raise UnsupportedArchitecture(f"layer {i}: `{n}` is not zero, but model.add_bias_linear is false")
     # per head [q_h; k_h; v_h] (megatron's interleaved fused QKV)

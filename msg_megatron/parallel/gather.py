@@ -15,11 +15,21 @@ import torch.distributed as dist
 
 from ..growth.axes import axis_roles
 
-_SHARDED_ROLES = {"vocab", "qkv", "heads_hd", "heads", "ffn", "ffn_in"}
+_UNIT_ROLES = ("qkv", "heads_hd", "heads", "ffn", "ffn_in")  # heads / FFN units: sharded and permuted by ids
 
 
-def _unit_size(role: str, head_dim: int) -> int:
-    return {"qkv": 3 * head_dim, "heads_hd": head_dim}.get(role, 1)
+def sharded_axis(name: str):
+    """(axis, role) of tensor `name`'s tensor-parallel axis (vocabulary rows, heads, FFN units), or
+    None for a replicated tensor."""
+    roles = axis_roles(name)
+    return next(((i, r) for i, r in enumerate(roles) if r == "vocab" or r in _UNIT_ROLES), None)
+
+
+def unit_layout(role: str, head_dim: int, gated: bool):
+    """(entries per unit, blocks) along a unit axis: 3 x head_dim rows per fused-QKV head, head_dim
+    projection columns per head, 1 per FFN unit; SwiGLU's fc1 holds 2 blocks ([gate; up])."""
+    unit = {"qkv": 3 * head_dim, "heads_hd": head_dim}.get(role, 1)
+    return unit, (2 if (role == "ffn_in" and gated) else 1)
 
 
 def canonical_units(t: torch.Tensor, axis: int, order: torch.Tensor, unit: int, blocks: int = 1) -> torch.Tensor:
@@ -36,8 +46,27 @@ def canonical_units(t: torch.Tensor, axis: int, order: torch.Tensor, unit: int, 
 
 def unit_roles(name: str):
     """(axis, role) of the tensor-parallel unit axis of tensor `name` (heads, FFN units), or None."""
-    roles = axis_roles(name)
-    return next(((i, r) for i, r in enumerate(roles) if r in ("qkv", "heads_hd", "heads", "ffn", "ffn_in")), None)
+    found = sharded_axis(name)
+    return found if found is not None and found[1] in _UNIT_ROLES else None
+
+
+def ids_name(name: str, role: str) -> str:
+    """The `<head|ffn>_ids` buffer that orders the units of layer tensor `name`."""
+    layer = name.split(".")[1]
+    return f"layers.{layer}." + ("mlp.ffn_ids" if role in ("ffn", "ffn_in") else "self_attention.head_ids")
+
+
+def tp_shard(name: str, full: torch.Tensor, rank: int, tp: int, head_dim: int, gated: bool) -> torch.Tensor:
+    """TP rank `rank`'s shard of a canonical (single-rank) tensor: a block of vocabulary rows, or the
+    rank's block of units in each unit block (SwiGLU's fc1 -> [gate_r; up_r]); replicated tensors whole."""
+    found = sharded_axis(name) if tp > 1 else None
+    if found is None:
+        return full
+    axis, role = found
+    blocks = unit_layout(role, head_dim, gated)[1] if role != "vocab" else 1
+    x = full.movedim(axis, 0)
+    x = x.reshape(blocks, tp, x.shape[0] // (blocks * tp), *x.shape[1:])[:, rank]
+    return x.reshape(-1, *x.shape[2:]).movedim(0, axis).contiguous()
 
 
 def canonical_state_dict(model, dst: Optional[int] = 0) -> Optional[Dict[str, torch.Tensor]]:
@@ -53,28 +82,25 @@ def canonical_state_dict(model, dst: Optional[int] = 0) -> Optional[Dict[str, to
     head_dim, gated = model.mcfg.head_dim, model.mcfg.activation == "swiglu"
     out = {}
     for name, local in sd.items():
-        roles = axis_roles(name)
-        axis = next((i for i, r in enumerate(roles) if r in _SHARDED_ROLES), None)
-        if axis is None:
+        found = sharded_axis(name)
+        if found is None:
             out[name] = local.clone()
             continue
+        axis, role = found
         parts = [torch.empty_like(local) for _ in range(tp)]
         dist.all_gather(parts, local.contiguous(), group=group)
-        role = roles[axis]
         if role == "vocab":
             out[name] = torch.cat(parts, axis)
             continue
-        layer = name.split(".")[1]
-        ids_name = f"layers.{layer}." + ("self_attention.head_ids" if role in ("qkv", "heads_hd", "heads")
-                                         else "mlp.ffn_ids")
-        id_parts = [torch.empty_like(sd[ids_name]) for _ in range(tp)]
-        dist.all_gather(id_parts, sd[ids_name], group=group)
+        ids = sd[ids_name(name, role)]
+        id_parts = [torch.empty_like(ids) for _ in range(tp)]
+        dist.all_gather(id_parts, ids, group=group)
         order = torch.argsort(torch.cat(id_parts))  # canonical unit u comes from gathered unit order[u]
-        blocks = 2 if (role == "ffn_in" and gated) else 1
+        unit, blocks = unit_layout(role, head_dim, gated)
         # each rank's shard is [block 0 units; block 1 units]: lay them out as the checkpoint's global
         # tensor does ([block 0 of every rank; block 1 of every rank]), then sort the units
         split = [p.chunk(blocks, axis) for p in parts]
         full = torch.cat([s[b] for b in range(blocks) for s in split], axis)
-        out[name] = canonical_units(full, axis, order, _unit_size(role, head_dim), blocks)
+        out[name] = canonical_units(full, axis, order, unit, blocks)
     rank = dist.get_rank()
     return out if dst is None or rank == dst else None

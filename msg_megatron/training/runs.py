@@ -22,8 +22,7 @@ def read_metrics(run_dir: str) -> List[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def run_pretrain(config: str, overrides: List[str], run_dir: str, timeout: Optional[float] = None,
-                 log_path: Optional[str] = None) -> List[dict]:
+def run_pretrain(config: str, overrides: List[str], run_dir: str, timeout: Optional[float] = None) -> List[dict]:
     """Train `config` with `overrides` into a fresh `run_dir`; return its metrics records."""
     os.makedirs(run_dir, exist_ok=True)
     path = os.path.join(run_dir, "metrics.jsonl")
@@ -32,7 +31,7 @@ def run_pretrain(config: str, overrides: List[str], run_dir: str, timeout: Optio
     cmd = [sys.executable, "-m", "msg_megatron.pretrain", config, *overrides, f"logging.run_dir={run_dir}",
            "logging.wandb=disabled"]
     env = dict(os.environ, WANDB_MODE="disabled")
-    log_path = log_path or os.path.join(run_dir, "stdout.log")
+    log_path = os.path.join(run_dir, "stdout.log")
     with open(log_path, "w") as log:
         try:
             r = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout, env=env)

@@ -60,7 +60,7 @@ class Trainer:
         for i in range(len(cfg.schedule())):
             gbs = cfg.batch_size(i)
             n_micro = gbs // t.micro_batch_size
-            if n_micro % self.dp and cfg.layout(i) == (cfg.parallel.tensor, cfg.parallel.pipeline):
+            if n_micro % self.dp and cfg.layout(i) == self.layout:
                 raise ConfigError(
                     f"the global batch size {gbs} (train.global_batch_size or growth.stages[{i}]) is {n_micro} "
                     f"micro-batches of {t.micro_batch_size}, which do not split over {self.dp} data-parallel "
@@ -228,9 +228,7 @@ class Trainer:
         meta = read_meta(path, full=full, fallback=fallback)
         for note in meta["notes"]:
             self.metrics.print(f"[resume] {note}")
-        saved_model = meta["config"]["model"]
-        mine = dataclasses.asdict(self.cfg.model)
-        diff = sorted(k for k in mine if saved_model.get(k) != mine[k])
+        diff = self._model_diff(meta["config"]["model"])
         if diff:
             raise CheckpointError(
                 f"checkpoint `{meta['path']}` was trained with another model config (differs in "
@@ -247,6 +245,11 @@ class Trainer:
         load_checkpoint(meta["path"], self.model, self.optimizer, full=full)
         self.metrics.print(f"[resume] {meta['path']}: step {self.step}, stage {self.stage}, shape {shape}")
 
+    def _model_diff(self, saved: dict, ignore=()) -> list:
+        """model.* fields in which a checkpoint's config differs from this run's."""
+        mine = dataclasses.asdict(self.cfg.model)
+        return sorted(k for k in mine if k not in ignore and saved.get(k) != mine[k])
+
     def init_from(self, path: str) -> None:
         """Start from a checkpoint's weights at step 0 (checkpoint.init_from): the first stage's model
         is that checkpoint; optimizer, step, data position and RNG start fresh."""
@@ -255,9 +258,10 @@ class Trainer:
 
         meta = read_meta(path, full=self.cfg.checkpoint.verify == "full")
         saved = ModelConfig(**meta["config"]["model"])
-        sizes = ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_layers", "init_method_std", "kv_channels")
-        diff = sorted(k for k in dataclasses.asdict(saved) if k not in sizes
-                      and getattr(saved, k) != getattr(self.cfg.model, k))
+        # the final sizes may differ (the imported model is the first stage); kv_channels as the head dim
+        diff = self._model_diff(meta["config"]["model"], ignore=("hidden_size", "ffn_hidden_size",
+                                                                 "num_attention_heads", "num_layers",
+                                                                 "init_method_std", "kv_channels"))
         if saved.head_dim != self.cfg.model.head_dim:
             diff.append("kv_channels")
         if diff:
