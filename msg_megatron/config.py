@@ -127,6 +127,9 @@ class ParallelConfig:
     """Tensor-parallel degree: heads, FFN units and the vocabulary are split over this many ranks."""
     pipeline: int = 1
     """Pipeline-parallel degree: layers are split into this many consecutive stages (1F1B schedule)."""
+    distributed_optimizer: bool = False
+    """megatron's distributed optimizer: each data-parallel rank keeps AdamW state for 1/DP of the
+    parameters (gradients reduce-scattered, parameters all-gathered); checkpoints are the same."""
     gpus: int = 0
     """GPUs the schedule is planned for (msg-plan's data-parallel degree; 0: tensor x pipeline). The
     launcher decides the real world size."""

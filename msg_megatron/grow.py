@@ -77,7 +77,7 @@ def _main(argv) -> int:
     initialize_parallel(tp, pp, cfg.train.seed)
     old_shape = Shape(*meta["shape"])
     model = build_model(cfg.model, old_shape, perform_init=False)
-    optimizer = build_optimizer(model, cfg.train)
+    optimizer = build_optimizer(model, cfg.train, cfg.parallel)
     load_checkpoint(meta["path"], model, optimizer)
     step = meta["state"]["step"]
 
@@ -92,7 +92,7 @@ def _main(argv) -> int:
         model, shape, step=step, plan=plan, init=args.init or g.init,
         init_std=g.init_std if args.init_std is None else args.init_std,
         depth_init=depth_init, seed=cfg.train.seed + 7919 * step, operator=args.operator or g.operator)
-    new_opt = grow_optimizer(optimizer, model, new_model, name_map, plan, cfg.train)
+    new_opt = grow_optimizer(optimizer, model, new_model, name_map, plan, cfg.train, cfg.parallel)
     update_masks(new_model, step, g.ramp_steps)
     after = validation_loss(new_model, valid, cfg.train.micro_batch_size, cfg.train.eval_iters)
 

@@ -151,7 +151,9 @@ def _main(argv: List[str]) -> int:
                     "observed MFU, else 0.5)")
     ap.add_argument("--from-run", default="", help="a run directory whose metrics.jsonl gives the observed MFU")
     ap.add_argument("--gpu", default="A800", help=f"peak-FLOPs table entry: {', '.join(PEAK_TFLOPS)} (default A800)")
-    ap.add_argument("--no-distributed-optimizer", action="store_true")
+    ap.add_argument("--no-distributed-optimizer", action="store_true",
+                    help="plan memory with AdamW state replicated over data parallelism even when the config sets "
+                    "parallel.distributed_optimizer")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--jobs", action="store_true", help="print one line per job of a layout-changing schedule: "
                     "FIRST_STAGE TENSOR PIPELINE H,F,A,L SAVE_DIR (what launch/slurm/chain_stages.sh reads)")
@@ -167,7 +169,8 @@ def _main(argv: List[str]) -> int:
         args.mfu = observed_mfu(args.from_run) if args.from_run else 0.5
     if not 0 < args.mfu <= 1:
         raise ValueError(f"--mfu {args.mfu} must be in (0, 1]")
-    res = plan(load_config(args.config, args.overrides), args.mfu, args.gpu, not args.no_distributed_optimizer)
+    cfg = load_config(args.config, args.overrides)
+    res = plan(cfg, args.mfu, args.gpu, cfg.parallel.distributed_optimizer and not args.no_distributed_optimizer)
     print(json.dumps(res) if args.json else table(res))
     return 0
 

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import rel_err, tiny_model_cfg
-from msg_megatron.config import Shape, TrainConfig
+from msg_megatron.config import ParallelConfig, Shape, TrainConfig
 from msg_megatron.growth.axes import GrowthPlan
 from msg_megatron.growth.operators import grow_model, plan_depth
 from msg_megatron.growth.optimizer_state import grow_optimizer
@@ -130,30 +130,37 @@ def test_random_growth_sequences(steps, norm, act):
         update_masks(model, step, 4)
 
 
-def test_optimizer_moments_bit_identical_after_growth():
+def _adamw_step(model, opt):
+    opt.ddp(TOKENS, TOKENS).mean().backward()
+    opt.finish_grad_sync()
+    opt.step(1e-3)
+    opt.zero_grad()
+
+
+@pytest.mark.parametrize("distributed", [False, True])
+def test_optimizer_moments_bit_identical_after_growth(distributed):
     tcfg = TrainConfig()
     model = build_model(tiny_model_cfg(), OLD)
-    opt = build_optimizer(model, tcfg)
+    opt = build_optimizer(model, tcfg, ParallelConfig(distributed_optimizer=distributed))
     model.train()
     for _ in range(2):
-        model(TOKENS, TOKENS).mean().backward()
-        opt.step()
-        opt.zero_grad()
+        _adamw_step(model, opt)
     new_shape = Shape(48, 96, 6, 4)
     grown, name_map = grow_model(model, new_shape, step=2)
-    new_opt = grow_optimizer(opt, model, grown, name_map, GrowthPlan(model, new_shape), tcfg)
+    new_opt = grow_optimizer(opt, model, grown, name_map, GrowthPlan(model, new_shape), tcfg,
+                             ParallelConfig(distributed_optimizer=distributed))
     old_p, new_p = dict(model.named_parameters()), dict(grown.named_parameters())
-    w_old = opt.state[old_p["layers.1.mlp.linear_fc1.weight"]]
-    w_new = new_opt.state[new_p["layers.2.mlp.linear_fc1.weight"]]  # layer 1 moved up by its copy
+    w_old = opt.state_of(old_p["layers.1.mlp.linear_fc1.weight"])
+    w_new = new_opt.state_of(new_p["layers.2.mlp.linear_fc1.weight"])  # layer 1 moved up by its copy
     assert torch.equal(w_new["exp_avg"][:64, :32], w_old["exp_avg"])
     assert torch.equal(w_new["exp_avg_sq"][:64, :32], w_old["exp_avg_sq"])
     assert torch.all(w_new["exp_avg"][64:] == 0) and torch.all(w_new["exp_avg"][:, 32:] == 0)
     assert float(w_new["step"]) == 2.0
-    assert new_p["layers.1.mlp.linear_fc1.weight"] not in new_opt.state  # a new layer starts from scratch
+    assert new_opt.state_of(new_p["layers.1.mlp.linear_fc1.weight"]) is None  # a new layer starts from scratch
     # training continues with the grown optimizer
     grown.train()
-    grown(TOKENS, TOKENS).mean().backward()
-    new_opt.step()
+    _adamw_step(grown, new_opt)
+    assert float(new_opt.state_of(new_p["layers.1.mlp.linear_fc1.weight"])["step"]) == 1.0
 
 
 def test_shrinking_is_refused():

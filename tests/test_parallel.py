@@ -97,6 +97,7 @@ TRAIN = ["model.vocab_size=512", "model.seq_length=32", "model.kv_channels=8", "
          "data.valid_fraction=0.05", "logging.wandb=disabled"]
 
 LLAMA = ["model.norm=rmsnorm", "model.activation=swiglu", "model.position_embedding=rope"]
+DISTOPT = ["parallel.distributed_optimizer=true"]
 # (tensor, pipeline, data-parallel, architecture, stages): every growth dimension appears, and every
 # layout of the issue: (2,1,1), (1,2,1), (2,2,1), (1,1,2), (2,1,2)
 CASES = {
@@ -105,6 +106,10 @@ CASES = {
     "tp2pp2": (2, 2, 1, LLAMA, [[32, 64, 2, 2], [32, 128, 4, 4]]),                       # ffn, heads, layers
     "dp2": (1, 1, 2, [], [[32, 64, 2, 2], [48, 64, 2, 3]]),                              # hidden + layers
     "tp2dp2": (2, 1, 2, ["model.tie_embeddings=false"], [[32, 64, 2, 2], [48, 64, 2, 2]]),  # hidden
+    # megatron's distributed optimizer (AdamW state in 1/DP slices, grown across the slices) against
+    # the single-process run with the ordinary optimizer; under PP with the tied embedding's copy
+    "dp2_distopt": (1, 1, 2, [], [[32, 64, 2, 2], [48, 64, 2, 3]], DISTOPT),
+    "pp2dp2_distopt": (1, 2, 2, LLAMA, [[32, 64, 2, 2], [48, 128, 4, 4]], DISTOPT),
 }
 
 
@@ -126,13 +131,14 @@ def _losses(run_dir):
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_training_matches_single_process(tmp_path, tiny_data, case):
-    tp, pp, dp, extra, stages = CASES[case]
+    tp, pp, dp, extra, stages, *par_extra = CASES[case]
     cfg = tmp_path / "cfg.yaml"
     _write_config(cfg, extra, stages)
     ref = run_cli(["msg_megatron.pretrain", str(cfg), f"logging.run_dir={tmp_path}/ref"], timeout=300)
     assert ref.returncode == 0, ref.stderr[-3000:]
     r = torchrun(tp * pp * dp, ["-m", "msg_megatron.pretrain", str(cfg), f"parallel.tensor={tp}",
-                                f"parallel.pipeline={pp}", f"logging.run_dir={tmp_path}/par"])
+                                f"parallel.pipeline={pp}", f"logging.run_dir={tmp_path}/par"]
+                 + (par_extra[0] if par_extra else []))
     assert r.returncode == 0, r.stderr[-3000:]
     want, _ = _losses(tmp_path / "ref")
     got, growths = _losses(tmp_path / "par")
@@ -163,13 +169,19 @@ RESHARD = {
     "dp1_to_dp2": ((1, 1), (1, 1, 2), [], [[32, 64, 2, 2], [48, 64, 2, 3]]),
     # learned positions and the tied output copy saved from TP2 x PP2, resumed on one process
     "tp2pp2_to_tp1pp1": ((2, 2), (1, 1), [], [[32, 64, 2, 2], [48, 128, 4, 4]]),
+    # distributed-optimizer slices over DP=2 saved in model space, resumed at TP=2 with the ordinary one
+    "dp2_distopt_to_tp2": ((1, 1, 2), (2, 1), LLAMA, [[32, 64, 2, 2], [32, 128, 4, 2]], (DISTOPT, [])),
+    "tp2_to_dp2_distopt": ((2, 1), (1, 1, 2), LLAMA, [[32, 64, 2, 2], [32, 128, 4, 2]], ([], DISTOPT)),
+    # the same layout: bitwise
+    "pp2dp2_distopt_same": ((1, 2, 2), (1, 2, 2), [], [[32, 64, 2, 2], [48, 64, 2, 4]], (DISTOPT, DISTOPT)),
 }
 
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("case", sorted(RESHARD))
 def test_resume_under_another_layout(tmp_path, tiny_data, case):
-    saved, resumed, extra, stages = RESHARD[case]
+    saved, resumed, extra, stages, *opt_args = RESHARD[case]
+    save_args, resume_args = opt_args[0] if opt_args else ([], [])
     cfg = tmp_path / "cfg.yaml"
     _write_config(cfg, extra, stages)
 
@@ -179,14 +191,19 @@ def test_resume_under_another_layout(tmp_path, tiny_data, case):
         return torchrun(world, ["-m", "msg_megatron.pretrain", str(cfg), f"parallel.tensor={tp}",
                                 f"parallel.pipeline={pp}"] + list(args))
 
-    r = launch(saved, f"logging.run_dir={tmp_path}/a", f"checkpoint.save={tmp_path}/ck", "train.save_interval=6")
+    r = launch(saved, f"logging.run_dir={tmp_path}/a", f"checkpoint.save={tmp_path}/ck", "train.save_interval=6",
+               *save_args)
     assert r.returncode == 0, r.stderr[-3000:]
-    r = launch(resumed, f"logging.run_dir={tmp_path}/b", f"checkpoint.load={tmp_path}/ck/step_000006")
+    if save_args == DISTOPT:  # the slices really are 1/DP (the flag reached megatron's optimizer)
+        assert "megatron distributed optimizer: AdamW state for" in r.stdout and "(50%)" in r.stdout, r.stdout[-2000:]
+    r = launch(resumed, f"logging.run_dir={tmp_path}/b", f"checkpoint.load={tmp_path}/ck/step_000006", *resume_args)
     assert r.returncode == 0, r.stderr[-3000:]
     want, _ = _losses(tmp_path / "a")
     got, _ = _losses(tmp_path / "b")
     assert sorted(got) == [6, 7]
     for step in got:
+        if saved == resumed and save_args == resume_args:
+            assert got[step] == want[step], (step, got[step], want[step])  # same layout: bitwise
         assert abs(got[step] - want[step]) <= 1e-5 * abs(want[step]), (step, got[step], want[step])
 
 

@@ -78,8 +78,8 @@ def bench_size(name: str, work: str, log) -> dict:
     params = count_parameters(model)
     opt = build_optimizer(model, cfg.train)
     for p in model.parameters():  # AdamW state as after a step (moments filled, step 1)
-        opt.state[p] = {"step": torch.tensor(1.0), "exp_avg": torch.randn_like(p) * 1e-3,
-                        "exp_avg_sq": torch.rand_like(p) * 1e-6}
+        opt.set_state(p, {"step": 1.0, "exp_avg": torch.randn_like(p) * 1e-3,
+                          "exp_avg_sq": torch.rand_like(p) * 1e-6})
     save = os.path.join(work, name)
     state = {"step": 1, "stage": 0, "consumed_samples": 0}
     t0 = time.perf_counter()

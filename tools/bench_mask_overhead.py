@@ -28,9 +28,10 @@ def step_time(model, opt, tokens, repeats):
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        model(tokens[:, :-1], tokens[:, 1:]).mean().backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        opt.ddp(tokens[:, :-1], tokens[:, 1:]).mean().backward()
+        opt.finish_grad_sync()
+        opt.step(1e-3)
+        opt.zero_grad()
         times.append(time.perf_counter() - t0)
     return times
 

@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from .. import __version__
 from ..config import Shape
+from ..training.optimizer import MOMENTS
 from .safe_pickle import UnsafeCheckpoint, restricted_metadata_loading
 from .manifest import IncompleteCheckpoint, checksum_files, list_files, newest_complete, verify_manifest, write_manifest
 
@@ -90,10 +91,12 @@ def read_meta(path: str, full: bool = False, fallback: bool = False) -> dict:
     return meta
 
 
-def _sharded(model, optimizer):
+def _sharded(model, optimizer, states=None):
     """The sharded state dict of model and AdamW state: the moments mirror their parameter's
-    shards; each parameter's step count (bias correction) is a one-element tensor under the
-    parameter's checkpoint key, saved once (TP rank 0 of the parameter's main replica)."""
+    shards (model space, whatever the optimizer's own sharding over DP); each parameter's step count
+    (bias correction) is a one-element tensor under the parameter's checkpoint key, saved once (TP
+    rank 0 of the parameter's main replica). `states`: name -> state to use instead of asking the
+    optimizer (loading fills these)."""
     from megatron.core import parallel_state as ps
     from megatron.core.dist_checkpointing import ShardedTensor
     from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
@@ -102,12 +105,12 @@ def _sharded(model, optimizer):
     sd = {k: v for k, v in sd.items() if not k.endswith("_extra_state")}
     if optimizer is not None:
         tp_rank, dp_rank = ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_rank()
-        for name, p in model.named_parameters():
-            st = optimizer.state.get(p)
+        for name, p in model.named_parameters():  # the same order on every DP rank (state_of is a collective)
+            st = states[name] if states is not None else optimizer.state_of(p)
             if not st:
                 continue
             model_sh = sd[f"model.{name}"]
-            for key in ("exp_avg", "exp_avg_sq"):
+            for key in MOMENTS:
                 sd[f"optimizer.{key}.{name}"] = make_sharded_optimizer_tensor(model_sh, st[key], prefix=f"optimizer.{key}")
             step = st["step"].detach().reshape(1).to(torch.float64)
             sd[f"optimizer.step.{name}"] = ShardedTensor.from_rank_offsets(
@@ -212,13 +215,11 @@ def load_checkpoint(path: str, model, optimizer=None, expect_shape: Optional[Sha
         raise CheckpointError(f"checkpoint `{meta['path']}` has shape {shape}, but the model to load into is "
                               f"{expect_shape or model.shape}; grow it with msg-grow or pick the matching stage")
     has_opt = bool(meta.get("optimizer")) and optimizer is not None
-    if has_opt:
-        # AdamW allocates its moments lazily; create them so their shards can be filled in place
-        for p in model.parameters():
-            if p not in optimizer.state:
-                optimizer.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
-                                      "exp_avg_sq": torch.zeros_like(p)}
-    sd = _sharded(model, optimizer if has_opt else None)
+    states = None
+    if has_opt:  # load targets in model space; each rank then keeps what its optimizer holds
+        states = {n: {"step": torch.zeros((), dtype=torch.float64), **{k: torch.zeros_like(p) for k in MOMENTS}}
+                  for n, p in model.named_parameters()}
+    sd = _sharded(model, optimizer if has_opt else None, states)
     saved = tensor_index(meta["path"])
     # parameters saved without AdamW state (e.g. layers copied by an offline msg-grow, which start
     # with fresh moments) keep fresh state: only request the optimizer tensors that exist
@@ -251,10 +252,8 @@ def load_checkpoint(path: str, model, optimizer=None, expect_shape: Optional[Sha
     if has_opt:
         for name, p in model.named_parameters():
             if f"optimizer.exp_avg.{name}" not in loaded:
-                optimizer.state.pop(p, None)  # AdamW initialises it lazily, as for a new parameter
+                optimizer.set_state(p, None)  # AdamW initialises it at the next step, as for a new parameter
                 continue
-            st = optimizer.state[p]
-            st["exp_avg"].copy_(loaded[f"optimizer.exp_avg.{name}"])
-            st["exp_avg_sq"].copy_(loaded[f"optimizer.exp_avg_sq.{name}"])
-            st["step"] = torch.tensor(float(loaded[f"optimizer.step.{name}"][0]))
+            optimizer.set_state(p, {"step": float(loaded[f"optimizer.step.{name}"][0]),
+                                    **{k: loaded[f"optimizer.{k}.{name}"] for k in MOMENTS}})
     return meta

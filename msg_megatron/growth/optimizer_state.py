@@ -6,6 +6,10 @@ A tensor that grew in width keeps its step, so its new entries are corrected as 
 that many steps: their first update is at most (1-beta1)/sqrt(1-beta2) x lr in size (3.2x for
 betas (0.9, 0.95)) instead of 1x lr; the ramping mask keeps those entries' influence small meanwhile.
 Tensors of new layers (copies or random) start at step 0: exact Adam from scratch.
+
+Under megatron's distributed optimizer each DP rank holds a slice of every moment: `state_of`
+assembles a parameter's whole moment from the slices, it grows, and the new optimizer keeps this
+rank's slice of the grown tensor (the slices of old and new model differ, the values do not).
 """
 from __future__ import annotations
 
@@ -13,28 +17,28 @@ from typing import Dict, Optional
 
 import torch
 
-from ..config import TrainConfig
-from ..training.optimizer import build_optimizer
+from ..config import ParallelConfig, TrainConfig
+from ..training.optimizer import MOMENTS, TrainOptimizer, build_optimizer
 from .axes import GrowthPlan
 from .operators import grow_tensor
 
 
-def grow_optimizer(old_opt: torch.optim.Optimizer, old_model: torch.nn.Module, new_model: torch.nn.Module,
-                   name_map: Dict[str, Optional[str]], plan: GrowthPlan, tcfg: TrainConfig
-                   ) -> torch.optim.Optimizer:
+def grow_optimizer(old_opt: TrainOptimizer, old_model: torch.nn.Module, new_model: torch.nn.Module,
+                   name_map: Dict[str, Optional[str]], plan: GrowthPlan, tcfg: TrainConfig,
+                   pcfg: Optional[ParallelConfig] = None) -> TrainOptimizer:
+    """The optimizer of `new_model`, its state grown from `old_opt`'s (a collective under the
+    distributed optimizer: every DP rank calls it)."""
     old_params = dict(old_model.named_parameters())
-    new_opt = build_optimizer(new_model, tcfg)
-    for g_new, g_old in zip(new_opt.param_groups, old_opt.param_groups):
-        g_new["lr"] = g_old["lr"]
-    for name, p in new_model.named_parameters():
+    new_opt = build_optimizer(new_model, tcfg, pcfg)
+    for name, p in new_model.named_parameters():  # the same order on every rank
         src = name_map.get(name)
-        if src is None or old_params[src] not in old_opt.state:
+        st = old_opt.state_of(old_params[src]) if src is not None else None
+        if st is None:
             continue
-        st = old_opt.state[old_params[src]]
         new_st = {"step": st["step"].clone()}
-        for key in ("exp_avg", "exp_avg_sq"):
-            new_st[key] = grow_tensor(src, st[key], plan.axes(src), _zeros, _no_rng, 0)
-        new_opt.state[p] = new_st
+        for key in MOMENTS:
+            new_st[key] = grow_tensor(src, st[key], plan.axes(src), _zeros, _no_rng, 0).to(p.device)
+        new_opt.set_state(p, new_st)
     return new_opt
 
 

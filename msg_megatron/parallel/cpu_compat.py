@@ -13,6 +13,12 @@ Measured needs on megatron-core 0.16.1 (see ../shared/DESIGN.md):
 - The pipeline schedules (pipeline_parallel/schedules.py) create a token counter with a hard-coded
   `device="cuda"`: their module-level `torch` is replaced by a view of torch whose tensor factories
   map a CUDA device to the CPU. (The p2p buffers use `torch.cuda.current_device()`, patched above.)
+- The optimizers (optimizer/optimizer.py, distrib_optimizer.py, clip_grads.py, and the local
+  multi-tensor L2 norm in core/utils.py that they fall back to without apex) allocate small
+  status tensors with `device='cuda'`: the same view of torch. They also sort parameters by
+  `param.type() == 'torch.cuda.FloatTensor'` (or Half/BFloat16) and assert that gradients are CUDA
+  floats: the functions that do so run with `Tensor.type()` reporting a CPU tensor's type under
+  its CUDA name (only the no-argument form; only while those functions run).
 """
 from __future__ import annotations
 
@@ -46,6 +52,20 @@ def apply_cpu_patches() -> bool:
     from megatron.core.pipeline_parallel import schedules
 
     schedules.torch = _TorchOnCpu(torch)
+
+    from megatron.core import utils as core_utils
+    from megatron.core.optimizer import clip_grads, distrib_optimizer
+    from megatron.core.optimizer import optimizer as optimizer_mod
+
+    for mod in (optimizer_mod, distrib_optimizer, clip_grads, core_utils):
+        mod.torch = _TorchOnCpu(torch)
+    distrib_optimizer.DistributedOptimizer._build_model_and_main_param_groups = staticmethod(
+        _cuda_type_names(distrib_optimizer.DistributedOptimizer._build_model_and_main_param_groups))
+    distrib_optimizer.DistributedOptimizer.__init__ = _cuda_type_names(distrib_optimizer.DistributedOptimizer.__init__)
+    optimizer_mod.Float16OptimizerWithFloat16Params.__init__ = _cuda_type_names(
+        optimizer_mod.Float16OptimizerWithFloat16Params.__init__)
+    clip_grads.clip_grad_by_total_norm_fp32 = _cuda_type_names(clip_grads.clip_grad_by_total_norm_fp32)
+    optimizer_mod.clip_grad_by_total_norm_fp32 = clip_grads.clip_grad_by_total_norm_fp32
     _APPLIED = True
     return True
 
@@ -70,3 +90,28 @@ class _TorchOnCpu:
             return attr(*args, **kwargs)
 
         return factory
+
+
+_CUDA_NAMES = {"torch.FloatTensor": "torch.cuda.FloatTensor", "torch.HalfTensor": "torch.cuda.HalfTensor",
+               "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor"}
+
+
+def _cuda_type_names(fn):
+    """Run `fn` with `tensor.type()` (no arguments) naming CPU float tensors as their CUDA types."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        original = torch.Tensor.type
+
+        def type_(self, *a, **k):
+            name = original(self, *a, **k)
+            return _CUDA_NAMES.get(name, name) if not a and not k else name
+
+        torch.Tensor.type = type_
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.Tensor.type = original
+
+    return wrapper

@@ -1,22 +1,184 @@
-"""AdamW with the usual no-decay group (norm weights, biases); built by parameter name."""
+"""AdamW on megatron-core: its DDP gradient buffers and its (distributed) optimizer.
+
+`TrainOptimizer` owns the model's megatron `DistributedDataParallel` wrapper (contiguous fp32
+gradient buffers, one reduce per bucket over the data-parallel group) and the optimizer that
+`get_megatron_optimizer` builds from it: megatron's FP32Optimizer over torch AdamW, or with
+`parallel.distributed_optimizer` its DistributedOptimizer, where each data-parallel rank keeps
+AdamW moments for one 1/DP slice of the flattened parameters only (gradients reduce-scattered,
+updated parameters all-gathered). Weight decay is skipped for biases and 1-D parameters (norms),
+megatron's standard groups; the global gradient norm and clipping are megatron's too.
+
+Growth and checkpoints see the optimizer through one per-parameter interface, whatever the
+sharding: `state_of(p)` returns a parameter's AdamW state in the parameter's own shape (under the
+distributed optimizer assembled from every DP rank's slice; a collective that all DP ranks call in
+the same order) and `set_state(p, state)` stores one back, each DP rank keeping its slice. So a
+checkpoint holds moments in model space (reloadable under any TP/PP/DP layout, megatron's
+"fully reshardable" format) and growth extends whole tensors (paper 3.2.2).
+"""
 from __future__ import annotations
 
+import contextlib
+import logging
+from typing import Optional
+
 import torch
+import torch.distributed as dist
 
-from ..config import TrainConfig
+from ..config import ParallelConfig, TrainConfig
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
-def _no_decay(name: str, param: torch.Tensor) -> bool:
-    return param.ndim < 2 or name.endswith(".bias")
+def build_optimizer(model: torch.nn.Module, tcfg: TrainConfig, pcfg: Optional[ParallelConfig] = None
+                    ) -> "TrainOptimizer":
+    return TrainOptimizer(model, tcfg, pcfg or ParallelConfig())
 
 
-def build_optimizer(model: torch.nn.Module, tcfg: TrainConfig) -> torch.optim.AdamW:
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if _no_decay(name, p) else decay).append(p)
-    groups = [{"params": decay, "weight_decay": tcfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    # foreach=False: the same code path (and rounding) for any number of parameters
-    return torch.optim.AdamW(groups, lr=tcfg.lr, betas=(tcfg.adam_beta1, tcfg.adam_beta2),
-                             eps=tcfg.adam_eps, foreach=False)
+class TrainOptimizer:
+    def __init__(self, model: torch.nn.Module, tcfg: TrainConfig, pcfg: ParallelConfig):
+        from megatron.core import parallel_state as ps
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.optimizer import ChainedOptimizer, OptimizerConfig, get_megatron_optimizer
+
+        self.model = model
+        self.distributed = bool(pcfg.distributed_optimizer)
+        self.weight_decay = tcfg.weight_decay
+        _mark_shared_embedding(model)
+        # grad_reduce_in_fp32: gradients accumulate and are reduced in fp32 whatever the compute dtype
+        ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                                use_distributed_optimizer=self.distributed)
+        ocfg = OptimizerConfig(optimizer="adam", lr=tcfg.lr, min_lr=tcfg.min_lr, weight_decay=tcfg.weight_decay,
+                               adam_beta1=tcfg.adam_beta1, adam_beta2=tcfg.adam_beta2, adam_eps=tcfg.adam_eps,
+                               clip_grad=tcfg.clip_grad, use_distributed_optimizer=self.distributed,
+                               bf16=False, fp16=False, params_dtype=torch.float32)
+        with _quiet_megatron():
+            self.ddp = DistributedDataParallel(model.config, ddp_cfg, model)
+            self.megatron = get_megatron_optimizer(ocfg, [self.ddp])
+        inner = self.megatron
+        if isinstance(inner, ChainedOptimizer):
+            (inner,) = inner.chained_optimizers  # dense parameters only: one optimizer
+        self._inner = inner
+        self.adamw = inner.optimizer  # the torch AdamW whose state is keyed by (shards of) parameters
+        self._dp_group = ps.get_data_parallel_group(with_context_parallel=True)
+
+    def describe(self) -> str:
+        """Where the AdamW state lives, for the start-up log."""
+        held = sum(p.numel() for g in self.adamw.param_groups for p in g["params"])
+        total = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        kind = "distributed optimizer" if self.distributed else "optimizer"
+        return (f"[optimizer] megatron {kind}: AdamW state for {held:,} of this rank's {total:,} parameter "
+                f"elements ({held / max(total, 1):.0%})")
+
+    # ---- one step --------------------------------------------------------------------------
+    @property
+    def param_groups(self):
+        return self.megatron.param_groups
+
+    def zero_grad(self) -> None:
+        self.ddp.zero_grad_buffer()
+        self.megatron.zero_grad()
+
+    def finish_grad_sync(self) -> None:
+        """Reduce the accumulated gradients over DP (sum x 1/DP: the schedule's losses are
+        pre-multiplied by DP), then sum the tied embedding's two copies under PP."""
+        self.ddp.finish_grad_sync()
+        _allreduce_tied_embedding_grads(self.model)
+
+    def step(self, lr: float) -> float:
+        """Clip to train.clip_grad by the global norm and update; returns the gradient norm
+        (before clipping)."""
+        for group in self.param_groups:
+            group["lr"] = lr * group.get("lr_mult", 1.0)
+            group["weight_decay"] = self.weight_decay * group.get("wd_mult", 1.0)
+        ok, grad_norm, _ = self.megatron.step()
+        if not ok:  # only with an fp16 loss scaler, which is not used
+            raise FloatingPointError("megatron's optimizer skipped the update (inf/nan gradients)")
+        return float(grad_norm) if grad_norm is not None else 0.0
+
+    # ---- per-parameter state (growth, checkpoints) ----------------------------------------
+    def _slot(self, p: torch.nn.Parameter):
+        """(the tensor torch AdamW keys p's state by, (start, end) of p's flattened elements it
+        covers), or None when this DP rank holds no slice of p."""
+        if not self.distributed:
+            return p, (0, p.numel())
+        where = self._inner.model_param_group_index_map.get(p)
+        if where is None:
+            return None
+        group, order = where
+        rng = self._inner._get_model_param_range_map(p)["param"]
+        return self.adamw.param_groups[group]["params"][order], (rng.start, rng.end)
+
+    def state_of(self, p: torch.nn.Parameter) -> Optional[dict]:
+        """p's AdamW state {step, exp_avg, exp_avg_sq} in p's shape, or None before its first
+        update. Under the distributed optimizer a collective over the DP group (exact: each
+        element comes from the one rank that owns it, the others add zeros)."""
+        slot = self._slot(p)
+        st = self.adamw.state.get(slot[0]) if slot is not None else None
+        if not self.distributed:
+            if not st:
+                return None
+            return {"step": st["step"], **{k: st[k].view_as(p) for k in MOMENTS}}
+        flag = torch.zeros(2, dtype=torch.float64, device=p.device)
+        if st:
+            flag[0], flag[1] = 1.0, float(st["step"])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._dp_group)
+        if flag[0] == 0:
+            return None
+        out = {"step": torch.tensor(float(flag[1]))}
+        for k in MOMENTS:
+            full = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
+            if st:
+                start, end = slot[1]
+                full[start:end] = st[k].reshape(-1)
+            dist.all_reduce(full, group=self._dp_group)
+            out[k] = full.view_as(p)
+        return out
+
+    def set_state(self, p: torch.nn.Parameter, state: Optional[dict]) -> None:
+        """Store p's state (as returned by state_of, in p's shape); None: start p afresh (AdamW
+        creates its state at the next step)."""
+        slot = self._slot(p)
+        if slot is None:
+            return
+        key, (start, end) = slot
+        if state is None:
+            self.adamw.state.pop(key, None)
+            return
+        self.adamw.state[key] = {"step": torch.tensor(float(state["step"])),
+                                 **{k: state[k].reshape(-1)[start:end].to(key.device, torch.float32).clone()
+                                    .view_as(key) for k in MOMENTS}}
+
+
+def _mark_shared_embedding(model) -> None:
+    """Tied embeddings under PP: megatron's DDP puts a parameter marked `shared_embedding` in a
+    bucket of its own, so the first stage's embedding and the last stage's copy are sliced alike by
+    the distributed optimizer and their gradients can be summed slice for slice."""
+    if not getattr(model.mcfg, "tie_embeddings", False):
+        return
+    if model.pre_process:
+        model.embedding.weight.shared_embedding = True
+    if model.shared_output_copy():
+        model.output_layer.weight.shared_embedding = True
+
+
+def _allreduce_tied_embedding_grads(model) -> None:
+    """Sum the embedding's and the output copy's gradients (tied embeddings, PP > 1)."""
+    from megatron.core import parallel_state as ps
+
+    if (ps.get_pipeline_model_parallel_world_size() == 1 or not model.mcfg.tie_embeddings
+            or not ps.is_rank_in_embedding_group()):
+        return
+    weight = model.embedding.weight if model.pre_process else model.output_layer.weight
+    dist.all_reduce(weight.main_grad, group=ps.get_embedding_group())
+
+
+@contextlib.contextmanager
+def _quiet_megatron():
+    """megatron logs every bucket and parameter group at INFO when building DDP and optimizer."""
+    log = logging.getLogger("megatron.core")
+    level = log.level
+    log.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        log.setLevel(level)

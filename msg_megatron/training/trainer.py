@@ -26,7 +26,6 @@ from ..growth.operators import grow_model
 from ..growth.optimizer_state import grow_optimizer
 from ..model import build_model, count_parameters, update_masks
 from ..parallel import device, initialize_parallel, is_logging_rank
-from ..parallel.grads import allreduce_data_parallel_grads, allreduce_tied_embedding_grads, grad_norm_and_clip
 from .evaluate import validation_loss
 from .flops import device_peak_tflops, flops_per_token
 from .microbatches import run_microbatches
@@ -86,7 +85,7 @@ class Trainer:
         # of the paper's speed-up comparisons, carried across resumes
         self.train_time, self.train_flops = 0.0, 0.0
         self.model = build_model(cfg.model, self.schedule[0][1], seed=t.seed)
-        self.optimizer = build_optimizer(self.model, t)
+        self.optimizer = build_optimizer(self.model, t, cfg.parallel)
         ck = cfg.checkpoint
         if ck.load == "auto":
             if os.path.isdir(ck.save) and any(d.startswith("step_") for d in os.listdir(ck.save)):
@@ -99,6 +98,7 @@ class Trainer:
             self.resume(ck.load)
         elif ck.init_from:
             self.init_from(ck.init_from)
+        self.metrics.print(self.optimizer.describe())
         self._probe = self._probe_batch()
         self.peak_tflops = device_peak_tflops()
 
@@ -112,7 +112,8 @@ class Trainer:
         new_model, name_map = grow_model(self.model, new_shape, step=self.step, init=g.init, init_std=g.init_std,
                                          depth_init=g.depth_init, seed=self.cfg.train.seed + stage, plan=plan,
                                          operator=g.operator)
-        self.optimizer = grow_optimizer(self.optimizer, self.model, new_model, name_map, plan, self.cfg.train)
+        self.optimizer = grow_optimizer(self.optimizer, self.model, new_model, name_map, plan, self.cfg.train,
+                                        self.cfg.parallel)
         self.model, self.stage = new_model, stage
         update_masks(self.model, self.step, g.ramp_steps)
         loss_after = self.probe_loss()
@@ -129,27 +130,24 @@ class Trainer:
         t = self.cfg.train
         self.model.train()
         lr = self.lr_schedule(self.step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
         gbs = self.cfg.batch_size(self.stage)
         n_micro = gbs // t.micro_batch_size
         local = n_micro // self.dp  # this DP rank's micro-batches: a contiguous block of the batch
         start = time.perf_counter()
         batches = [self.train_data.batch(self.consumed_samples + (self.dp_rank * local + i) * t.micro_batch_size,
                                          t.micro_batch_size) for i in range(local)]
-        # each micro-batch's loss scaled by 1/(micro-batches in the whole batch): the DP sum is the batch mean
-        total = torch.tensor(run_microbatches(self.model, batches, forward_only=False, loss_scale=local / n_micro,
-                                              bf16=self.bf16), dtype=torch.float64, device=device())
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        allreduce_data_parallel_grads(params)
-        allreduce_tied_embedding_grads(self.model)
+        # each micro-batch's loss x local/n_micro sums to the batch mean over DP ranks; megatron's DDP
+        # averages the DP gradients (x 1/DP), hence the factor DP
+        total = torch.tensor(run_microbatches(self.optimizer.ddp, batches, forward_only=False,
+                                              loss_scale=local * self.dp / n_micro, bf16=self.bf16),
+                             dtype=torch.float64, device=device())
+        self.optimizer.finish_grad_sync()
         if self.dp > 1:
             from megatron.core import parallel_state as ps
 
             torch.distributed.all_reduce(total, group=ps.get_data_parallel_group())
-        grad_norm = grad_norm_and_clip(params, t.clip_grad)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm = self.optimizer.step(lr)
+        self.optimizer.zero_grad()
         elapsed = time.perf_counter() - start
         self.consumed_samples += gbs
         loss = float(total) / n_micro
@@ -241,7 +239,7 @@ class Trainer:
             raise CheckpointError(f"checkpoint `{meta['path']}` has shape {shape} but stage {self.stage} of the "
                                   f"schedule is {self.schedule[self.stage][1]}; fix growth.stages or the checkpoint")
         self.model = build_model(self.cfg.model, shape, perform_init=False)
-        self.optimizer = build_optimizer(self.model, self.cfg.train)
+        self.optimizer = build_optimizer(self.model, self.cfg.train, self.cfg.parallel)
         load_checkpoint(meta["path"], self.model, self.optimizer, full=full)
         self.metrics.print(f"[resume] {meta['path']}: step {self.step}, stage {self.stage}, shape {shape}")
 
@@ -274,7 +272,7 @@ class Trainer:
             raise CheckpointError(f"checkpoint.init_from `{meta['path']}` has shape {shape}, but growth.stages[0] is "
                                   f"{self.schedule[0][1]}; start the schedule at {list(shape.as_tuple())}")
         self.model = build_model(self.cfg.model, shape, perform_init=False)
-        self.optimizer = build_optimizer(self.model, self.cfg.train)
+        self.optimizer = build_optimizer(self.model, self.cfg.train, self.cfg.parallel)
         load_checkpoint(meta["path"], self.model, None, full=self.cfg.checkpoint.verify == "full", restore_rng=False)
         if ramping(self.model):
             raise CheckpointError(f"checkpoint.init_from `{meta['path']}` is mid-ramp (masks below 1); start from a "
