@@ -99,7 +99,8 @@ def _main(argv) -> int:
     state = dict(meta["state"], stage=meta["state"]["stage"] + 1)
     tok = os.path.join(meta["path"], "tokenizer.model")
     saved_cfg = dict(meta["config"], parallel=dict(meta["config"]["parallel"], tensor=tp, pipeline=pp))
-    path = save_checkpoint(args.save, new_model, new_opt, state, saved_cfg, tok if os.path.exists(tok) else "")
+    path = save_checkpoint(args.save, new_model, new_opt, state, saved_cfg, tok if os.path.exists(tok) else "",
+                           writers=cfg.checkpoint.writers)
     out = {"from": list(old_shape.as_tuple()), "to": list(shape.as_tuple()), "step": step, "saved": path,
            "params": count_parameters(new_model), "val_loss_before": before, "val_loss_after": after}
     if before is not None:

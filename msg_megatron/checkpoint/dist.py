@@ -142,9 +142,11 @@ def _rng_sharded(state: torch.Tensor):
 
 
 def save_checkpoint(save_dir: str, model, optimizer, state: dict, config: dict, tokenizer_path: str = "",
-                    keep: int = 3) -> str:
-    """Write SAVE/step_<step, 6 digits> atomically; `state` is a JSON-able dict (step, stage, data position...)."""
+                    keep: int = 3, writers: int = 4) -> str:
+    """Write SAVE/step_<step, 6 digits> atomically; `state` is a JSON-able dict (step, stage, data position...).
+    `writers`: files this rank writes in parallel."""
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 
     step = int(state["step"])
     name = f"step_{step:06d}"
@@ -159,7 +161,16 @@ def save_checkpoint(save_dir: str, model, optimizer, state: dict, config: dict, 
         dist.barrier()
     sd = _sharded(model, optimizer)
     sd["rng_state"] = _rng_sharded(torch.get_rng_state())
-    dist_checkpointing.save(sd, tmp)
+    # torch.save (in megatron's writer processes, forked from here) checksums every record; the
+    # manifest's CRC-32 of each whole file below covers the same bytes, so skip that first pass
+    from torch.utils.serialization import config as serialization_config
+
+    crc = serialization_config.save.compute_crc32
+    torch.serialization.set_crc32_options(False)
+    try:
+        dist_checkpointing.save(sd, tmp, TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=writers))
+    finally:
+        torch.serialization.set_crc32_options(crc)
     if rank0:
         meta = {"version": __version__, "shape": list(model.shape.as_tuple()), "state": state,
                 "optimizer": optimizer is not None, "config": config}

@@ -189,7 +189,8 @@ class Trainer:
         if not ck.save:
             return None
         path = save_checkpoint(ck.save, self.model, self.optimizer, self.state(), self.cfg.to_dict(),
-                               os.path.join(self.data_dir, "tokenizer.model") if self.data_dir else "", ck.keep)
+                               os.path.join(self.data_dir, "tokenizer.model") if self.data_dir else "", ck.keep,
+                               writers=ck.writers)
         self.metrics.print(f"[save] step {self.step} -> {path}")
         self._last_saved, self._last_saved_path = self.step, path
         return path
