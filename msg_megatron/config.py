@@ -130,6 +130,9 @@ class ParallelConfig:
     distributed_optimizer: bool = False
     """megatron's distributed optimizer: each data-parallel rank keeps AdamW state for 1/DP of the
     parameters (gradients reduce-scattered, parameters all-gathered); checkpoints are the same."""
+    overlap_grad_reduce: bool = False
+    """Start each gradient bucket's data-parallel reduce during the backward of the last
+    micro-batch, as soon as the bucket is complete (megatron's DDP), instead of after it."""
     gpus: int = 0
     """GPUs the schedule is planned for (msg-plan's data-parallel degree; 0: tensor x pipeline). The
     launcher decides the real world size."""

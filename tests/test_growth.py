@@ -181,3 +181,28 @@ def test_tensor_parallel_marks_survive_building_without_init():
     assert marked(initialised) == marked(bare) and len(marked(bare)) > 0
     per_layer = sum(n.startswith("layers.0.") for n in marked(initialised))  # qkv, proj, fc1, fc2 (+ column biases)
     assert len(marked(grown)) == len(marked(initialised)) + per_layer  # one new layer
+
+
+def test_update_masks_follows_births_without_reading_values_each_step():
+    """The host-side youngest-birth cache gives the same mask values, lowest value and folding as
+    computing everything from the births, also after births change in place (a second growth,
+    a loaded checkpoint) while a ramp runs."""
+    from torch import nn
+
+    from msg_megatron.model.masks import mask_values, register_mask, update_masks
+
+    mod = nn.Module()
+    register_mask(mod, "a", 6)
+    register_mask(mod, "b", 3)
+    mod.a_birth[4:] = 10.0
+    ramp = 4
+    for step in range(8, 24):
+        if step == 12:
+            mod.b_birth[2] = 12.0  # in place, mid-ramp of `a`
+        lowest = update_masks(mod, step, ramp)
+        want = {n: mask_values(getattr(mod, f"{n}_birth"), step, ramp) for n in ("a", "b")}
+        for n in ("a", "b"):
+            assert torch.equal(getattr(mod, f"{n}_mask"), want[n]), (step, n)
+            assert getattr(mod, f"{n}_active") == bool(want[n].min() < 1)
+        assert lowest == min(float(w.min()) for w in want.values())
+    assert not mod.a_active and not mod.b_active and torch.all(mod.a_mask == 1)

@@ -110,6 +110,9 @@ CASES = {
     # the single-process run with the ordinary optimizer; under PP with the tied embedding's copy
     "dp2_distopt": (1, 1, 2, [], [[32, 64, 2, 2], [48, 64, 2, 3]], DISTOPT),
     "pp2dp2_distopt": (1, 2, 2, LLAMA, [[32, 64, 2, 2], [48, 128, 4, 4]], DISTOPT),
+    # bucket reduces started during the last micro-batch's backward (2 micro-batches per rank)
+    "tp2dp2_overlap": (2, 1, 2, ["model.tie_embeddings=false"], [[32, 64, 2, 2], [48, 64, 2, 2]],
+                       DISTOPT + ["parallel.overlap_grad_reduce=true"]),
 }
 
 

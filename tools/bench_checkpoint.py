@@ -15,6 +15,7 @@ skip the growth and say so.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -93,12 +94,14 @@ def bench_size(name: str, work: str, log) -> dict:
     # the disk's speed drifts on a VM: measured right before and right after the save, averaged
     raw = (raw_before + raw_write(os.path.join(work, "raw.bin"), nbytes)) / 2
     del opt, model
+    gc.collect()  # megatron's DDP wrapper holds reference cycles: free the first copy before the second
     model = build_model(cfg.model, cfg.model.shape, perform_init=False)
     opt = build_optimizer(model, cfg.train)
     t0 = time.perf_counter()
     load_checkpoint(path, model, opt)
     t_load = time.perf_counter() - t0
     del opt, model
+    gc.collect()
     res = {"size": name, "shape": [h, f, a, n], "params": params, "bytes": nbytes, "save_s": t_save,
            "save_gbps": nbytes / t_save / 1e9, "load_s": t_load, "load_gbps": nbytes / t_load / 1e9,
            "raw_write_gbps": raw, "save_vs_raw": nbytes / t_save / 1e9 / raw}

@@ -85,17 +85,34 @@ def mask_values(birth: torch.Tensor, step: int, ramp_steps: int) -> torch.Tensor
     return ((step - birth) / ramp_steps).clamp_(0.0, 1.0)
 
 
+def _youngest_birth(mod: nn.Module, name: str) -> float:
+    """The latest birth step of a mask's entries, as a host float (-inf: none was grown), cached
+    until the birth buffer is replaced or written in place (growth, load): the smallest mask value
+    is clamp((step - youngest) / ramp) without reading the device every step."""
+    birth = getattr(mod, f"{name}_birth")
+    key = (id(birth), birth._version)
+    cache = mod.__dict__.setdefault("_youngest_cache", {})
+    hit = cache.get(name)
+    if hit is None or hit[0] != key:
+        hit = (key, float(birth.max()) if birth.numel() else -math.inf)
+        cache[name] = hit
+    return hit[1]
+
+
 @torch.no_grad()
 def update_masks(model: nn.Module, step: int, ramp_steps: int) -> float:
     """Set every mask to its value at `step`; fold the ones that reached 1.
 
-    Returns the smallest mask value in the model (1.0 when nothing ramps), for logging.
+    Returns the smallest mask value in the model (1.0 when nothing ramps), for logging. No host
+    sync per step: which masks still ramp follows from their cached youngest birth, and folded
+    masks are not touched.
     """
     lowest = 1.0
     for mod, name in iter_masks(model):
-        value = mask_values(getattr(mod, f"{name}_birth"), step, ramp_steps)
-        getattr(mod, f"{name}_mask").copy_(value)
-        low = float(value.min()) if value.numel() else 1.0
+        youngest = _youngest_birth(mod, name)
+        low = 1.0 if ramp_steps <= 0 or youngest == -math.inf else min(max((step - youngest) / ramp_steps, 0.0), 1.0)
+        if low < 1.0 or getattr(mod, f"{name}_active"):  # ramping, or folding now: write the values
+            getattr(mod, f"{name}_mask").copy_(mask_values(getattr(mod, f"{name}_birth"), step, ramp_steps))
         setattr(mod, f"{name}_active", low < 1.0)
         lowest = min(lowest, low)
     return lowest

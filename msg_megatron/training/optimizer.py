@@ -45,7 +45,8 @@ class TrainOptimizer:
         self.weight_decay = tcfg.weight_decay
         _mark_shared_embedding(model)
         # grad_reduce_in_fp32: gradients accumulate and are reduced in fp32 whatever the compute dtype
-        ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+        ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True,
+                                                overlap_grad_reduce=bool(pcfg.overlap_grad_reduce),
                                                 use_distributed_optimizer=self.distributed)
         ocfg = OptimizerConfig(optimizer="adam", lr=tcfg.lr, min_lr=tcfg.min_lr, weight_decay=tcfg.weight_decay,
                                adam_beta1=tcfg.adam_beta1, adam_beta2=tcfg.adam_beta2, adam_eps=tcfg.adam_eps,
@@ -60,6 +61,9 @@ class TrainOptimizer:
         self._inner = inner
         self.adamw = inner.optimizer  # the torch AdamW whose state is keyed by (shards of) parameters
         self._dp_group = ps.get_data_parallel_group(with_context_parallel=True)
+        # megatron's schedules run every micro-batch but the last under config.no_sync_func; with
+        # overlapped reduces this keeps the buckets from reducing before the gradients are complete
+        model.config.no_sync_func = self.ddp.no_sync if pcfg.overlap_grad_reduce else None
 
     def describe(self) -> str:
         """Where the AdamW state lives, for the start-up log."""
@@ -80,7 +84,8 @@ class TrainOptimizer:
 
     def finish_grad_sync(self) -> None:
         """Reduce the accumulated gradients over DP (sum x 1/DP: the schedule's losses are
-        pre-multiplied by DP), then sum the tied embedding's two copies under PP."""
+        pre-multiplied by DP; with overlap_grad_reduce: wait for the reduces started during the
+        backward), then sum the tied embedding's two copies under PP."""
         self.ddp.finish_grad_sync()
         _allreduce_tied_embedding_grads(self.model)
 
@@ -136,7 +141,9 @@ class TrainOptimizer:
 
     def set_state(self, p: torch.nn.Parameter, state: Optional[dict]) -> None:
         """Store p's state (as returned by state_of, in p's shape); None: start p afresh (AdamW
-        creates its state at the next step)."""
+        creates its state at the next step). Takes ownership: when this rank keeps the whole
+        parameter the moments are used as given (no copy; a loaded 1B checkpoint would otherwise
+        hold its moments twice), a slice is copied out so the full tensor can be freed."""
         slot = self._slot(p)
         if slot is None:
             return
@@ -144,9 +151,12 @@ class TrainOptimizer:
         if state is None:
             self.adamw.state.pop(key, None)
             return
-        self.adamw.state[key] = {"step": torch.tensor(float(state["step"])),
-                                 **{k: state[k].reshape(-1)[start:end].to(key.device, torch.float32).clone()
-                                    .view_as(key) for k in MOMENTS}}
+        moments = {}
+        for k in MOMENTS:
+            flat = state[k].reshape(-1).to(key.device, torch.float32)
+            part = flat if (start, end) == (0, flat.numel()) else flat[start:end].clone()
+            moments[k] = part.view_as(key)
+        self.adamw.state[key] = {"step": torch.tensor(float(state["step"])), **moments}
 
 
 def _mark_shared_embedding(model) -> None:
