@@ -143,7 +143,9 @@ class TrainConfig:
     steps: int = 100
     """Total optimizer steps."""
     precision: str = "fp32"
-    """`fp32`, or `bf16`: matmuls under bf16 autocast (parameters, optimizer, norms and loss stay fp32)."""
+    """`fp32`; `bf16`: bf16 parameters and activations with fp32 master weights, gradient buffers,
+    AdamW state, norm statistics and loss (megatron's --bf16; also on CPU); `bf16-autocast`: fp32
+    parameters, matmuls under CUDA bf16 autocast (GPU only)."""
     global_batch_size: int = 8
     """Sequences per optimizer step."""
     micro_batch_size: int = 8
@@ -406,7 +408,7 @@ def validate(cfg: Config) -> None:
     _choice(g.init, ["normal", "zeros", "copy"], "growth.init")
     _choice(g.depth_init, ["interpolate", "stack", "random"], "growth.depth_init")
     _choice(t.decay_style, ["cosine", "linear", "constant"], "train.decay_style")
-    _choice(t.precision, ["fp32", "bf16"], "train.precision")
+    _choice(t.precision, ["fp32", "bf16", "bf16-autocast"], "train.precision")
     _choice(cfg.checkpoint.verify, ["size", "full"], "checkpoint.verify")
     _positive(cfg.checkpoint.writers, "checkpoint.writers")
     if cfg.checkpoint.load == "auto" and not cfg.checkpoint.save:

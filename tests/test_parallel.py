@@ -113,6 +113,9 @@ CASES = {
     # bucket reduces started during the last micro-batch's backward (2 micro-batches per rank)
     "tp2dp2_overlap": (2, 1, 2, ["model.tie_embeddings=false"], [[32, 64, 2, 2], [48, 64, 2, 2]],
                        DISTOPT + ["parallel.overlap_grad_reduce=true"]),
+    # bf16 parameters with fp32 masters in the distributed optimizer's slices, under TP x PP x DP,
+    # against the single-process bf16 run: bf16 matmuls split over TP round differently (1e-2)
+    "tp2pp2dp2_bf16": (2, 2, 2, LLAMA + ["train.precision=bf16"], [[32, 64, 2, 2], [48, 128, 4, 4]], DISTOPT, 1e-2),
 }
 
 
@@ -134,23 +137,25 @@ def _losses(run_dir):
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_training_matches_single_process(tmp_path, tiny_data, case):
-    tp, pp, dp, extra, stages, *par_extra = CASES[case]
+    tp, pp, dp, extra, stages, *rest = CASES[case]
+    par_extra = rest[0] if rest else []
+    tol = rest[1] if len(rest) > 1 else 1e-5
     cfg = tmp_path / "cfg.yaml"
     _write_config(cfg, extra, stages)
     ref = run_cli(["msg_megatron.pretrain", str(cfg), f"logging.run_dir={tmp_path}/ref"], timeout=300)
     assert ref.returncode == 0, ref.stderr[-3000:]
     r = torchrun(tp * pp * dp, ["-m", "msg_megatron.pretrain", str(cfg), f"parallel.tensor={tp}",
                                 f"parallel.pipeline={pp}", f"logging.run_dir={tmp_path}/par"]
-                 + (par_extra[0] if par_extra else []))
+                 + par_extra)
     assert r.returncode == 0, r.stderr[-3000:]
     want, _ = _losses(tmp_path / "ref")
     got, growths = _losses(tmp_path / "par")
     assert sorted(got) == list(range(8)) == sorted(want)  # one metrics file, written once
     for step in range(8):  # before (0-3), at (4) and after (5-7, mid-ramp) the growth
-        assert abs(got[step] - want[step]) <= 1e-5 * abs(want[step]), (step, got[step], want[step])
+        assert abs(got[step] - want[step]) <= tol * abs(want[step]), (step, got[step], want[step])
     assert len(growths) == 1
     g = growths[0]  # function preservation at the growth step under this layout (also TP=2 x PP=2)
-    assert abs(g["probe_loss_after"] - g["probe_loss_before"]) <= 1e-5 * g["probe_loss_before"]
+    assert abs(g["probe_loss_after"] - g["probe_loss_before"]) <= min(tol, 1e-3) * g["probe_loss_before"]
     ref_growth = _losses(tmp_path / "ref")[1][0]
     assert g["params"] == ref_growth["params"]  # the parameter count is global under every layout
 

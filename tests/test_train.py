@@ -112,9 +112,9 @@ def test_cli_errors_are_clear(tmp_path):
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU refusal")
-def test_bf16_on_cpu_is_refused_before_any_work(tmp_path):
+def test_bf16_autocast_on_cpu_is_refused_before_any_work(tmp_path):
     from msg_megatron.config import ConfigError
     from msg_megatron.training.trainer import Trainer
 
-    with pytest.raises(ConfigError, match="train.precision=bf16 needs a GPU"):
-        Trainer(tiny_cfg(tmp_path, "train.precision=bf16", "data.corpus=/nonexistent"))
+    with pytest.raises(ConfigError, match="train.precision=bf16-autocast needs a GPU"):
+        Trainer(tiny_cfg(tmp_path, "train.precision=bf16-autocast", "data.corpus=/nonexistent"))

@@ -105,7 +105,10 @@ def _sharded(model, optimizer, states=None):
     sd = {k: v for k, v in sd.items() if not k.endswith("_extra_state")}
     if optimizer is not None:
         tp_rank, dp_rank = ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_rank()
-        for name, p in model.named_parameters():  # the same order on every DP rank (state_of is a collective)
+        for name, p in model.named_parameters():  # the same order on every DP rank (collectives)
+            if optimizer.bf16 and states is None:  # bf16 parameters: save their fp32 master weights
+                sh = sd[f"model.{name}"]
+                sh.data, sh.dtype = optimizer.master_of(p), torch.float32
             st = states[name] if states is not None else optimizer.state_of(p)
             if not st:
                 continue
@@ -228,9 +231,14 @@ def load_checkpoint(path: str, model, optimizer=None, expect_shape: Optional[Sha
     has_opt = bool(meta.get("optimizer")) and optimizer is not None
     states = None
     if has_opt:  # load targets in model space; each rank then keeps what its optimizer holds
-        states = {n: {"step": torch.zeros((), dtype=torch.float64), **{k: torch.zeros_like(p) for k in MOMENTS}}
+        states = {n: {"step": torch.zeros((), dtype=torch.float64),
+                      **{k: torch.zeros_like(p, dtype=torch.float32) for k in MOMENTS}}
                   for n, p in model.named_parameters()}
     sd = _sharded(model, optimizer if has_opt else None, states)
+    for name, p in model.named_parameters():
+        if p.dtype != torch.float32:  # checkpoints hold fp32 weights: read them as such, round into p below
+            sh = sd[f"model.{name}"]
+            sh.data, sh.dtype = torch.zeros_like(p, dtype=torch.float32), torch.float32
     saved = tensor_index(meta["path"])
     # parameters saved without AdamW state (e.g. layers copied by an offline msg-grow, which start
     # with fresh moments) keep fresh state: only request the optimizer tensors that exist
@@ -267,4 +275,7 @@ def load_checkpoint(path: str, model, optimizer=None, expect_shape: Optional[Sha
                 continue
             optimizer.set_state(p, {"step": float(loaded[f"optimizer.step.{name}"][0]),
                                     **{k: loaded[f"optimizer.{k}.{name}"] for k in MOMENTS}})
+    if optimizer is not None and optimizer.bf16:  # the fp32 weights loaded become the masters (the
+        for name, p in model.named_parameters():  # bf16 parameters got their rounding from load_state_dict)
+            optimizer.set_master(p, model_sd[name])
     return meta

@@ -18,7 +18,7 @@ from typing import Dict, Optional
 import torch
 
 from ..config import ParallelConfig, TrainConfig
-from ..training.optimizer import MOMENTS, TrainOptimizer, build_optimizer
+from ..training.optimizer import MOMENTS, TrainOptimizer, optimizer_for_fp32_model
 from .axes import GrowthPlan
 from .operators import grow_tensor
 
@@ -29,7 +29,9 @@ def grow_optimizer(old_opt: TrainOptimizer, old_model: torch.nn.Module, new_mode
     """The optimizer of `new_model`, its state grown from `old_opt`'s (a collective under the
     distributed optimizer: every DP rank calls it)."""
     old_params = dict(old_model.named_parameters())
-    new_opt = build_optimizer(new_model, tcfg, pcfg)
+    # the grown model holds fp32 weights (under bf16 the old masters: see masters_into_model)
+    new_opt = optimizer_for_fp32_model(new_model, tcfg, pcfg,
+                                       torch.bfloat16 if old_opt.bf16 else torch.float32)
     for name, p in new_model.named_parameters():  # the same order on every rank
         src = name_map.get(name)
         st = old_opt.state_of(old_params[src]) if src is not None else None

@@ -69,9 +69,10 @@ class MaskedSelfAttention(MegatronModule):
         heads = qkv.shape[-1] // (3 * self.head_dim)  # local heads (a TP rank holds a share)
         q, k, v = qkv.view(s, b, heads, 3 * self.head_dim).split(self.head_dim, dim=-1)
         if rope is not None:
-            cos, sin = rope
-            q = q * cos[:s] + rotate_half(q) * sin[:s]
-            k = k * cos[:s] + rotate_half(k) * sin[:s]
+            cos, sin = rope  # fp32 tables, applied in the activations' dtype (as megatron does)
+            cos, sin = cos[:s].to(q.dtype), sin[:s].to(q.dtype)
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
         # [s, b, h, d] -> [b, h, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0 / math.sqrt(self.head_dim))

@@ -145,10 +145,13 @@ class MaskedGPT(MegatronModule):
             x = self.embedding(tokens).transpose(0, 1).contiguous()  # [s, b, h]; p2p sends need contiguous
             if self.mcfg.position_embedding == "learned":
                 x = x + self.position_embeddings(torch.arange(s, device=tokens.device))[:, None, :]
-            if hmask is not None:
-                x = x * hmask
         else:
             x = self.input_tensor
+        if hmask is not None:
+            # masks stay fp32 buffers (birth steps need the precision); multiply in the activations' dtype
+            hmask = hmask.to(x.dtype)
+            if self.pre_process:
+                x = x * hmask
         rope = self.rope(s)
         for layer in self.layers:
             x = layer(x, hmask, rope)

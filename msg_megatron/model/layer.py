@@ -49,5 +49,6 @@ class MaskedTransformerLayer(MegatronModule):
         out = h + mlp
         depth = active_mask(self, "depth")
         if depth is not None:  # eq. 20: a new layer is skipped while its mask is 0
+            depth = depth.to(out.dtype)
             out = depth * out + (1.0 - depth) * x
         return out

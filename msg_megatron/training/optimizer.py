@@ -8,8 +8,14 @@ AdamW moments for one 1/DP slice of the flattened parameters only (gradients red
 updated parameters all-gathered). Weight decay is skipped for biases and 1-D parameters (norms),
 megatron's standard groups; the global gradient norm and clipping are megatron's too.
 
+Precision follows the model's parameters: fp32, or bf16 (`train.precision=bf16`, megatron's
+`--bf16`): bf16 parameters and activations, fp32 gradient buffers, and megatron's optimizer keeps
+fp32 master weights (Float16OptimizerWithFloat16Params, or DistributedOptimizer slices) that AdamW
+updates and copies back to the bf16 parameters every step.
+
 Growth and checkpoints see the optimizer through one per-parameter interface, whatever the
-sharding: `state_of(p)` returns a parameter's AdamW state in the parameter's own shape (under the
+sharding: `master_of(p)` / `set_master(p, w)` read and write a parameter's fp32 weights (the
+master copy under bf16, else the parameter), `state_of(p)` returns a parameter's AdamW state in the parameter's own shape (under the
 distributed optimizer assembled from every DP rank's slice; a collective that all DP ranks call in
 the same order) and `set_state(p, state)` stores one back, each DP rank keeping its slice. So a
 checkpoint holds moments in model space (reloadable under any TP/PP/DP layout, megatron's
@@ -34,6 +40,37 @@ def build_optimizer(model: torch.nn.Module, tcfg: TrainConfig, pcfg: Optional[Pa
     return TrainOptimizer(model, tcfg, pcfg or ParallelConfig())
 
 
+def optimizer_for_fp32_model(model: torch.nn.Module, tcfg: TrainConfig, pcfg: Optional[ParallelConfig] = None,
+                             dtype: Optional[torch.dtype] = None) -> "TrainOptimizer":
+    """Cast a model that holds fp32 weights (fresh init, init_from, growth) to `dtype` (default:
+    train.precision's) and build its optimizer with exactly those fp32 weights as the masters."""
+    dtype = dtype or param_dtype(tcfg)
+    masters = {n: p.detach().clone() for n, p in model.named_parameters()} if dtype != torch.float32 else None
+    cast_params(model, dtype)
+    opt = build_optimizer(model, tcfg, pcfg)
+    if masters:
+        for n, p in model.named_parameters():
+            opt.set_master(p, masters.pop(n))
+    return opt
+
+
+def param_dtype(tcfg: TrainConfig) -> torch.dtype:
+    """The parameters' dtype for train.precision (bf16-autocast keeps fp32 parameters)."""
+    return torch.bfloat16 if tcfg.precision == "bf16" else torch.float32
+
+
+def cast_params(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Parameters (not buffers: mask births are step numbers that bf16 cannot hold) to `dtype`, and
+    the model config's dtypes (pipeline p2p buffers) with them."""
+    for p in model.parameters():
+        if p.dtype != dtype:
+            p.data = p.data.to(dtype)
+    cfg = model.config
+    cfg.params_dtype = cfg.pipeline_dtype = dtype
+    cfg.bf16 = dtype == torch.bfloat16
+    return model
+
+
 class TrainOptimizer:
     def __init__(self, model: torch.nn.Module, tcfg: TrainConfig, pcfg: ParallelConfig):
         from megatron.core import parallel_state as ps
@@ -42,6 +79,7 @@ class TrainOptimizer:
 
         self.model = model
         self.distributed = bool(pcfg.distributed_optimizer)
+        self.bf16 = any(p.dtype == torch.bfloat16 for p in model.parameters())
         self.weight_decay = tcfg.weight_decay
         _mark_shared_embedding(model)
         # grad_reduce_in_fp32: gradients accumulate and are reduced in fp32 whatever the compute dtype
@@ -51,7 +89,8 @@ class TrainOptimizer:
         ocfg = OptimizerConfig(optimizer="adam", lr=tcfg.lr, min_lr=tcfg.min_lr, weight_decay=tcfg.weight_decay,
                                adam_beta1=tcfg.adam_beta1, adam_beta2=tcfg.adam_beta2, adam_eps=tcfg.adam_eps,
                                clip_grad=tcfg.clip_grad, use_distributed_optimizer=self.distributed,
-                               bf16=False, fp16=False, params_dtype=torch.float32)
+                               bf16=self.bf16, fp16=False,
+                               params_dtype=torch.bfloat16 if self.bf16 else torch.float32)
         with _quiet_megatron():
             self.ddp = DistributedDataParallel(model.config, ddp_cfg, model)
             self.megatron = get_megatron_optimizer(ocfg, [self.ddp])
@@ -59,7 +98,12 @@ class TrainOptimizer:
         if isinstance(inner, ChainedOptimizer):
             (inner,) = inner.chained_optimizers  # dense parameters only: one optimizer
         self._inner = inner
-        self.adamw = inner.optimizer  # the torch AdamW whose state is keyed by (shards of) parameters
+        self.adamw = inner.optimizer  # the torch AdamW whose state is keyed by (shards of) fp32 weights
+        # bf16 without the distributed optimizer: model parameter -> its fp32 master copy
+        self._main = {}
+        if self.bf16 and not self.distributed:
+            for g16, g32 in zip(inner.float16_groups, inner.fp32_from_float16_groups):
+                self._main.update(zip(g16, g32))
         self._dp_group = ps.get_data_parallel_group(with_context_parallel=True)
         # megatron's schedules run every micro-batch but the last under config.no_sync_func; with
         # overlapped reduces this keeps the buckets from reducing before the gradients are complete
@@ -102,16 +146,56 @@ class TrainOptimizer:
 
     # ---- per-parameter state (growth, checkpoints) ----------------------------------------
     def _slot(self, p: torch.nn.Parameter):
-        """(the tensor torch AdamW keys p's state by, (start, end) of p's flattened elements it
-        covers), or None when this DP rank holds no slice of p."""
+        """(the fp32 tensor torch AdamW updates for p and keys p's state by: p itself, its master
+        copy, or this rank's slice of the master, (start, end) of p's flattened elements it covers),
+        or None when this DP rank holds no slice of p."""
         if not self.distributed:
-            return p, (0, p.numel())
+            return self._main.get(p, p), (0, p.numel())
         where = self._inner.model_param_group_index_map.get(p)
         if where is None:
             return None
         group, order = where
         rng = self._inner._get_model_param_range_map(p)["param"]
         return self.adamw.param_groups[group]["params"][order], (rng.start, rng.end)
+
+    def _whole(self, p: torch.nn.Parameter, slot, local: Optional[torch.Tensor]) -> torch.Tensor:
+        """A tensor of p's shape from each DP rank's slice `local` (None: no slice here): a sum over
+        the DP group in which every element comes from its one owner, the others adding zeros."""
+        if not self.distributed:
+            return local.view_as(p)
+        full = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
+        if local is not None:
+            start, end = slot[1]
+            full[start:end] = local.reshape(-1)
+        dist.all_reduce(full, group=self._dp_group)
+        return full.view_as(p)
+
+    def master_of(self, p: torch.nn.Parameter) -> torch.Tensor:
+        """p's fp32 weights in p's shape (the master copy under bf16; a collective under the
+        distributed optimizer)."""
+        if not self.bf16:  # fp32: the parameter is the master (the distributed optimizer's slices are views of it)
+            return p.detach()
+        slot = self._slot(p)
+        return self._whole(p, slot, slot[0].detach() if slot is not None else None)
+
+    def set_master(self, p: torch.nn.Parameter, value: torch.Tensor) -> None:
+        """Set p's fp32 weights (and p itself, rounded to its dtype)."""
+        with torch.no_grad():
+            p.copy_(value)
+            slot = self._slot(p)
+            if slot is not None and slot[0] is not p:
+                start, end = slot[1]
+                slot[0].copy_(value.reshape(-1)[start:end].view_as(slot[0]))
+
+    def masters_into_model(self) -> None:
+        """Replace the model's parameters by fp32 tensors holding the master weights, so growth
+        starts from the exact fp32 values (not their bf16 rounding). This optimizer and its DDP
+        wrapper are not usable afterwards (growth builds new ones)."""
+        if not self.bf16:
+            return
+        for p in self.model.parameters():  # the same order on every DP rank (a collective)
+            p.data = self.master_of(p).clone()
+        cast_params(self.model, torch.float32)
 
     def state_of(self, p: torch.nn.Parameter) -> Optional[dict]:
         """p's AdamW state {step, exp_avg, exp_avg_sq} in p's shape, or None before its first
@@ -129,15 +213,8 @@ class TrainOptimizer:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._dp_group)
         if flag[0] == 0:
             return None
-        out = {"step": torch.tensor(float(flag[1]))}
-        for k in MOMENTS:
-            full = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
-            if st:
-                start, end = slot[1]
-                full[start:end] = st[k].reshape(-1)
-            dist.all_reduce(full, group=self._dp_group)
-            out[k] = full.view_as(p)
-        return out
+        return {"step": torch.tensor(float(flag[1])), **{k: self._whole(p, slot, st[k] if st else None)
+                                                         for k in MOMENTS}}
 
     def set_state(self, p: torch.nn.Parameter, state: Optional[dict]) -> None:
         """Store p's state (as returned by state_of, in p's shape); None: start p afresh (AdamW

@@ -30,7 +30,7 @@ from .evaluate import validation_loss
 from .flops import device_peak_tflops, flops_per_token
 from .microbatches import run_microbatches
 from .metrics import MetricsLogger
-from .optimizer import build_optimizer
+from .optimizer import optimizer_for_fp32_model
 from .schedule import LRSchedule
 
 
@@ -45,11 +45,11 @@ class Trainer:
         t = cfg.train
         if t.threads:
             torch.set_num_threads(t.threads)
-        self.bf16 = t.precision == "bf16"
-        if self.bf16 and not torch.cuda.is_available():
+        self.autocast = t.precision == "bf16-autocast"
+        if self.autocast and not torch.cuda.is_available():
             # megatron's TP linears run their backward under CUDA autocast only
-            raise ConfigError("train.precision=bf16 needs a GPU (bf16 autocast of megatron's linears is CUDA-only); "
-                              "use train.precision=fp32 on CPU.")
+            raise ConfigError("train.precision=bf16-autocast needs a GPU (bf16 autocast of megatron's linears is "
+                              "CUDA-only); use train.precision=bf16 (bf16 parameters) or fp32 on CPU.")
         initialize_parallel(cfg.parallel.tensor, cfg.parallel.pipeline, t.seed)
         self.layout = (cfg.parallel.tensor, cfg.parallel.pipeline)
         from megatron.core import parallel_state as ps
@@ -84,8 +84,8 @@ class Trainer:
         # wall time spent training (steps + growth, not evaluation) and model FLOPs so far: the x-axes
         # of the paper's speed-up comparisons, carried across resumes
         self.train_time, self.train_flops = 0.0, 0.0
-        self.model = build_model(cfg.model, self.schedule[0][1], seed=t.seed)
-        self.optimizer = build_optimizer(self.model, t, cfg.parallel)
+        self.model = build_model(cfg.model, self.schedule[0][1], seed=t.seed)  # fp32 init: exact masters
+        self.optimizer = optimizer_for_fp32_model(self.model, t, cfg.parallel)
         ck = cfg.checkpoint
         if ck.load == "auto":
             if os.path.isdir(ck.save) and any(d.startswith("step_") for d in os.listdir(ck.save)):
@@ -108,6 +108,7 @@ class Trainer:
         g = self.cfg.growth
         old_shape, new_shape = self.model.shape, self.schedule[stage][1]
         loss_before = self.probe_loss()
+        self.optimizer.masters_into_model()  # bf16: grow the fp32 master weights, not their rounding
         plan = GrowthPlan(self.model, new_shape)
         new_model, name_map = grow_model(self.model, new_shape, step=self.step, init=g.init, init_std=g.init_std,
                                          depth_init=g.depth_init, seed=self.cfg.train.seed + stage, plan=plan,
@@ -139,7 +140,7 @@ class Trainer:
         # each micro-batch's loss x local/n_micro sums to the batch mean over DP ranks; megatron's DDP
         # averages the DP gradients (x 1/DP), hence the factor DP
         total = torch.tensor(run_microbatches(self.optimizer.ddp, batches, forward_only=False,
-                                              loss_scale=local * self.dp / n_micro, bf16=self.bf16),
+                                              loss_scale=local * self.dp / n_micro, bf16=self.autocast),
                              dtype=torch.float64, device=device())
         self.optimizer.finish_grad_sync()
         if self.dp > 1:
@@ -165,7 +166,7 @@ class Trainer:
 
     def evaluate(self) -> Optional[float]:
         return validation_loss(self.model, self.valid_data, self.cfg.train.micro_batch_size,
-                               self.cfg.train.eval_iters, bf16=self.bf16)
+                               self.cfg.train.eval_iters, bf16=self.autocast)
 
     def _probe_batch(self) -> torch.Tensor:
         data = self.valid_data or self.train_data
@@ -175,7 +176,7 @@ class Trainer:
     def probe_loss(self) -> float:
         """Loss on one fixed batch; equal before and after an MSG growth (function preservation)."""
         self.model.eval()
-        loss = run_microbatches(self.model, [self._probe], forward_only=True, bf16=self.bf16)
+        loss = run_microbatches(self.model, [self._probe], forward_only=True, bf16=self.autocast)
         self.model.train()
         return loss
 
@@ -240,8 +241,8 @@ class Trainer:
             raise CheckpointError(f"checkpoint `{meta['path']}` has shape {shape} but stage {self.stage} of the "
                                   f"schedule is {self.schedule[self.stage][1]}; fix growth.stages or the checkpoint")
         self.model = build_model(self.cfg.model, shape, perform_init=False)
-        self.optimizer = build_optimizer(self.model, self.cfg.train, self.cfg.parallel)
-        load_checkpoint(meta["path"], self.model, self.optimizer, full=full)
+        self.optimizer = optimizer_for_fp32_model(self.model, self.cfg.train, self.cfg.parallel)
+        load_checkpoint(meta["path"], self.model, self.optimizer, full=full)  # fp32 weights -> masters
         self.metrics.print(f"[resume] {meta['path']}: step {self.step}, stage {self.stage}, shape {shape}")
 
     def _model_diff(self, saved: dict, ignore=()) -> list:
@@ -273,8 +274,8 @@ class Trainer:
             raise CheckpointError(f"checkpoint.init_from `{meta['path']}` has shape {shape}, but growth.stages[0] is "
                                   f"{self.schedule[0][1]}; start the schedule at {list(shape.as_tuple())}")
         self.model = build_model(self.cfg.model, shape, perform_init=False)
-        self.optimizer = build_optimizer(self.model, self.cfg.train, self.cfg.parallel)
         load_checkpoint(meta["path"], self.model, None, full=self.cfg.checkpoint.verify == "full", restore_rng=False)
+        self.optimizer = optimizer_for_fp32_model(self.model, self.cfg.train, self.cfg.parallel)
         if ramping(self.model):
             raise CheckpointError(f"checkpoint.init_from `{meta['path']}` is mid-ramp (masks below 1); start from a "
                                   "checkpoint taken after growth.ramp_steps more steps")
