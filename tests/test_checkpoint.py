@@ -183,3 +183,39 @@ def test_crafted_metadata_is_not_unpickled(saved, tmp_path):
     with pytest.raises(CheckpointError, match="unsafe to load.*posix.system|unsafe to load.*os.system"):
         CheckpointReader(str(step))
     assert not marker.exists()
+
+
+def test_crc_recorded_while_writing_matches_the_file_and_is_dropped_when_unsure(tmp_path):
+    """The writer-side CRC (crc_writer) equals zlib's CRC of the file; a seek, a size mismatch or a
+    garbled sidecar falls back to reading the file; sidecars never reach the manifest."""
+    import zlib
+
+    from msg_megatron.checkpoint.crc_writer import SIDECAR, crc_open, take_sidecar
+    from msg_megatron.checkpoint.manifest import checksum_files, list_files
+
+    data = os.urandom(3 << 20)
+    with crc_open(str(tmp_path / "a.bin"), "wb") as f:
+        f.write(data[:1000])
+        f.write(memoryview(data)[1000:])
+    assert (tmp_path / ("a.bin" + SIDECAR)).exists()
+    assert list_files(str(tmp_path)) == ["a.bin"]
+    assert take_sidecar(str(tmp_path / "a.bin")) == (zlib.crc32(data), len(data))
+    assert not (tmp_path / ("a.bin" + SIDECAR)).exists()
+
+    with crc_open(str(tmp_path / "b.bin"), "wb") as f:  # seeked: no sidecar
+        f.write(b"x" * 10)
+        f.seek(0)
+        f.write(b"y")
+    assert not (tmp_path / ("b.bin" + SIDECAR)).exists()
+
+    with crc_open(str(tmp_path / "c.bin"), "wb") as f:
+        f.write(data)
+    with open(tmp_path / "c.bin", "ab") as f:  # grew after the writer closed it: the sidecar is stale
+        f.write(b"z")
+    (tmp_path / ("d.bin")).write_bytes(b"abc")
+    (tmp_path / ("d.bin" + SIDECAR)).write_text("not numbers")
+    got = checksum_files(str(tmp_path), ["a.bin", "b.bin", "c.bin", "d.bin"])
+    assert got["c.bin"]["crc32"] == zlib.crc32(data + b"z")
+    assert got["d.bin"]["crc32"] == zlib.crc32(b"abc")
+    assert got["b.bin"]["crc32"] == zlib.crc32(b"y" + b"x" * 9)
+    assert not any(name.endswith(SIDECAR) for name in os.listdir(tmp_path))

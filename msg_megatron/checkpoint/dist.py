@@ -23,6 +23,7 @@ import torch.distributed as dist
 from .. import __version__
 from ..config import Shape
 from ..training.optimizer import MOMENTS
+from .crc_writer import checksummed_writes
 from .safe_pickle import UnsafeCheckpoint, restricted_metadata_loading
 from .manifest import IncompleteCheckpoint, checksum_files, list_files, newest_complete, verify_manifest, write_manifest
 
@@ -171,7 +172,8 @@ def save_checkpoint(save_dir: str, model, optimizer, state: dict, config: dict, 
     crc = serialization_config.save.compute_crc32
     torch.serialization.set_crc32_options(False)
     try:
-        dist_checkpointing.save(sd, tmp, TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=writers))
+        with checksummed_writes():  # the manifest's CRCs computed as the data is written
+            dist_checkpointing.save(sd, tmp, TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=writers))
     finally:
         torch.serialization.set_crc32_options(crc)
     if rank0:

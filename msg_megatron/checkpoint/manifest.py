@@ -14,6 +14,8 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional
 
+from .crc_writer import SIDECAR, take_sidecar
+
 MANIFEST = "manifest.json"
 
 
@@ -39,18 +41,20 @@ def list_files(root: str) -> List[str]:
     for dirpath, _, files in os.walk(root):
         for name in files:
             rel = os.path.relpath(os.path.join(dirpath, name), root)
-            if rel != MANIFEST:
+            if rel != MANIFEST and not rel.endswith(SIDECAR):
                 out.append(rel)
     return sorted(out)
 
 
 def checksum_files(root: str, files: List[str], rank: int = 0, world: int = 1) -> Dict[str, dict]:
-    """Size and CRC-32 of this rank's share of `files` (file i is read by rank i % world), the
-    files in parallel threads (megatron writes two data files per rank)."""
+    """Size and CRC-32 of this rank's share of `files` (file i is handled by rank i % world): the
+    CRC recorded while it was written if there is one, else read in parallel threads."""
     mine = [rel for i, rel in enumerate(files) if i % world == rank]
+    # a CRC recorded while the file was written (crc_writer) saves reading it back
+    recorded = {rel: take_sidecar(os.path.join(root, rel)) for rel in mine}
     threads = max(1, min(len(mine), (os.cpu_count() or 1) // max(1, _local_ranks())))
     with ThreadPoolExecutor(threads) as pool:
-        crcs = list(pool.map(lambda rel: _crc32(os.path.join(root, rel)), mine))
+        crcs = list(pool.map(lambda rel: recorded[rel][0] if recorded[rel] else _crc32(os.path.join(root, rel)), mine))
     return {rel: {"bytes": os.path.getsize(os.path.join(root, rel)), "crc32": crc} for rel, crc in zip(mine, crcs)}
 
 
