@@ -11,8 +11,10 @@ calls, averaged over ranks. On 2 CPU cores, TP/PP cannot be faster than one proc
 show what the parallel machinery costs.
 
 GPU mode trains a ~1.7B-parameter GPT (hidden 2048, ffn 8192, 16 heads of 128, 24 layers,
-sequence 2048, vocabulary 32768, SwiGLU/RMSNorm/RoPE) in bf16 on synthetic tokens with the real
-trainer, and prints tokens/s, achieved TFLOP/s and MFU (training/flops.py) from its metrics.
+sequence 2048, vocabulary 32768, SwiGLU/RMSNorm/RoPE) in bf16 (bf16 parameters, fp32 masters; pass
+`train.precision=bf16-autocast` to compare with fp32 parameters under autocast) on synthetic tokens
+with the real trainer, and prints tokens/s, achieved TFLOP/s and MFU (training/flops.py) from its
+metrics. Extra `key=value` arguments override the config.
 """
 from __future__ import annotations
 

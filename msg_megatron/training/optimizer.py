@@ -99,6 +99,8 @@ class TrainOptimizer:
             (inner,) = inner.chained_optimizers  # dense parameters only: one optimizer
         self._inner = inner
         self.adamw = inner.optimizer  # the torch AdamW whose state is keyed by (shards of) fp32 weights
+        self._per_param_step = isinstance(self.adamw, (torch.optim.AdamW, torch.optim.Adam))
+        self._group_of = {q: g for g in self.adamw.param_groups for q in g["params"]}
         # bf16 without the distributed optimizer: model parameter -> its fp32 master copy
         self._main = {}
         if self.bf16 and not self.distributed:
@@ -206,10 +208,10 @@ class TrainOptimizer:
         if not self.distributed:
             if not st:
                 return None
-            return {"step": st["step"], **{k: st[k].view_as(p) for k in MOMENTS}}
+            return {"step": self._step_of(slot[0], st), **{k: st[k].view_as(p) for k in MOMENTS}}
         flag = torch.zeros(2, dtype=torch.float64, device=p.device)
         if st:
-            flag[0], flag[1] = 1.0, float(st["step"])
+            flag[0], flag[1] = 1.0, float(self._step_of(slot[0], st))
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._dp_group)
         if flag[0] == 0:
             return None
@@ -233,7 +235,20 @@ class TrainOptimizer:
             flat = state[k].reshape(-1).to(key.device, torch.float32)
             part = flat if (start, end) == (0, flat.numel()) else flat[start:end].clone()
             moments[k] = part.view_as(key)
-        self.adamw.state[key] = {"step": torch.tensor(float(state["step"])), **moments}
+        if self._per_param_step:
+            self.adamw.state[key] = {"step": torch.tensor(float(state["step"])), **moments}
+        else:  # fused Adams count steps per group: the group keeps the largest (see _step_of)
+            self.adamw.state[key] = moments
+            group = self._group_of[key]
+            group["step"] = max(int(group.get("step", 0)), int(state["step"]))
+
+    def _step_of(self, key: torch.Tensor, st: dict):
+        """AdamW's step count for bias correction: per tensor in torch's AdamW (a grown tensor keeps
+        its own, a new layer's starts at 0); per parameter group in TE's / apex's FusedAdam, which
+        megatron uses when installed (there new layers share the group's count)."""
+        if "step" in st:
+            return st["step"]
+        return torch.tensor(float(self._group_of[key].get("step", 0)))
 
 
 def _mark_shared_embedding(model) -> None:
