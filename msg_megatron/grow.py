@@ -87,6 +87,7 @@ def _main(argv) -> int:
         valid = TokenWindows(os.path.join(data_dir, "valid"), cfg.model.seq_length, cfg.train.seed)
     before = validation_loss(model, valid, cfg.train.micro_batch_size, cfg.train.eval_iters)
 
+    optimizer.release_for_growth()  # the old gradient buffers are not needed for growth
     plan = GrowthPlan(model, shape)
     new_model, name_map = grow_model(
         model, shape, step=step, plan=plan, init=args.init or g.init,

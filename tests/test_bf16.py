@@ -43,7 +43,8 @@ def test_growth_grows_the_fp32_masters():
     master_old = opt.master_of(p_old).clone()
     assert not torch.equal(master_old, p_old.float())  # the masters carry more than the bf16 weights
     assert torch.equal(master_old.to(torch.bfloat16), p_old)
-    opt.masters_into_model()
+    opt.release_for_growth()
+    assert all(b.grad_data.untyped_storage().size() == 0 for b in opt.ddp.buffers)  # freed for the grown model
     new_shape = Shape(48, 96, 6, 3)
     grown, name_map = grow_model(model, new_shape, step=3)
     new_opt = grow_optimizer(opt, model, grown, name_map, GrowthPlan(model, new_shape), tcfg, ParallelConfig())

@@ -29,7 +29,7 @@ def grow_optimizer(old_opt: TrainOptimizer, old_model: torch.nn.Module, new_mode
     """The optimizer of `new_model`, its state grown from `old_opt`'s (a collective under the
     distributed optimizer: every DP rank calls it)."""
     old_params = dict(old_model.named_parameters())
-    # the grown model holds fp32 weights (under bf16 the old masters: see masters_into_model)
+    # the grown model holds fp32 weights (under bf16 the old masters: see release_for_growth)
     new_opt = optimizer_for_fp32_model(new_model, tcfg, pcfg,
                                        torch.bfloat16 if old_opt.bf16 else torch.float32)
     for name, p in new_model.named_parameters():  # the same order on every rank

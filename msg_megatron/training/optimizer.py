@@ -189,15 +189,22 @@ class TrainOptimizer:
                 start, end = slot[1]
                 slot[0].copy_(value.reshape(-1)[start:end].view_as(slot[0]))
 
-    def masters_into_model(self) -> None:
-        """Replace the model's parameters by fp32 tensors holding the master weights, so growth
-        starts from the exact fp32 values (not their bf16 rounding). This optimizer and its DDP
-        wrapper are not usable afterwards (growth builds new ones)."""
-        if not self.bf16:
-            return
-        for p in self.model.parameters():  # the same order on every DP rank (a collective)
-            p.data = self.master_of(p).clone()
-        cast_params(self.model, torch.float32)
+    def release_for_growth(self) -> None:
+        """Before growth. Under bf16 the model's parameters become fp32 tensors holding the master
+        weights, so growth starts from the exact fp32 values (not their bf16 rounding); the
+        gradient buffers (and, once the parameters no longer live in them, megatron's parameter
+        buffers) are freed, since the grown model gets new ones. Afterwards only `state_of` works:
+        growth builds a new optimizer from it."""
+        if self.bf16:
+            for p in self.model.parameters():  # the same order on every DP rank (a collective)
+                p.data = self.master_of(p).clone()
+            cast_params(self.model, torch.float32)
+        for buffer in self.ddp.buffers:
+            buffer.grad_data.untyped_storage().resize_(0)
+            if self.bf16 and buffer.param_data is not None:
+                buffer.param_data.untyped_storage().resize_(0)
+        for p in self.model.parameters():
+            p.main_grad = None
 
     def state_of(self, p: torch.nn.Parameter) -> Optional[dict]:
         """p's AdamW state {step, exp_avg, exp_avg_sq} in p's shape, or None before its first

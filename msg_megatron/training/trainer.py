@@ -108,7 +108,7 @@ class Trainer:
         g = self.cfg.growth
         old_shape, new_shape = self.model.shape, self.schedule[stage][1]
         loss_before = self.probe_loss()
-        self.optimizer.masters_into_model()  # bf16: grow the fp32 master weights, not their rounding
+        self.optimizer.release_for_growth()  # bf16: grow the fp32 masters, not their rounding; frees grad buffers
         plan = GrowthPlan(self.model, new_shape)
         new_model, name_map = grow_model(self.model, new_shape, step=self.step, init=g.init, init_std=g.init_std,
                                          depth_init=g.depth_init, seed=self.cfg.train.seed + stage, plan=plan,
