@@ -9,6 +9,7 @@
 - Against an fp32 run of the same config the per-step losses stay within 2e-2 relative (bf16
   activations; the reference is the plain fp32 run).
 """
+import pytest
 import torch
 
 from conftest import tiny_model_cfg
@@ -94,3 +95,13 @@ def test_bf16_training_growth_resume_and_fp32_interchange(tmp_path, tiny_data):
     Trainer(tiny_cfg(tmp_path / "d", f"checkpoint.load={ck}")).run()
     d = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "d" / "run" / "metrics.jsonl") if "loss" in r}
     assert abs(d[16] - want[16]) <= 2e-2 * want[16]
+
+
+def test_growing_bf16_parameters_without_their_masters_is_refused():
+    tcfg = TrainConfig(precision="bf16")
+    model = build_model(tiny_model_cfg(), Shape(32, 64, 4, 2))
+    opt = optimizer_for_fp32_model(model, tcfg)
+    new_shape = Shape(48, 96, 6, 2)
+    grown, name_map = grow_model(model, new_shape, step=0)  # from the bf16 rounding: must not pass silently
+    with pytest.raises(RuntimeError, match="release_for_growth"):
+        grow_optimizer(opt, model, grown, name_map, GrowthPlan(model, new_shape), tcfg, ParallelConfig())

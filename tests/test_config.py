@@ -44,6 +44,8 @@ def test_presets_validate(preset):
     ([stages((0, (32, 64, 2, 1)), (5, (64, 128, 4, 2))), "parallel.tensor=4"], ["stages[0]", "heads=2", "parallel.tensor=4"]),
     (["parallel.tensor=2", "growth.init=copy"], ["growth.init=copy", "parallel.tensor=2"]),
     (["parallel.tensor=0"], ["parallel.tensor", "positive"]),
+    (["checkpoint.writers=0"], ["checkpoint.writers", "positive"]),
+    (["train.precision=fp16"], ["train.precision", "fp32, bf16, bf16-autocast"]),
     (["parallel.tensor=3", "model.num_attention_heads=3", "model.ffn_hidden_size=130", "model.kv_channels=16"],
      ["ffn=130", "parallel.tensor=3"]),
     (["parallel.tensor=3", "model.num_attention_heads=3", "model.ffn_hidden_size=96", "model.kv_channels=16"],

@@ -92,8 +92,9 @@ def read_meta(path: str, full: bool = False, fallback: bool = False) -> dict:
     return meta
 
 
-def _sharded(model, optimizer, states=None):
-    """The sharded state dict of model and AdamW state: the moments mirror their parameter's
+def _sharded(model, optimizer, states=None, loading: bool = False):
+    """The sharded state dict of model and AdamW state: weights in fp32 (bf16 parameters are saved
+    as their fp32 masters and loaded into fp32 targets), the moments mirror their parameter's
     shards (model space, whatever the optimizer's own sharding over DP); each parameter's step count
     (bias correction) is a one-element tensor under the parameter's checkpoint key, saved once (TP
     rank 0 of the parameter's main replica). `states`: name -> state to use instead of asking the
@@ -104,12 +105,15 @@ def _sharded(model, optimizer, states=None):
 
     sd = model.sharded_state_dict(prefix="model.")
     sd = {k: v for k, v in sd.items() if not k.endswith("_extra_state")}
+    for name, p in model.named_parameters():  # the same order on every DP rank (master_of: a collective)
+        if p.dtype != torch.float32:
+            sh = sd[f"model.{name}"]
+            sh.data = (torch.zeros_like(p, dtype=torch.float32) if loading
+                       else optimizer.master_of(p) if optimizer is not None else p.detach().float())
+            sh.dtype = torch.float32
     if optimizer is not None:
         tp_rank, dp_rank = ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_rank()
-        for name, p in model.named_parameters():  # the same order on every DP rank (collectives)
-            if optimizer.bf16 and states is None:  # bf16 parameters: save their fp32 master weights
-                sh = sd[f"model.{name}"]
-                sh.data, sh.dtype = optimizer.master_of(p), torch.float32
+        for name, p in model.named_parameters():  # the same order on every DP rank (state_of is a collective)
             st = states[name] if states is not None else optimizer.state_of(p)
             if not st:
                 continue
@@ -236,11 +240,7 @@ def load_checkpoint(path: str, model, optimizer=None, expect_shape: Optional[Sha
         states = {n: {"step": torch.zeros((), dtype=torch.float64),
                       **{k: torch.zeros_like(p, dtype=torch.float32) for k in MOMENTS}}
                   for n, p in model.named_parameters()}
-    sd = _sharded(model, optimizer if has_opt else None, states)
-    for name, p in model.named_parameters():
-        if p.dtype != torch.float32:  # checkpoints hold fp32 weights: read them as such, round into p below
-            sh = sd[f"model.{name}"]
-            sh.data, sh.dtype = torch.zeros_like(p, dtype=torch.float32), torch.float32
+    sd = _sharded(model, optimizer if has_opt else None, states, loading=True)  # bf16: rounded into p below
     saved = tensor_index(meta["path"])
     # parameters saved without AdamW state (e.g. layers copied by an offline msg-grow, which start
     # with fresh moments) keep fresh state: only request the optimizer tensors that exist

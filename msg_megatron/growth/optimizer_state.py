@@ -29,6 +29,9 @@ def grow_optimizer(old_opt: TrainOptimizer, old_model: torch.nn.Module, new_mode
     """The optimizer of `new_model`, its state grown from `old_opt`'s (a collective under the
     distributed optimizer: every DP rank calls it)."""
     old_params = dict(old_model.named_parameters())
+    if any(p.dtype != torch.float32 for p in old_model.parameters()):
+        raise RuntimeError("grow_optimizer needs the old model in fp32: call the old optimizer's "
+                           "release_for_growth() before grow_model (bf16 masters would be lost)")
     # the grown model holds fp32 weights (under bf16 the old masters: see release_for_growth)
     new_opt = optimizer_for_fp32_model(new_model, tcfg, pcfg,
                                        torch.bfloat16 if old_opt.bf16 else torch.float32)

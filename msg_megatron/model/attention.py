@@ -69,8 +69,7 @@ class MaskedSelfAttention(MegatronModule):
         heads = qkv.shape[-1] // (3 * self.head_dim)  # local heads (a TP rank holds a share)
         q, k, v = qkv.view(s, b, heads, 3 * self.head_dim).split(self.head_dim, dim=-1)
         if rope is not None:
-            cos, sin = rope  # fp32 tables, applied in the activations' dtype (as megatron does)
-            cos, sin = cos[:s].to(q.dtype), sin[:s].to(q.dtype)
+            cos, sin = rope  # [s, 1, 1, d] in the activations' dtype (MaskedGPT.rope)
             q = q * cos + rotate_half(q) * sin
             k = k * cos + rotate_half(k) * sin
         # [s, b, h, d] -> [b, h, s, d]

@@ -125,14 +125,17 @@ class MaskedGPT(MegatronModule):
             input_tensor = input_tensor[0]
         self.input_tensor = input_tensor
 
-    def rope(self, seq_len: int):
+    def rope(self, seq_len: int, dtype: torch.dtype = torch.float32):
+        """(cos, sin) for the first `seq_len` positions in the activations' dtype (computed in fp32,
+        cast as megatron does), cached: one table per forward for all layers, no per-layer cast."""
         if self.mcfg.position_embedding != "rope":
             return None
         dev = self.layers[0].input_norm.weight.device if len(self.layers) else torch.device("cpu")
-        if self._rope is None or self._rope[0].shape[0] < seq_len or self._rope[0].device != dev:
+        if (self._rope is None or self._rope[0].shape[0] < seq_len or self._rope[0].device != dev
+                or self._rope[0].dtype != dtype):
             cos, sin = rope_cos_sin(max(seq_len, self.mcfg.seq_length), self.mcfg.head_dim, self.mcfg.rotary_base)
-            self._rope = cos.to(dev), sin.to(dev)
-        return self._rope
+            self._rope = cos.to(dev, dtype), sin.to(dev, dtype)
+        return self._rope[0][:seq_len], self._rope[1][:seq_len]
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor = None) -> torch.Tensor:
         """tokens [b, s] -> logits [b, s, vocab_padded], or per-token losses [b, s] given labels; on a
@@ -152,7 +155,7 @@ class MaskedGPT(MegatronModule):
             hmask = hmask.to(x.dtype)
             if self.pre_process:
                 x = x * hmask
-        rope = self.rope(s)
+        rope = self.rope(s, x.dtype)
         for layer in self.layers:
             x = layer(x, hmask, rope)
         if not self.post_process:

@@ -30,7 +30,7 @@ from .evaluate import validation_loss
 from .flops import device_peak_tflops, flops_per_token
 from .microbatches import run_microbatches
 from .metrics import MetricsLogger
-from .optimizer import optimizer_for_fp32_model
+from .optimizer import build_optimizer, cast_params, optimizer_for_fp32_model, param_dtype
 from .schedule import LRSchedule
 
 
@@ -240,8 +240,9 @@ class Trainer:
         if shape != self.schedule[self.stage][1]:
             raise CheckpointError(f"checkpoint `{meta['path']}` has shape {shape} but stage {self.stage} of the "
                                   f"schedule is {self.schedule[self.stage][1]}; fix growth.stages or the checkpoint")
-        self.model = build_model(self.cfg.model, shape, perform_init=False)
-        self.optimizer = optimizer_for_fp32_model(self.model, self.cfg.train, self.cfg.parallel)
+        # weights and masters both come from the checkpoint: no masters to carry over from the build
+        self.model = cast_params(build_model(self.cfg.model, shape, perform_init=False), param_dtype(self.cfg.train))
+        self.optimizer = build_optimizer(self.model, self.cfg.train, self.cfg.parallel)
         load_checkpoint(meta["path"], self.model, self.optimizer, full=full)  # fp32 weights -> masters
         self.metrics.print(f"[resume] {meta['path']}: step {self.step}, stage {self.stage}, shape {shape}")
 
