@@ -21,6 +21,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <type_traits>
 
 namespace msg {
@@ -485,6 +486,223 @@ RegGeometry reg_geometry(const void* x, const void* y, const float* m, const flo
   return g;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Warp-per-row path for narrow rows (at most 32 lanes x 8 packs of 16 bytes: hidden <= 2048 in
+// bf16/fp16, <= 1024 in fp32). A block-per-row kernel spends most of a narrow row's time in its
+// two __syncthreads block reductions; here each warp owns whole rows, reduces with shuffles only,
+// and the block's 4 warps stream independent rows. Mask, weight and bias sit in shared memory
+// (read by every row); the backward keeps each warp's dw/db partial sums in shared memory
+// ([k][packs] per gradient: consecutive lanes touch consecutive words) and the block adds its
+// warps' rows in a fixed order before writing one partial row: deterministic, as the block path.
+// Selected when MSG_NORM_WARP_ROWS=1 (read per call) until its bandwidth is measured on a GPU.
+constexpr int kWarpRowsWarps = 4;
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffff, v, off);
+  return v;
+}
+
+template <typename T, int VEC, int ITEMS, bool RMS>
+__global__ void __launch_bounds__(32 * kWarpRowsWarps)
+    warp_fwd_kernel(const T* __restrict__ x, const float* __restrict__ m, const float* __restrict__ w,
+                    const float* __restrict__ b, T* __restrict__ y, float* __restrict__ mean,
+                    float* __restrict__ rstd, int64_t rows, int64_t d, float eps) {
+  extern __shared__ float4 smem4[];  // float4: 16-byte aligned for the packed reads below
+  float* ms = reinterpret_cast<float*>(smem4);
+  float* ws = ms + d;
+  float* bs = ws + d;
+  using P = Pack<T, VEC>;
+  using FP = Pack<float, VEC>;
+  for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
+    ms[j] = m[j];
+    ws[j] = w[j];
+    bs[j] = b != nullptr ? b[j] : 0.f;
+  }
+  __syncthreads();
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int packs = static_cast<int>(d / VEC);
+  float msum = 0.f;
+  for (int64_t j = lane; j < d; j += 32) msum += ms[j];
+  const float inv_m = 1.f / warp_sum(msum);
+  const FP* mv = reinterpret_cast<const FP*>(ms);
+  const FP* wv = reinterpret_cast<const FP*>(ws);
+  const FP* bv = reinterpret_cast<const FP*>(bs);
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * kWarpRowsWarps + warp; r < rows;
+       r += static_cast<int64_t>(gridDim.x) * kWarpRowsWarps) {
+    P xs[ITEMS];
+    const P* xr = reinterpret_cast<const P*>(x + r * d);
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+      const int p = lane + 32 * i;
+      if (p < packs) xs[i] = xr[p];
+    }
+    float mu = 0.f, var;
+    if (RMS) {
+      float s2 = 0.f;
+#pragma unroll
+      for (int i = 0; i < ITEMS; ++i) {
+        const int p = lane + 32 * i;
+        if (p < packs) {
+          const FP mp = mv[p];
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) s2 += mp.v[k] * to_f(xs[i].v[k]) * to_f(xs[i].v[k]);
+        }
+      }
+      var = warp_sum(s2) * inv_m;
+    } else {  // exact two-pass mean and variance on the registers (eq. 17)
+      float s1 = 0.f;
+#pragma unroll
+      for (int i = 0; i < ITEMS; ++i) {
+        const int p = lane + 32 * i;
+        if (p < packs) {
+          const FP mp = mv[p];
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) s1 += mp.v[k] * to_f(xs[i].v[k]);
+        }
+      }
+      mu = warp_sum(s1) * inv_m;
+      float m2 = 0.f;
+#pragma unroll
+      for (int i = 0; i < ITEMS; ++i) {
+        const int p = lane + 32 * i;
+        if (p < packs) {
+          const FP mp = mv[p];
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) {
+            const float c = to_f(xs[i].v[k]) - mu;
+            m2 += mp.v[k] * c * c;
+          }
+        }
+      }
+      var = warp_sum(m2) * inv_m;
+    }
+    const float rs = rsqrtf(var + eps);
+    P* yr = reinterpret_cast<P*>(y + r * d);
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+      const int p = lane + 32 * i;
+      if (p < packs) {
+        const FP mp = mv[p], wp = wv[p], bp = bv[p];
+        P out;
+#pragma unroll
+        for (int k = 0; k < VEC; ++k)
+          out.v[k] = from_f<T>(mp.v[k] * ((to_f(xs[i].v[k]) - mu) * rs * wp.v[k] + bp.v[k]));  // eq. 19
+        yr[p] = out;
+      }
+    }
+    if (lane == 0) {
+      mean[r] = mu;
+      rstd[r] = rs;
+    }
+  }
+}
+
+template <typename T, int VEC, int ITEMS, bool RMS>
+__global__ void __launch_bounds__(32 * kWarpRowsWarps)
+    warp_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x, const float* __restrict__ m,
+                    const float* __restrict__ w, const float* __restrict__ mean, const float* __restrict__ rstd,
+                    T* __restrict__ dx, float* __restrict__ dw_part, float* __restrict__ db_part, int64_t rows,
+                    int64_t d) {
+  extern __shared__ float4 smem4[];
+  float* ms = reinterpret_cast<float*>(smem4);
+  float* ws = ms + d;
+  float* acc_all = ws + d;  // per warp: dw acc[k * packs + p], then db acc[(VEC + k) * packs + p]
+  using P = Pack<T, VEC>;
+  using FP = Pack<float, VEC>;
+  for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
+    ms[j] = m[j];
+    ws[j] = w[j];
+  }
+  for (int64_t j = threadIdx.x; j < 2 * kWarpRowsWarps * d; j += blockDim.x) acc_all[j] = 0.f;
+  __syncthreads();
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int packs = static_cast<int>(d / VEC);
+  float* acc = acc_all + static_cast<int64_t>(warp) * 2 * d;
+  float msum = 0.f;
+  for (int64_t j = lane; j < d; j += 32) msum += ms[j];
+  const float inv_m = 1.f / warp_sum(msum);
+  const FP* mv = reinterpret_cast<const FP*>(ms);
+  const FP* wv = reinterpret_cast<const FP*>(ws);
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * kWarpRowsWarps + warp; r < rows;
+       r += static_cast<int64_t>(gridDim.x) * kWarpRowsWarps) {
+    P xs[ITEMS], gs[ITEMS];
+    const P* xr = reinterpret_cast<const P*>(x + r * d);
+    const P* gr = reinterpret_cast<const P*>(dy + r * d);
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+      const int p = lane + 32 * i;
+      if (p < packs) {
+        xs[i] = xr[p];
+        gs[i] = gr[p];
+      }
+    }
+    const float mu = mean[r], rs = rstd[r];
+    float s_a = 0.f, s_b = 0.f;
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+      const int p = lane + 32 * i;
+      if (p < packs) {
+        const FP mp = mv[p], wp = wv[p];
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          const float xh = (to_f(xs[i].v[k]) - mu) * rs;
+          const float g = to_f(gs[i].v[k]) * mp.v[k];  // gradient through the output mask
+          const float dxh = g * wp.v[k];
+          s_a += dxh;
+          s_b += dxh * xh;
+          acc[k * packs + p] += g * xh;  // this lane owns these columns of its warp's rows
+          acc[(VEC + k) * packs + p] += g;
+        }
+      }
+    }
+    s_a = RMS ? 0.f : warp_sum(s_a);
+    s_b = warp_sum(s_b);
+    P* dxr = reinterpret_cast<P*>(dx + r * d);
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+      const int p = lane + 32 * i;
+      if (p < packs) {
+        const FP mp = mv[p], wp = wv[p];
+        P out;
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          const float xh = (to_f(xs[i].v[k]) - mu) * rs;
+          const float dxh = to_f(gs[i].v[k]) * mp.v[k] * wp.v[k];
+          out.v[k] = from_f<T>(rs * (dxh - mp.v[k] * inv_m * (s_a + xh * s_b)));
+        }
+        dxr[p] = out;
+      }
+    }
+  }
+  __syncthreads();
+  // the block's partial row: its warps' sums added in warp order (deterministic)
+  for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
+    const int64_t p = j / VEC, k = j % VEC;
+    float a = 0.f, c = 0.f;
+#pragma unroll
+    for (int v = 0; v < kWarpRowsWarps; ++v) {
+      a += acc_all[v * 2 * d + k * packs + p];
+      c += acc_all[v * 2 * d + (VEC + k) * packs + p];
+    }
+    dw_part[static_cast<int64_t>(blockIdx.x) * d + j] = a;
+    db_part[static_cast<int64_t>(blockIdx.x) * d + j] = c;
+  }
+}
+
+// Packs per lane for the warp path (0: not selected): opted in, aligned, and narrow enough.
+template <typename T>
+int warp_items(const void* x, const void* y, const float* m, const float* w, const float* b, int64_t d) {
+  constexpr int VEC = 16 / sizeof(T);
+  const char* env = std::getenv("MSG_NORM_WARP_ROWS");
+  if (env == nullptr || env[0] != '1' || d == 0 || d % VEC != 0 || !aligned<T>(x, 16) || !aligned<T>(y, 16) ||
+      !aligned<T>(m, 4 * VEC) || !aligned<T>(w, 4 * VEC) || !aligned<T>(b, 4 * VEC))
+    return 0;
+  const int64_t per_lane = (d / VEC + 31) / 32;
+  for (int items = 1; items <= 8; items *= 2)
+    if (per_lane <= items) return items;
+  return 0;
+}
+
 #define MSG_BY_ITEMS(ITEMS_VAR, BODY)                  \
   switch (ITEMS_VAR) {                                 \
     case 1: { constexpr int IT = 1; BODY; } break;     \
@@ -513,6 +731,26 @@ void launch_masked_norm_fwd(const T* x, const float* m, const float* w, const fl
   const int blocks = static_cast<int>(rows < max_blocks ? rows : max_blocks);
   if (blocks == 0) return;
   constexpr int VEC = 16 / sizeof(T);  // 16-byte accesses
+  const int wi = warp_items<T>(x, y, m, w, b, d);
+  if (wi > 0) {
+    const size_t smem = 3 * sizeof(float) * static_cast<size_t>(d);
+    const int64_t groups = (rows + kWarpRowsWarps - 1) / kWarpRowsWarps;
+#define MSG_WARP_FWD(R)                                                                         \
+  MSG_BY_ITEMS(wi, ({                                                                           \
+    auto kernel = warp_fwd_kernel<T, VEC, IT, R>;                                               \
+    int64_t nb = resident_blocks(kernel, 32 * kWarpRowsWarps, smem, 1 << 30);                   \
+    if (nb > groups) nb = groups;                                                               \
+    if (nb < 1) nb = 1;                                                                         \
+    kernel<<<static_cast<int>(nb), 32 * kWarpRowsWarps, smem, stream>>>(x, m, w, b, y, mean, rstd, rows, d, eps); \
+  }))
+    if (rms) {
+      MSG_WARP_FWD(true)
+    } else {
+      MSG_WARP_FWD(false)
+    }
+#undef MSG_WARP_FWD
+    return;
+  }
   const RegGeometry g = reg_geometry<T>(x, y, m, w, b, d);
   if (g.items > 0) {
     // as many blocks as are resident at once (each then streams its rows with prefetch)
@@ -557,6 +795,32 @@ void launch_masked_norm_bwd(const T* dy, const T* x, const float* m, const float
   constexpr int VEC = 16 / sizeof(T);
   const int rt = 256;
   const int reduce_grid = static_cast<int>((d + rt - 1) / rt);
+  const int wi = aligned<T>(dy, 16) ? warp_items<T>(x, dx, m, w, nullptr, d) : 0;
+  const size_t warp_smem = (2 + 2 * kWarpRowsWarps) * sizeof(float) * static_cast<size_t>(d);
+  if (wi > 0 && rows > 0 && warp_smem <= max_dynamic_smem()) {
+    const int64_t groups = (rows + kWarpRowsWarps - 1) / kWarpRowsWarps;
+    int blocks = 0;
+#define MSG_WARP_BWD(R)                                                                                   \
+  MSG_BY_ITEMS(wi, ({                                                                                     \
+    auto kernel = warp_bwd_kernel<T, VEC, IT, R>;                                                         \
+    int64_t nb = resident_blocks(kernel, 32 * kWarpRowsWarps, warp_smem, partial_blocks);                 \
+    if (nb > groups) nb = groups;                                                                         \
+    blocks = static_cast<int>(nb);                                                                        \
+    if (blocks > 0)                                                                                       \
+      kernel<<<blocks, 32 * kWarpRowsWarps, warp_smem, stream>>>(dy, x, m, w, mean, rstd, dx, dw_part,   \
+                                                                 db_part, rows, d);                       \
+  }))
+    if (rms) {
+      MSG_WARP_BWD(true)
+    } else {
+      MSG_WARP_BWD(false)
+    }
+#undef MSG_WARP_BWD
+    if (blocks > 0) {
+      reduce_partials_kernel<<<reduce_grid, rt, 0, stream>>>(dw_part, db_part, dw, db, blocks, d);
+      return;
+    }
+  }
   RegGeometry g = reg_geometry<T>(x, dx, m, w, nullptr, d);
   if (!aligned<T>(dy, 16)) g.items = 0;
   const size_t smem = 2 * sizeof(float) * static_cast<size_t>(d);

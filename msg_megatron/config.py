@@ -146,6 +146,10 @@ class TrainConfig:
     """`fp32`; `bf16`: bf16 parameters and activations with fp32 master weights, gradient buffers,
     AdamW state, norm statistics and loss (megatron's --bf16; also on CPU); `bf16-autocast`: fp32
     parameters, matmuls under CUDA bf16 autocast (GPU only)."""
+    fusion: str = "auto"
+    """Elementwise fusions (RoPE, SwiGLU/GELU with the FFN mask, bf16 cross-entropy): `compile`
+    (torch.compile/inductor kernels), `eager` (plain PyTorch ops) or `auto` (compile on GPUs, eager
+    on CPU). Same function either way, up to rounding."""
     global_batch_size: int = 8
     """Sequences per optimizer step."""
     micro_batch_size: int = 8
@@ -409,6 +413,7 @@ def validate(cfg: Config) -> None:
     _choice(g.depth_init, ["interpolate", "stack", "random"], "growth.depth_init")
     _choice(t.decay_style, ["cosine", "linear", "constant"], "train.decay_style")
     _choice(t.precision, ["fp32", "bf16", "bf16-autocast"], "train.precision")
+    _choice(t.fusion, ["auto", "eager", "compile"], "train.fusion")
     _choice(cfg.checkpoint.verify, ["size", "full"], "checkpoint.verify")
     _positive(cfg.checkpoint.writers, "checkpoint.writers")
     if cfg.checkpoint.load == "auto" and not cfg.checkpoint.save:

@@ -37,6 +37,21 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available() or mn.backend("cuda") != 
     (45, 1024, 1),     # x misaligned by one element: generic path for an even width
 ])
 def test_cuda_matches_float64_reference(rms, dtype, tol, rows, d, offset):
+    _check_against_float64(rms, dtype, tol, rows, d, offset)
+
+
+@gpu
+@pytest.mark.parametrize("rms", [False, True])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 5e-3), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("rows,d", [(37, 8), (37, 256), (3001, 1024), (1000, 2048), (5, 2048), (999, 520)])
+def test_cuda_warp_per_row_kernels_match_float64_reference(rms, dtype, tol, rows, d, monkeypatch):
+    """The opt-in warp-per-row path (MSG_NORM_WARP_ROWS=1, rows of <= 256 packs of 16 bytes); widths
+    it cannot take (fp32 2048) fall back to the block path and must still be right."""
+    monkeypatch.setenv("MSG_NORM_WARP_ROWS", "1")
+    _check_against_float64(rms, dtype, tol, rows, d, 0)
+
+
+def _check_against_float64(rms, dtype, tol, rows, d, offset):
     gen = torch.Generator().manual_seed(d + rows)
     x = torch.randn(rows * d + offset, generator=gen)[offset:].view(rows, d)
     w, b = torch.randn(d, generator=gen), torch.randn(d, generator=gen)

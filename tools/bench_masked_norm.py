@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import time
@@ -76,6 +77,17 @@ def gpu_bandwidth(tokens: int, hiddens, repeats: int = 30, dtype=torch.bfloat16)
         y, mean, rstd = ops.masked_rms_norm_fwd(x, m, w, 1e-5)
         row["rms_fwd"] = 2 * nbytes / cuda_time(lambda: ops.masked_rms_norm_fwd(x, m, w, 1e-5)) / 1e9
         row["rms_bwd"] = 3 * nbytes / cuda_time(lambda: ops.masked_rms_norm_bwd(dy, x, m, w, mean, rstd)) / 1e9
+        if d <= 2048:  # the opt-in warp-per-row kernels (MSG_NORM_WARP_ROWS=1) on the same tensors
+            os.environ["MSG_NORM_WARP_ROWS"] = "1"
+            try:
+                row["warp_ln_fwd"] = 2 * nbytes / cuda_time(lambda: ops.masked_layer_norm_fwd(x, m, w, b, 1e-5)) / 1e9
+                row["warp_ln_bwd"] = 3 * nbytes / cuda_time(
+                    lambda: ops.masked_layer_norm_bwd(dy, x, m, w, mean, rstd)) / 1e9
+                row["warp_rms_fwd"] = 2 * nbytes / cuda_time(lambda: ops.masked_rms_norm_fwd(x, m, w, 1e-5)) / 1e9
+                row["warp_rms_bwd"] = 3 * nbytes / cuda_time(
+                    lambda: ops.masked_rms_norm_bwd(dy, x, m, w, mean, rstd)) / 1e9
+            finally:
+                del os.environ["MSG_NORM_WARP_ROWS"]
         # torch's own fused (unmasked) LayerNorm, same shape and dtype, as the bar to match
         xr = x.detach().requires_grad_()
         wr, br = wt.detach().requires_grad_(), bt.detach().requires_grad_()
@@ -118,6 +130,15 @@ def main():
                 frac = f"({r[k] / peak:.0%})" if peak else ""
                 cells.append(f"{r[k]:7.0f} {frac:>6s}")
             print(f"{r['hidden']:6d} " + " ".join(cells))
+        warp = [r for r in rows if "warp_ln_fwd" in r]
+        if warp:
+            print("warp-per-row kernels (MSG_NORM_WARP_ROWS=1), same shapes:")
+            for r in warp:
+                cells = []
+                for k in ("warp_ln_fwd", "warp_ln_bwd", "warp_rms_fwd", "warp_rms_bwd"):
+                    frac = f"({r[k] / peak:.0%})" if peak else ""
+                    cells.append(f"{r[k]:7.0f} {frac:>6s}")
+                print(f"{r['hidden']:6d} " + " ".join(cells))
         print("target: masked kernels >= 80% of peak bandwidth")
         return
     if mn.backend("cpu") != "cpu-ext":

@@ -2,6 +2,7 @@
 
     python tools/bench_parallel.py [--steps 12] [--json]        # CPU: (1,1,1), (2,1,1), (1,2,1)
     python tools/bench_parallel.py --gpu [--steps 30]           # one GPU: ~1B model, bf16, MFU
+    python tools/bench_parallel.py --gpu --compare              # + eager ops, + bf16 autocast, side by side
 
 CPU mode runs the same small fixed-shape config (synthetic tokens, no growth) at each layout under
 torchrun (gloo) and reports the median step time, its ratio to the single-process run, and the
@@ -14,7 +15,9 @@ GPU mode trains a ~1.7B-parameter GPT (hidden 2048, ffn 8192, 16 heads of 128, 2
 sequence 2048, vocabulary 32768, SwiGLU/RMSNorm/RoPE) in bf16 (bf16 parameters, fp32 masters; pass
 `train.precision=bf16-autocast` to compare with fp32 parameters under autocast) on synthetic tokens
 with the real trainer, and prints tokens/s, achieved TFLOP/s and MFU (training/flops.py) from its
-metrics. Extra `key=value` arguments override the config.
+metrics. Extra `key=value` arguments override the config. `--compare` runs the same model three
+times (fused elementwise ops; `train.fusion=eager`; fp32 parameters under `bf16-autocast` with eager
+ops, the configuration of the first H100 measurement) and prints them side by side.
 """
 from __future__ import annotations
 
@@ -41,6 +44,10 @@ GPU_CONFIG = ["model.vocab_size=32768", "model.hidden_size=2048", "model.ffn_hid
               "train.precision=bf16", "train.global_batch_size=16", "train.micro_batch_size=4",
               "train.eval_interval=0", "train.eval_iters=1", "train.log_interval=1", "train.warmup_steps=2",
               "logging.wandb=disabled", "checkpoint.save="]
+
+GPU_VARIANTS = [("bf16 params, fused elementwise (default)", ["train.fusion=compile"]),
+                ("bf16 params, eager elementwise", ["train.fusion=eager"]),
+                ("fp32 params + bf16 autocast, eager", ["train.precision=bf16-autocast", "train.fusion=eager"])]
 
 
 def _port() -> int:
@@ -143,6 +150,7 @@ def main():
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--gpu", action="store_true")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--compare", action="store_true", help="GPU: also eager ops and bf16 autocast")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
@@ -152,13 +160,19 @@ def main():
                             text=True).stdout.strip()
     with tempfile.TemporaryDirectory() as tmp:
         if args.gpu:
-            res = run_layout(1, 1, args.steps or 30, GPU_CONFIG + args.overrides, tmp)
+            variants = GPU_VARIANTS if args.compare else GPU_VARIANTS[:1]
+            res = {name: run_layout(1, 1, args.steps or 30, GPU_CONFIG + extra + args.overrides, tmp)
+                   for name, extra in variants}
             if args.json:
                 print(json.dumps({"commit": commit, "gpu": res}))
                 return
-            mfu = f"{res['mfu']:.1%}" if res["mfu"] is not None else "n/a (GPU not in the peak table)"
-            print(f"~1.7B GPT, bf16, one GPU, commit {commit}: {res['tokens_per_s']:.0f} tokens/s, "
-                  f"{res['tflops_per_gpu']:.0f} TFLOP/s, MFU {mfu}, median step {res['median_step_s']:.3f} s")
+            first = next(iter(res.values()))
+            print(f"~1.7B GPT (2048, 8192, 16x128, 24 layers), seq 2048, one GPU, commit {commit}")
+            print(f"{'variant':44s} {'tokens/s':>9s} {'TFLOP/s':>8s} {'MFU':>6s} {'step (s)':>9s} {'speed':>6s}")
+            for name, r in res.items():
+                mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
+                print(f"{name:44s} {r['tokens_per_s']:9.0f} {r['tflops_per_gpu']:8.0f} {mfu:>6s} "
+                      f"{r['median_step_s']:9.3f} {first['median_step_s'] / r['median_step_s']:5.2f}x")
             return
         layouts = [(1, 1), (2, 1), (1, 2)]
         results = {f"tp{tp}pp{pp}": run_layout(tp, pp, args.steps or 12, CPU_CONFIG + args.overrides, tmp)

@@ -1,6 +1,7 @@
 """Where a training step's time goes: torch.profiler over a few steps of any config, top kernels.
 
     python tools/profile_step.py CONFIG [overrides...] [--steps 3] [--top 25]
+    python tools/profile_step.py --gpu-bench [overrides...]   # bench_parallel.py's ~1.7B GPU config
 
 Runs the real trainer (single process) for one warm-up step, then profiles `--steps` steps and
 prints the operators with the largest self time on the device (CUDA time on a GPU, CPU time
@@ -16,7 +17,8 @@ from torch.profiler import ProfilerActivity, profile
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("config")
+    ap.add_argument("config", nargs="?", default=None)
+    ap.add_argument("--gpu-bench", action="store_true", help="profile tools/bench_parallel.py's GPU config")
     ap.add_argument("overrides", nargs="*")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--top", type=int, default=25)
@@ -24,6 +26,18 @@ def main():
     from msg_megatron.config import load_config
     from msg_megatron.training.trainer import Trainer
 
+    if args.gpu_bench:
+        import os
+        import sys
+
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from bench_parallel import GPU_CONFIG
+
+        # argparse takes the first override for CONFIG
+        args.overrides = GPU_CONFIG + ([args.config] if args.config else []) + args.overrides
+        args.config = None
+    elif args.config is None:
+        ap.error("give a CONFIG file or --gpu-bench")
     cfg = load_config(args.config, args.overrides + ["checkpoint.save=", "logging.wandb=disabled"])
     trainer = Trainer(cfg)
     trainer.train_step()

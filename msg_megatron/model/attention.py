@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
+from ..ops import fused
 from .masks import active_mask, register_mask, register_unit_ids, sharded_state_dict_tp_buffers, tp_rank_size
 
 
@@ -24,11 +25,6 @@ from .masks import active_mask, register_mask, register_unit_ids, sharded_state_
 class MaskedAttentionSubmodules:
     linear_qkv: Union[ModuleSpec, type] = None
     linear_proj: Union[ModuleSpec, type] = None
-
-
-def rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
 
 
 def rope_cos_sin(seq_len: int, head_dim: int, base: int, dtype=torch.float32):
@@ -70,8 +66,7 @@ class MaskedSelfAttention(MegatronModule):
         q, k, v = qkv.view(s, b, heads, 3 * self.head_dim).split(self.head_dim, dim=-1)
         if rope is not None:
             cos, sin = rope  # [s, 1, 1, d] in the activations' dtype (MaskedGPT.rope)
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
+            q, k = fused.rope_qk(q, k, cos, sin)
         # [s, b, h, d] -> [b, h, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0 / math.sqrt(self.head_dim))

@@ -11,8 +11,7 @@ import zlib
 
 import torch
 from megatron.core.tensor_parallel import (ColumnParallelLinear, VocabParallelEmbedding,
-                                           gather_from_tensor_model_parallel_region,
-                                           vocab_parallel_cross_entropy)
+                                           gather_from_tensor_model_parallel_region)
 from megatron.core.enums import ModelType
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
@@ -20,6 +19,7 @@ from megatron.core.transformer.spec_utils import build_module
 from torch import nn
 
 from ..config import ModelConfig, Shape
+from ..ops import fused
 from .attention import rope_cos_sin
 from .masks import active_mask, register_mask
 from .norms import norm_class
@@ -165,7 +165,7 @@ class MaskedGPT(MegatronModule):
         logits, _ = self.output_layer(x, weight=weight)  # [s, b, v]
         if labels is None:  # full-vocabulary logits on every TP rank
             return gather_from_tensor_model_parallel_region(logits).transpose(0, 1)
-        loss = vocab_parallel_cross_entropy(logits.float(), labels.transpose(0, 1).contiguous())
+        loss = fused.vocab_parallel_cross_entropy(logits, labels.transpose(0, 1).contiguous())
         return loss.transpose(0, 1)
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):

@@ -5,10 +5,10 @@ from dataclasses import dataclass
 from typing import Union
 
 import torch
-import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
+from ..ops import fused
 from .masks import active_mask, register_mask, register_unit_ids, sharded_state_dict_tp_buffers, tp_rank_size
 
 
@@ -77,13 +77,9 @@ class MaskedMLP(MegatronModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, _ = self.linear_fc1(x)
-        if self.gated:
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        else:
-            h = F.gelu(h, approximate="tanh")
-        ffn_mask = active_mask(self, "ffn")
-        if ffn_mask is not None:  # eq. 12: new neurons' outputs are masked to 0
-            h = h * ffn_mask.to(h.dtype)
+        ffn_mask = active_mask(self, "ffn")  # eq. 12: new neurons' outputs are masked to 0
+        if ffn_mask is not None:
+            ffn_mask = ffn_mask.to(h.dtype)
+        h = fused.swiglu_masked(h, ffn_mask) if self.gated else fused.gelu_masked(h, ffn_mask)
         out, _ = self.linear_fc2(h)
         return out

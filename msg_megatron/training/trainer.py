@@ -25,6 +25,7 @@ from ..growth.axes import GrowthPlan
 from ..growth.operators import grow_model
 from ..growth.optimizer_state import grow_optimizer
 from ..model import build_model, count_parameters, update_masks
+from ..ops import fused
 from ..parallel import device, initialize_parallel, is_logging_rank
 from .evaluate import validation_loss
 from .flops import device_peak_tflops, flops_per_token
@@ -51,6 +52,7 @@ class Trainer:
             raise ConfigError("train.precision=bf16-autocast needs a GPU (bf16 autocast of megatron's linears is "
                               "CUDA-only); use train.precision=bf16 (bf16 parameters) or fp32 on CPU.")
         initialize_parallel(cfg.parallel.tensor, cfg.parallel.pipeline, t.seed)
+        self.fusion = fused.configure(t.fusion)
         self.layout = (cfg.parallel.tensor, cfg.parallel.pipeline)
         from megatron.core import parallel_state as ps
 
@@ -98,7 +100,7 @@ class Trainer:
             self.resume(ck.load)
         elif ck.init_from:
             self.init_from(ck.init_from)
-        self.metrics.print(self.optimizer.describe())
+        self.metrics.print(self.optimizer.describe() + f", fusion {self.fusion}")
         self._probe = self._probe_batch()
         self.peak_tflops = device_peak_tflops()
 

@@ -1,0 +1,134 @@
+"""The compiled elementwise fusions (msg_megatron/ops/fused.py) against the eager ops.
+
+Tolerances: fp32 outputs and gradients of the compiled functions within 1e-5 relative of eager
+(inductor reorders and fuses fp32 arithmetic; observed ~1e-7); a whole grown, mid-ramp model's
+per-token losses and gradients within 1e-5; bf16 cross-entropy (megatron's fused kernel) within
+1e-2 of the fp32 reference on the same bf16 logits, the bound of bf16 rounding of the gradient.
+"""
+import pytest
+import torch
+
+from conftest import rel_err, tiny_model_cfg
+from msg_megatron.config import ConfigError, Shape, load_config
+from msg_megatron.growth.operators import grow_model
+from msg_megatron.model import build_model, update_masks
+from msg_megatron.ops import fused
+
+
+@pytest.fixture
+def compile_mode():
+    fused.configure("compile")
+    yield
+    fused.configure("eager")
+
+
+def _run(fn, *args):
+    """fn's outputs and the gradients of the float inputs that require them, for a fixed cotangent."""
+    outs = fn(*args)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    gen = torch.Generator().manual_seed(7)
+    loss = sum((o * torch.randn(o.shape, generator=gen)).sum() for o in outs)
+    leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    return [o.detach() for o in outs] + list(torch.autograd.grad(loss, leaves))
+
+
+def _compare(name, *make_args):
+    for args_fn in make_args:
+        fused.configure("eager")
+        ref = _run(getattr(fused, name), *args_fn())
+        fused.configure("compile")
+        try:
+            got = _run(getattr(fused, name), *args_fn())
+        finally:
+            fused.configure("eager")
+        for r, g in zip(ref, got):
+            assert r.shape == g.shape and rel_err(r, g) <= 1e-5, name
+
+
+def test_compiled_functions_match_eager_including_a_regrown_shape():
+    def rope_args(s, h):
+        gen = torch.Generator().manual_seed(s + h)
+        qkv = torch.randn(s, 2, h, 3 * 16, generator=gen).requires_grad_()  # q, k: strided views, as in the layer
+        q, k, _ = qkv.split(16, dim=-1)
+        ang = torch.randn(s, 1, 1, 16, generator=gen)
+        return q, k, ang.cos(), ang.sin()
+
+    def act_args(d, mask_kind, gated):
+        gen = torch.Generator().manual_seed(d)
+        h = torch.randn(5, 3, 2 * d if gated else d, generator=gen).requires_grad_()
+        mask = {"none": None, "ramp": torch.rand(d, generator=gen),
+                "zeros": torch.cat([torch.ones(d - 3), torch.zeros(3)])}[mask_kind]
+        return h, mask
+
+    # the second shape (growth) makes torch.compile recompile: it must still be exact
+    _compare("rope_qk", lambda: rope_args(12, 4), lambda: rope_args(12, 6))
+    for gated, name in ((True, "swiglu_masked"), (False, "gelu_masked")):
+        _compare(name, *[lambda d=d, k=k: act_args(d, k, gated) for d, k in ((8, "none"), (8, "ramp"), (12, "zeros"))])
+    assert {f.__name__ for f in fused._compiled} == {"_rope_qk", "_swiglu_masked", "_gelu_masked"}
+
+
+def test_grown_model_mid_ramp_same_losses_and_gradients_compiled(compile_mode):
+    cfg = tiny_model_cfg(norm="rmsnorm", activation="swiglu", position_embedding="rope", tie_embeddings=False)
+    fused.configure("eager")
+    model, _ = grow_model(build_model(cfg, Shape(32, 64, 4, 2)), Shape(48, 96, 6, 3), step=0)
+    update_masks(model, 5, 10)  # every mask half-way through its ramp
+    tokens = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(0))
+    labels = torch.roll(tokens, -1, dims=1)
+
+    def losses_and_grads(mode):
+        fused.configure(mode)
+        model.zero_grad(set_to_none=True)
+        loss = model(tokens, labels)
+        loss.mean().backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    ref_loss, ref_grads = losses_and_grads("eager")
+    loss, grads = losses_and_grads("compile")
+    assert rel_err(ref_loss, loss) <= 1e-5
+    for n, g in ref_grads.items():
+        assert rel_err(g, grads[n]) <= 1e-5, n
+
+
+def test_bf16_cross_entropy_fused_matches_fp32_reference(compile_mode):
+    gen = torch.Generator().manual_seed(3)
+    logits = (torch.randn(16, 3, 256, generator=gen) * 4).bfloat16()
+    labels = torch.randint(0, 256, (16, 3), generator=gen)
+    ref_in = logits.float().requires_grad_()
+    ref = torch.nn.functional.cross_entropy(ref_in.view(-1, 256), labels.view(-1), reduction="none").view(16, 3)
+    ref.sum().backward()
+    got_in = logits.clone().requires_grad_()
+    got = fused.vocab_parallel_cross_entropy(got_in, labels)
+    got.sum().backward()
+    assert got.dtype == torch.float32
+    assert rel_err(ref.detach(), got.detach()) <= 1e-5  # forward statistics are fp32 on bf16 inputs
+    assert got_in.grad.dtype == torch.bfloat16 and rel_err(ref_in.grad, got_in.grad.float()) <= 1e-2
+
+
+def test_fusion_modes_and_config_errors():
+    assert fused.resolve("eager") == "eager" and fused.resolve("compile") == "compile"
+    assert fused.resolve("auto") == ("compile" if torch.cuda.is_available() else "eager")
+    with pytest.raises(ValueError, match="fusion mode"):
+        fused.resolve("fast")
+    with pytest.raises(ConfigError, match="train.fusion"):
+        load_config("configs/demo_cpu.yaml", ["train.fusion=fast"])
+
+
+def test_a_failing_compile_falls_back_under_auto_and_is_an_error_when_asked_for(monkeypatch):
+    def broken_compile(fn, **kw):
+        def run(*args):
+            raise OSError("no C++ compiler")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setattr(fused, "_compiled", {})
+    h = torch.randn(4, 6)
+    try:
+        fused.configure("compile")
+        with pytest.raises(RuntimeError, match="train.fusion=eager"):
+            fused.gelu_masked(h, None)
+        monkeypatch.setattr(fused, "_requested", "auto")  # what `auto` resolves to on a GPU machine
+        with pytest.warns(RuntimeWarning, match="running the eager ops"):
+            out = fused.gelu_masked(h, None)
+        assert torch.equal(out, torch.nn.functional.gelu(h, approximate="tanh")) and fused.mode() == "eager"
+    finally:
+        fused.configure("eager")

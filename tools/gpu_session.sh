@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Everything that needs a GPU, in one place: build the CUDA extension, run the GPU tests, and the
+# two GPU benchmarks (masked-norm bandwidth, issue 5; training MFU, issue 3). For a machine whose
+# Python has torch with CUDA but maybe not this package's other dependencies installed.
+#
+#   tools/gpu_session.sh [build] [test] [norm] [mfu] [profile]     (default: all five, in that order)
+#
+# Logs go to $OUT (default ./gpu-results), one file per step, and the step's tail is printed.
+# Without network access, fetch megatron-core first on a machine that has it and bring it along:
+#   pip download --no-deps megatron-core==0.16.1 -d .whl
+# this script installs any wheel in .whl/ into a private site directory (no dependencies, no
+# network) and puts it and the repository on PYTHONPATH.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/gpu-results}"
+mkdir -p "$OUT"
+export WANDB_MODE=disabled PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/msg-site .whl/*.whl
+  export PYTHONPATH="/tmp/msg-site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+else
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA device visible'; print(torch.__version__, torch.cuda.get_device_name())" \
+  || { echo "gpu_session.sh: needs torch with a visible CUDA device" >&2; exit 2; }
+arch="$(python3 -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")"
+
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(build test norm mfu profile)
+status=0
+run() {  # run NAME CMD...: log to $OUT/NAME.log, print its tail, remember failures
+  local name="$1"; shift
+  echo "=== $name: $*"
+  local t0=$SECONDS
+  "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  tail -n 40 "$OUT/$name.log"
+  echo "=== $name: exit $rc in $((SECONDS - t0)) s"
+  [ $rc -eq 0 ] || status=1
+}
+for step in "${steps[@]}"; do
+  case "$step" in
+    build) run build env TORCH_CUDA_ARCH_LIST="$arch" python3 setup.py build_ext --inplace ;;
+    test) run test python3 -m pytest -q -p no:cacheprovider tests/test_norm_cuda.py tests/test_masked_norm.py \
+            tests/test_norm_extension.py tests/test_fusion.py tests/test_bf16.py ;;
+    norm) run norm python3 tools/bench_masked_norm.py --gpu ;;
+    mfu) run mfu python3 tools/bench_parallel.py --gpu --compare ;;
+    profile) run profile python3 tools/profile_step.py --gpu-bench --steps 2 --top 30 ;;
+    *) echo "unknown step '$step' (build, test, norm, mfu, profile)" >&2; exit 2 ;;
+  esac
+done
+exit $status
