@@ -6,6 +6,9 @@
 #   tools/gpu_session.sh [build] [test] [norm] [mfu] [profile]     (default: all five, in that order)
 #
 # Logs go to $OUT (default ./gpu-results), one file per step, and the step's tail is printed.
+# On a lent device with a 10-minute limit per command, run it as two calls:
+#   tools/gpu_session.sh build test norm        then        tools/gpu_session.sh build mfu profile
+# (build is quick when nothing changed, and a fresh machine needs it).
 # Without network access, fetch megatron-core first on a machine that has it and bring it along:
 #   pip download --no-deps megatron-core==0.16.1 -d .whl
 # this script installs any wheel in .whl/ into a private site directory (no dependencies, no
