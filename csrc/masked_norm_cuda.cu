@@ -703,25 +703,47 @@ int warp_items(const void* x, const void* y, const float* m, const float* w, con
   return 0;
 }
 
-#define MSG_BY_ITEMS(ITEMS_VAR, BODY)                  \
-  switch (ITEMS_VAR) {                                 \
-    case 1: { constexpr int IT = 1; BODY; } break;     \
-    case 2: { constexpr int IT = 2; BODY; } break;     \
-    case 4: { constexpr int IT = 4; BODY; } break;     \
-    default: { constexpr int IT = 8; BODY; } break;    \
-  }
-
-// Blocks for the fast backward: as many as fit on the device at once (each block's shared-memory
-// dw/db rows are written to the partial buffer once, so fewer blocks = less partial traffic).
+// Blocks for the fast paths: as many as fit on the device at once (each then streams its rows; a
+// backward block's dw/db rows are written to the partial buffer once, so fewer blocks = less
+// partial traffic).
 template <typename K>
-int resident_blocks(K kernel, int threads, size_t smem, int cap) {
+int resident_blocks(K kernel, int threads, size_t smem) {
   int device = 0, sms = 0, per_sm = 0;
   cudaGetDevice(&device);
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   if (smem > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem);
-  const int n = sms * (per_sm > 0 ? per_sm : 0);
-  return n < cap ? n : cap;
+  return sms * (per_sm > 0 ? per_sm : 0);
+}
+
+// A fast-path kernel's compile-time variant: packs per thread (or lane) and RMS vs LayerNorm.
+template <int IT, bool R>
+struct Variant {
+  static constexpr int items = IT;
+  static constexpr bool rms = R;
+};
+
+// Launch `pick(Variant<items, rms>{})` (a kernel) on the resident number of blocks, clamped to
+// [least, most]; returns the blocks launched (0: none, the caller takes another path).
+template <typename Pick, typename... Args>
+int launch_resident(Pick pick, int items, bool rms, int threads, size_t smem, int64_t most, int64_t least,
+                    cudaStream_t stream, Args... args) {
+  int blocks = 0;
+  auto go = [&](auto variant) {
+    auto kernel = pick(variant);
+    int64_t n = resident_blocks(kernel, threads, smem);
+    if (n > most) n = most;
+    if (n < least) n = least;
+    blocks = static_cast<int>(n);
+    if (blocks > 0) kernel<<<blocks, threads, smem, stream>>>(args...);
+  };
+  switch (items) {
+    case 1: if (rms) go(Variant<1, true>{}); else go(Variant<1, false>{}); break;
+    case 2: if (rms) go(Variant<2, true>{}); else go(Variant<2, false>{}); break;
+    case 4: if (rms) go(Variant<4, true>{}); else go(Variant<4, false>{}); break;
+    default: if (rms) go(Variant<8, true>{}); else go(Variant<8, false>{}); break;
+  }
+  return blocks;
 }
 
 template <typename T>
@@ -733,41 +755,16 @@ void launch_masked_norm_fwd(const T* x, const float* m, const float* w, const fl
   constexpr int VEC = 16 / sizeof(T);  // 16-byte accesses
   const int wi = warp_items<T>(x, y, m, w, b, d);
   if (wi > 0) {
-    const size_t smem = 3 * sizeof(float) * static_cast<size_t>(d);
     const int64_t groups = (rows + kWarpRowsWarps - 1) / kWarpRowsWarps;
-#define MSG_WARP_FWD(R)                                                                         \
-  MSG_BY_ITEMS(wi, ({                                                                           \
-    auto kernel = warp_fwd_kernel<T, VEC, IT, R>;                                               \
-    int64_t nb = resident_blocks(kernel, 32 * kWarpRowsWarps, smem, 1 << 30);                   \
-    if (nb > groups) nb = groups;                                                               \
-    if (nb < 1) nb = 1;                                                                         \
-    kernel<<<static_cast<int>(nb), 32 * kWarpRowsWarps, smem, stream>>>(x, m, w, b, y, mean, rstd, rows, d, eps); \
-  }))
-    if (rms) {
-      MSG_WARP_FWD(true)
-    } else {
-      MSG_WARP_FWD(false)
-    }
-#undef MSG_WARP_FWD
+    launch_resident([](auto v) { return warp_fwd_kernel<T, VEC, decltype(v)::items, decltype(v)::rms>; }, wi, rms,
+                    32 * kWarpRowsWarps, 3 * sizeof(float) * static_cast<size_t>(d), groups, 1, stream,
+                    x, m, w, b, y, mean, rstd, rows, d, eps);
     return;
   }
   const RegGeometry g = reg_geometry<T>(x, y, m, w, b, d);
   if (g.items > 0) {
-    // as many blocks as are resident at once (each then streams its rows with prefetch)
-#define MSG_REG_FWD(R)                                                                        \
-  MSG_BY_ITEMS(g.items, ({                                                                    \
-    auto kernel = reg_fwd_kernel<T, VEC, IT, R>;                                              \
-    int nb = resident_blocks(kernel, g.threads, 0, 1 << 30);                                  \
-    if (nb > rows) nb = static_cast<int>(rows);                                               \
-    if (nb < 1) nb = 1;                                                                       \
-    kernel<<<nb, g.threads, 0, stream>>>(x, m, w, b, y, mean, rstd, rows, d, eps);            \
-  }))
-    if (rms) {
-      MSG_REG_FWD(true)
-    } else {
-      MSG_REG_FWD(false)
-    }
-#undef MSG_REG_FWD
+    launch_resident([](auto v) { return reg_fwd_kernel<T, VEC, decltype(v)::items, decltype(v)::rms>; }, g.items,
+                    rms, g.threads, 0, rows, 1, stream, x, m, w, b, y, mean, rstd, rows, d, eps);
     return;
   }
   const int threads = threads_for(d);
@@ -795,59 +792,31 @@ void launch_masked_norm_bwd(const T* dy, const T* x, const float* m, const float
   constexpr int VEC = 16 / sizeof(T);
   const int rt = 256;
   const int reduce_grid = static_cast<int>((d + rt - 1) / rt);
+  const int64_t most = rows < partial_blocks ? rows : partial_blocks;
   const int wi = aligned<T>(dy, 16) ? warp_items<T>(x, dx, m, w, nullptr, d) : 0;
   const size_t warp_smem = (2 + 2 * kWarpRowsWarps) * sizeof(float) * static_cast<size_t>(d);
-  if (wi > 0 && rows > 0 && warp_smem <= max_dynamic_smem()) {
-    const int64_t groups = (rows + kWarpRowsWarps - 1) / kWarpRowsWarps;
-    int blocks = 0;
-#define MSG_WARP_BWD(R)                                                                                   \
-  MSG_BY_ITEMS(wi, ({                                                                                     \
-    auto kernel = warp_bwd_kernel<T, VEC, IT, R>;                                                         \
-    int64_t nb = resident_blocks(kernel, 32 * kWarpRowsWarps, warp_smem, partial_blocks);                 \
-    if (nb > groups) nb = groups;                                                                         \
-    blocks = static_cast<int>(nb);                                                                        \
-    if (blocks > 0)                                                                                       \
-      kernel<<<blocks, 32 * kWarpRowsWarps, warp_smem, stream>>>(dy, x, m, w, mean, rstd, dx, dw_part,   \
-                                                                 db_part, rows, d);                       \
-  }))
-    if (rms) {
-      MSG_WARP_BWD(true)
-    } else {
-      MSG_WARP_BWD(false)
-    }
-#undef MSG_WARP_BWD
-    if (blocks > 0) {
-      reduce_partials_kernel<<<reduce_grid, rt, 0, stream>>>(dw_part, db_part, dw, db, blocks, d);
-      return;
-    }
-  }
   RegGeometry g = reg_geometry<T>(x, dx, m, w, nullptr, d);
   if (!aligned<T>(dy, 16)) g.items = 0;
-  const size_t smem = 2 * sizeof(float) * static_cast<size_t>(d);
-  if (g.items > 0 && rows > 0 && smem <= max_dynamic_smem()) {
-    int blocks = 0;
-#define MSG_REG_BWD(R)                                                                                      \
-  MSG_BY_ITEMS(g.items, ({                                                                                  \
-    auto kernel = reg_bwd_kernel<T, VEC, IT, R>;                                                            \
-    blocks = resident_blocks(kernel, g.threads, smem, partial_blocks);                                      \
-    if (blocks > rows) blocks = static_cast<int>(rows);                                                     \
-    if (blocks > 0)                                                                                         \
-      kernel<<<blocks, g.threads, smem, stream>>>(dy, x, m, w, mean, rstd, dx, dw_part, db_part, rows, d); \
-  }))
-    if (rms) {
-      MSG_REG_BWD(true)
-    } else {
-      MSG_REG_BWD(false)
-    }
-#undef MSG_REG_BWD
-    if (blocks > 0) {
-      reduce_partials_kernel<<<reduce_grid, rt, 0, stream>>>(dw_part, db_part, dw, db, blocks, d);
-      return;
-    }
+  const size_t reg_smem = 2 * sizeof(float) * static_cast<size_t>(d);
+  int blocks = 0;
+  if (wi > 0 && rows > 0 && warp_smem <= max_dynamic_smem()) {
+    const int64_t groups = (rows + kWarpRowsWarps - 1) / kWarpRowsWarps;
+    blocks = launch_resident([](auto v) { return warp_bwd_kernel<T, VEC, decltype(v)::items, decltype(v)::rms>; },
+                             wi, rms, 32 * kWarpRowsWarps, warp_smem, groups < most ? groups : most, 0, stream,
+                             dy, x, m, w, mean, rstd, dx, dw_part, db_part, rows, d);
+  }
+  if (blocks == 0 && g.items > 0 && rows > 0 && reg_smem <= max_dynamic_smem()) {
+    blocks = launch_resident([](auto v) { return reg_bwd_kernel<T, VEC, decltype(v)::items, decltype(v)::rms>; },
+                             g.items, rms, g.threads, reg_smem, most, 0, stream,
+                             dy, x, m, w, mean, rstd, dx, dw_part, db_part, rows, d);
+  }
+  if (blocks > 0) {
+    reduce_partials_kernel<<<reduce_grid, rt, 0, stream>>>(dw_part, db_part, dw, db, blocks, d);
+    return;
   }
   // generic path: partial rows accumulated in global memory, so they start at zero
   const int threads = threads_for(d);
-  const int blocks = static_cast<int>(rows < partial_blocks ? rows : partial_blocks);
+  blocks = static_cast<int>(most);
   cudaMemsetAsync(dw_part, 0, sizeof(float) * partial_blocks * d, stream);
   cudaMemsetAsync(db_part, 0, sizeof(float) * partial_blocks * d, stream);
   if (blocks > 0) {
@@ -863,7 +832,6 @@ void launch_masked_norm_bwd(const T* dy, const T* x, const float* m, const float
   }
   reduce_partials_kernel<<<reduce_grid, rt, 0, stream>>>(dw_part, db_part, dw, db, partial_blocks, d);
 }
-#undef MSG_BY_ITEMS
 
 #define MSG_INSTANTIATE(T)                                                                                     \
   template void launch_masked_norm_fwd<T>(const T*, const float*, const float*, const float*, T*, float*, \
