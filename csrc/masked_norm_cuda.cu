@@ -197,6 +197,52 @@ __device__ __forceinline__ void block_chan(float& w, float& mu, float& m2, float
                  __shfl_xor_sync(0xffffffff, m2, off));
 }
 
+// Per-pack arithmetic shared by the register and warp paths (VEC values of one row).
+// Forward output, re-masked (eq. 19): m * ((x - mu) * rstd * w + b).
+template <typename T, int VEC>
+__device__ __forceinline__ Pack<T, VEC> norm_out_pack(const Pack<T, VEC>& xp, const Pack<float, VEC>& mp,
+                                                      const Pack<float, VEC>& wp, const Pack<float, VEC>& bp,
+                                                      float mu, float rs) {
+  Pack<T, VEC> out;
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) out.v[k] = from_f<T>(mp.v[k] * ((to_f(xp.v[k]) - mu) * rs * wp.v[k] + bp.v[k]));
+  return out;
+}
+
+// Backward, first pass over a pack: the row sums s_a = sum dxhat, s_b = sum dxhat * xhat (dxhat =
+// dy m w, the gradient through the output mask), and the pack's dw/db terms added to `acc`, laid out
+// [k][packs] for dw then [VEC + k][packs] for db (consecutive packs on consecutive words).
+template <typename T, int VEC>
+__device__ __forceinline__ void grad_sums_pack(const Pack<T, VEC>& xp, const Pack<T, VEC>& gp,
+                                               const Pack<float, VEC>& mp, const Pack<float, VEC>& wp, float mu,
+                                               float rs, float& s_a, float& s_b, float* acc, int packs, int p) {
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) {
+    const float xh = (to_f(xp.v[k]) - mu) * rs;
+    const float g = to_f(gp.v[k]) * mp.v[k];
+    const float dxh = g * wp.v[k];
+    s_a += dxh;
+    s_b += dxh * xh;
+    acc[k * packs + p] += g * xh;
+    acc[(VEC + k) * packs + p] += g;
+  }
+}
+
+// Backward, second pass: dx = rstd (dxhat - m / sum(m) (s_a + xhat s_b)) (s_a = 0 for RMSNorm).
+template <typename T, int VEC>
+__device__ __forceinline__ Pack<T, VEC> dx_pack(const Pack<T, VEC>& xp, const Pack<T, VEC>& gp,
+                                                const Pack<float, VEC>& mp, const Pack<float, VEC>& wp, float mu,
+                                                float rs, float inv_m, float s_a, float s_b) {
+  Pack<T, VEC> out;
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) {
+    const float xh = (to_f(xp.v[k]) - mu) * rs;
+    const float dxh = to_f(gp.v[k]) * mp.v[k] * wp.v[k];
+    out.v[k] = from_f<T>(rs * (dxh - mp.v[k] * inv_m * (s_a + xh * s_b)));
+  }
+  return out;
+}
+
 template <typename T, int VEC, int ITEMS>
 __device__ __forceinline__ void load_row(Pack<T, VEC> (&dst)[ITEMS], const T* row, int packs) {
   const Pack<T, VEC>* src = reinterpret_cast<const Pack<T, VEC>*>(row);
@@ -292,17 +338,9 @@ __global__ void __launch_bounds__(512) reg_fwd_kernel(const T* __restrict__ x, c
     for (int i = 0; i < ITEMS; ++i) {
       const int p = threadIdx.x + i * blockDim.x;  // < 4096: 32-bit indices
       if (p < packs) {
-        const FP& mp = mk[i];
-        const FP wp = reinterpret_cast<const FP*>(w)[p];
         FP bp{};
         if (b != nullptr) bp = reinterpret_cast<const FP*>(b)[p];
-        P out;
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) {
-          const float o = (to_f(cur[i].v[k]) - mu) * rs * wp.v[k] + (b != nullptr ? bp.v[k] : 0.f);
-          out.v[k] = from_f<T>(mp.v[k] * o);  // re-masked output (eq. 19)
-        }
-        yr[p] = out;
+        yr[p] = norm_out_pack<T, VEC>(cur[i], mk[i], reinterpret_cast<const FP*>(w)[p], bp, mu, rs);
       }
     }
     if (threadIdx.x == 0) {
@@ -370,18 +408,8 @@ __global__ void __launch_bounds__(512) reg_bwd_kernel(const T* __restrict__ dy, 
     for (int i = 0; i < ITEMS; ++i) {
       const int p = threadIdx.x + i * blockDim.x;  // < 4096: 32-bit indices
       if (p < packs) {
-        const FP mp = mv[p];
-        const FP wp = wv[p];
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) {
-          const float xh = (to_f(xs[i].v[k]) - mu) * rs;
-          const float g = to_f(gs[i].v[k]) * mp.v[k];  // gradient through the output mask
-          const float dxh = g * wp.v[k];
-          s_a += dxh;
-          s_b += dxh * xh;
-          acc[k * packs + p] += g * xh;  // this thread owns these columns: no race
-          acc[(VEC + k) * packs + p] += g;
-        }
+        // this thread owns these columns of acc: no race
+        grad_sums_pack<T, VEC>(xs[i], gs[i], mv[p], wv[p], mu, rs, s_a, s_b, acc, packs, p);
       }
     }
     block_sum2(s_a, s_b, shared);
@@ -391,16 +419,7 @@ __global__ void __launch_bounds__(512) reg_bwd_kernel(const T* __restrict__ dy, 
     for (int i = 0; i < ITEMS; ++i) {
       const int p = threadIdx.x + i * blockDim.x;  // < 4096: 32-bit indices
       if (p < packs) {
-        const FP mp = mv[p];
-        const FP wp = wv[p];
-        P out;
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) {
-          const float xh = (to_f(xs[i].v[k]) - mu) * rs;
-          const float dxh = to_f(gs[i].v[k]) * mp.v[k] * wp.v[k];
-          out.v[k] = from_f<T>(rs * (dxh - mp.v[k] * inv_m * (s_a + xh * s_b)));
-        }
-        dxr[p] = out;
+        dxr[p] = dx_pack<T, VEC>(xs[i], gs[i], mv[p], wv[p], mu, rs, inv_m, s_a, s_b);
       }
     }
     if (PF) {
@@ -582,12 +601,7 @@ __global__ void __launch_bounds__(32 * kWarpRowsWarps)
     for (int i = 0; i < ITEMS; ++i) {
       const int p = lane + 32 * i;
       if (p < packs) {
-        const FP mp = mv[p], wp = wv[p], bp = bv[p];
-        P out;
-#pragma unroll
-        for (int k = 0; k < VEC; ++k)
-          out.v[k] = from_f<T>(mp.v[k] * ((to_f(xs[i].v[k]) - mu) * rs * wp.v[k] + bp.v[k]));  // eq. 19
-        yr[p] = out;
+        yr[p] = norm_out_pack<T, VEC>(xs[i], mv[p], wv[p], bv[p], mu, rs);
       }
     }
     if (lane == 0) {
@@ -642,17 +656,8 @@ __global__ void __launch_bounds__(32 * kWarpRowsWarps)
     for (int i = 0; i < ITEMS; ++i) {
       const int p = lane + 32 * i;
       if (p < packs) {
-        const FP mp = mv[p], wp = wv[p];
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) {
-          const float xh = (to_f(xs[i].v[k]) - mu) * rs;
-          const float g = to_f(gs[i].v[k]) * mp.v[k];  // gradient through the output mask
-          const float dxh = g * wp.v[k];
-          s_a += dxh;
-          s_b += dxh * xh;
-          acc[k * packs + p] += g * xh;  // this lane owns these columns of its warp's rows
-          acc[(VEC + k) * packs + p] += g;
-        }
+        // this lane owns these columns of its warp's rows
+        grad_sums_pack<T, VEC>(xs[i], gs[i], mv[p], wv[p], mu, rs, s_a, s_b, acc, packs, p);
       }
     }
     s_a = RMS ? 0.f : warp_sum(s_a);
@@ -662,15 +667,7 @@ __global__ void __launch_bounds__(32 * kWarpRowsWarps)
     for (int i = 0; i < ITEMS; ++i) {
       const int p = lane + 32 * i;
       if (p < packs) {
-        const FP mp = mv[p], wp = wv[p];
-        P out;
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) {
-          const float xh = (to_f(xs[i].v[k]) - mu) * rs;
-          const float dxh = to_f(gs[i].v[k]) * mp.v[k] * wp.v[k];
-          out.v[k] = from_f<T>(rs * (dxh - mp.v[k] * inv_m * (s_a + xh * s_b)));
-        }
-        dxr[p] = out;
+        dxr[p] = dx_pack<T, VEC>(xs[i], gs[i], mv[p], wv[p], mu, rs, inv_m, s_a, s_b);
       }
     }
   }
