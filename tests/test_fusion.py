@@ -132,3 +132,60 @@ def test_a_failing_compile_falls_back_under_auto_and_is_an_error_when_asked_for(
         assert torch.equal(out, torch.nn.functional.gelu(h, approximate="tanh")) and fused.mode() == "eager"
     finally:
         fused.configure("eager")
+
+
+def test_fused_adamw_matches_the_default_and_keeps_its_state_through_set_state():
+    """torch's fused AdamW (switched on for GPUs by TrainOptimizer; forced onto the CPU here)
+    against the default implementation on the same gradients: parameters and moments within 1e-6
+    relative after one step (a second step would compare different gradients: the key bias's
+    gradient is pure rounding noise, which AdamW scales up to lr-sized steps); a fresh fused
+    optimizer given the first one's state by set_state then continues bitwise like it."""
+    from msg_megatron.config import TrainConfig
+    from msg_megatron.training.optimizer import MOMENTS, build_optimizer, use_fused_adamw
+
+    cfg = tiny_model_cfg()
+    tcfg = TrainConfig(lr=1e-2, weight_decay=0.1)
+    tokens = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(0))
+    labels = torch.roll(tokens, -1, dims=1)
+
+    def step(model, opt):
+        opt.zero_grad()
+        opt.ddp(tokens, labels).mean().backward()
+        opt.finish_grad_sync()
+        opt.step(1e-2)
+
+    models, opts = [], []
+    for fused_on in (False, True):
+        model = build_model(cfg, Shape(32, 64, 4, 2), seed=5)
+        opt = build_optimizer(model, tcfg)
+        assert not opt.fused_adamw  # CPU: the default unless asked for
+        if fused_on:
+            assert use_fused_adamw(opt.adamw, devices=("cpu",))
+            opt.fused_adamw = True
+        step(model, opt)
+        models.append(model)
+        opts.append(opt)
+    ref, fused_model = (dict(m.named_parameters()) for m in models)
+    for n, p in ref.items():
+        assert rel_err(p.detach(), fused_model[n].detach()) <= 1e-6, n
+        a, b = opts[0].state_of(p), opts[1].state_of(fused_model[n])
+        assert float(a["step"]) == float(b["step"]) == 1.0
+        for k in MOMENTS:
+            assert rel_err(a[k], b[k]) <= 1e-6, (n, k)
+    assert all(g["fused"] for g in opts[1].adamw.param_groups)
+
+    # a second fused optimizer on a copy of the model, given the state by set_state
+    twin = build_model(cfg, Shape(32, 64, 4, 2), seed=5)
+    twin.load_state_dict(models[1].state_dict())
+    twin_opt = build_optimizer(twin, tcfg)
+    use_fused_adamw(twin_opt.adamw, devices=("cpu",))
+    twin_opt.fused_adamw = True
+    for (n, p), q in zip(models[1].named_parameters(), twin.parameters()):
+        st = opts[1].state_of(p)
+        twin_opt.set_state(q, {"step": st["step"], **{k: st[k].clone() for k in MOMENTS}})
+    for _ in range(2):
+        step(models[1], opts[1])
+        step(twin, twin_opt)
+    for (n, p), q in zip(models[1].named_parameters(), twin.parameters()):
+        assert torch.equal(p, q), n
+    assert use_fused_adamw(opts[0].adamw, devices=("cpu",)) is False  # not after its first step

@@ -99,6 +99,7 @@ class TrainOptimizer:
             (inner,) = inner.chained_optimizers  # dense parameters only: one optimizer
         self._inner = inner
         self.adamw = inner.optimizer  # the torch AdamW whose state is keyed by (shards of) fp32 weights
+        self.fused_adamw = use_fused_adamw(self.adamw)
         self._per_param_step = isinstance(self.adamw, (torch.optim.AdamW, torch.optim.Adam))
         self._group_of = {q: g for g in self.adamw.param_groups for q in g["params"]}
         # bf16 without the distributed optimizer: model parameter -> its fp32 master copy
@@ -116,8 +117,10 @@ class TrainOptimizer:
         held = sum(p.numel() for g in self.adamw.param_groups for p in g["params"])
         total = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         kind = "distributed optimizer" if self.distributed else "optimizer"
+        impl = f"{type(self.adamw).__module__.split('.')[0]} {type(self.adamw).__name__}"
+        impl += ", fused" if self.fused_adamw else ""
         return (f"[optimizer] megatron {kind}: AdamW state for {held:,} of this rank's {total:,} parameter "
-                f"elements ({held / max(total, 1):.0%})")
+                f"elements ({held / max(total, 1):.0%}); {impl}")
 
     # ---- one step --------------------------------------------------------------------------
     @property
@@ -243,7 +246,9 @@ class TrainOptimizer:
             part = flat if (start, end) == (0, flat.numel()) else flat[start:end].clone()
             moments[k] = part.view_as(key)
         if self._per_param_step:
-            self.adamw.state[key] = {"step": torch.tensor(float(state["step"])), **moments}
+            # torch's fused AdamW keeps its step counts on the parameters' device
+            step = torch.tensor(float(state["step"]), device=key.device if self.fused_adamw else None)
+            self.adamw.state[key] = {"step": step, **moments}
         else:  # fused Adams count steps per group: the group keeps the largest (see _step_of)
             self.adamw.state[key] = moments
             group = self._group_of[key]
@@ -256,6 +261,24 @@ class TrainOptimizer:
         if "step" in st:
             return st["step"]
         return torch.tensor(float(self._group_of[key].get("step", 0)))
+
+
+def use_fused_adamw(adamw: torch.optim.Optimizer, devices=("cuda",)) -> bool:
+    """Switch torch's AdamW to its fused implementation (one kernel per dtype/device group) when
+    every parameter it updates is an fp32 tensor on one of `devices`. megatron uses TE's or apex's
+    FusedAdam when installed; without them it builds torch's AdamW, which defaults to the
+    multi-kernel `foreach` path. Same update up to rounding (tests/test_fusion.py). The CPU keeps
+    the default unless asked for. Returns whether the switch was made."""
+    if type(adamw) is not torch.optim.AdamW:
+        return False
+    params = [p for g in adamw.param_groups for p in g["params"]]
+    if not params or any(p.device.type not in devices or p.dtype != torch.float32 for p in params):
+        return False
+    if any(adamw.state.get(p) for p in params):
+        return False  # existing step counts live on the host: switch only before the first step
+    for group in [adamw.defaults] + adamw.param_groups:
+        group["fused"], group["foreach"] = True, False
+    return True
 
 
 def _mark_shared_embedding(model) -> None:
