@@ -1,4 +1,5 @@
-"""train.precision=bf16: bf16 parameters with fp32 master weights (megatron's --bf16), on CPU.
+"""train.precision=bf16: bf16 parameters with fp32 master weights (megatron's --bf16), on CPU (and
+on the GPU where one is present: tools/gpu_session.sh runs this file).
 
 - Growth grows the fp32 masters, not their bf16 rounding: after a growth the new masters' old
   entries equal the old masters bitwise, and the bf16 parameters equal the masters rounded.
@@ -18,10 +19,11 @@ from msg_megatron.growth.axes import GrowthPlan
 from msg_megatron.growth.operators import grow_model
 from msg_megatron.growth.optimizer_state import grow_optimizer
 from msg_megatron.model import build_model, update_masks
+from msg_megatron.parallel import device
 from msg_megatron.training.optimizer import optimizer_for_fp32_model
 from test_train import read_metrics, tiny_cfg
 
-TOKENS = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(0))
+TOKENS = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(0)).to(device())
 
 
 def _step(opt):

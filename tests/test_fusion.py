@@ -1,4 +1,5 @@
-"""The compiled elementwise fusions (msg_megatron/ops/fused.py) against the eager ops.
+"""The compiled elementwise fusions (msg_megatron/ops/fused.py) against the eager ops, and torch's
+fused AdamW against its default implementation.
 
 Tolerances: fp32 outputs and gradients of the compiled functions within 1e-5 relative of eager
 (inductor reorders and fuses fp32 arithmetic; observed ~1e-7); a whole grown, mid-ramp model's
@@ -13,6 +14,11 @@ from msg_megatron.config import ConfigError, Shape, load_config
 from msg_megatron.growth.operators import grow_model
 from msg_megatron.model import build_model, update_masks
 from msg_megatron.ops import fused
+from msg_megatron.parallel import device
+
+# the GPU where there is one (tools/gpu_session.sh runs this file there): inductor's GPU kernels and
+# CUDA's fused AdamW are then what is compared
+DEV = device()
 
 
 @pytest.fixture
@@ -27,7 +33,7 @@ def _run(fn, *args):
     outs = fn(*args)
     outs = outs if isinstance(outs, tuple) else (outs,)
     gen = torch.Generator().manual_seed(7)
-    loss = sum((o * torch.randn(o.shape, generator=gen)).sum() for o in outs)
+    loss = sum((o * torch.randn(o.shape, generator=gen).to(o.device)).sum() for o in outs)
     leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
     return [o.detach() for o in outs] + list(torch.autograd.grad(loss, leaves))
 
@@ -48,17 +54,17 @@ def _compare(name, *make_args):
 def test_compiled_functions_match_eager_including_a_regrown_shape():
     def rope_args(s, h):
         gen = torch.Generator().manual_seed(s + h)
-        qkv = torch.randn(s, 2, h, 3 * 16, generator=gen).requires_grad_()  # q, k: strided views, as in the layer
+        qkv = torch.randn(s, 2, h, 3 * 16, generator=gen).to(DEV).requires_grad_()  # q, k: strided views
         q, k, _ = qkv.split(16, dim=-1)
-        ang = torch.randn(s, 1, 1, 16, generator=gen)
+        ang = torch.randn(s, 1, 1, 16, generator=gen).to(DEV)
         return q, k, ang.cos(), ang.sin()
 
     def act_args(d, mask_kind, gated):
         gen = torch.Generator().manual_seed(d)
-        h = torch.randn(5, 3, 2 * d if gated else d, generator=gen).requires_grad_()
+        h = torch.randn(5, 3, 2 * d if gated else d, generator=gen).to(DEV).requires_grad_()
         mask = {"none": None, "ramp": torch.rand(d, generator=gen),
                 "zeros": torch.cat([torch.ones(d - 3), torch.zeros(3)])}[mask_kind]
-        return h, mask
+        return h, None if mask is None else mask.to(DEV)
 
     # the second shape (growth) makes torch.compile recompile: it must still be exact
     _compare("rope_qk", lambda: rope_args(12, 4), lambda: rope_args(12, 6))
@@ -72,7 +78,7 @@ def test_grown_model_mid_ramp_same_losses_and_gradients_compiled(compile_mode):
     fused.configure("eager")
     model, _ = grow_model(build_model(cfg, Shape(32, 64, 4, 2)), Shape(48, 96, 6, 3), step=0)
     update_masks(model, 5, 10)  # every mask half-way through its ramp
-    tokens = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(0)).to(DEV)
     labels = torch.roll(tokens, -1, dims=1)
 
     def losses_and_grads(mode):
@@ -91,8 +97,8 @@ def test_grown_model_mid_ramp_same_losses_and_gradients_compiled(compile_mode):
 
 def test_bf16_cross_entropy_fused_matches_fp32_reference(compile_mode):
     gen = torch.Generator().manual_seed(3)
-    logits = (torch.randn(16, 3, 256, generator=gen) * 4).bfloat16()
-    labels = torch.randint(0, 256, (16, 3), generator=gen)
+    logits = (torch.randn(16, 3, 256, generator=gen) * 4).bfloat16().to(DEV)
+    labels = torch.randint(0, 256, (16, 3), generator=gen).to(DEV)
     ref_in = logits.float().requires_grad_()
     ref = torch.nn.functional.cross_entropy(ref_in.view(-1, 256), labels.view(-1), reduction="none").view(16, 3)
     ref.sum().backward()
@@ -145,8 +151,9 @@ def test_fused_adamw_matches_the_default_and_keeps_its_state_through_set_state()
 
     cfg = tiny_model_cfg()
     tcfg = TrainConfig(lr=1e-2, weight_decay=0.1)
-    tokens = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(0)).to(DEV)
     labels = torch.roll(tokens, -1, dims=1)
+    on = (DEV.type,)
 
     def step(model, opt):
         opt.zero_grad()
@@ -158,9 +165,13 @@ def test_fused_adamw_matches_the_default_and_keeps_its_state_through_set_state()
     for fused_on in (False, True):
         model = build_model(cfg, Shape(32, 64, 4, 2), seed=5)
         opt = build_optimizer(model, tcfg)
-        assert not opt.fused_adamw  # CPU: the default unless asked for
-        if fused_on:
-            assert use_fused_adamw(opt.adamw, devices=("cpu",))
+        assert opt.fused_adamw == (DEV.type == "cuda")  # on by itself on GPUs only
+        if not fused_on:  # the reference: torch's default implementation
+            for group in [opt.adamw.defaults] + opt.adamw.param_groups:
+                group["fused"], group["foreach"] = None, None
+            opt.fused_adamw = False
+        elif not opt.fused_adamw:
+            assert use_fused_adamw(opt.adamw, devices=on)
             opt.fused_adamw = True
         step(model, opt)
         models.append(model)
@@ -178,8 +189,7 @@ def test_fused_adamw_matches_the_default_and_keeps_its_state_through_set_state()
     twin = build_model(cfg, Shape(32, 64, 4, 2), seed=5)
     twin.load_state_dict(models[1].state_dict())
     twin_opt = build_optimizer(twin, tcfg)
-    use_fused_adamw(twin_opt.adamw, devices=("cpu",))
-    twin_opt.fused_adamw = True
+    twin_opt.fused_adamw = twin_opt.fused_adamw or use_fused_adamw(twin_opt.adamw, devices=on)
     for (n, p), q in zip(models[1].named_parameters(), twin.parameters()):
         st = opts[1].state_of(p)
         twin_opt.set_state(q, {"step": st["step"], **{k: st[k].clone() for k in MOMENTS}})
@@ -188,4 +198,4 @@ def test_fused_adamw_matches_the_default_and_keeps_its_state_through_set_state()
         step(twin, twin_opt)
     for (n, p), q in zip(models[1].named_parameters(), twin.parameters()):
         assert torch.equal(p, q), n
-    assert use_fused_adamw(opts[0].adamw, devices=("cpu",)) is False  # not after its first step
+    assert use_fused_adamw(opts[0].adamw, devices=on) is False  # not after its first step
