@@ -555,45 +555,26 @@ __global__ void __launch_bounds__(32 * kWarpRowsWarps)
       const int p = lane + 32 * i;
       if (p < packs) xs[i] = xr[p];
     }
+    // warp-wide sum over the row of m_j * g(x_j), every lane gets it
+    auto row_sum = [&](auto g) {
+      float acc = 0.f;
+#pragma unroll
+      for (int i = 0; i < ITEMS; ++i) {
+        const int p = lane + 32 * i;
+        if (p < packs) {
+          const FP mp = mv[p];
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) acc += mp.v[k] * g(to_f(xs[i].v[k]));
+        }
+      }
+      return warp_sum(acc);
+    };
     float mu = 0.f, var;
     if (RMS) {
-      float s2 = 0.f;
-#pragma unroll
-      for (int i = 0; i < ITEMS; ++i) {
-        const int p = lane + 32 * i;
-        if (p < packs) {
-          const FP mp = mv[p];
-#pragma unroll
-          for (int k = 0; k < VEC; ++k) s2 += mp.v[k] * to_f(xs[i].v[k]) * to_f(xs[i].v[k]);
-        }
-      }
-      var = warp_sum(s2) * inv_m;
+      var = row_sum([](float v) { return v * v; }) * inv_m;
     } else {  // exact two-pass mean and variance on the registers (eq. 17)
-      float s1 = 0.f;
-#pragma unroll
-      for (int i = 0; i < ITEMS; ++i) {
-        const int p = lane + 32 * i;
-        if (p < packs) {
-          const FP mp = mv[p];
-#pragma unroll
-          for (int k = 0; k < VEC; ++k) s1 += mp.v[k] * to_f(xs[i].v[k]);
-        }
-      }
-      mu = warp_sum(s1) * inv_m;
-      float m2 = 0.f;
-#pragma unroll
-      for (int i = 0; i < ITEMS; ++i) {
-        const int p = lane + 32 * i;
-        if (p < packs) {
-          const FP mp = mv[p];
-#pragma unroll
-          for (int k = 0; k < VEC; ++k) {
-            const float c = to_f(xs[i].v[k]) - mu;
-            m2 += mp.v[k] * c * c;
-          }
-        }
-      }
-      var = warp_sum(m2) * inv_m;
+      mu = row_sum([](float v) { return v; }) * inv_m;
+      var = row_sum([mu](float v) { return (v - mu) * (v - mu); }) * inv_m;
     }
     const float rs = rsqrtf(var + eps);
     P* yr = reinterpret_cast<P*>(y + r * d);

@@ -169,10 +169,9 @@ def test_fused_adamw_matches_the_default_and_keeps_its_state_through_set_state()
         if not fused_on:  # the reference: torch's default implementation
             for group in [opt.adamw.defaults] + opt.adamw.param_groups:
                 group["fused"], group["foreach"] = None, None
-            opt.fused_adamw = False
+            assert not opt.fused_adamw
         elif not opt.fused_adamw:
-            assert use_fused_adamw(opt.adamw, devices=on)
-            opt.fused_adamw = True
+            assert use_fused_adamw(opt.adamw, devices=on) and opt.fused_adamw
         step(model, opt)
         models.append(model)
         opts.append(opt)
@@ -189,7 +188,7 @@ def test_fused_adamw_matches_the_default_and_keeps_its_state_through_set_state()
     twin = build_model(cfg, Shape(32, 64, 4, 2), seed=5)
     twin.load_state_dict(models[1].state_dict())
     twin_opt = build_optimizer(twin, tcfg)
-    twin_opt.fused_adamw = twin_opt.fused_adamw or use_fused_adamw(twin_opt.adamw, devices=on)
+    assert twin_opt.fused_adamw or use_fused_adamw(twin_opt.adamw, devices=on)
     for (n, p), q in zip(models[1].named_parameters(), twin.parameters()):
         st = opts[1].state_of(p)
         twin_opt.set_state(q, {"step": st["step"], **{k: st[k].clone() for k in MOMENTS}})

@@ -124,21 +124,17 @@ def main():
         print("GB/s (% of spec peak); copy = x.clone() on the same tensor")
         print(f"{'hidden':>6s} " + " ".join(f"{k:>14s}" for k in
               ("ln_fwd", "ln_bwd", "rms_fwd", "rms_bwd", "torch_ln_fwd", "torch_ln_bwd", "copy")))
+        def line(r, keys):  # GB/s (% of peak) per key
+            return f"{r['hidden']:6d} " + " ".join(
+                f"{r[k]:7.0f} {f'({r[k] / peak:.0%})' if peak else '':>6s}" for k in keys)
+
         for r in rows:
-            cells = []
-            for k in ("ln_fwd", "ln_bwd", "rms_fwd", "rms_bwd", "torch_ln_fwd", "torch_ln_bwd", "copy"):
-                frac = f"({r[k] / peak:.0%})" if peak else ""
-                cells.append(f"{r[k]:7.0f} {frac:>6s}")
-            print(f"{r['hidden']:6d} " + " ".join(cells))
+            print(line(r, ("ln_fwd", "ln_bwd", "rms_fwd", "rms_bwd", "torch_ln_fwd", "torch_ln_bwd", "copy")))
         warp = [r for r in rows if "warp_ln_fwd" in r]
         if warp:
             print("warp-per-row kernels (MSG_NORM_WARP_ROWS=1), same shapes:")
             for r in warp:
-                cells = []
-                for k in ("warp_ln_fwd", "warp_ln_bwd", "warp_rms_fwd", "warp_rms_bwd"):
-                    frac = f"({r[k] / peak:.0%})" if peak else ""
-                    cells.append(f"{r[k]:7.0f} {frac:>6s}")
-                print(f"{r['hidden']:6d} " + " ".join(cells))
+                print(line(r, ("warp_ln_fwd", "warp_ln_bwd", "warp_rms_fwd", "warp_rms_bwd")))
         print("target: masked kernels >= 80% of peak bandwidth")
         return
     if mn.backend("cpu") != "cpu-ext":

@@ -99,7 +99,7 @@ class TrainOptimizer:
             (inner,) = inner.chained_optimizers  # dense parameters only: one optimizer
         self._inner = inner
         self.adamw = inner.optimizer  # the torch AdamW whose state is keyed by (shards of) fp32 weights
-        self.fused_adamw = use_fused_adamw(self.adamw)
+        use_fused_adamw(self.adamw)
         self._per_param_step = isinstance(self.adamw, (torch.optim.AdamW, torch.optim.Adam))
         self._group_of = {q: g for g in self.adamw.param_groups for q in g["params"]}
         # bf16 without the distributed optimizer: model parameter -> its fp32 master copy
@@ -111,6 +111,11 @@ class TrainOptimizer:
         # megatron's schedules run every micro-batch but the last under config.no_sync_func; with
         # overlapped reduces this keeps the buckets from reducing before the gradients are complete
         model.config.no_sync_func = self.ddp.no_sync if pcfg.overlap_grad_reduce else None
+
+    @property
+    def fused_adamw(self) -> bool:
+        """Whether torch's fused AdamW kernel runs the update (see use_fused_adamw)."""
+        return bool(self.adamw.defaults.get("fused"))
 
     def describe(self) -> str:
         """Where the AdamW state lives, for the start-up log."""
