@@ -113,7 +113,9 @@ def main():
     args = ap.parse_args()
     if args.gpu:
         if mn.backend("cuda") != "cuda":
-            raise SystemExit("--gpu needs a GPU and the CUDA extension (a CUDA build of torch)")
+            ap.error(f"--gpu needs a visible CUDA device and the CUDA extension (backend here: "
+                     f"{mn.backend('cuda')}, torch {torch.__version__}); without --gpu this script compares "
+                     f"the CPU implementations")
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
         peak = peak_bandwidth()
         rows = gpu_bandwidth(args.tokens, [1024, 2048, 4096, 8192, 12288, 16384])

@@ -156,6 +156,12 @@ def main():
     args = ap.parse_args()
     if args.worker:
         return worker(args.overrides, args.worker)
+    if args.gpu:
+        import torch
+
+        if not torch.cuda.is_available():  # the 1.7B model would fill a CPU machine's memory
+            ap.error(f"--gpu needs a visible CUDA device (torch {torch.__version__} sees none); "
+                     f"without --gpu this script runs the CPU layouts")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                             text=True).stdout.strip()
     with tempfile.TemporaryDirectory() as tmp:

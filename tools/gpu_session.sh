@@ -18,18 +18,24 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu-results}"
 mkdir -p "$OUT"
 export WANDB_MODE=disabled PYTHONUNBUFFERED=1
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(build test norm mfu profile)
+for step in "${steps[@]}"; do  # a typo fails before anything is installed or built
+  case "$step" in
+    build|test|norm|mfu|profile) ;;
+    *) echo "gpu_session.sh: unknown step '$step' (build, test, norm, mfu, profile)" >&2; exit 2 ;;
+  esac
+done
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/msg-site .whl/*.whl
   export PYTHONPATH="/tmp/msg-site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 else
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
-python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA device visible'; print(torch.__version__, torch.cuda.get_device_name())" \
+python3 -c "import sys, torch; ok = torch.cuda.is_available(); print(torch.__version__, torch.cuda.get_device_name() if ok else 'no CUDA device'); sys.exit(0 if ok else 1)" \
   || { echo "gpu_session.sh: needs torch with a visible CUDA device" >&2; exit 2; }
 arch="$(python3 -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")"
 
-steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(build test norm mfu profile)
 status=0
 run() {  # run NAME CMD...: log to $OUT/NAME.log, print its tail, remember failures
   local name="$1"; shift
@@ -49,7 +55,6 @@ for step in "${steps[@]}"; do
     norm) run norm python3 tools/bench_masked_norm.py --gpu ;;
     mfu) run mfu python3 tools/bench_parallel.py --gpu --compare ;;
     profile) run profile python3 tools/profile_step.py --gpu-bench --steps 2 --top 30 ;;
-    *) echo "unknown step '$step' (build, test, norm, mfu, profile)" >&2; exit 2 ;;
   esac
 done
 exit $status

@@ -27,6 +27,9 @@ def main():
     from msg_megatron.training.trainer import Trainer
 
     if args.gpu_bench:
+        if not torch.cuda.is_available():  # the 1.7B model would fill a CPU machine's memory
+            ap.error(f"--gpu-bench needs a visible CUDA device (torch {torch.__version__} sees none); "
+                     f"on a CPU give a CONFIG file instead")
         import os
         import sys
 

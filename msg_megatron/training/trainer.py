@@ -29,6 +29,7 @@ from ..ops import fused
 from ..parallel import device, initialize_parallel, is_logging_rank
 from .evaluate import validation_loss
 from .flops import device_peak_tflops, flops_per_token
+from .host_memory import check_host_memory
 from .microbatches import run_microbatches
 from .metrics import MetricsLogger
 from .optimizer import build_optimizer, cast_params, optimizer_for_fp32_model, param_dtype
@@ -58,6 +59,8 @@ class Trainer:
 
         self.dp_rank, self.dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         self.world = torch.distributed.get_world_size()
+        # on a CPU, before data or model exist: an over-large run would otherwise die by SIGKILL
+        check_host_memory(cfg, self.layout, self.dp)
         for i in range(len(cfg.schedule())):
             gbs = cfg.batch_size(i)
             n_micro = gbs // t.micro_batch_size

@@ -1,0 +1,93 @@
+"""Refuse a CPU run whose model state cannot fit in this machine's memory, before anything is built.
+
+On a GPU an over-large model ends in a CUDA out-of-memory exception that names itself. On a CPU the
+kernel's OOM killer ends the process with a bare SIGKILL (no traceback, no message), after the data
+is prepared and possibly hours in, at the growth step that makes the model big enough. So a CPU run
+checks, at start, every stage it will train at its layout against the memory the machine has.
+
+What is counted is a lower bound: the persistent state of the trainer per parameter element,
+  weights (4 B fp32 / 2 B bf16) + fp32 main gradients in megatron's DDP buffer (4 B)
+  + AdamW's two fp32 moments (8 B) + fp32 master weights for bf16 parameters (4 B),
+the optimizer part divided by DP with the distributed optimizer (bf16 parameters save no host
+memory here: their fp32 masters live on the same machine). Activations, temporaries and the
+checkpoint writer come on top (measured on this project's CPU machine: ~21 B/param in total for a
+110M-parameter GPT at micro-batch 2), so a run refused here could never have finished; one that
+passes may still be tight, and the message of the check says the numbers either way.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+GIB = 1024 ** 3
+
+
+def state_bytes_per_param(precision: str, dp: int, distributed_optimizer: bool) -> float:
+    """Bytes of persistent trainer state per local parameter element (see the module docstring)."""
+    weights = 2 if precision == "bf16" else 4
+    optimizer = 8 + (4 if precision == "bf16" else 0)
+    return weights + 4 + optimizer / (dp if distributed_optimizer else 1)
+
+
+def processes_on_this_host() -> int:
+    """Training processes sharing this machine's memory: the ranks of the default process group
+    that report this host's name (exact under torchrun, srun or any other launcher)."""
+    import socket
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return 1
+    names = [None] * dist.get_world_size()
+    dist.all_gather_object(names, socket.gethostname())
+    return names.count(socket.gethostname())
+
+
+def available_bytes() -> int:
+    """Memory a new allocation can get without the OOM killer: available RAM plus free swap."""
+    import psutil
+
+    return psutil.virtual_memory().available + psutil.swap_memory().free
+
+
+def check_host_memory(cfg, layout: tuple, dp: int, processes: Optional[int] = None,
+                      available: Optional[int] = None) -> Optional[dict]:
+    """Raise ConfigError when the stages trained at `layout` (TP, PP) need more memory than this
+    machine has. Returns the largest stage's figures (None on a GPU, where nothing is checked)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    from ..config import ConfigError
+    from ..model.gpt import padded_vocab_size
+    from ..plan import stage_memory
+
+    tp, pp = layout
+    vocab = padded_vocab_size(cfg.model)
+    t, par = cfg.train, cfg.parallel
+    per_param = state_bytes_per_param(t.precision, dp, bool(par.distributed_optimizer))
+    worst = None
+    for i, (_, shape) in enumerate(cfg.schedule()):
+        if cfg.layout(i) != layout:
+            continue  # trained by a later job (offline relayout), which checks itself
+        params = stage_memory(cfg.model, shape, vocab, tp, pp, dp, t.micro_batch_size)["params_per_gpu"]
+        if worst is None or params > worst["params"]:
+            worst = {"stage": i, "shape": shape.as_tuple(), "params": int(params)}
+    if worst is None:
+        return None
+    processes = processes or processes_on_this_host()
+    available = available_bytes() if available is None else available
+    worst.update(bytes_per_param=per_param, per_process=worst["params"] * per_param, processes=processes,
+                 available=available)
+    need = worst["per_process"] * processes
+    if need > available:
+        dist = " with the distributed optimizer" if par.distributed_optimizer else ""
+        raise ConfigError(
+            f"this run cannot fit in this machine's memory: stage {worst['stage']} (shape {worst['shape']}) holds "
+            f"{worst['params']:,} parameters per process at TP={tp}, PP={pp}, DP={dp}; its weights, gradients "
+            f"and AdamW state alone take {per_param:g} bytes each in train.precision={t.precision}{dist} = "
+            f"{worst['per_process'] / GIB:.1f} GiB x {processes} process(es) on this machine = {need / GIB:.1f} "
+            f"GiB, and {available / GIB:.1f} GiB is available (RAM + free swap). Without this check the kernel "
+            f"would kill the run without a message when it got there. Shrink the model or its growth stages, "
+            f"spread it over more machines (tensor/pipeline parallelism, or data parallelism with "
+            f"parallel.distributed_optimizer=true), or run on GPUs.")
+    return worst

@@ -1,0 +1,135 @@
+"""A CPU run that cannot fit in the machine's memory is refused at start with the numbers, instead
+of being SIGKILLed by the kernel's OOM killer; the GPU-only tools refuse a CPU machine the same way.
+
+The check's estimate (msg_megatron/training/host_memory.py) is a lower bound of what training
+takes: verified against the peak resident memory of real training steps in a fresh process.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, run_cli
+from msg_megatron.config import ConfigError, load_config
+from msg_megatron.training.host_memory import GIB, check_host_memory, state_bytes_per_param
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the host-memory check and these refusals are "
+                                                                   "for machines without a GPU")
+
+# ~19B parameters: 320 GiB of fp32 training state, more than any CI machine has
+HUGE = [8192, 32768, 64, 24]
+STAGES = "growth.stages=[{step: 0, shape: [64, 128, 2, 2]}, {step: 4, shape: %s}]" % HUGE
+BASE = ["data.corpus=/nonexistent-corpus", "train.steps=8", "train.global_batch_size=2", "train.micro_batch_size=1",
+        "logging.wandb=disabled", "checkpoint.save=", "model.vocab_size=1024"]
+SHAPE = ["model.hidden_size=%d" % HUGE[0], "model.ffn_hidden_size=%d" % HUGE[1],
+         "model.num_attention_heads=%d" % HUGE[2], "model.num_layers=%d" % HUGE[3], "model.kv_channels=128"]
+
+
+def test_state_bytes_per_param():
+    assert state_bytes_per_param("fp32", 1, False) == 16       # weights 4 + main grads 4 + moments 8
+    assert state_bytes_per_param("bf16", 1, False) == 18       # weights 2 + main grads 4 + masters 4 + moments 8
+    assert state_bytes_per_param("bf16", 4, True) == 6 + 12 / 4
+    assert state_bytes_per_param("fp32", 4, False) == 16       # without the distributed optimizer: replicated
+
+
+def test_check_names_the_largest_stage_and_the_numbers():
+    from msg_megatron.model.gpt import padded_vocab_size
+    from msg_megatron.plan import count_params
+
+    cfg = load_config("configs/demo_cpu.yaml", BASE + SHAPE + [STAGES])
+    params = count_params(cfg.model, cfg.schedule()[1][1], padded_vocab_size(cfg.model))
+    fits = check_host_memory(cfg, (1, 1), 1, processes=1, available=10 ** 15)
+    assert fits["stage"] == 1 and fits["params"] == params and fits["per_process"] == 16 * params
+    with pytest.raises(ConfigError) as e:
+        check_host_memory(cfg, (1, 1), 1, processes=2, available=8 * GIB)
+    msg = str(e.value)
+    for words in (f"stage 1 (shape {tuple(HUGE)})", f"{params:,} parameters per process", "16 bytes each",
+                  f"{16 * params / GIB:.1f} GiB x 2 process(es)", f"= {32 * params / GIB:.1f} GiB",
+                  "8.0 GiB is available"):
+        assert words in msg, msg
+    # TP=2 halves what each process holds; the demo fits, its largest stage is the last
+    tp2 = load_config("configs/demo_cpu.yaml", BASE + SHAPE + [STAGES, "parallel.tensor=2"])
+    half = check_host_memory(tp2, (2, 1), 1, processes=1, available=10 ** 15)
+    assert abs(half["params"] - params / 2) < 0.01 * params
+    assert check_host_memory(load_config("configs/demo_cpu.yaml", []), (1, 1), 1)["stage"] == 4
+
+
+@pytest.mark.timeout(120)
+def test_pretrain_refuses_before_any_work():
+    """The refusal comes before the data is looked at (the corpus path does not exist) or a model is
+    built: exit status 2, one line naming the stage that would not fit."""
+    r = run_cli(["msg_megatron.pretrain", "configs/demo_cpu.yaml"] + BASE + SHAPE + [STAGES], timeout=120)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "cannot fit in this machine's memory" in r.stderr and f"stage 1 (shape {tuple(HUGE)})" in r.stderr
+    assert "nonexistent-corpus" not in r.stderr
+
+
+@pytest.mark.timeout(180)
+def test_processes_on_one_host_are_counted_under_torchrun(tmp_path):
+    from test_parallel import torchrun
+
+    r = torchrun(2, ["-m", "msg_megatron.pretrain", "configs/demo_cpu.yaml", "parallel.tensor=2"] + BASE + SHAPE
+                 + [STAGES], timeout=180)
+    assert r.returncode != 0
+    assert "x 2 process(es) on this machine" in r.stderr and "TP=2, PP=1, DP=1" in r.stderr, r.stderr[-3000:]
+
+
+MEASURE = r"""
+import json, resource, sys
+import psutil
+from msg_megatron.config import load_config
+from msg_megatron.training.host_memory import check_host_memory
+from msg_megatron.training.trainer import Trainer
+cfg = load_config("configs/demo_cpu.yaml", sys.argv[1:])
+rss0 = psutil.Process().memory_info().rss
+trainer = Trainer(cfg)
+for _ in range(2):
+    trainer.train_step()
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"grown": peak - rss0, "estimate": check_host_memory(cfg, (1, 1), 1)["per_process"]}))
+"""
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_estimate_is_a_lower_bound_of_real_training(precision):
+    """~29M parameters trained for two steps in a fresh process: the peak resident memory grows by
+    at least the estimate, and by no more than 1.6x it at this small micro-batch (the estimate
+    leaves out activations and temporaries only, so it is not far below)."""
+    args = ["model.vocab_size=8192", "model.hidden_size=512", "model.ffn_hidden_size=2048",
+            "model.num_attention_heads=8", "model.kv_channels=64", "model.num_layers=8", "model.seq_length=64",
+            "growth.stages=[]", "data.corpus=synthetic", "train.global_batch_size=2", "train.micro_batch_size=2",
+            "train.eval_interval=0", "logging.wandb=disabled", "checkpoint.save=", f"train.precision={precision}"]
+    env = dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS="2")
+    r = subprocess.run([sys.executable, "-c", MEASURE] + args, capture_output=True, text=True, timeout=300,
+                       cwd=REPO, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["estimate"] <= out["grown"] <= 1.6 * out["estimate"], out
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("cmd, words", [
+    (["tools/bench_parallel.py", "--gpu", "--compare"], "--gpu needs a visible CUDA device"),
+    (["tools/profile_step.py", "--gpu-bench"], "--gpu-bench needs a visible CUDA device"),
+    (["tools/bench_masked_norm.py", "--gpu"], "--gpu needs a visible CUDA device"),
+])
+def test_gpu_tools_refuse_a_cpu_machine(cmd, words):
+    """Before this, `bench_parallel.py --gpu` built its 1.7B model on the CPU until the OOM killer
+    ended it."""
+    r = subprocess.run([sys.executable] + cmd, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert r.returncode == 2 and words in r.stderr, r.stderr[-2000:]
+
+
+@pytest.mark.timeout(60)
+def test_gpu_session_script_checks_its_steps_then_the_device(tmp_path):
+    env = dict(os.environ, OUT=str(tmp_path))
+    r = subprocess.run(["bash", "tools/gpu_session.sh", "build", "nrom"], capture_output=True, text=True,
+                       timeout=60, cwd=REPO, env=env)
+    assert r.returncode == 2 and "unknown step 'nrom'" in r.stderr, r.stderr
+    r = subprocess.run(["bash", "tools/gpu_session.sh", "norm"], capture_output=True, text=True, timeout=60,
+                       cwd=REPO, env=env)
+    assert r.returncode == 2 and "needs torch with a visible CUDA device" in r.stderr, r.stderr
