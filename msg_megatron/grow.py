@@ -29,6 +29,27 @@ def parse_shape(text: str):
     return Shape(*parts)
 
 
+def _check_host_memory(cfg, old, new, tp: int, pp: int) -> None:
+    """On a CPU: the checkpoint's model and optimizer and the grown ones are alive together (the old
+    gradient buffers are freed first), so both must fit; refused before anything is loaded."""
+    from .model.gpt import padded_vocab_size
+    from .plan import stage_memory
+    from .training.host_memory import on_cpu, require_host_memory, state_bytes_per_param
+
+    if not on_cpu():
+        return
+    from megatron.core import parallel_state as ps
+
+    dp, t = ps.get_data_parallel_world_size(), cfg.train
+    vocab = padded_vocab_size(cfg.model)
+    params = sum(stage_memory(cfg.model, s, vocab, tp, pp, dp, t.micro_batch_size)["params_per_gpu"] for s in (old, new))
+    require_host_memory(
+        f"growing {old} -> {new} at TP={tp}, PP={pp}, DP={dp}", params,
+        state_bytes_per_param(t.precision, dp, bool(cfg.parallel.distributed_optimizer)) - 4,
+        f"the old and the grown model's weights and AdamW state (train.precision={t.precision}) together",
+        "Grow on more machines (torchrun/srun with --tensor/--pipeline), or on GPUs.")
+
+
 def _main(argv) -> int:
     ap = argparse.ArgumentParser(prog="msg-grow", description=__doc__)
     ap.add_argument("--load", required=True, help="checkpoint step directory or save directory")
@@ -76,6 +97,7 @@ def _main(argv) -> int:
                          "use interpolate")
     initialize_parallel(tp, pp, cfg.train.seed)
     old_shape = Shape(*meta["shape"])
+    _check_host_memory(cfg, old_shape, shape, tp, pp)
     model = build_model(cfg.model, old_shape, perform_init=False)
     optimizer = build_optimizer(model, cfg.train, cfg.parallel)
     load_checkpoint(meta["path"], model, optimizer)

@@ -46,7 +46,8 @@ def test_check_names_the_largest_stage_and_the_numbers():
     with pytest.raises(ConfigError) as e:
         check_host_memory(cfg, (1, 1), 1, processes=2, available=8 * GIB)
     msg = str(e.value)
-    for words in (f"stage 1 (shape {tuple(HUGE)})", f"{params:,} parameters per process", "16 bytes each",
+    for words in (f"this run (stage 1, shape {tuple(HUGE)}, at TP=1, PP=1, DP=1) cannot fit",
+                  f"{params:,} parameters per process", "16 bytes each",
                   f"{16 * params / GIB:.1f} GiB x 2 process(es)", f"= {32 * params / GIB:.1f} GiB",
                   "8.0 GiB is available"):
         assert words in msg, msg
@@ -63,7 +64,7 @@ def test_pretrain_refuses_before_any_work():
     built: exit status 2, one line naming the stage that would not fit."""
     r = run_cli(["msg_megatron.pretrain", "configs/demo_cpu.yaml"] + BASE + SHAPE + [STAGES], timeout=120)
     assert r.returncode == 2, r.stderr[-3000:]
-    assert "cannot fit in this machine's memory" in r.stderr and f"stage 1 (shape {tuple(HUGE)})" in r.stderr
+    assert f"this run (stage 1, shape {tuple(HUGE)}, " in r.stderr and "cannot fit in this machine" in r.stderr
     assert "nonexistent-corpus" not in r.stderr
 
 
@@ -75,6 +76,36 @@ def test_processes_on_one_host_are_counted_under_torchrun(tmp_path):
                  + [STAGES], timeout=180)
     assert r.returncode != 0
     assert "x 2 process(es) on this machine" in r.stderr and "TP=2, PP=1, DP=1" in r.stderr, r.stderr[-3000:]
+
+
+@pytest.mark.timeout(180)
+def test_offline_grow_refuses_before_loading(tmp_path):
+    """msg-grow holds the checkpoint's model + optimizer and the grown ones at once: both counted."""
+    r = run_cli(["msg_megatron.pretrain", "configs/demo_cpu.yaml", "data.corpus=synthetic", "train.steps=2",
+                 "train.save_interval=2", "train.global_batch_size=2", "train.micro_batch_size=2",
+                 "train.eval_interval=0", "growth.stages=[]", "model.hidden_size=32", "model.ffn_hidden_size=64",
+                 "model.num_attention_heads=2", "model.kv_channels=16", "model.num_layers=2", "model.vocab_size=256",
+                 f"checkpoint.save={tmp_path}/ck", f"logging.run_dir={tmp_path}/run"], timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_cli(["msg_megatron.grow", "--load", f"{tmp_path}/ck", "--shape", "8192,32768,512,24", "--save",
+                 f"{tmp_path}/grown", "--no-verify"], timeout=180)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "growing (32, 64, 2, 2) -> (8192, 32768, 512, 24) at TP=1, PP=1, DP=1 cannot fit" in r.stderr, r.stderr
+    assert "12 bytes each" in r.stderr and not os.path.exists(tmp_path / "grown")
+
+
+@pytest.mark.timeout(120)
+def test_hf_import_refuses_before_reading_weights(tmp_path):
+    """A Llama-70B-sized config.json with no weight files at all: refused on the numbers first."""
+    hf = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 8192,
+          "intermediate_size": 28672, "num_attention_heads": 64, "num_hidden_layers": 80, "vocab_size": 32000,
+          "max_position_embeddings": 4096}
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(hf))
+    r = run_cli(["msg_megatron.hf.import_hf", "--hf", f"{tmp_path}/hf", "--save", f"{tmp_path}/ck"], timeout=120)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "(8192, 28672, 64, 80)) cannot fit" in r.stderr and "8 bytes each" in r.stderr, r.stderr
+    assert "--no-verify halves it" in r.stderr and not os.path.exists(tmp_path / "ck")
 
 
 MEASURE = r"""

@@ -49,22 +49,46 @@ def available_bytes() -> int:
     return psutil.virtual_memory().available + psutil.swap_memory().free
 
 
+def require_host_memory(what: str, params: float, bytes_per_param: float, holds: str, fix: str,
+                        processes: Optional[int] = None, available: Optional[int] = None) -> dict:
+    """The one check: `params` elements per process x `bytes_per_param` x the processes on this host
+    must fit in the available memory, else ConfigError("`what` cannot fit ... `holds` ... `fix`").
+    A collective when `processes` is not given (every rank must call it)."""
+    from ..config import ConfigError
+
+    processes = processes or processes_on_this_host()
+    available = available_bytes() if available is None else available
+    per_process = params * bytes_per_param
+    need = per_process * processes
+    if need > available:
+        raise ConfigError(
+            f"{what} cannot fit in this machine's memory: {int(params):,} parameters per process; {holds} alone "
+            f"take {bytes_per_param:g} bytes each = {per_process / GIB:.1f} GiB x {processes} process(es) on this "
+            f"machine = {need / GIB:.1f} GiB, and {available / GIB:.1f} GiB is available (RAM + free swap). "
+            f"Without this check the kernel would kill it without a message. {fix}")
+    return {"params": int(params), "bytes_per_param": bytes_per_param, "per_process": per_process,
+            "processes": processes, "available": available}
+
+
+def on_cpu() -> bool:
+    """Checks apply without CUDA only: on a GPU, out-of-memory is an exception that names itself."""
+    import torch
+
+    return not torch.cuda.is_available()
+
+
 def check_host_memory(cfg, layout: tuple, dp: int, processes: Optional[int] = None,
                       available: Optional[int] = None) -> Optional[dict]:
     """Raise ConfigError when the stages trained at `layout` (TP, PP) need more memory than this
     machine has. Returns the largest stage's figures (None on a GPU, where nothing is checked)."""
-    import torch
-
-    if torch.cuda.is_available():
+    if not on_cpu():
         return None
-    from ..config import ConfigError
     from ..model.gpt import padded_vocab_size
     from ..plan import stage_memory
 
     tp, pp = layout
     vocab = padded_vocab_size(cfg.model)
     t, par = cfg.train, cfg.parallel
-    per_param = state_bytes_per_param(t.precision, dp, bool(par.distributed_optimizer))
     worst = None
     for i, (_, shape) in enumerate(cfg.schedule()):
         if cfg.layout(i) != layout:
@@ -74,20 +98,11 @@ def check_host_memory(cfg, layout: tuple, dp: int, processes: Optional[int] = No
             worst = {"stage": i, "shape": shape.as_tuple(), "params": int(params)}
     if worst is None:
         return None
-    processes = processes or processes_on_this_host()
-    available = available_bytes() if available is None else available
-    worst.update(bytes_per_param=per_param, per_process=worst["params"] * per_param, processes=processes,
-                 available=available)
-    need = worst["per_process"] * processes
-    if need > available:
-        dist = " with the distributed optimizer" if par.distributed_optimizer else ""
-        raise ConfigError(
-            f"this run cannot fit in this machine's memory: stage {worst['stage']} (shape {worst['shape']}) holds "
-            f"{worst['params']:,} parameters per process at TP={tp}, PP={pp}, DP={dp}; its weights, gradients "
-            f"and AdamW state alone take {per_param:g} bytes each in train.precision={t.precision}{dist} = "
-            f"{worst['per_process'] / GIB:.1f} GiB x {processes} process(es) on this machine = {need / GIB:.1f} "
-            f"GiB, and {available / GIB:.1f} GiB is available (RAM + free swap). Without this check the kernel "
-            f"would kill the run without a message when it got there. Shrink the model or its growth stages, "
-            f"spread it over more machines (tensor/pipeline parallelism, or data parallelism with "
-            f"parallel.distributed_optimizer=true), or run on GPUs.")
+    dist = " with the distributed optimizer" if par.distributed_optimizer else ""
+    worst.update(require_host_memory(
+        f"this run (stage {worst['stage']}, shape {worst['shape']}, at TP={tp}, PP={pp}, DP={dp})", worst["params"],
+        state_bytes_per_param(t.precision, dp, bool(par.distributed_optimizer)),
+        f"its weights, gradients and AdamW state in train.precision={t.precision}{dist}",
+        "Shrink the model or its growth stages, spread it over more machines (tensor/pipeline parallelism, or "
+        "data parallelism with parallel.distributed_optimizer=true), or run on GPUs.", processes, available))
     return worst
