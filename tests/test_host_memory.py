@@ -58,24 +58,18 @@ def test_check_names_the_largest_stage_and_the_numbers():
     assert check_host_memory(load_config("configs/demo_cpu.yaml", []), (1, 1), 1)["stage"] == 4
 
 
-@pytest.mark.timeout(120)
-def test_pretrain_refuses_before_any_work():
-    """The refusal comes before the data is looked at (the corpus path does not exist) or a model is
-    built: exit status 2, one line naming the stage that would not fit."""
-    r = run_cli(["msg_megatron.pretrain", "configs/demo_cpu.yaml"] + BASE + SHAPE + [STAGES], timeout=120)
-    assert r.returncode == 2, r.stderr[-3000:]
-    assert f"this run (stage 1, shape {tuple(HUGE)}, " in r.stderr and "cannot fit in this machine" in r.stderr
-    assert "nonexistent-corpus" not in r.stderr
-
-
 @pytest.mark.timeout(180)
-def test_processes_on_one_host_are_counted_under_torchrun(tmp_path):
+def test_pretrain_refuses_before_any_work_counting_the_processes_on_this_host(tmp_path):
+    """msg-pretrain under torchrun: both ranks refuse before the data is looked at (the corpus path
+    does not exist) or a model is built, with the stage that would not fit and 2 processes counted."""
     from test_parallel import torchrun
 
     r = torchrun(2, ["-m", "msg_megatron.pretrain", "configs/demo_cpu.yaml", "parallel.tensor=2"] + BASE + SHAPE
                  + [STAGES], timeout=180)
     assert r.returncode != 0
-    assert "x 2 process(es) on this machine" in r.stderr and "TP=2, PP=1, DP=1" in r.stderr, r.stderr[-3000:]
+    assert f"this run (stage 1, shape {tuple(HUGE)}, at TP=2, PP=1, DP=1) cannot fit" in r.stderr, r.stderr[-3000:]
+    assert "x 2 process(es) on this machine" in r.stderr and "nonexistent-corpus" not in r.stderr
+    assert r.stderr.count("msg-pretrain: error: this run") == 2  # each rank: the one-line CLI error
 
 
 @pytest.mark.timeout(180)
@@ -125,11 +119,12 @@ print(json.dumps({"grown": peak - rss0, "estimate": check_host_memory(cfg, (1, 1
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_estimate_is_a_lower_bound_of_real_training(precision):
-    """~29M parameters trained for two steps in a fresh process: the peak resident memory grows by
-    at least the estimate, and by no more than 1.6x it at this small micro-batch (the estimate
-    leaves out activations and temporaries only, so it is not far below)."""
+def test_estimate_is_a_lower_bound_of_real_training():
+    """~29M parameters trained for two steps in a fresh process in bf16 (the larger per-parameter
+    claim, 18 B): the peak resident memory grows by at least the estimate, and by no more than 1.6x
+    it at this small micro-batch (the estimate leaves out activations and temporaries only, so it is
+    not far below). Measured when written: 1.27x, the same in fp32."""
+    precision = "bf16"
     args = ["model.vocab_size=8192", "model.hidden_size=512", "model.ffn_hidden_size=2048",
             "model.num_attention_heads=8", "model.kv_channels=64", "model.num_layers=8", "model.seq_length=64",
             "growth.stages=[]", "data.corpus=synthetic", "train.global_batch_size=2", "train.micro_batch_size=2",
