@@ -32,20 +32,14 @@ def parse_shape(text: str):
 def _check_host_memory(cfg, old, new, tp: int, pp: int) -> None:
     """On a CPU: the checkpoint's model and optimizer and the grown ones are alive together (the old
     gradient buffers are freed first), so both must fit; refused before anything is loaded."""
-    from .model.gpt import padded_vocab_size
-    from .plan import stage_memory
-    from .training.host_memory import on_cpu, require_host_memory, state_bytes_per_param
-
-    if not on_cpu():
-        return
     from megatron.core import parallel_state as ps
 
+    from .training.host_memory import local_params, require_host_memory, state_bytes_per_param
+
     dp, t = ps.get_data_parallel_world_size(), cfg.train
-    vocab = padded_vocab_size(cfg.model)
-    params = sum(stage_memory(cfg.model, s, vocab, tp, pp, dp, t.micro_batch_size)["params_per_gpu"] for s in (old, new))
     require_host_memory(
-        f"growing {old} -> {new} at TP={tp}, PP={pp}, DP={dp}", params,
-        state_bytes_per_param(t.precision, dp, bool(cfg.parallel.distributed_optimizer)) - 4,
+        f"growing {old} -> {new} at TP={tp}, PP={pp}, DP={dp}", sum(local_params(cfg.model, s, tp, pp) for s in (old, new)),
+        state_bytes_per_param(t.precision, dp, bool(cfg.parallel.distributed_optimizer), grads=False),
         f"the old and the grown model's weights and AdamW state (train.precision={t.precision}) together",
         "Grow on more machines (torchrun/srun with --tensor/--pipeline), or on GPUs.")
 

@@ -42,16 +42,23 @@ def count_params(mcfg: ModelConfig, shape: Shape, vocab_padded: int) -> int:
     return total
 
 
+def params_per_gpu(mcfg: ModelConfig, shape: Shape, vocab_padded: int, tp: int, pp: int) -> float:
+    """Parameters held by one rank of the most loaded pipeline stage (the first: its layers plus the
+    embeddings), sharded over TP; the whole model / TP at PP=1."""
+    h, f, a, n = shape.as_tuple()
+    total = count_params(mcfg, shape, vocab_padded)
+    if pp == 1:
+        return total / tp
+    outer = count_params(mcfg, Shape(h, f, a, 0), vocab_padded)  # embeddings, output layer, final norm
+    embed = vocab_padded * h + (mcfg.seq_length * h if mcfg.position_embedding == "learned" else 0)
+    return ((total - outer) / n * (n // pp) + embed) / tp
+
+
 def stage_memory(mcfg: ModelConfig, shape: Shape, vocab_padded: int, tp: int, pp: int, dp: int,
                  micro_batch: int, distributed_optimizer: bool = True) -> dict:
     h, f, a, n = shape.as_tuple()
     d, s, b = mcfg.head_dim, mcfg.seq_length, micro_batch
-    total = count_params(mcfg, shape, vocab_padded)
-    outer = count_params(mcfg, Shape(h, f, a, 0), vocab_padded)  # embeddings, output layer, final norm
-    per_layer = (total - outer) / n
-    # the first pipeline stage: its layers plus the embeddings, sharded over TP (the whole model at PP=1)
-    embed = vocab_padded * h + (mcfg.seq_length * h if mcfg.position_embedding == "learned" else 0)
-    local = (per_layer * (n // pp) + embed) / tp if pp > 1 else total / tp
+    local = params_per_gpu(mcfg, shape, vocab_padded, tp, pp)
     opt_bytes = 12 / (dp if distributed_optimizer else 1)
     f_in = 2 * f if mcfg.activation == "swiglu" else f
     act_layer = s * b * (8 * h + (8 * a * d + 2 * f_in + 2 * f * (2 if mcfg.activation == "swiglu" else 1)) / tp)

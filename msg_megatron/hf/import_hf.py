@@ -181,8 +181,7 @@ def import_hf(folder: str, save: str, tensor: int = 1, pipeline: int = 1, seq_le
     from ..model import build_model, count_parameters
     from ..model.gpt import padded_vocab_size
     from ..parallel import initialize_parallel, is_logging_rank
-    from ..plan import stage_memory
-    from ..training.host_memory import on_cpu, require_host_memory
+    from ..training.host_memory import local_params, require_host_memory
 
     cfg_path = os.path.join(folder, "config.json")
     if not os.path.exists(cfg_path):
@@ -198,16 +197,15 @@ def import_hf(folder: str, save: str, tensor: int = 1, pipeline: int = 1, seq_le
                             "growth": {"stages": [{"step": 0, "shape": list(shape.as_tuple())}]}})
     world = int(os.environ.get("WORLD_SIZE", "1"))
     sharded = world > 1
-    initialize_parallel(tensor if sharded else 1, pipeline if sharded else 1, cfg.train.seed)
-    if on_cpu():  # before any weight is read: an import that cannot fit would end in a bare SIGKILL
-        compare = verify and not sharded
-        params = stage_memory(cfg.model, shape, padded_vocab_size(cfg.model), tensor if sharded else 1,
-                              pipeline if sharded else 1, 1, 1)["params_per_gpu"]
-        require_host_memory(
-            f"importing `{folder}` ({shape})", params, 8 if compare else 4,
-            "the fp32 weights" + (" and transformers' fp32 copy for the logits comparison" if compare else ""),
-            ("--no-verify halves it; " if compare else "") + "import under torchrun with --tensor/--pipeline "
-            "over several machines (each rank then holds only its shards), or on GPUs.")
+    tp, pp = (tensor, pipeline) if sharded else (1, 1)
+    initialize_parallel(tp, pp, cfg.train.seed)
+    # before any weight is read: on a CPU an import that cannot fit would end in a bare SIGKILL
+    compare = verify and not sharded
+    require_host_memory(
+        f"importing `{folder}` ({shape})", local_params(cfg.model, shape, tp, pp), 8 if compare else 4,
+        "the fp32 weights" + (" and transformers' fp32 copy for the logits comparison" if compare else ""),
+        ("--no-verify halves it; " if compare else "") + "import under torchrun with --tensor/--pipeline "
+        "over several machines (each rank then holds only its shards), or on GPUs.")
     model = build_model(cfg.model, shape, perform_init=False)
     get = HFWeights(folder)
     fill_model(model, arch, get)

@@ -21,11 +21,20 @@ from typing import Optional
 GIB = 1024 ** 3
 
 
-def state_bytes_per_param(precision: str, dp: int, distributed_optimizer: bool) -> float:
-    """Bytes of persistent trainer state per local parameter element (see the module docstring)."""
+def state_bytes_per_param(precision: str, dp: int, distributed_optimizer: bool, grads: bool = True) -> float:
+    """Bytes of persistent trainer state per local parameter element (see the module docstring);
+    `grads=False` leaves out the gradient buffer (growth frees it before the new model exists)."""
     weights = 2 if precision == "bf16" else 4
     optimizer = 8 + (4 if precision == "bf16" else 0)
-    return weights + 4 + optimizer / (dp if distributed_optimizer else 1)
+    return weights + (4 if grads else 0) + optimizer / (dp if distributed_optimizer else 1)
+
+
+def local_params(mcfg, shape, tp: int, pp: int) -> float:
+    """Parameters one process holds at `shape` on the most loaded pipeline stage (plan.params_per_gpu)."""
+    from ..model.gpt import padded_vocab_size
+    from ..plan import params_per_gpu
+
+    return params_per_gpu(mcfg, shape, padded_vocab_size(mcfg), tp, pp)
 
 
 def processes_on_this_host() -> int:
@@ -50,12 +59,17 @@ def available_bytes() -> int:
 
 
 def require_host_memory(what: str, params: float, bytes_per_param: float, holds: str, fix: str,
-                        processes: Optional[int] = None, available: Optional[int] = None) -> dict:
+                        processes: Optional[int] = None, available: Optional[int] = None) -> Optional[dict]:
     """The one check: `params` elements per process x `bytes_per_param` x the processes on this host
     must fit in the available memory, else ConfigError("`what` cannot fit ... `holds` ... `fix`").
+    Only without CUDA (on a GPU, out-of-memory is an exception that names itself: returns None).
     A collective when `processes` is not given (every rank must call it)."""
+    import torch
+
     from ..config import ConfigError
 
+    if torch.cuda.is_available():
+        return None
     processes = processes or processes_on_this_host()
     available = available_bytes() if available is None else available
     per_process = params * bytes_per_param
@@ -70,39 +84,25 @@ def require_host_memory(what: str, params: float, bytes_per_param: float, holds:
             "processes": processes, "available": available}
 
 
-def on_cpu() -> bool:
-    """Checks apply without CUDA only: on a GPU, out-of-memory is an exception that names itself."""
-    import torch
-
-    return not torch.cuda.is_available()
-
-
 def check_host_memory(cfg, layout: tuple, dp: int, processes: Optional[int] = None,
                       available: Optional[int] = None) -> Optional[dict]:
     """Raise ConfigError when the stages trained at `layout` (TP, PP) need more memory than this
     machine has. Returns the largest stage's figures (None on a GPU, where nothing is checked)."""
-    if not on_cpu():
-        return None
-    from ..model.gpt import padded_vocab_size
-    from ..plan import stage_memory
-
     tp, pp = layout
-    vocab = padded_vocab_size(cfg.model)
     t, par = cfg.train, cfg.parallel
-    worst = None
-    for i, (_, shape) in enumerate(cfg.schedule()):
-        if cfg.layout(i) != layout:
-            continue  # trained by a later job (offline relayout), which checks itself
-        params = stage_memory(cfg.model, shape, vocab, tp, pp, dp, t.micro_batch_size)["params_per_gpu"]
-        if worst is None or params > worst["params"]:
-            worst = {"stage": i, "shape": shape.as_tuple(), "params": int(params)}
-    if worst is None:
+    # (local parameters, stage) of each stage this job trains; the others run in a later job (offline
+    # relayout), which checks itself
+    stages = [(local_params(cfg.model, shape, tp, pp), i) for i, (_, shape) in enumerate(cfg.schedule())
+              if cfg.layout(i) == layout]
+    if not stages:
         return None
+    params, stage = max(stages)
+    shape = cfg.schedule()[stage][1].as_tuple()
     dist = " with the distributed optimizer" if par.distributed_optimizer else ""
-    worst.update(require_host_memory(
-        f"this run (stage {worst['stage']}, shape {worst['shape']}, at TP={tp}, PP={pp}, DP={dp})", worst["params"],
+    fit = require_host_memory(
+        f"this run (stage {stage}, shape {shape}, at TP={tp}, PP={pp}, DP={dp})", params,
         state_bytes_per_param(t.precision, dp, bool(par.distributed_optimizer)),
         f"its weights, gradients and AdamW state in train.precision={t.precision}{dist}",
         "Shrink the model or its growth stages, spread it over more machines (tensor/pipeline parallelism, or "
-        "data parallelism with parallel.distributed_optimizer=true), or run on GPUs.", processes, available))
-    return worst
+        "data parallelism with parallel.distributed_optimizer=true), or run on GPUs.", processes, available)
+    return fit and dict(fit, stage=stage, shape=shape)
