@@ -65,7 +65,7 @@ def _main(argv) -> int:
     from .config import Shape, config_from_dict
     from .data import TokenWindows, resolve_data_dir_all_ranks
     from .growth.axes import GrowthPlan
-    from .growth.operators import grow_model
+    from .growth.operators import grow_model, growth_seed
     from .growth.optimizer_state import grow_optimizer
     from .model import build_model, count_parameters, update_masks
     from .parallel import initialize_parallel, is_logging_rank
@@ -108,7 +108,8 @@ def _main(argv) -> int:
     new_model, name_map = grow_model(
         model, shape, step=step, plan=plan, init=args.init or g.init,
         init_std=g.init_std if args.init_std is None else args.init_std,
-        depth_init=depth_init, seed=cfg.train.seed + 7919 * step, operator=args.operator or g.operator)
+        depth_init=depth_init, operator=args.operator or g.operator,
+        seed=growth_seed(cfg.train.seed, meta["state"]["stage"] + 1))  # as training into that stage would
     new_opt = grow_optimizer(optimizer, model, new_model, name_map, plan, cfg.train, cfg.parallel)
     update_masks(new_model, step, g.ramp_steps)
     after = validation_loss(new_model, valid, cfg.train.micro_batch_size, cfg.train.eval_iters)

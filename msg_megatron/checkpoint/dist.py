@@ -24,6 +24,7 @@ from .. import __version__
 from ..config import Shape
 from ..training.optimizer import MOMENTS
 from .crc_writer import checksummed_writes
+from .slices import slice_pieces
 from .safe_pickle import UnsafeCheckpoint, restricted_metadata_loading
 from .manifest import IncompleteCheckpoint, checksum_files, list_files, newest_complete, verify_manifest, write_manifest
 
@@ -92,38 +93,76 @@ def read_meta(path: str, full: bool = False, fallback: bool = False) -> dict:
     return meta
 
 
-def _sharded(model, optimizer, states=None, loading: bool = False):
-    """The sharded state dict of model and AdamW state: weights in fp32 (bf16 parameters are saved
-    as their fp32 masters and loaded into fp32 targets), the moments mirror their parameter's
-    shards (model space, whatever the optimizer's own sharding over DP); each parameter's step count
-    (bias correction) is a one-element tensor under the parameter's checkpoint key, saved once (TP
-    rank 0 of the parameter's main replica). `states`: name -> state to use instead of asking the
-    optimizer (loading fills these)."""
+def _sharded(model, optimizer, saved: Optional[dict] = None, moments: bool = True):
+    """The sharded state dict of model and AdamW state, and (loading) the tensors to fill.
+
+    Weights are saved in fp32 (bf16 parameters as their fp32 masters, loaded into the masters);
+    the moments mirror their parameter's shards in model space, whatever the optimizer's own
+    sharding. Under the distributed optimizer each DP rank writes and reads only its slice of the
+    masters and moments (`slices.py`: boxes of the same global tensors, views of the optimizer's
+    own tensors: no gather, no copy). Each parameter's step count (bias correction) is a
+    one-element tensor under the parameter's checkpoint key, written by one rank.
+
+    `saved`: the checkpoint's tensor index when loading; the load targets are then allocated here
+    (this rank's slice only) and optimizer tensors the checkpoint lacks are left out (layers copied
+    by an offline msg-grow start with fresh moments). `moments`: include the AdamW state.
+    Returns (sharded state dict, {param name: {key: flat target}} of the optimizer state to set
+    after loading)."""
     from megatron.core import parallel_state as ps
     from megatron.core.dist_checkpointing import ShardedTensor
     from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
 
+    loading = saved is not None
     sd = model.sharded_state_dict(prefix="model.")
     sd = {k: v for k, v in sd.items() if not k.endswith("_extra_state")}
-    for name, p in model.named_parameters():  # the same order on every DP rank (master_of: a collective)
-        if p.dtype != torch.float32:
-            sh = sd[f"model.{name}"]
-            sh.data = (torch.zeros_like(p, dtype=torch.float32) if loading
-                       else optimizer.master_of(p) if optimizer is not None else p.detach().float())
-            sh.dtype = torch.float32
-    if optimizer is not None:
-        tp_rank, dp_rank = ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_rank()
-        for name, p in model.named_parameters():  # the same order on every DP rank (state_of is a collective)
-            st = states[name] if states is not None else optimizer.state_of(p)
-            if not st:
+    sliced = optimizer is not None and optimizer.distributed
+    tp_rank, dp_rank = ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_rank()
+    targets = {}
+    for name, p in model.named_parameters():
+        model_sh = sd[f"model.{name}"]
+        rng = optimizer.local_range(p) if optimizer is not None else None
+        dp_main = (*model_sh.replica_id[:2], 0)  # this rank's slice is the one copy of those elements
+        if p.dtype != torch.float32:  # bf16: the fp32 masters
+            if optimizer is None:
+                model_sh.data = torch.zeros_like(p, dtype=torch.float32) if loading else p.detach().float()
+            elif sliced:
+                del sd[f"model.{name}"]
+                if rng is not None:
+                    sd[f"slices.model.{name}"] = slice_pieces(model_sh, model_sh.key, optimizer.local_master(p),
+                                                              *rng, dp_main)
+            else:
+                model_sh.data = optimizer.local_master(p).view_as(p)  # the master itself
+            model_sh.dtype = torch.float32
+        if optimizer is None or rng is None or not moments:
+            continue
+        if loading:
+            if f"optimizer.exp_avg.{model_sh.key}" not in saved:
                 continue
-            model_sh = sd[f"model.{name}"]
-            for key in MOMENTS:
-                sd[f"optimizer.{key}.{name}"] = make_sharded_optimizer_tensor(model_sh, st[key], prefix=f"optimizer.{key}")
-            step = st["step"].detach().reshape(1).to(torch.float64)
-            sd[f"optimizer.step.{name}"] = ShardedTensor.from_rank_offsets(
-                "optimizer.step." + model_sh.key, step, replica_id=(model_sh.replica_id[0], tp_rank, dp_rank))
-    return sd
+            n = rng[1] - rng[0]
+            st = {"step": torch.zeros(1, dtype=torch.float64),
+                  **{k: torch.empty(n, dtype=torch.float32, device=p.device) for k in MOMENTS}}
+            targets[name] = st
+        else:
+            st = optimizer.local_state(p)
+            if st is None:
+                continue
+        for key in MOMENTS:
+            prefix = f"optimizer.{key}"
+            sd[f"{prefix}.{name}"] = (slice_pieces(model_sh, f"{prefix}.{model_sh.key}", st[key], *rng, dp_main)
+                                      if sliced else make_sharded_optimizer_tensor(model_sh, st[key].view_as(p), prefix))
+        step = st["step"] if loading else torch.as_tensor(st["step"]).detach().reshape(1).to(torch.float64)
+        main = rng[0] == 0 if sliced else dp_rank == 0  # one writer: the rank holding element 0
+        sd[f"optimizer.step.{name}"] = ShardedTensor.from_rank_offsets(
+            "optimizer.step." + model_sh.key, step, replica_id=(model_sh.replica_id[0], tp_rank, 0 if main else 1))
+    return sd, targets
+
+
+def _fill(loaded, target) -> None:
+    """Copy loaded values into their target tensors where megatron returned other tensors."""
+    pairs = zip(loaded, target) if isinstance(target, list) else [(loaded, target)]
+    for got, want in pairs:
+        if got.data_ptr() != want.data_ptr():
+            want.copy_(got.view_as(want))
 
 
 def tensor_index(path: str) -> dict:
@@ -167,7 +206,7 @@ def save_checkpoint(save_dir: str, model, optimizer, state: dict, config: dict, 
         os.makedirs(tmp)
     if dist.is_initialized():
         dist.barrier()
-    sd = _sharded(model, optimizer)
+    sd, _ = _sharded(model, optimizer)
     sd["rng_state"] = _rng_sharded(torch.get_rng_state())
     # torch.save (in megatron's writer processes, forked from here) checksums every record; the
     # manifest's CRC-32 of each whole file below covers the same bytes, so skip that first pass
@@ -235,18 +274,12 @@ def load_checkpoint(path: str, model, optimizer=None, expect_shape: Optional[Sha
         raise CheckpointError(f"checkpoint `{meta['path']}` has shape {shape}, but the model to load into is "
                               f"{expect_shape or model.shape}; grow it with msg-grow or pick the matching stage")
     has_opt = bool(meta.get("optimizer")) and optimizer is not None
-    states = None
-    if has_opt:  # load targets in model space; each rank then keeps what its optimizer holds
-        states = {n: {"step": torch.zeros((), dtype=torch.float64),
-                      **{k: torch.zeros_like(p, dtype=torch.float32) for k in MOMENTS}}
-                  for n, p in model.named_parameters()}
-    sd = _sharded(model, optimizer if has_opt else None, states, loading=True)  # bf16: rounded into p below
     saved = tensor_index(meta["path"])
-    # parameters saved without AdamW state (e.g. layers copied by an offline msg-grow, which start
-    # with fresh moments) keep fresh state: only request the optimizer tensors that exist
-    fresh = sorted(k for k, v in sd.items() if k.startswith("optimizer.") and getattr(v, "key", None) not in saved)
-    for k in fresh:
-        del sd[k]
+    # each rank's own slice only; bf16: the masters are loaded, the parameters rounded from them below
+    sd, states = _sharded(model, optimizer, saved, moments=has_opt)
+    masters = {f"model.{n}" for n, p in model.named_parameters() if p.dtype != torch.float32}
+    views = {k: [sh.data for sh in v] if isinstance(v, list) else v.data
+             for k, v in sd.items() if k.startswith(("optimizer.", "slices.")) or k in masters}
     rng_md = saved.get("rng_state")
     world = dist.get_world_size() if dist.is_initialized() else 1
     if rng_md is None:  # (checkpoints of 0.1.0 before per-rank states: rank 0's state, common)
@@ -263,21 +296,22 @@ def load_checkpoint(path: str, model, optimizer=None, expect_shape: Optional[Sha
     rng = loaded.pop("rng_state", None)
     if restore_rng and rng is not None:  # (another world size: the states do not map; keep ours)
         torch.set_rng_state(rng.reshape(-1).to(torch.uint8))
+    for k, target in views.items():  # (megatron may return new tensors instead of filling the targets)
+        _fill(loaded[k], target)
     model_sd = {k[len("model."):]: v for k, v in loaded.items() if k.startswith("model.")}
     missing, unexpected = model.load_state_dict(model_sd, strict=False)
-    missing = [k for k in missing if not k.endswith("_extra_state")]
+    # bf16 under the distributed optimizer: the weights came as master slices (set from them below)
+    sliced = {k[len("model."):] for k in masters} if optimizer is not None and optimizer.distributed else set()
+    missing = [k for k in missing if not k.endswith("_extra_state") and k not in sliced]
     if missing or unexpected:
         raise CheckpointError(f"checkpoint `{meta['path']}` does not fit the model: missing {missing}, "
                               f"unexpected {unexpected}")
     refresh_active(model)
     if has_opt:
         for name, p in model.named_parameters():
-            if f"optimizer.exp_avg.{name}" not in loaded:
-                optimizer.set_state(p, None)  # AdamW initialises it at the next step, as for a new parameter
-                continue
-            optimizer.set_state(p, {"step": float(loaded[f"optimizer.step.{name}"][0]),
-                                    **{k: loaded[f"optimizer.{k}.{name}"] for k in MOMENTS}})
-    if optimizer is not None and optimizer.bf16:  # the fp32 weights loaded become the masters (the
-        for name, p in model.named_parameters():  # bf16 parameters got their rounding from load_state_dict)
-            optimizer.set_master(p, model_sd[name])
+            # a parameter without saved state starts fresh (AdamW initialises it at its next step)
+            st = states.get(name)
+            optimizer.set_local_state(p, None if st is None else dict(st, step=float(st["step"][0])))
+    if optimizer is not None:
+        optimizer.params_from_masters()  # bf16 under the distributed optimizer: slices -> parameters
     return meta

@@ -51,6 +51,14 @@ def _is_mask(name: str) -> bool:
     return name.endswith("_mask") or name.endswith("_birth")
 
 
+def growth_seed(train_seed: int, stage: int) -> int:
+    """The seed of the new weights drawn when growing into `stage` (each tensor's generators also
+    take the step and the tensor's name: `_generators`). One rule for online growth
+    (`Trainer.grow`) and `msg-grow`, so growing the checkpoint saved just before stage k offline
+    draws exactly the weights that training through the growth would have drawn."""
+    return train_seed + stage
+
+
 def _generators(seed: int, step: int, name: str) -> Callable[[int], torch.Generator]:
     """chunk -> a generator for that chunk of the canonical tensor `name` at this growth step: the
     values depend on neither iteration order nor the tensor-parallel layout."""

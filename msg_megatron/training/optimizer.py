@@ -238,18 +238,57 @@ class TrainOptimizer:
         creates its state at the next step). Takes ownership: when this rank keeps the whole
         parameter the moments are used as given (no copy; a loaded 1B checkpoint would otherwise
         hold its moments twice), a slice is copied out so the full tensor can be freed."""
+        rng = self.local_range(p)
+        if rng is None:
+            return
+        if state is None:
+            self.set_local_state(p, None)
+            return
+        start, end = rng
+        local = {"step": state["step"]}
+        for k in MOMENTS:
+            flat = state[k].reshape(-1)
+            local[k] = flat if (start, end) == (0, flat.numel()) else flat[start:end].clone()
+        self.set_local_state(p, local)
+
+    # ---- this rank's slice (checkpoints: each DP rank writes and reads only what it holds) ----
+    def local_range(self, p: torch.nn.Parameter) -> Optional[tuple]:
+        """(start, end) of p's flattened elements whose master and AdamW state this rank holds
+        ((0, numel) without the distributed optimizer), or None."""
+        slot = self._slot(p)
+        return slot[1] if slot is not None else None
+
+    def local_master(self, p: torch.nn.Parameter) -> Optional[torch.Tensor]:
+        """The fp32 weights of p's local range, flat: a view of what the optimizer updates (loading
+        into it sets the master), or None when this rank holds no slice of p."""
+        slot = self._slot(p)
+        if slot is None:
+            return None
+        key, (start, end) = slot
+        if key is p and p.dtype != torch.float32:
+            raise RuntimeError("local_master: p has no fp32 copy (release_for_growth was called)")
+        return key.detach().view(-1) if key is not p else p.detach().view(-1)[start:end]
+
+    def local_state(self, p: torch.nn.Parameter) -> Optional[dict]:
+        """p's AdamW state over its local range, flat views ({step, exp_avg, exp_avg_sq}), or None
+        (no slice here, or before p's first update). No communication."""
+        slot = self._slot(p)
+        st = self.adamw.state.get(slot[0]) if slot is not None else None
+        if not st:
+            return None
+        return {"step": self._step_of(slot[0], st), **{k: st[k].view(-1) for k in MOMENTS}}
+
+    def set_local_state(self, p: torch.nn.Parameter, state: Optional[dict]) -> None:
+        """Store p's state over its local range (flat moments of end - start elements, taken
+        without a copy when already fp32 on the right device); None: start p afresh."""
         slot = self._slot(p)
         if slot is None:
             return
-        key, (start, end) = slot
+        key = slot[0]
         if state is None:
             self.adamw.state.pop(key, None)
             return
-        moments = {}
-        for k in MOMENTS:
-            flat = state[k].reshape(-1).to(key.device, torch.float32)
-            part = flat if (start, end) == (0, flat.numel()) else flat[start:end].clone()
-            moments[k] = part.view_as(key)
+        moments = {k: state[k].to(key.device, torch.float32).view_as(key) for k in MOMENTS}
         if self._per_param_step:
             # torch's fused AdamW keeps its step counts on the parameters' device
             step = torch.tensor(float(state["step"]), device=key.device if self.fused_adamw else None)
@@ -258,6 +297,15 @@ class TrainOptimizer:
             self.adamw.state[key] = moments
             group = self._group_of[key]
             group["step"] = max(int(group.get("step", 0)), int(state["step"]))
+
+    def params_from_masters(self) -> None:
+        """bf16 under the distributed optimizer: round each rank's master slice into the bf16
+        parameters and all-gather them over DP (what every optimizer step ends with), after the
+        masters were loaded slice by slice."""
+        if not (self.bf16 and self.distributed):
+            return
+        self._inner._copy_main_params_to_model_params()
+        self.ddp.start_param_sync(force_sync=True)
 
     def _step_of(self, key: torch.Tensor, st: dict):
         """AdamW's step count for bias correction: per tensor in torch's AdamW (a grown tensor keeps

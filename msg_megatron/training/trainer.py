@@ -22,7 +22,7 @@ from ..checkpoint.dist import CheckpointError, load_checkpoint, read_meta, save_
 from ..config import Config, ConfigError, Shape
 from ..data import SyntheticWindows, TokenWindows, resolve_data_dir_all_ranks
 from ..growth.axes import GrowthPlan
-from ..growth.operators import grow_model
+from ..growth.operators import grow_model, growth_seed
 from ..growth.optimizer_state import grow_optimizer
 from ..model import build_model, count_parameters, update_masks
 from ..ops import fused
@@ -89,20 +89,19 @@ class Trainer:
         # wall time spent training (steps + growth, not evaluation) and model FLOPs so far: the x-axes
         # of the paper's speed-up comparisons, carried across resumes
         self.train_time, self.train_flops = 0.0, 0.0
-        self.model = build_model(cfg.model, self.schedule[0][1], seed=t.seed)  # fp32 init: exact masters
-        self.optimizer = optimizer_for_fp32_model(self.model, t, cfg.parallel)
+        # the model is built once, by the path that fills it (a resume never holds a fresh model besides)
         ck = cfg.checkpoint
-        if ck.load == "auto":
-            if os.path.isdir(ck.save) and any(d.startswith("step_") for d in os.listdir(ck.save)):
-                self.resume(ck.save, fallback=True)
-            elif ck.init_from:
-                self.init_from(ck.init_from)
-            else:
-                self.metrics.print(f"[resume] checkpoint.load=auto: no checkpoint in `{ck.save}` yet, starting fresh")
-        elif ck.load:
+        if ck.load == "auto" and os.path.isdir(ck.save) and any(d.startswith("step_") for d in os.listdir(ck.save)):
+            self.resume(ck.save, fallback=True)
+        elif ck.load and ck.load != "auto":
             self.resume(ck.load)
         elif ck.init_from:
             self.init_from(ck.init_from)
+        else:
+            if ck.load == "auto":
+                self.metrics.print(f"[resume] checkpoint.load=auto: no checkpoint in `{ck.save}` yet, starting fresh")
+            self.model = build_model(cfg.model, self.schedule[0][1], seed=t.seed)  # fp32 init: exact masters
+            self.optimizer = optimizer_for_fp32_model(self.model, t, cfg.parallel)
         self.metrics.print(self.optimizer.describe() + f", fusion {self.fusion}")
         self._probe = self._probe_batch()
         self.peak_tflops = device_peak_tflops()
@@ -116,7 +115,7 @@ class Trainer:
         self.optimizer.release_for_growth()  # bf16: grow the fp32 masters, not their rounding; frees grad buffers
         plan = GrowthPlan(self.model, new_shape)
         new_model, name_map = grow_model(self.model, new_shape, step=self.step, init=g.init, init_std=g.init_std,
-                                         depth_init=g.depth_init, seed=self.cfg.train.seed + stage, plan=plan,
+                                         depth_init=g.depth_init, seed=growth_seed(self.cfg.train.seed, stage), plan=plan,
                                          operator=g.operator)
         self.optimizer = grow_optimizer(self.optimizer, self.model, new_model, name_map, plan, self.cfg.train,
                                         self.cfg.parallel)
