@@ -30,18 +30,21 @@ def parse_shape(text: str):
 
 
 def _check_host_memory(cfg, old, new, tp: int, pp: int) -> None:
-    """On a CPU: the checkpoint's model and optimizer and the grown ones are alive together (the old
-    gradient buffers are freed first), so both must fit; refused before anything is loaded."""
+    """On a CPU: the checkpoint's model and optimizer and the grown ones meet during the growth
+    (training/phase_memory.py, `grow`); refused before anything is loaded."""
     from megatron.core import parallel_state as ps
 
-    from .training.host_memory import local_params, require_host_memory, state_bytes_per_param
+    from .training.host_memory import largest_local_tensor, local_params, require_host_memory
+    from .training.phase_memory import phase_peaks
 
     dp, t = ps.get_data_parallel_world_size(), cfg.train
+    params = local_params(cfg.model, new, tp, pp)
+    peak = phase_peaks(t.precision, dp, bool(cfg.parallel.distributed_optimizer), params,
+                       largest_local_tensor(cfg.model, new, tp), local_params(cfg.model, old, tp, pp))["grow"]
     require_host_memory(
-        f"growing {old} -> {new} at TP={tp}, PP={pp}, DP={dp}", sum(local_params(cfg.model, s, tp, pp) for s in (old, new)),
-        state_bytes_per_param(t.precision, dp, bool(cfg.parallel.distributed_optimizer), grads=False),
-        f"the old and the grown model's weights and AdamW state (train.precision={t.precision}) together",
-        "Grow on more machines (torchrun/srun with --tensor/--pipeline), or on GPUs.")
+        f"growing {old} -> {new} at TP={tp}, PP={pp}, DP={dp}", params, peak / params,
+        f"the old model and AdamW state while the grown ones are built (train.precision={t.precision}; bytes per "
+        "grown parameter)", "Grow on more machines (torchrun/srun with --tensor/--pipeline), or on GPUs.")
 
 
 def _main(argv) -> int:

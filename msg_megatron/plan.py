@@ -3,26 +3,30 @@
 Per stage: parameters (exactly the instantiated model's), training FLOPs per token (the trainer's
 MFU formula), tokens (steps x global batch x sequence), the layout (TP, PP, DP from parallel.gpus),
 memory per GPU and GPU-hours at a given MFU; for the whole schedule, the FLOPs saved against
-training the final shape on the same tokens. Memory per GPU, bf16 mixed precision as megatron:
+training the final shape on the same tokens. Memory per GPU, in train.precision (bf16: as megatron,
   weights 2 B/param, fp32 main gradients 4 B/param, fp32 master weights + Adam moments 12 B/param
-  (divided by DP with the distributed optimizer), on the most loaded pipeline stage (the first: the
+  divided by DP with the distributed optimizer; fp32: 4 + 4 + 8), on the most loaded pipeline stage (the first: the
   embedding and PP micro-batches in flight under 1F1B), activations with flash attention (no s^2
   term), no recomputation and no sequence parallelism, per layer and micro-batch of b sequences
       s*b*(8h + (8*a*d + 2*F_in + 2*F*(2 if SwiGLU else 1)) / TP) bytes,
-  F_in = 2F for SwiGLU's fc1 else F. Estimates for planning, not measurements.
+  F_in = 2F for SwiGLU's fc1 else F. Besides the training step, the peak of a save, a load and the
+  growth into each stage (training/phase_memory.py); a phase over the GPU's memory is a warning
+  with what to change. Estimates for planning, not measurements.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from typing import List
+from typing import List, Optional
 
 from .cli import run_cli
 from .config import Config, ModelConfig, Shape, load_config
 from .training.flops import PEAK_TFLOPS, flops_per_token
+from .training.phase_memory import bytes_per_param, optimizer_bytes, phase_peaks
 
 GIB = 1024 ** 3
+GPU_MEMORY_GIB = {"H200": 141, "H100": 80, "A800": 80, "A100": 80}
 
 
 def count_params(mcfg: ModelConfig, shape: Shape, vocab_padded: int) -> int:
@@ -54,19 +58,34 @@ def params_per_gpu(mcfg: ModelConfig, shape: Shape, vocab_padded: int, tp: int, 
     return ((total - outer) / n * (n // pp) + embed) / tp
 
 
+def largest_tensor(mcfg: ModelConfig, shape: Shape, vocab_padded: int, tp: int) -> float:
+    """Elements of the largest local tensor (the embedding, or fc1 / QKV of a wide model)."""
+    h, f, a, _ = shape.as_tuple()
+    f_in = 2 * f if mcfg.activation == "swiglu" else f
+    return max(vocab_padded * h, f_in * h, 3 * a * mcfg.head_dim * h, f * h) / tp
+
+
 def stage_memory(mcfg: ModelConfig, shape: Shape, vocab_padded: int, tp: int, pp: int, dp: int,
-                 micro_batch: int, distributed_optimizer: bool = True) -> dict:
+                 micro_batch: int, distributed_optimizer: bool = True, precision: str = "bf16",
+                 old_shape: Optional[Shape] = None) -> dict:
+    """Bytes per GPU of the training step (weights, grads, optimizer, activations, total) and the
+    peak of each phase (`phases`: train, save, load, and with `old_shape` the growth into this
+    shape at this layout; training/phase_memory.py)."""
     h, f, a, n = shape.as_tuple()
     d, s, b = mcfg.head_dim, mcfg.seq_length, micro_batch
     local = params_per_gpu(mcfg, shape, vocab_padded, tp, pp)
-    opt_bytes = 12 / (dp if distributed_optimizer else 1)
+    w, _ = bytes_per_param(precision)
+    opt_bytes = optimizer_bytes(precision, dp, distributed_optimizer)
     f_in = 2 * f if mcfg.activation == "swiglu" else f
     act_layer = s * b * (8 * h + (8 * a * d + 2 * f_in + 2 * f * (2 if mcfg.activation == "swiglu" else 1)) / tp)
     # 1F1B: the first stage holds PP micro-batches of its n/PP layers = n layers' worth
     acts = act_layer * n + (4 * s * b * vocab_padded / tp if pp == 1 else 0)
-    out = {"params_per_gpu": local, "weights": 2 * local, "grads": 4 * local, "optimizer": opt_bytes * local,
+    out = {"params_per_gpu": local, "weights": w * local, "grads": 4 * local, "optimizer": opt_bytes * local,
            "activations": acts}
     out["total"] = sum(out[k] for k in ("weights", "grads", "optimizer", "activations"))
+    old = params_per_gpu(mcfg, old_shape, vocab_padded, tp, pp) if old_shape is not None else None
+    out["phases"] = phase_peaks(precision, dp, distributed_optimizer, local,
+                                largest_tensor(mcfg, shape, vocab_padded, tp), old, acts)
     return out
 
 
@@ -90,17 +109,25 @@ def plan(cfg: Config, mfu: float, gpu: str, distributed_optimizer: bool = True) 
         tokens = (end - step) * gbs * cfg.model.seq_length
         fpt = flops_per_token(cfg.model, shape, vocab)
         flops = fpt * tokens
-        mem = stage_memory(cfg.model, shape, vocab, tp, pp, dp, cfg.train.micro_batch_size, distributed_optimizer)
+        # the growth into this stage runs at this stage's layout: online, or msg-grow after a relayout
+        mem = stage_memory(cfg.model, shape, vocab, tp, pp, dp, cfg.train.micro_batch_size, distributed_optimizer,
+                           cfg.train.precision, sched[i - 1][1] if i else None)
         stages.append({"stage": i, "steps": [step, end], "shape": list(shape.as_tuple()),
                        "params": count_params(cfg.model, shape, vocab), "flops_per_token": fpt, "tokens": tokens,
                        "global_batch_size": gbs, "tensor": tp, "pipeline": pp, "data": dp, "gpus": gpus,
                        "flops": flops, "gpu_hours": flops / (peak * 1e12 * mfu) / 3600,
                        "days": flops / (peak * 1e12 * mfu * gpus) / 86400,
-                       "memory_gib": {k: v / GIB for k, v in mem.items() if k != "params_per_gpu"}})
+                       "memory_gib": {k: v / GIB for k, v in mem.items() if k not in ("params_per_gpu", "phases")},
+                       "phase_peak_gib": {k: v / GIB for k, v in mem["phases"].items()},
+                       "growth": ("online" if i and cfg.layout(i) == cfg.layout(i - 1) else "msg-grow") if i else None})
     tokens = sum(s["tokens"] for s in stages)
     final_fpt = flops_per_token(cfg.model, sched[-1][1], vocab)
     total = sum(s["flops"] for s in stages)
-    return {"gpu": gpu, "peak_tflops": peak, "mfu": mfu, "distributed_optimizer": distributed_optimizer,
+    cap = GPU_MEMORY_GIB.get(gpu)
+    over = [f"stage {st['stage']}: {ph} needs {v:.1f} GiB per GPU, more than the {gpu}'s {cap} GiB"
+            for st in stages for ph, v in st["phase_peak_gib"].items() if cap and v > cap]
+    return {"gpu": gpu, "gpu_memory_gib": cap, "over_memory": over,
+            "peak_tflops": peak, "mfu": mfu, "distributed_optimizer": distributed_optimizer,
             "stages": stages, "tokens": tokens, "flops": total, "gpu_hours": sum(s["gpu_hours"] for s in stages),
             "final_shape_flops": final_fpt * tokens, "flops_saving": 1 - total / (final_fpt * tokens),
             "speedup_flops": final_fpt * tokens / total}
@@ -143,6 +170,16 @@ def table(res: dict) -> str:
                      f"{s['params'] / 1e9:.2f}B | {s['tensor']} x {s['pipeline']} x {s['data']} | "
                      f"{s['tokens'] / 1e9:.2f}B | {s['flops_per_token']:.3g} | {s['gpu_hours']:,.0f} | {s['days']:.1f} | "
                      f"{m['total']:.1f} = {m['weights']:.1f}+{m['grads']:.1f}+{m['optimizer']:.1f}+{m['activations']:.1f} |")
+    lines += ["", "peak GiB per GPU by phase (the growth into a stage runs at its layout; "
+              f"{res['gpu']}: {res['gpu_memory_gib']} GiB):",
+              "| stage | train | save | load | growth into it |", "|---|---:|---:|---:|---|"]
+    for s in res["stages"]:
+        p = s["phase_peak_gib"]
+        grow = f"{p['grow']:.1f} ({s['growth']})" if "grow" in p else "-"
+        lines.append(f"| {s['stage']} | {p['train']:.1f} | {p['save']:.1f} | {p['load']:.1f} | {grow} |")
+    for msg in res["over_memory"]:
+        lines.append(f"WARNING {msg}: raise tensor/pipeline parallelism or parallel.gpus for that stage, use "
+                     "parallel.distributed_optimizer=true, or lower train.micro_batch_size")
     lines.append(f"\ntotal: {res['tokens'] / 1e9:.2f}B tokens, {res['flops']:.3g} FLOPs, {res['gpu_hours']:,.0f} "
                  f"GPU-hours; the final shape on the same tokens: {res['final_shape_flops']:.3g} FLOPs -> the "
                  f"schedule saves {res['flops_saving']:.1%} ({res['speedup_flops']:.2f}x fewer FLOPs)")

@@ -146,11 +146,15 @@ def test_optimizer_moments_bit_identical_after_growth(distributed):
     for _ in range(2):
         _adamw_step(model, opt)
     new_shape = Shape(48, 96, 6, 4)
+    old_p = dict(model.named_parameters())
+    w_old = {k: v.clone() for k, v in opt.state_of(old_p["layers.1.mlp.linear_fc1.weight"]).items()}
     grown, name_map = grow_model(model, new_shape, step=2)
     new_opt = grow_optimizer(opt, model, grown, name_map, GrowthPlan(model, new_shape), tcfg,
                              ParallelConfig(distributed_optimizer=distributed))
-    old_p, new_p = dict(model.named_parameters()), dict(grown.named_parameters())
-    w_old = opt.state_of(old_p["layers.1.mlp.linear_fc1.weight"])
+    new_p = dict(grown.named_parameters())
+    # growth consumed the old model: its weights and AdamW state are freed, not held beside the new ones
+    assert all(p.untyped_storage().nbytes() == 0 for p in old_p.values())
+    assert all(opt.state_of(p) is None for p in old_p.values())
     w_new = new_opt.state_of(new_p["layers.2.mlp.linear_fc1.weight"])  # layer 1 moved up by its copy
     assert torch.equal(w_new["exp_avg"][:64, :32], w_old["exp_avg"])
     assert torch.equal(w_new["exp_avg_sq"][:64, :32], w_old["exp_avg_sq"])

@@ -98,9 +98,10 @@ def _sharded(model, optimizer, saved: Optional[dict] = None, moments: bool = Tru
 
     Weights are saved in fp32 (bf16 parameters as their fp32 masters, loaded into the masters);
     the moments mirror their parameter's shards in model space, whatever the optimizer's own
-    sharding. Under the distributed optimizer each DP rank writes and reads only its slice of the
-    masters and moments (`slices.py`: boxes of the same global tensors, views of the optimizer's
-    own tensors: no gather, no copy). Each parameter's step count (bias correction) is a
+    sharding. Under the distributed optimizer each DP rank writes only its slice of the weights
+    and reads and writes only its slice of the masters and moments (`slices.py`: boxes of the same
+    global tensors, views of the optimizer's own tensors: no gather, no copy); fp32 weights are
+    read whole, as every DP rank holds them. Each parameter's step count (bias correction) is a
     one-element tensor under the parameter's checkpoint key, written by one rank.
 
     `saved`: the checkpoint's tensor index when loading; the load targets are then allocated here
@@ -133,6 +134,11 @@ def _sharded(model, optimizer, saved: Optional[dict] = None, moments: bool = Tru
             else:
                 model_sh.data = optimizer.local_master(p).view_as(p)  # the master itself
             model_sh.dtype = torch.float32
+        elif sliced and not loading:  # fp32: each DP rank writes its range of the weights (all read them whole)
+            del sd[f"model.{name}"]
+            if rng is not None:
+                sd[f"slices.model.{name}"] = slice_pieces(model_sh, model_sh.key, optimizer.local_master(p), *rng,
+                                                          dp_main)
         if optimizer is None or rng is None or not moments:
             continue
         if loading:

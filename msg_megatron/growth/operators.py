@@ -218,7 +218,8 @@ def grow_model(model: MaskedGPT, new_shape: Shape, *, step: int, init: Union[str
 
     seen = set()
     name_map: Dict[str, Optional[str]] = {}
-    new_sd = {}
+    filled = set()
+    # each grown tensor goes straight into its place: old model + new model + one tensor at a time
     for name, target in new_model.state_dict().items():
         if name.endswith("_extra_state"):
             continue
@@ -250,9 +251,11 @@ def grow_model(model: MaskedGPT, new_shape: Shape, *, step: int, init: Union[str
                 value = torch.full_like(value, float(step))
         if tuple(value.shape) != tuple(target.shape):
             raise RuntimeError(f"grown `{name}` has shape {tuple(value.shape)}, expected {tuple(target.shape)}")
-        new_sd[name] = value
-    new_model.load_state_dict(new_sd, strict=False)
-    missing = set(k for k in new_model.state_dict() if not k.endswith("_extra_state")) - set(new_sd)
+        with torch.no_grad():
+            target.copy_(value)
+        filled.add(name)
+        del value
+    missing = set(k for k in new_model.state_dict() if not k.endswith("_extra_state")) - filled
     if missing:
         raise RuntimeError(f"growth left tensors unset: {sorted(missing)}")
     if operator != "msg":

@@ -10,9 +10,12 @@ Tensors of new layers (copies or random) start at step 0: exact Adam from scratc
 Under megatron's distributed optimizer each DP rank holds a slice of every moment: `state_of`
 assembles a parameter's whole moment from the slices, it grows, and the new optimizer keeps this
 rank's slice of the grown tensor (the slices of old and new model differ, the values do not).
+One parameter's whole moments exist at a time, and each old slice is freed after its last use, so
+growth holds about what the grown model's training step holds.
 """
 from __future__ import annotations
 
+from collections import Counter
 from typing import Dict, Optional
 
 import torch
@@ -32,17 +35,27 @@ def grow_optimizer(old_opt: TrainOptimizer, old_model: torch.nn.Module, new_mode
     if any(p.dtype != torch.float32 for p in old_model.parameters()):
         raise RuntimeError("grow_optimizer needs the old model in fp32: call the old optimizer's "
                            "release_for_growth() before grow_model (bf16 masters would be lost)")
+    # the old weights were copied into the grown model: free them before its buffers are allocated
+    old_opt.release_weights()
     # the grown model holds fp32 weights (under bf16 the old masters: see release_for_growth)
     new_opt = optimizer_for_fp32_model(new_model, tcfg, pcfg,
                                        torch.bfloat16 if old_opt.bf16 else torch.float32)
+    uses = Counter(src for src in name_map.values() if src is not None)
     for name, p in new_model.named_parameters():  # the same order on every rank
         src = name_map.get(name)
-        st = old_opt.state_of(old_params[src]) if src is not None else None
+        if src is None:
+            continue
+        old_p = old_params[src]
+        st = old_opt.state_of(old_p)  # (whole tensors: one parameter's at a time)
+        uses[src] -= 1
+        if uses[src] == 0:
+            old_opt.set_local_state(old_p, None)  # the old slice is not needed any more: free it
         if st is None:
             continue
         new_st = {"step": st["step"].clone()}
         for key in MOMENTS:
             new_st[key] = grow_tensor(src, st[key], plan.axes(src), _zeros, _no_rng, 0).to(p.device)
+        del st
         new_opt.set_state(p, new_st)
     return new_opt
 

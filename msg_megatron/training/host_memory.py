@@ -86,23 +86,44 @@ def require_host_memory(what: str, params: float, bytes_per_param: float, holds:
 
 def check_host_memory(cfg, layout: tuple, dp: int, processes: Optional[int] = None,
                       available: Optional[int] = None) -> Optional[dict]:
-    """Raise ConfigError when the stages trained at `layout` (TP, PP) need more memory than this
-    machine has. Returns the largest stage's figures (None on a GPU, where nothing is checked)."""
+    """Raise ConfigError when the stages trained at `layout` (TP, PP), or the online growth into one
+    of them, need more memory than this machine has. Returns the largest peak's figures (None on a
+    GPU, where nothing is checked)."""
+    from .phase_memory import phase_peaks
+
     tp, pp = layout
     t, par = cfg.train, cfg.parallel
-    # (local parameters, stage) of each stage this job trains; the others run in a later job (offline
-    # relayout), which checks itself
-    stages = [(local_params(cfg.model, shape, tp, pp), i) for i, (_, shape) in enumerate(cfg.schedule())
-              if cfg.layout(i) == layout]
-    if not stages:
+    distributed = bool(par.distributed_optimizer)
+    sched = cfg.schedule()
+    # (peak bytes, local parameters, stage, phase) of each stage this job trains; the others run in a
+    # later job (offline relayout), which checks itself
+    peaks = []
+    for i, (_, shape) in enumerate(sched):
+        if cfg.layout(i) != layout:
+            continue
+        params = local_params(cfg.model, shape, tp, pp)
+        peaks.append((params * state_bytes_per_param(t.precision, dp, distributed), params, i, "train"))
+        if i and cfg.layout(i - 1) == layout:  # grown online: the old and the new model meet
+            grow = phase_peaks(t.precision, dp, distributed, params, largest_local_tensor(cfg.model, shape, tp),
+                               local_params(cfg.model, sched[i - 1][1], tp, pp))["grow"]
+            peaks.append((grow, params, i, "grow"))
+    if not peaks:
         return None
-    params, stage = max(stages)
-    shape = cfg.schedule()[stage][1].as_tuple()
-    dist = " with the distributed optimizer" if par.distributed_optimizer else ""
+    peak, params, stage, phase = max(peaks)
+    shape = sched[stage][1].as_tuple()
+    dist = " with the distributed optimizer" if distributed else ""
+    holds = (f"its weights, gradients and AdamW state in train.precision={t.precision}{dist}" if phase == "train" else
+             f"the growth into it (the old model and AdamW state while the new ones are built, "
+             f"train.precision={t.precision}{dist})")
     fit = require_host_memory(
-        f"this run (stage {stage}, shape {shape}, at TP={tp}, PP={pp}, DP={dp})", params,
-        state_bytes_per_param(t.precision, dp, bool(par.distributed_optimizer)),
-        f"its weights, gradients and AdamW state in train.precision={t.precision}{dist}",
+        f"this run (stage {stage}, shape {shape}, at TP={tp}, PP={pp}, DP={dp})", params, peak / params, holds,
         "Shrink the model or its growth stages, spread it over more machines (tensor/pipeline parallelism, or "
         "data parallelism with parallel.distributed_optimizer=true), or run on GPUs.", processes, available)
-    return fit and dict(fit, stage=stage, shape=shape)
+    return fit and dict(fit, stage=stage, shape=shape, phase=phase)
+
+
+def largest_local_tensor(mcfg, shape, tp: int) -> float:
+    from ..model.gpt import padded_vocab_size
+    from ..plan import largest_tensor
+
+    return largest_tensor(mcfg, shape, padded_vocab_size(mcfg), tp)

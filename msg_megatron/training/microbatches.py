@@ -8,7 +8,8 @@ The loss of each micro-batch is the mean per-token loss. The schedule divides it
 micro-batches it runs; `loss_scale` rescales so the backward sums to the single-process gradient
 (train step: local micro-batches / micro-batches in the whole global batch). The returned value is
 the sum of the micro-batch mean losses, on every rank (it only exists on the last stage, which
-shares it with the others over the pipeline group).
+shares it with the others over the pipeline group); with `on_device`, the last stage's sum as a
+device tensor and no collective or host sync (the trainer reduces many steps' at once).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch.distributed as dist
 
 
 def run_microbatches(model, batches: List[torch.Tensor], *, forward_only: bool, loss_scale: float = 1.0,
-                     bf16: bool = False) -> float:
+                     bf16: bool = False, on_device: bool = False):
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -53,6 +54,8 @@ def run_microbatches(model, batches: List[torch.Tensor], *, forward_only: bool, 
     if ps.is_pipeline_last_stage():
         for rec in store:
             total += rec["loss"].double()
+    if on_device:  # the last stage's sum (0 elsewhere) as a device tensor: the caller reduces it later
+        return total
     if ps.get_pipeline_model_parallel_world_size() > 1:
         dist.all_reduce(total, group=ps.get_pipeline_model_parallel_group())
     return float(total)  # the one host sync of the step

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import ParallelConfig, TrainConfig
+from .grad_clip import clip_grad_norm_on_device
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -143,16 +144,19 @@ class TrainOptimizer:
         self.ddp.finish_grad_sync()
         _allreduce_tied_embedding_grads(self.model)
 
-    def step(self, lr: float) -> float:
+    def step(self, lr: float) -> torch.Tensor:
         """Clip to train.clip_grad by the global norm and update; returns the gradient norm
-        (before clipping)."""
+        (before clipping) as a device tensor: megatron's step, with its norm and clipping kept on
+        the device (grad_clip.py), so the step has no host sync."""
         for group in self.param_groups:
             group["lr"] = lr * group.get("lr_mult", 1.0)
             group["weight_decay"] = self.weight_decay * group.get("wd_mult", 1.0)
-        ok, grad_norm, _ = self.megatron.step()
-        if not ok:  # only with an fp16 loss scaler, which is not used
+        inner = self._inner
+        if inner.prepare_grads():  # only with an fp16 loss scaler, which is not used
             raise FloatingPointError("megatron's optimizer skipped the update (inf/nan gradients)")
-        return float(grad_norm) if grad_norm is not None else 0.0
+        grad_norm = clip_grad_norm_on_device(inner, inner.config.clip_grad)
+        inner.step_with_ready_grads()
+        return grad_norm
 
     # ---- per-parameter state (growth, checkpoints) ----------------------------------------
     def _slot(self, p: torch.nn.Parameter):
@@ -213,6 +217,18 @@ class TrainOptimizer:
                 buffer.param_data.untyped_storage().resize_(0)
         for p in self.model.parameters():
             p.main_grad = None
+
+    def release_weights(self) -> None:
+        """During growth, once the grown model holds its copy of the weights: free the old model's
+        parameter storage (the tensors keep their shapes, for `state_of`); the AdamW state stays."""
+        for buffer in self.ddp.buffers:
+            if buffer.param_data is not None:
+                buffer.param_data.untyped_storage().resize_(0)
+        for p in self.model.parameters():
+            p.untyped_storage().resize_(0)
+        for group in self.adamw.param_groups:  # bf16: the masters (their values are in the fp32 weights)
+            for q in group["params"]:
+                q.untyped_storage().resize_(0)
 
     def state_of(self, p: torch.nn.Parameter) -> Optional[dict]:
         """p's AdamW state {step, exp_avg, exp_avg_sq} in p's shape, or None before its first

@@ -34,6 +34,7 @@ from .microbatches import run_microbatches
 from .metrics import MetricsLogger
 from .optimizer import build_optimizer, cast_params, optimizer_for_fp32_model, param_dtype
 from .schedule import LRSchedule
+from .step_stats import PendingSteps
 
 
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: saved on SIGTERM/SIGUSR1, resume to continue (launchers requeue on it)
@@ -102,6 +103,8 @@ class Trainer:
                 self.metrics.print(f"[resume] checkpoint.load=auto: no checkpoint in `{ck.save}` yet, starting fresh")
             self.model = build_model(cfg.model, self.schedule[0][1], seed=t.seed)  # fp32 init: exact masters
             self.optimizer = optimizer_for_fp32_model(self.model, t, cfg.parallel)
+        self._pending, self._host_time = PendingSteps(device()), 0.0
+        self._signal, self._agreed_signal = None, False
         self.metrics.print(self.optimizer.describe() + f", fusion {self.fusion}")
         self._probe = self._probe_batch()
         self.peak_tflops = device_peak_tflops()
@@ -131,7 +134,10 @@ class Trainer:
         return record
 
     # ---- steps ---------------------------------------------------------------------------
-    def train_step(self) -> dict:
+    def train_step(self, sync: bool = True) -> dict:
+        """One step. Its loss and gradient norm stay on the device (no host sync, no collective
+        beyond the step's own) until `sync`: then every pending step is read at once
+        (`sync_steps`) and this step's loss, gradient norm and throughput are in the record."""
         t = self.cfg.train
         self.model.train()
         lr = self.lr_schedule(self.step)
@@ -143,27 +149,43 @@ class Trainer:
                                          t.micro_batch_size) for i in range(local)]
         # each micro-batch's loss x local/n_micro sums to the batch mean over DP ranks; megatron's DDP
         # averages the DP gradients (x 1/DP), hence the factor DP
-        total = torch.tensor(run_microbatches(self.optimizer.ddp, batches, forward_only=False,
-                                              loss_scale=local * self.dp / n_micro, bf16=self.autocast),
-                             dtype=torch.float64, device=device())
+        total = run_microbatches(self.optimizer.ddp, batches, forward_only=False,
+                                 loss_scale=local * self.dp / n_micro, bf16=self.autocast, on_device=True)
         self.optimizer.finish_grad_sync()
-        if self.dp > 1:
-            from megatron.core import parallel_state as ps
-
-            torch.distributed.all_reduce(total, group=ps.get_data_parallel_group())
         grad_norm = self.optimizer.step(lr)
         self.optimizer.zero_grad()
-        elapsed = time.perf_counter() - start
+        self._pending.add(self.step, n_micro, total, grad_norm)
+        self._host_time += time.perf_counter() - start
         self.consumed_samples += gbs
-        loss = float(total) / n_micro
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss} at step {self.step}; lower train.lr or raise train.clip_grad")
+        fpt = flops_per_token(self.cfg.model, self.model.shape, self.model.vocab_padded)
+        rec = {"lr": lr, "tokens": gbs * self.cfg.model.seq_length, "flops_per_token": fpt}
+        if sync:
+            rec.update(self.sync_steps())
+        return rec
+
+    def sync_steps(self) -> dict:
+        """Read the pending steps' losses and gradient norms (one collective, one host copy, the
+        preemption flag agreed with them), stop on a non-finite loss, and return the newest
+        step's loss, gradient norm and throughput (over the steps read)."""
+        if not len(self._pending):
+            return {}
+        start = time.perf_counter()
+        rows, self._agreed_signal = self._pending.flush(self._signal is not None)
+        elapsed = (self._host_time + time.perf_counter() - start) / len(rows)  # per step, device work included
+        self._host_time = 0.0
+        for step, loss, _ in rows:
+            if not math.isfinite(loss):
+                span = f"steps {rows[0][0]}-{rows[-1][0]}" if len(rows) > 1 else f"step {step}"
+                raise FloatingPointError(
+                    f"loss is {loss} at step {step} (read with {span}: losses are read every train.log_interval="
+                    f"{self.cfg.train.log_interval} steps); lower train.lr or raise train.clip_grad")
+        step, loss, grad_norm = rows[-1]
+        gbs = self.cfg.batch_size(self.stage)
         tokens_per_s = gbs * self.cfg.model.seq_length / elapsed
         fpt = flops_per_token(self.cfg.model, self.model.shape, self.model.vocab_padded)
         tflops = tokens_per_s * fpt / self.world / 1e12  # achieved model TFLOP/s per process (GPU)
-        rec = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s, "step_time": elapsed,
-               "tokens": gbs * self.cfg.model.seq_length,
-               "flops_per_token": fpt, "tflops_per_gpu": tflops}
+        rec = {"loss": loss, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s, "step_time": elapsed,
+               "tflops_per_gpu": tflops}
         if self.peak_tflops:
             rec["mfu"] = tflops / self.peak_tflops
         return rec
@@ -193,6 +215,7 @@ class Trainer:
         ck = self.cfg.checkpoint
         if not ck.save:
             return None
+        self.sync_steps()  # no checkpoint of a model whose pending losses were not finite
         path = save_checkpoint(ck.save, self.model, self.optimizer, self.state(), self.cfg.to_dict(),
                                os.path.join(self.data_dir, "tokenizer.model") if self.data_dir else "", ck.keep,
                                writers=ck.writers)
@@ -222,10 +245,13 @@ class Trainer:
         return {s: signal.signal(s, handler) for s in PREEMPT_SIGNALS}
 
     def _preempt_requested(self) -> bool:
-        flag = torch.tensor([1.0 if self._signal else 0.0], device=device())
-        if self.world > 1:  # one rank signalled is enough: all stop at the same step
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
+        """One process: its own flag, every step. Several: the flag all ranks agreed on when the
+        losses were last read (`sync_steps`, every train.log_interval steps and before a save), so
+        all stop at the same step, at most log_interval steps after the signal, with no collective
+        per step for it."""
+        if self.world == 1:
+            return self._signal is not None
+        return self._agreed_signal
 
     def resume(self, path: str, fallback: bool = False) -> None:
         full = self.cfg.checkpoint.verify == "full"
@@ -313,13 +339,14 @@ class Trainer:
                     return self._stop_for_relayout(self.stage + 1)
                 self.grow(self.stage + 1)
             lowest_mask = update_masks(self.model, self.step, g.ramp_steps)
-            rec = self.train_step()
+            log_now = self.step % t.log_interval == 0 or self.step == t.steps - 1
+            rec = self.train_step(sync=log_now)
             self.train_time += time.perf_counter() - start
             self.train_flops += rec["flops_per_token"] * rec["tokens"]
             rec.update(step=self.step, stage=self.stage, shape=list(self.model.shape.as_tuple()),
                        params=self.num_params(), mask=lowest_mask, train_time=self.train_time,
                        train_flops=self.train_flops)
-            if self.step % t.log_interval == 0 or self.step == t.steps - 1:
+            if log_now:
                 self.metrics.log(rec)
                 self.metrics.print(
                     f"step {self.step:6d} | stage {self.stage} {self.model.shape} {rec['params'] / 1e6:.2f}M | "

@@ -1,0 +1,240 @@
+"""Peak host memory (RSS) per process by phase, on CPU/gloo, for every layout, side by side.
+
+    python tools/bench_memory.py [--layouts dp1 dp2 dp2-do dp4 dp4-do tp2 pp2] [--size 120M|tiny] [--json]
+
+Each layout runs under torchrun. In every process the kernel's own peak-RSS counter (VmHWM) is
+reset at the start of each phase (`echo 5 > /proc/self/clear_refs`, after `malloc_trim` returned
+what earlier phases freed) and read at its end, so each phase's peak is exact, not sampled:
+  build     fresh model + optimizer (stage 0: half the layers)
+  grow      online growth to the full depth (MSG, AdamW state grown)
+  train     three training steps at the full shape: the reference peak
+  save      a checkpoint of the full model
+  load      a fresh process resuming that checkpoint (the model is built by the load)
+  train2    two steps after the load (that process's own reference)
+  msg-grow  offline growth of the 6-layer and the 12-layer checkpoints to twice their depth (DP1)
+Ratios are to the training-step peak of the same process; B/param is the phase's peak over the
+RSS before the model existed, per parameter of the process's shard. `opt MB` is the optimizer's own
+state per process (fp32 masters when they are copies, AdamW moments): it should fall as 1/DP with
+the distributed optimizer (`-do`).
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+LAYOUTS = {  # name -> (tensor, pipeline, data-parallel, distributed optimizer)
+    "dp1": (1, 1, 1, False), "dp2": (1, 1, 2, False), "dp2-do": (1, 1, 2, True),
+    "dp4": (1, 1, 4, False), "dp4-do": (1, 1, 4, True), "tp2": (2, 1, 1, False), "pp2": (1, 2, 1, False),
+}
+SIZES = {  # final (hidden, ffn, heads, layers), vocabulary: Llama-style, ~123M parameters untied
+    "120M": ((768, 2048, 12, 12), 24576),
+    "tiny": ((64, 128, 4, 4), 512),
+}
+
+
+def _hwm_kib() -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1))
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1))
+
+
+class Phases:
+    """Per-phase peak RSS of this process from the kernel's high-water mark, reset per phase."""
+
+    def __init__(self):
+        self.peaks, self.base = {}, _rss_kib()
+
+    def __call__(self, name):
+        import contextlib
+
+        @contextlib.contextmanager
+        def phase():
+            # memory freed by earlier phases goes back to the kernel first, so a phase's peak is its own
+            # (glibc keeps freed blocks otherwise, and they would count here)
+            gc.collect()
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # VmHWM := current RSS
+            yield
+            self.peaks[name] = _hwm_kib()
+
+        return phase()
+
+
+def config(size: str, tp: int, pp: int, do: bool, save: str, load: str = ""):
+    from msg_megatron.config import load_config
+
+    (h, f, a, layers), vocab = SIZES[size]
+    half = [h, f, a, layers // 2]
+    over = [f"model.vocab_size={vocab}", f"model.hidden_size={h}", f"model.ffn_hidden_size={f}",
+            f"model.num_attention_heads={a}", f"model.num_layers={layers}", f"model.kv_channels={h // a}",
+            "model.seq_length=128", "model.norm=rmsnorm", "model.activation=swiglu",
+            "model.position_embedding=rope", "model.tie_embeddings=false",
+            "growth.stages=[{step: 0, shape: %s}, {step: 2, shape: %s}]" % (half, [h, f, a, layers]),
+            "growth.ramp_steps=2", "data.corpus=synthetic", "train.steps=8", "train.micro_batch_size=1",
+            f"train.global_batch_size={4}", "train.log_interval=1000", "train.eval_interval=0",
+            "logging.wandb=disabled", f"logging.run_dir={save}/run", f"checkpoint.save={save}",
+            f"parallel.tensor={tp}", f"parallel.pipeline={pp}", f"parallel.distributed_optimizer={str(do).lower()}"]
+    if load:
+        over.append(f"checkpoint.load={load}")
+    return load_config(None, over)
+
+
+def optimizer_bytes(opt) -> int:
+    """The optimizer's own tensors in this process: AdamW state, and fp32 masters that are copies."""
+    total = 0
+    for group in opt.adamw.param_groups:
+        for q in group["params"]:
+            st = opt.adamw.state.get(q, {})
+            total += sum(v.numel() * v.element_size() for v in st.values() if hasattr(v, "numel") and v.dim())
+    return total
+
+
+def local_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def worker(args) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from msg_megatron.model import update_masks
+    from msg_megatron.training.trainer import Trainer
+
+    torch.set_num_threads(1)
+    tp, pp, _, do = LAYOUTS[args.layout]
+    ph = Phases()
+    out = {}
+    if args.worker == "train":
+        with ph("build"):
+            t = Trainer(config(args.size, tp, pp, do, args.dir), log_enabled=False)
+        for _ in range(2):
+            update_masks(t.model, t.step, t.cfg.growth.ramp_steps)
+            t.train_step()
+            t.step += 1
+        with ph("save-half"):  # the 6-layer checkpoint (for msg-grow), before the growth
+            t.save()
+        with ph("grow"):
+            t.grow(1)
+        with ph("train"):
+            for _ in range(3):
+                update_masks(t.model, t.step, t.cfg.growth.ramp_steps)
+                t.train_step()
+                t.step += 1
+        with ph("save"):
+            t.save()
+    else:  # load
+        with ph("load"):
+            t = Trainer(config(args.size, tp, pp, do, args.dir + "-resumed", load=args.load), log_enabled=False)
+        with ph("train2"):
+            for _ in range(2):
+                update_masks(t.model, t.step, t.cfg.growth.ramp_steps)
+                t.train_step()
+                t.step += 1
+    out = {"peaks_kib": ph.peaks, "base_kib": ph.base, "params": local_params(t.model),
+           "opt_bytes": optimizer_bytes(t.optimizer)}
+    world = dist.get_world_size()
+    parts = [None] * world
+    dist.all_gather_object(parts, out)
+    if dist.get_rank() == 0:
+        print("RESULT " + json.dumps(parts))
+
+
+def cli_worker(args) -> None:
+    """One CLI (msg-grow) in this process, its peak from the kernel's high-water mark."""
+    from msg_megatron.grow import _main
+
+    base = _rss_kib()
+    _main(args.rest)
+    print("RESULT " + json.dumps({"peak_kib": _hwm_kib(), "base_kib": base}))
+
+
+def _torchrun(n: int, argv, env) -> str:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port", str(port),
+           os.path.abspath(__file__)] + argv
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=3600)
+    if r.returncode != 0:
+        raise SystemExit(f"{' '.join(argv)} failed:\n{r.stderr[-4000:]}")
+    return [line for line in r.stdout.splitlines() if line.startswith("RESULT ")][-1][len("RESULT "):]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
+    ap.add_argument("--size", default="120M", choices=list(SIZES))
+    ap.add_argument("--no-msg-grow", action="store_true")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--worker", choices=["train", "load", "cli"], help=argparse.SUPPRESS)
+    ap.add_argument("--layout", help=argparse.SUPPRESS)
+    ap.add_argument("--dir", help=argparse.SUPPRESS)
+    ap.add_argument("--load", help=argparse.SUPPRESS)
+    ap.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker == "cli":
+        return cli_worker(args)
+    if args.worker:
+        return worker(args)
+    env = dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS="1")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.layouts:
+            tp, pp, dp, do = LAYOUTS[name]
+            n = tp * pp * dp
+            ck = os.path.join(tmp, name)
+            common = ["--layout", name, "--size", args.size, "--dir", ck]
+            a = json.loads(_torchrun(n, ["--worker", "train"] + common, env))
+            b = json.loads(_torchrun(n, ["--worker", "load", "--load", os.path.join(ck, "step_000005")] + common, env))
+            for rank, (ra, rb) in enumerate(zip(a, b)):
+                ref, ref2 = ra["peaks_kib"]["train"], rb["peaks_kib"]["train2"]
+                row = {"layout": name, "rank": rank, "params": ra["params"], "opt_mb": ra["opt_bytes"] / 2**20,
+                       "train_mb": ref / 1024}
+                for ph, v, r, base in [(k, v, ref, ra["base_kib"]) for k, v in ra["peaks_kib"].items()] + \
+                        [(k, v, ref2, rb["base_kib"]) for k, v in rb["peaks_kib"].items()]:
+                    row[ph] = {"mb": v / 1024, "ratio": v / r, "b_per_param": (v - base) * 1024 / ra["params"]}
+                rows.append(row)
+            if name == "dp1" and not args.no_msg_grow:
+                (h, f, a_, layers), _ = SIZES[args.size]
+                for src, depth in (("step_000002", layers), ("step_000005", 2 * layers)):
+                    out = os.path.join(tmp, f"grown-{depth}")
+                    g = json.loads(_torchrun(1, ["--worker", "cli", "--", "--load", os.path.join(ck, src), "--shape",
+                                                 f"{h},{f},{a_},{depth}", "--save", out, "--no-verify"], env))
+                    rows.append({"layout": "dp1", "rank": 0, "msg-grow": f"{depth // 2}->{depth} layers",
+                                 "peak_mb": g["peak_kib"] / 1024, "ref_train_mb": rows[0]["train_mb"]})
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return
+    print(f"# peak RSS per process (MB) and ratio to the training-step peak; {platform.node()}, "
+          f"{os.cpu_count()} cores, size {args.size}")
+    cols = ["build", "grow", "train", "save", "load", "train2"]
+    print(f"{'layout':8} {'rank':>4} {'params':>11} {'opt MB':>8} " + " ".join(f"{c:>15}" for c in cols))
+    for r in rows:
+        if "msg-grow" in r:
+            print(f"msg-grow {r['msg-grow']}: peak {r['peak_mb']:.0f} MB "
+                  f"({r['peak_mb'] / r['ref_train_mb']:.2f}x the dp1 training step)")
+            continue
+        cells = [f"{r[c]['mb']:7.0f} {r[c]['ratio']:5.2f}x " if c in r else f"{'-':>15}" for c in cols]
+        print(f"{r['layout']:8} {r['rank']:>4} {r['params']:>11,} {r['opt_mb']:>8.0f} " + " ".join(cells))
+
+
+if __name__ == "__main__":
+    main()
