@@ -9,7 +9,8 @@ So the range is cut here into at most 2 * ndim - 1 boxes (a partial first row, w
 partial last row, recursively), each an ordinary rectangular ShardedTensor of the same global
 tensor, with no regular grid (megatron defers such shardings to torch DCP, which checks coverage
 and overlaps). Every rank writes and reads only its own range, without a collective or a copy:
-the boxes are views of the slice. The global tensors are the same as those written by whole-shard
+the boxes share the slice's memory, each with a storage of its own size (so megatron's writer,
+which copies CPU views before writing, writes them as they are). The global tensors are the same as those written by whole-shard
 checkpoints, so either kind loads into the other under any TP/PP/DP layout.
 """
 from __future__ import annotations
@@ -62,6 +63,16 @@ def components(model_sh) -> List[Tuple[object, int]]:
     return out
 
 
+def _exact(t: torch.Tensor) -> torch.Tensor:
+    """`t` (a contiguous view) as a tensor whose storage is exactly its own elements, sharing their
+    memory. megatron's writer copies a CPU tensor whose storage is larger than the tensor before
+    writing it (torch.save would write the whole storage); a box of a slice, or a slice of the
+    parameter buffer, would be copied whole that way. With an exact storage nothing is copied."""
+    nbytes = t.element_size()
+    storage = t.untyped_storage()[t.storage_offset() * nbytes:(t.storage_offset() + t.numel()) * nbytes]
+    return torch.empty(0, dtype=t.dtype, device=t.device).set_(storage, 0, t.shape)
+
+
 def slice_pieces(model_sh, key: str, flat: torch.Tensor, start: int, end: int, replica_id) -> list:
     """ShardedTensors under `key` for the elements [start, end) of the parameter described by
     `model_sh` (its model ShardedTensor or factory), backed by `flat` (those elements, 1-D)."""
@@ -77,7 +88,7 @@ def slice_pieces(model_sh, key: str, flat: torch.Tensor, start: int, end: int, r
         for off, shape in boxes(tuple(sh.local_shape), lo - offset, hi - offset):
             n = math.prod(shape)
             out.append(ShardedTensor(
-                key, flat[pos:pos + n].view(shape), flat.dtype, tuple(shape), tuple(sh.global_shape),
+                key, _exact(flat[pos:pos + n].view(shape)), flat.dtype, tuple(shape), tuple(sh.global_shape),
                 tuple(sh.global_offset[:pre]) + tuple(g + o for g, o in zip(sh.global_offset[pre:], off)),
                 None, replica_id, pre))
             pos += n
