@@ -177,7 +177,9 @@ class TrainConfig:
     seed: int = 1234
     """Seed of the initial model, new growth weights and the data order."""
     log_interval: int = 1
-    """Log every N steps."""
+    """Log every N steps. Losses and gradient norms stay on the device in between (no host sync per
+    step): a non-finite loss is found, and with several processes a SIGTERM/SIGUSR1 agreed on, at
+    these reads (and before each save), at most N steps late."""
     eval_interval: int = 50
     """Evaluate every N steps (0: only at the end)."""
     eval_iters: int = 4
