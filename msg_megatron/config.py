@@ -347,18 +347,30 @@ def parse_override(text: str):
     return key.strip().split("."), value
 
 
+def _list_index(node: list, part: str, path: List[str], i: int) -> int:
+    """`part` as an index into the list at `path[:i]`, or a ConfigError naming the list's length."""
+    where = ".".join(path[:i]) or "the config"
+    if not part.lstrip("-").isdigit():
+        raise ConfigError(f"override `{'.'.join(path)}`: `{where}` is a list; `{part}` must be an index 0-{len(node) - 1}.")
+    k = int(part)
+    if not 0 <= k < len(node):
+        raise ConfigError(f"override `{'.'.join(path)}`: `{where}` has {len(node)} entries (0-{len(node) - 1}); "
+                          f"there is no entry {k}. Set the whole list instead ({where}=[...]).")
+    return k
+
+
 def _apply_override(data: dict, path: List[str], value):
     node = data
     for i, part in enumerate(path[:-1]):
         if isinstance(node, list):
-            node = node[int(part)]
+            node = node[_list_index(node, part, path, i)]
             continue
         node = node.setdefault(part, {})
         if not isinstance(node, (dict, list)):
             raise ConfigError(f"override `{'.'.join(path)}`: `{'.'.join(path[:i + 1])}` is not a section.")
     last = path[-1]
     if isinstance(node, list):
-        node[int(last)] = value
+        node[_list_index(node, last, path, len(path) - 1)] = value
     else:
         node[last] = value
 
@@ -369,6 +381,10 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
     if path:
         if not os.path.exists(path):
             raise ConfigError(f"config file `{path}` does not exist (the presets live in configs/).")
+        if os.path.isdir(path):
+            presets = sorted(f for f in os.listdir(path) if f.endswith((".yaml", ".yml")))
+            raise ConfigError(f"config `{path}` is a directory; name a YAML file in it"
+                              + (f" (e.g. {os.path.join(path, presets[0])})" if presets else "") + ".")
         with open(path) as f:
             try:
                 data = yaml.safe_load(f) or {}

@@ -219,3 +219,28 @@ def test_crc_recorded_while_writing_matches_the_file_and_is_dropped_when_unsure(
     assert got["d.bin"]["crc32"] == zlib.crc32(b"abc")
     assert got["b.bin"]["crc32"] == zlib.crc32(b"y" + b"x" * 9)
     assert not any(name.endswith(SIDECAR) for name in os.listdir(tmp_path))
+
+
+def test_step_directories_order_by_number_past_a_million(saved, tmp_path):
+    """Step directories are ordered by their number, not as text (`step_1000000` < `step_999999` as
+    text): a real save at step 1,000,000 with keep=1 keeps itself and prunes step 999,999, `latest`
+    names it, and auto-resume's fallback picks it."""
+    from msg_megatron.checkpoint.dist import resolve_checkpoint
+    from msg_megatron.training.trainer import Trainer
+
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    shutil.copytree(saved / "step_000028", ck / "step_999999")  # a complete checkpoint, relabelled
+    (ck / "latest").write_text("step_999999")
+    t = Trainer(tiny_cfg(tmp_path, "checkpoint.keep=1", f"checkpoint.load={saved / 'step_000028'}"))
+    t.step = 1_000_000
+    path = t.save()
+    assert os.path.basename(path) == "step_1000000"
+    assert sorted(d for d in os.listdir(ck) if d.startswith("step_")) == ["step_1000000"]
+    assert (ck / "latest").read_text() == "step_1000000"
+    assert resolve_checkpoint(str(ck), fallback=True) == path
+    # without the marker, the fallback takes the highest number, not the last name in text order
+    shutil.copytree(saved / "step_000028", ck / "step_999999")
+    (ck / "latest").unlink()
+    notes = []
+    assert resolve_checkpoint(str(ck), fallback=True, notes=notes) == path, notes

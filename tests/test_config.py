@@ -66,3 +66,17 @@ def test_missing_and_invalid_files(tmp_path):
     bad.write_text("model: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(str(bad))
+
+
+def test_config_directory_and_list_index_past_the_end_are_named():
+    """A config path that is a directory, and an override indexing past a list's end (or with a
+    non-number), are one-line ConfigErrors naming the fix, not IsADirectoryError / IndexError."""
+    with pytest.raises(ConfigError, match=r"config `configs` is a directory; name a YAML file in it \(e.g. configs/"):
+        load_config("configs")
+    with pytest.raises(ConfigError, match=r"`growth.stages` has 5 entries \(0-4\); there is no entry 5. Set the whole"):
+        load_config("configs/demo_cpu.yaml", ["growth.stages.5.step=3"])
+    with pytest.raises(ConfigError, match=r"`growth.stages` is a list; `x` must be an index 0-4"):
+        load_config("configs/demo_cpu.yaml", ["growth.stages.x.step=3"])
+    with pytest.raises(ConfigError, match="there is no entry -1"):
+        load_config("configs/demo_cpu.yaml", ["growth.stages.-1.step=3"])
+    assert load_config("configs/demo_cpu.yaml", ["growth.stages.1.step=100"]).growth.stages[1].step == 100

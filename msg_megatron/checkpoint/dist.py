@@ -26,7 +26,8 @@ from ..training.optimizer import MOMENTS
 from .crc_writer import checksummed_writes
 from .slices import slice_pieces
 from .safe_pickle import UnsafeCheckpoint, restricted_metadata_loading
-from .manifest import IncompleteCheckpoint, checksum_files, list_files, newest_complete, verify_manifest, write_manifest
+from .manifest import (IncompleteCheckpoint, checksum_files, list_files, newest_complete, step_dirs, verify_manifest,
+                       write_manifest)
 
 META = "msg_meta.json"
 
@@ -261,7 +262,7 @@ def save_checkpoint(save_dir: str, model, optimizer, state: dict, config: dict, 
 def _prune(save_dir: str, keep: int) -> None:
     if keep <= 0:
         return
-    steps = sorted(d for d in os.listdir(save_dir) if d.startswith("step_"))
+    steps = step_dirs(save_dir)  # by step number
     for d in steps[:-keep]:
         shutil.rmtree(os.path.join(save_dir, d), ignore_errors=True)
 

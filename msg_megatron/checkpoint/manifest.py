@@ -99,11 +99,20 @@ def verify_manifest(root: str, full: bool = False) -> None:
             raise IncompleteCheckpoint(f"`{file}` fails its CRC-32 check (corrupted)")
 
 
+def step_dirs(save_dir: str) -> List[str]:
+    """The `step_<N>` directory names in `save_dir`, oldest first by the number N (as text,
+    `step_1000000` would sort before `step_999999`)."""
+    found = []
+    for d in os.listdir(save_dir):
+        if d.startswith("step_") and d[len("step_"):].isdigit():
+            found.append((int(d[len("step_"):]), d))
+    return [d for _, d in sorted(found)]
+
+
 def newest_complete(save_dir: str, full: bool = False, skip: Optional[str] = None):
     """(newest step directory that verifies, [(rejected dir, reason), ...]) in `save_dir`."""
     rejected = []
-    steps = sorted((d for d in os.listdir(save_dir) if d.startswith("step_")), reverse=True)
-    for d in steps:
+    for d in reversed(step_dirs(save_dir)):
         root = os.path.join(save_dir, d)
         if skip and os.path.abspath(root) == os.path.abspath(skip):
             continue
