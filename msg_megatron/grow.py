@@ -70,7 +70,7 @@ def _main(argv) -> int:
     from .growth.axes import GrowthPlan
     from .growth.operators import grow_model, growth_seed
     from .growth.optimizer_state import grow_optimizer
-    from .model import build_model, count_parameters, update_masks
+    from .model import build_model, count_parameters
     from .parallel import initialize_parallel, is_logging_rank
     from .training.evaluate import validation_loss
     from .training.optimizer import build_optimizer
@@ -114,7 +114,8 @@ def _main(argv) -> int:
         depth_init=depth_init, operator=args.operator or g.operator,
         seed=growth_seed(cfg.train.seed, meta["state"]["stage"] + 1))  # as training into that stage would
     new_opt = grow_optimizer(optimizer, model, new_model, name_map, plan, cfg.train, cfg.parallel)
-    update_masks(new_model, step, g.ramp_steps)
+    # no update_masks here: the old masks keep the values saved with the checkpoint (those of its last
+    # step run, step - 1), new ones are 0; the resumed run sets every mask for its first step itself
     after = validation_loss(new_model, valid, cfg.train.micro_batch_size, cfg.train.eval_iters)
 
     state = dict(meta["state"], stage=meta["state"]["stage"] + 1)

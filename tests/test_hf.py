@@ -165,9 +165,18 @@ def test_mid_ramp_export_is_refused(tmp_path, tiny_data):
     r = run_cli(["msg_megatron.pretrain", str(cfg), f"logging.run_dir={tmp_path}/run", f"checkpoint.save={tmp_path}/ck"])
     assert r.returncode == 0, _quiet(r.stderr)
     r = run_cli(["msg_megatron.hf.export", "--load", str(tmp_path / "ck"), "--out", str(tmp_path / "hf")])
-    # grown at step 4 with a 20-step ramp, saved at step 8: 16 more steps
-    assert r.returncode == 2 and "mid-ramp" in r.stderr and "Train 16 more steps (to step 24" in r.stderr, r.stderr
+    # grown at step 4 with a 20-step ramp (masks at 1 from step 24 on, in the checkpoint saved after
+    # step 24, i.e. step_000025), saved at step 8: 17 more steps
+    assert r.returncode == 2 and "mid-ramp" in r.stderr and "Train 17 more steps (to step 25" in r.stderr, r.stderr
     assert not (tmp_path / "hf").exists() and not glob.glob(str(tmp_path / "hf.tmp-*"))
+    # the count is right: step 24's checkpoint is still refused (1 more step), step 25's exports
+    r = run_cli(["msg_megatron.pretrain", str(cfg), "train.steps=26", "train.save_interval=1", "checkpoint.keep=3",
+                 f"logging.run_dir={tmp_path}/run2", f"checkpoint.save={tmp_path}/ck2"])
+    assert r.returncode == 0, _quiet(r.stderr)
+    r = run_cli(["msg_megatron.hf.export", "--load", str(tmp_path / "ck2" / "step_000024"), "--out", str(tmp_path / "a")])
+    assert r.returncode == 2 and "Train 1 more step (to step 25" in r.stderr, r.stderr
+    r = run_cli(["msg_megatron.hf.export", "--load", str(tmp_path / "ck2" / "step_000025"), "--out", str(tmp_path / "b")])
+    assert r.returncode == 0, _quiet(r.stderr)
 
 
 @pytest.mark.timeout(300)

@@ -327,3 +327,20 @@ def test_offline_growth_draws_what_online_growth_draws(tmp_path, tiny_data):
     assert sorted(got) == [4, 5, 6, 7]
     for step in got:
         assert got[step] == want[step], (step, got[step], want[step])
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("shape", ["32,128,4,2", "48,192,6,3"])  # unchanged; every dimension
+def test_offline_growth_of_a_mid_ramp_checkpoint_preserves_the_function(tmp_path, tiny_data, shape):
+    """The checkpoint of step 6 is mid-ramp (grown at step 4, ramp 3): msg-grow keeps the old masks
+    at their saved values (it used to reset them to step 6's, changing the function by ~2e-3 even at
+    an unchanged shape) and adds new ones at 0: validation loss equal within 1e-6."""
+    cfg = tmp_path / "cfg.yaml"
+    _write_config(cfg, LLAMA + ["train.eval_iters=2", "train.save_interval=6"], [[32, 64, 2, 2], [32, 128, 4, 2]])
+    r = run_cli(["msg_megatron.pretrain", str(cfg), f"logging.run_dir={tmp_path}/a", f"checkpoint.save={tmp_path}/ck"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_cli(["msg_megatron.grow", "--load", str(tmp_path / "ck" / "step_000006"), "--shape", shape,
+                 "--save", str(tmp_path / "g"), "--json"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["rel_diff"] <= 1e-6, out

@@ -85,5 +85,7 @@ class CheckpointReader:
         for name, birth in births.items():
             mask = masks[name[: -len("_birth")] + "_mask"]
             if mask.numel() and float(mask.min()) < 1.0:
-                left[name[: -len("_birth")]] = max(1, math.ceil(float(birth.max()) + ramp - self.step))
+                # a mask born at b is 1 from step b + ramp on; the checkpoint of step s holds the values
+                # set for step s - 1 (the last step run), so the first one with it at 1 is b + ramp + 1
+                left[name[: -len("_birth")]] = max(1, math.ceil(float(birth.max()) + ramp + 1 - self.step))
         return left

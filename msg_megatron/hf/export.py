@@ -101,7 +101,7 @@ def export(load: str, out: str, dtype: str = "fp32", max_shard_size: int = 5 << 
         steps = max(left.values())
         raise CheckpointError(
             f"checkpoint `{reader.path}` (step {reader.step}) is mid-ramp: {len(left)} masks are not at 1 yet "
-            f"(e.g. {sorted(left)[0]}); exporting would change the model's function. Train {steps} more steps "
+            f"(e.g. {sorted(left)[0]}); exporting would change the model's function. Train {steps} more step{'s' if steps != 1 else ''} "
             f"(to step {reader.step + steps}, the end of growth.ramp_steps={reader.cfg.growth.ramp_steps}) and "
             "export that checkpoint")
     torch_dtype, dtype_name = DTYPES[dtype]

@@ -123,7 +123,7 @@ class Trainer:
         self.optimizer = grow_optimizer(self.optimizer, self.model, new_model, name_map, plan, self.cfg.train,
                                         self.cfg.parallel)
         self.model, self.stage = new_model, stage
-        update_masks(self.model, self.step, g.ramp_steps)
+        # the masks as before the growth (new ones 0): the same function; the loop then sets them for this step
         loss_after = self.probe_loss()
         record = {"event": "growth", "step": self.step, "stage": stage, "from": list(old_shape.as_tuple()),
                   "to": list(new_shape.as_tuple()), "params": self.num_params(),
