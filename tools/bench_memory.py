@@ -87,7 +87,7 @@ def config(size: str, tp: int, pp: int, do: bool, save: str, load: str = ""):
             "model.position_embedding=rope", "model.tie_embeddings=false",
             "growth.stages=[{step: 0, shape: %s}, {step: 2, shape: %s}]" % (half, [h, f, a, layers]),
             "growth.ramp_steps=2", "data.corpus=synthetic", "train.steps=8", "train.micro_batch_size=1",
-            f"train.global_batch_size={4}", "train.log_interval=1000", "train.eval_interval=0",
+            "train.global_batch_size=4", "train.log_interval=1000", "train.eval_interval=0",
             "logging.wandb=disabled", f"logging.run_dir={save}/run", f"checkpoint.save={save}",
             f"parallel.tensor={tp}", f"parallel.pipeline={pp}", f"parallel.distributed_optimizer={str(do).lower()}"]
     if load:
@@ -119,7 +119,6 @@ def worker(args) -> None:
     torch.set_num_threads(1)
     tp, pp, _, do = LAYOUTS[args.layout]
     ph = Phases()
-    out = {}
     if args.worker == "train":
         with ph("build"):
             t = Trainer(config(args.size, tp, pp, do, args.dir), log_enabled=False)
@@ -164,7 +163,7 @@ def cli_worker(args) -> None:
     print("RESULT " + json.dumps({"peak_kib": _hwm_kib(), "base_kib": base}))
 
 
-def _torchrun(n: int, argv, env) -> str:
+def _torchrun(n: int, argv, env) -> str:  # the RESULT line's JSON
     import socket
 
     with socket.socket() as s:

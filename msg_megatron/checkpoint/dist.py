@@ -124,22 +124,17 @@ def _sharded(model, optimizer, saved: Optional[dict] = None, moments: bool = Tru
         model_sh = sd[f"model.{name}"]
         rng = optimizer.local_range(p) if optimizer is not None else None
         dp_main = (*model_sh.replica_id[:2], 0)  # this rank's slice is the one copy of those elements
-        if p.dtype != torch.float32:  # bf16: the fp32 masters
-            if optimizer is None:
-                model_sh.data = torch.zeros_like(p, dtype=torch.float32) if loading else p.detach().float()
-            elif sliced:
-                del sd[f"model.{name}"]
-                if rng is not None:
-                    sd[f"slices.model.{name}"] = slice_pieces(model_sh, model_sh.key, optimizer.local_master(p),
-                                                              *rng, dp_main)
-            else:
-                model_sh.data = optimizer.local_master(p).view_as(p)  # the master itself
-            model_sh.dtype = torch.float32
-        elif sliced and not loading:  # fp32: each DP rank writes its range of the weights (all read them whole)
+        if sliced and (p.dtype != torch.float32 or not loading):
+            # this rank's range of the fp32 weights: bf16 masters written and read, fp32 weights
+            # written (and read whole, as every DP rank holds them)
             del sd[f"model.{name}"]
             if rng is not None:
                 sd[f"slices.model.{name}"] = slice_pieces(model_sh, model_sh.key, optimizer.local_master(p), *rng,
                                                           dp_main)
+        elif p.dtype != torch.float32:  # bf16 without slices: the fp32 masters (the master itself when there is one)
+            model_sh.data = (optimizer.local_master(p).view_as(p) if optimizer is not None
+                             else torch.zeros_like(p, dtype=torch.float32) if loading else p.detach().float())
+            model_sh.dtype = torch.float32
         if optimizer is None or rng is None or not moments:
             continue
         if loading:

@@ -17,15 +17,18 @@ import torch.distributed as dist
 
 
 def clip_grad_norm_on_device(opt, max_norm: float) -> torch.Tensor:
-    """Clip `opt`'s (a megatron optimizer's) main gradients to `max_norm` by their global L2 norm
-    (max_norm <= 0: measure only); returns the norm before clipping, a float64 device tensor."""
+    """Clip `opt`'s (a megatron optimizer's) main gradients to `max_norm` by their global L2 norm;
+    returns the norm before clipping, a float64 device tensor. max_norm <= 0: no clipping, and as
+    in megatron no norm either (0; no collective)."""
     from megatron.core.optimizer.clip_grads import l2_norm_impl, multi_tensor_applier
 
     from ..parallel import device
 
+    dev = device()
+    if max_norm <= 0:
+        return torch.zeros((), dtype=torch.float64, device=dev)
     params = opt.get_parameters()
     grads_for_norm = opt.get_main_grads_for_grad_norm() if params else []
-    dev = device()
     if grads_for_norm:
         norm, _ = multi_tensor_applier(l2_norm_impl, torch.zeros(1, dtype=torch.int, device=dev),
                                        [grads_for_norm], False)
@@ -34,7 +37,7 @@ def clip_grad_norm_on_device(opt, max_norm: float) -> torch.Tensor:
     total = norm ** 2
     dist.all_reduce(total, op=dist.ReduceOp.SUM, group=opt.get_grad_stats_parallel_group())
     total_norm = total.double().reshape(()) ** 0.5
-    if max_norm > 0 and params:
+    if params:
         grads = [p.grad.detach() for p in params if p.grad is not None]
         scale = torch.clamp(max_norm / (total_norm + 1.0e-6), max=1.0).float()
         torch._foreach_mul_(grads, scale)

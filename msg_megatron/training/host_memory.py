@@ -18,15 +18,15 @@ from __future__ import annotations
 
 from typing import Optional
 
+from .phase_memory import phase_peaks
+
 GIB = 1024 ** 3
 
 
-def state_bytes_per_param(precision: str, dp: int, distributed_optimizer: bool, grads: bool = True) -> float:
-    """Bytes of persistent trainer state per local parameter element (see the module docstring);
-    `grads=False` leaves out the gradient buffer (growth frees it before the new model exists)."""
-    weights = 2 if precision == "bf16" else 4
-    optimizer = 8 + (4 if precision == "bf16" else 0)
-    return weights + (4 if grads else 0) + optimizer / (dp if distributed_optimizer else 1)
+def state_bytes_per_param(precision: str, dp: int, distributed_optimizer: bool) -> float:
+    """Bytes of persistent trainer state per local parameter element (see the module docstring;
+    phase_memory's `train` phase without activations)."""
+    return phase_peaks(precision, dp, distributed_optimizer, 1, 0)["train"]
 
 
 def local_params(mcfg, shape, tp: int, pp: int) -> float:
@@ -89,8 +89,6 @@ def check_host_memory(cfg, layout: tuple, dp: int, processes: Optional[int] = No
     """Raise ConfigError when the stages trained at `layout` (TP, PP), or the online growth into one
     of them, need more memory than this machine has. Returns the largest peak's figures (None on a
     GPU, where nothing is checked)."""
-    from .phase_memory import phase_peaks
-
     tp, pp = layout
     t, par = cfg.train, cfg.parallel
     distributed = bool(par.distributed_optimizer)
@@ -102,11 +100,10 @@ def check_host_memory(cfg, layout: tuple, dp: int, processes: Optional[int] = No
         if cfg.layout(i) != layout:
             continue
         params = local_params(cfg.model, shape, tp, pp)
-        peaks.append((params * state_bytes_per_param(t.precision, dp, distributed), params, i, "train"))
-        if i and cfg.layout(i - 1) == layout:  # grown online: the old and the new model meet
-            grow = phase_peaks(t.precision, dp, distributed, params, largest_local_tensor(cfg.model, shape, tp),
-                               local_params(cfg.model, sched[i - 1][1], tp, pp))["grow"]
-            peaks.append((grow, params, i, "grow"))
+        online = i and cfg.layout(i - 1) == layout  # grown online: the old and the new model meet
+        phases = phase_peaks(t.precision, dp, distributed, params, largest_local_tensor(cfg.model, shape, tp),
+                             local_params(cfg.model, sched[i - 1][1], tp, pp) if online else None)
+        peaks += [(phases[ph], params, i, ph) for ph in ("train", "grow") if ph in phases]
     if not peaks:
         return None
     peak, params, stage, phase = max(peaks)

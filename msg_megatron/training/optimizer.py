@@ -209,7 +209,8 @@ class TrainOptimizer:
         growth builds a new optimizer from it."""
         if self.bf16:
             for p in self.model.parameters():  # the same order on every DP rank (a collective)
-                p.data = self.master_of(p).clone()
+                w = self.master_of(p)  # (assembled afresh under the distributed optimizer; else the master,
+                p.data = w if self.distributed else w.clone()  # which release_weights frees later)
             cast_params(self.model, torch.float32)
         for buffer in self.ddp.buffers:
             buffer.grad_data.untyped_storage().resize_(0)
@@ -277,13 +278,8 @@ class TrainOptimizer:
     def local_master(self, p: torch.nn.Parameter) -> Optional[torch.Tensor]:
         """The fp32 weights of p's local range, flat: a view of what the optimizer updates (loading
         into it sets the master), or None when this rank holds no slice of p."""
-        slot = self._slot(p)
-        if slot is None:
-            return None
-        key, (start, end) = slot
-        if key is p and p.dtype != torch.float32:
-            raise RuntimeError("local_master: p has no fp32 copy (release_for_growth was called)")
-        return key.detach().view(-1) if key is not p else p.detach().view(-1)[start:end]
+        slot = self._slot(p)  # (when the slot is p itself, the range is the whole of it)
+        return slot[0].detach().view(-1) if slot is not None else None
 
     def local_state(self, p: torch.nn.Parameter) -> Optional[dict]:
         """p's AdamW state over its local range, flat views ({step, exp_avg, exp_avg_sq}), or None

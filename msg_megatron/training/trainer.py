@@ -161,12 +161,16 @@ class Trainer:
         rec = {"lr": lr, "tokens": gbs * self.cfg.model.seq_length, "flops_per_token": fpt}
         if sync:
             rec.update(self.sync_steps())
+            rec["tokens_per_s"] = rec["tokens"] / rec["step_time"]
+            rec["tflops_per_gpu"] = rec["tokens_per_s"] * fpt / self.world / 1e12  # achieved model TFLOP/s per process
+            if self.peak_tflops:
+                rec["mfu"] = rec["tflops_per_gpu"] / self.peak_tflops
         return rec
 
     def sync_steps(self) -> dict:
         """Read the pending steps' losses and gradient norms (one collective, one host copy, the
         preemption flag agreed with them), stop on a non-finite loss, and return the newest
-        step's loss, gradient norm and throughput (over the steps read)."""
+        step's loss and gradient norm and the mean time per step read."""
         if not len(self._pending):
             return {}
         start = time.perf_counter()
@@ -179,16 +183,8 @@ class Trainer:
                 raise FloatingPointError(
                     f"loss is {loss} at step {step} (read with {span}: losses are read every train.log_interval="
                     f"{self.cfg.train.log_interval} steps); lower train.lr or raise train.clip_grad")
-        step, loss, grad_norm = rows[-1]
-        gbs = self.cfg.batch_size(self.stage)
-        tokens_per_s = gbs * self.cfg.model.seq_length / elapsed
-        fpt = flops_per_token(self.cfg.model, self.model.shape, self.model.vocab_padded)
-        tflops = tokens_per_s * fpt / self.world / 1e12  # achieved model TFLOP/s per process (GPU)
-        rec = {"loss": loss, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s, "step_time": elapsed,
-               "tflops_per_gpu": tflops}
-        if self.peak_tflops:
-            rec["mfu"] = tflops / self.peak_tflops
-        return rec
+        _, loss, grad_norm = rows[-1]
+        return {"loss": loss, "grad_norm": grad_norm, "step_time": elapsed}
 
     def evaluate(self) -> Optional[float]:
         return validation_loss(self.model, self.valid_data, self.cfg.train.micro_batch_size,
