@@ -3,9 +3,11 @@
 New entries start masked (masks at 0, born at the checkpoint's step), so the grown checkpoint
 computes the same function; the AdamW moments grow with it. The checkpoint is read in the target
 layout (any saved layout reshards on load), grown there and written in it, so a change of TP/PP
-between growth stages is one command; for large models run it under torchrun with T x P (x DP)
-processes, each holding only its shards. Unless --no-verify, prints the validation loss before and
-after as the function-preservation check.
+between growth stages is one command. It streams: each process reads one layer of its shards,
+grows it and writes it (growth/stream.py), so it holds about one layer's old and new state plus
+the embeddings whatever the depth. Run it under torchrun with any multiple of T x P processes:
+the extra ones share the layers. Unless --no-verify, prints the validation loss before and after
+(each computed layer by layer from the checkpoint) as the function-preservation check.
 """
 from __future__ import annotations
 
@@ -30,21 +32,19 @@ def parse_shape(text: str):
 
 
 def _check_host_memory(cfg, old, new, tp: int, pp: int) -> None:
-    """On a CPU: the checkpoint's model and optimizer and the grown ones meet during the growth
-    (training/phase_memory.py, `grow`); refused before anything is loaded."""
-    from megatron.core import parallel_state as ps
+    """On a CPU: msg-grow holds one old layer and what grows from it, plus the stage's ends
+    (training/phase_memory.py, `streamed_growth_peak`); refused before anything is loaded."""
+    from .model.gpt import padded_vocab_size
+    from .plan import msg_grow_peak
+    from .training.host_memory import local_params, require_host_memory
 
-    from .training.host_memory import largest_local_tensor, local_params, require_host_memory
-    from .training.phase_memory import phase_peaks
-
-    dp, t = ps.get_data_parallel_world_size(), cfg.train
     params = local_params(cfg.model, new, tp, pp)
-    peak = phase_peaks(t.precision, dp, bool(cfg.parallel.distributed_optimizer), params,
-                       largest_local_tensor(cfg.model, new, tp), local_params(cfg.model, old, tp, pp))["grow"]
+    peak = msg_grow_peak(cfg.model, old, new, padded_vocab_size(cfg.model), tp, pp)
     require_host_memory(
-        f"growing {old} -> {new} at TP={tp}, PP={pp}, DP={dp}", params, peak / params,
-        f"the old model and AdamW state while the grown ones are built (train.precision={t.precision}; bytes per "
-        "grown parameter)", "Grow on more machines (torchrun/srun with --tensor/--pipeline), or on GPUs.")
+        f"growing {old} -> {new} at TP={tp}, PP={pp}", params, peak / params,
+        "one old layer and the layers grown from it plus the embeddings, streamed (bytes per grown "
+        "parameter of this process's stage)", "Grow on more machines (torchrun/srun with --tensor/--pipeline), "
+        "or on GPUs.")
 
 
 def _main(argv) -> int:
@@ -59,21 +59,24 @@ def _main(argv) -> int:
     ap.add_argument("--depth-init", default=None, choices=["interpolate", "stack", "random"])
     ap.add_argument("--tensor", type=int, default=None, help="target tensor-parallel degree (default: the saved one)")
     ap.add_argument("--pipeline", type=int, default=None, help="target pipeline degree (default: the saved one)")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu"],
+                    help="where the growth runs: this process's GPU when there is one (auto), or host memory")
     ap.add_argument("--no-verify", action="store_true", help="skip the before/after validation loss")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     shape = parse_shape(args.shape)
 
-    from .checkpoint.dist import CheckpointError, load_checkpoint, read_meta, save_checkpoint
+    import torch
+    from megatron.core import parallel_state as ps
+
+    from .checkpoint.dist import CheckpointError, _rng_sharded, read_meta, save_checkpoint, tensor_index
     from .config import Shape, config_from_dict
     from .data import TokenWindows, resolve_data_dir_all_ranks
-    from .growth.axes import GrowthPlan
-    from .growth.operators import grow_model, growth_seed
-    from .growth.optimizer_state import grow_optimizer
-    from .model import build_model, count_parameters
-    from .parallel import initialize_parallel, is_logging_rank
-    from .training.evaluate import validation_loss
-    from .training.optimizer import build_optimizer
+    from .growth.operators import growth_seed
+    from .growth.stream import GrowthSource, set_writers, skeleton, stage_groups
+    from .growth.stream_eval import streamed_validation_loss
+    from .model import count_parameters
+    from .parallel import device, initialize_parallel, is_logging_rank
 
     meta = read_meta(args.load)
     if os.path.abspath(os.path.dirname(meta["path"])) == os.path.abspath(args.save):
@@ -88,42 +91,50 @@ def _main(argv) -> int:
         if s.heads % tp or s.ffn % tp or s.layers % pp:
             raise ValueError(f"{what} {s} does not fit --tensor {tp} --pipeline {pp}: heads and ffn must divide by "
                              f"the tensor degree and layers by the pipeline degree")
+    for dim, a, b in zip(("hidden", "ffn", "heads", "layers"), old.as_tuple(), shape.as_tuple()):
+        if b < a:
+            raise ValueError(f"--shape {shape} would shrink {dim} from {a} to {b}: growth only adds units")
     depth_init = args.depth_init or g.depth_init
     if pp > 1 and shape.layers != old.layers and depth_init != "interpolate":
         raise ValueError(f"--depth-init {depth_init} with --pipeline {pp} would move layers between stages; "
                          "use interpolate")
+    init = args.init or g.init
+    if init == "copy" and tp > 1:
+        raise ValueError("--init copy needs --tensor 1: a copied unit may live on another rank")
     initialize_parallel(tp, pp, cfg.train.seed)
-    old_shape = Shape(*meta["shape"])
-    _check_host_memory(cfg, old_shape, shape, tp, pp)
-    model = build_model(cfg.model, old_shape, perform_init=False)
-    optimizer = build_optimizer(model, cfg.train, cfg.parallel)
-    load_checkpoint(meta["path"], model, optimizer)
-    step = meta["state"]["step"]
+    _check_host_memory(cfg, old, shape, tp, pp)
+    dev = torch.device("cpu") if args.device == "cpu" else device()
+    step, path = meta["state"]["step"], meta["path"]
 
     valid = None
     if not args.no_verify:
         data_dir, _ = resolve_data_dir_all_ranks(cfg.data, cfg.model.vocab_size, log=lambda *_: None)
         valid = TokenWindows(os.path.join(data_dir, "valid"), cfg.model.seq_length, cfg.train.seed)
-    before = validation_loss(model, valid, cfg.train.micro_batch_size, cfg.train.eval_iters)
+    mbs, iters = cfg.train.micro_batch_size, cfg.train.eval_iters
+    before = streamed_validation_loss(path, cfg, old, valid, mbs, iters, dev)
 
-    optimizer.release_for_growth()  # the old gradient buffers are not needed for growth
-    plan = GrowthPlan(model, shape)
-    new_model, name_map = grow_model(
-        model, shape, step=step, plan=plan, init=args.init or g.init,
-        init_std=g.init_std if args.init_std is None else args.init_std,
-        depth_init=depth_init, operator=args.operator or g.operator,
-        seed=growth_seed(cfg.train.seed, meta["state"]["stage"] + 1))  # as training into that stage would
-    new_opt = grow_optimizer(optimizer, model, new_model, name_map, plan, cfg.train, cfg.parallel)
-    # no update_masks here: the old masks keep the values saved with the checkpoint (those of its last
-    # step run, step - 1), new ones are 0; the resumed run sets every mask for its first step itself
-    after = validation_loss(new_model, valid, cfg.train.micro_batch_size, cfg.train.eval_iters)
+    # one layer at a time: the grown checkpoint's tensors are made as they are written
+    groups = stage_groups(old, shape, depth_init)
+    kw = dict(step=step, init=init, init_std=g.init_std if args.init_std is None else args.init_std,
+              depth_init=depth_init, operator=args.operator or g.operator,
+              seed=growth_seed(cfg.train.seed, meta["state"]["stage"] + 1))  # as training into that stage would
+    # (no update_masks: old masks keep the values saved with the checkpoint, those of its last step
+    # run, step - 1; new ones are 0; the resumed run sets every mask for its first step itself)
+    source = GrowthSource(path, cfg, old, shape, groups, kw, dev, ps.get_data_parallel_rank(),
+                          ps.get_data_parallel_world_size())
+    rng = source.grow_ends()
+    new_model, sd = skeleton(cfg, shape, tensor_index(path), groups)
+    sd = set_writers(sd, groups, source.owner)
+    sd["rng_state"] = _rng_sharded(rng)  # (every rank writes its own row)
+    source.fixed[("rng_state", tuple(sd["rng_state"].global_offset))] = sd["rng_state"].data
 
     state = dict(meta["state"], stage=meta["state"]["stage"] + 1)
-    tok = os.path.join(meta["path"], "tokenizer.model")
+    tok = os.path.join(path, "tokenizer.model")
     saved_cfg = dict(meta["config"], parallel=dict(meta["config"]["parallel"], tensor=tp, pipeline=pp))
-    path = save_checkpoint(args.save, new_model, new_opt, state, saved_cfg, tok if os.path.exists(tok) else "",
-                           writers=cfg.checkpoint.writers)
-    out = {"from": list(old_shape.as_tuple()), "to": list(shape.as_tuple()), "step": step, "saved": path,
+    saved = save_checkpoint(args.save, new_model, None, state, saved_cfg, tok if os.path.exists(tok) else "",
+                            streamed=(sd, source, bool(meta.get("optimizer"))))
+    after = streamed_validation_loss(saved, cfg, shape, valid, mbs, iters, dev)
+    out = {"from": list(old.as_tuple()), "to": list(shape.as_tuple()), "step": step, "saved": saved,
            "params": count_parameters(new_model), "val_loss_before": before, "val_loss_after": after}
     if before is not None:
         out["rel_diff"] = abs(after - before) / abs(before)
@@ -133,9 +144,11 @@ def _main(argv) -> int:
     if args.json:
         print(json.dumps(out))
     else:
-        print(f"grew {old_shape} -> {shape} at step {step}: {out['params']:,} params, saved {path}")
+        print(f"grew {old} -> {shape} at step {step}: {out['params']:,} params, saved {saved}")
         if before is not None:
             print(f"function preservation: val_loss {before:.6f} -> {after:.6f} (rel diff {out['rel_diff']:.2e})")
+        else:
+            print("function preservation not checked (--no-verify)")
     return 0
 
 

@@ -65,9 +65,27 @@ def largest_tensor(mcfg: ModelConfig, shape: Shape, vocab_padded: int, tp: int) 
     return max(vocab_padded * h, f_in * h, 3 * a * mcfg.head_dim * h, f * h) / tp
 
 
+def layer_and_ends(mcfg: ModelConfig, shape: Shape, vocab_padded: int, tp: int, pp: int) -> tuple:
+    """(elements of one layer, of the most loaded stage's ends: embeddings / output layer) per rank."""
+    h, f, a, n = shape.as_tuple()
+    outer = count_params(mcfg, Shape(h, f, a, 0), vocab_padded)
+    layer = (count_params(mcfg, shape, vocab_padded) - outer) / max(n, 1) / tp
+    embed = vocab_padded * h + (mcfg.seq_length * h if mcfg.position_embedding == "learned" else 0)
+    return layer, (outer if pp == 1 else embed) / tp
+
+
+def msg_grow_peak(mcfg: ModelConfig, old: Shape, new: Shape, vocab_padded: int, tp: int, pp: int) -> float:
+    """Peak bytes per process of msg-grow old -> new at TP x PP (phase_memory.streamed_growth_peak)."""
+    from .training.phase_memory import streamed_growth_peak
+
+    layer_old, ends_old = layer_and_ends(mcfg, old, vocab_padded, tp, pp)
+    layer_new, ends_new = layer_and_ends(mcfg, new, vocab_padded, tp, pp)
+    return streamed_growth_peak(ends_old, ends_new, layer_old, layer_new, -(-new.layers // old.layers))
+
+
 def stage_memory(mcfg: ModelConfig, shape: Shape, vocab_padded: int, tp: int, pp: int, dp: int,
                  micro_batch: int, distributed_optimizer: bool = True, precision: str = "bf16",
-                 old_shape: Optional[Shape] = None) -> dict:
+                 old_shape: Optional[Shape] = None, growth: str = "online") -> dict:
     """Bytes per GPU of the training step (weights, grads, optimizer, activations, total) and the
     peak of each phase (`phases`: train, save, load, and with `old_shape` the growth into this
     shape at this layout; training/phase_memory.py)."""
@@ -86,6 +104,8 @@ def stage_memory(mcfg: ModelConfig, shape: Shape, vocab_padded: int, tp: int, pp
     old = params_per_gpu(mcfg, old_shape, vocab_padded, tp, pp) if old_shape is not None else None
     out["phases"] = phase_peaks(precision, dp, distributed_optimizer, local,
                                 largest_tensor(mcfg, shape, vocab_padded, tp), old, acts)
+    if old_shape is not None and growth == "msg-grow":  # streamed, not the in-process growth
+        out["phases"]["grow"] = msg_grow_peak(mcfg, old_shape, shape, vocab_padded, tp, pp)
     return out
 
 
@@ -110,8 +130,9 @@ def plan(cfg: Config, mfu: float, gpu: str, distributed_optimizer: bool = True) 
         fpt = flops_per_token(cfg.model, shape, vocab)
         flops = fpt * tokens
         # the growth into this stage runs at this stage's layout: online, or msg-grow after a relayout
+        growth = ("online" if cfg.layout(i) == cfg.layout(i - 1) else "msg-grow") if i else None
         mem = stage_memory(cfg.model, shape, vocab, tp, pp, dp, cfg.train.micro_batch_size, distributed_optimizer,
-                           cfg.train.precision, sched[i - 1][1] if i else None)
+                           cfg.train.precision, sched[i - 1][1] if i else None, growth or "online")
         stages.append({"stage": i, "steps": [step, end], "shape": list(shape.as_tuple()),
                        "params": count_params(cfg.model, shape, vocab), "flops_per_token": fpt, "tokens": tokens,
                        "global_batch_size": gbs, "tensor": tp, "pipeline": pp, "data": dp, "gpus": gpus,
@@ -119,7 +140,7 @@ def plan(cfg: Config, mfu: float, gpu: str, distributed_optimizer: bool = True) 
                        "days": flops / (peak * 1e12 * mfu * gpus) / 86400,
                        "memory_gib": {k: v / GIB for k, v in mem.items() if k not in ("params_per_gpu", "phases")},
                        "phase_peak_gib": {k: v / GIB for k, v in mem["phases"].items()},
-                       "growth": ("online" if i and cfg.layout(i) == cfg.layout(i - 1) else "msg-grow") if i else None})
+                       "growth": growth})
     tokens = sum(s["tokens"] for s in stages)
     final_fpt = flops_per_token(cfg.model, sched[-1][1], vocab)
     total = sum(s["flops"] for s in stages)

@@ -12,6 +12,7 @@ is read first so the loader can build a model of the right shape before loading 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -191,11 +192,15 @@ def _rng_sharded(state: torch.Tensor):
 
 
 def save_checkpoint(save_dir: str, model, optimizer, state: dict, config: dict, tokenizer_path: str = "",
-                    keep: int = 3, writers: int = 4) -> str:
+                    keep: int = 3, writers: int = 4, streamed: Optional[tuple] = None) -> str:
     """Write SAVE/step_<step, 6 digits> atomically; `state` is a JSON-able dict (step, stage, data position...).
-    `writers`: files this rank writes in parallel."""
+    `writers`: files this rank writes in parallel. `streamed`: (state dict of placeholders, source,
+    has optimizer state) for a save whose tensors are made as they are written (msg-grow:
+    stream_writer.py); `model` then only gives the shape."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+
+    from .stream_writer import streamed_save
 
     step = int(state["step"])
     name = f"step_{step:06d}"
@@ -208,8 +213,13 @@ def save_checkpoint(save_dir: str, model, optimizer, state: dict, config: dict, 
         os.makedirs(tmp)
     if dist.is_initialized():
         dist.barrier()
-    sd, _ = _sharded(model, optimizer)
-    sd["rng_state"] = _rng_sharded(torch.get_rng_state())
+    if streamed is None:
+        sd, _ = _sharded(model, optimizer)
+        sd["rng_state"] = _rng_sharded(torch.get_rng_state())
+        writing, has_optimizer = contextlib.nullcontext(), optimizer is not None
+    else:
+        sd, source, has_optimizer = streamed
+        writing, writers = streamed_save(source), 1
     # torch.save (in megatron's writer processes, forked from here) checksums every record; the
     # manifest's CRC-32 of each whole file below covers the same bytes, so skip that first pass
     from torch.utils.serialization import config as serialization_config
@@ -217,13 +227,13 @@ def save_checkpoint(save_dir: str, model, optimizer, state: dict, config: dict, 
     crc = serialization_config.save.compute_crc32
     torch.serialization.set_crc32_options(False)
     try:
-        with checksummed_writes():  # the manifest's CRCs computed as the data is written
+        with checksummed_writes(), writing:  # the manifest's CRCs computed as the data is written
             dist_checkpointing.save(sd, tmp, TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=writers))
     finally:
         torch.serialization.set_crc32_options(crc)
     if rank0:
         meta = {"version": __version__, "shape": list(model.shape.as_tuple()), "state": state,
-                "optimizer": optimizer is not None, "config": config}
+                "optimizer": has_optimizer, "config": config}
         with open(os.path.join(tmp, META), "w") as f:
             json.dump(meta, f, indent=1)
         if tokenizer_path:
@@ -263,9 +273,11 @@ def _prune(save_dir: str, keep: int) -> None:
 
 
 def load_checkpoint(path: str, model, optimizer=None, expect_shape: Optional[Shape] = None, full: bool = False,
-                    restore_rng: bool = True) -> dict:
+                    restore_rng: bool = True, whole_model: bool = True) -> dict:
     """Load tensors into `model` (built at the checkpoint's shape) and `optimizer`; return the meta.
-    `restore_rng`: also set this process's torch RNG to the saved state (exact resume)."""
+    `restore_rng`: also set this process's torch RNG to the saved state (exact resume).
+    `whole_model=False`: the ranks load pieces of the model (msg-grow streaming), so megatron's check
+    that the ranks together read every tensor exactly once does not apply."""
     from megatron.core import dist_checkpointing
 
     from ..model.masks import refresh_active
@@ -290,7 +302,7 @@ def load_checkpoint(path: str, model, optimizer=None, expect_shape: Optional[Sha
         sd["rng_state"] = _rng_sharded(torch.get_rng_state())
     try:
         with restricted_metadata_loading():
-            loaded = dist_checkpointing.load(sd, meta["path"])
+            loaded = dist_checkpointing.load(sd, meta["path"], validate_access_integrity=whole_model)
     except UnsafeCheckpoint as e:
         raise CheckpointError(f"checkpoint `{meta['path']}` is unsafe to load: {e}") from None
     except Exception as e:  # noqa: BLE001 - report which checkpoint failed and why

@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 import torch
 
 from ..config import Shape
-from ..model.gpt import MaskedGPT
+from ..model.gpt import MaskedGPT, Piece
 from ..model.masks import open_masks, refresh_active
 from .axes import AxisPlan, GrowthPlan
 
@@ -171,10 +171,17 @@ def plan_depth(old_layers: int, new_layers: int, depth_init: str) -> List[Option
 
 def grow_model(model: MaskedGPT, new_shape: Shape, *, step: int, init: Union[str, InitFn] = "normal",
                init_std: float = 0.02, depth_init: str = "interpolate", seed: int = 1234,
-               plan: Optional[GrowthPlan] = None, operator: str = "msg"
+               plan: Optional[GrowthPlan] = None, operator: str = "msg", into: Optional[Piece] = None,
+               sources: Optional[List[Optional[int]]] = None, device: Optional[torch.device] = None
                ) -> Tuple[MaskedGPT, Dict[str, Optional[str]]]:
     """Return (grown model, name map). The name map gives, for each new tensor, the old tensor it
     grew from (None for tensors of randomly initialised new layers); optimizer-state growth uses it.
+
+    Streaming (msg-grow) grows a model piece by piece: `model` is then a piece of the old stage,
+    `into` the piece of the new stage to build and `sources[j]` the local index in `model` of the
+    layer new layer j grows from (None: a random new layer); the first new layer from a source is
+    the grown original, later ones its copies, as in `plan_depth`. The values are those the whole
+    stage would get (generators are named by global layer numbers).
 
     `operator`: `msg` (masked); `nomask` (the same new weights, every mask opened at once: the
     paper's No Mask ablation); `net2net` (bert2BERT, appendix C: new units replicate existing ones
@@ -197,21 +204,23 @@ def grow_model(model: MaskedGPT, new_shape: Shape, *, step: int, init: Union[str
         raise ValueError("init=copy needs tensor parallel size 1: a copied unit may live on another rank")
     old_sd = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
 
-    from ..parallel.setup import device
+    from ..parallel import setup
 
-    new_model = MaskedGPT(mcfg, new_shape, perform_init=False).to(device())
-    if new_shape.layers != old_shape.layers and new_model.layer_offset and depth_init != "interpolate":
-        raise ValueError(f"depth_init={depth_init} under pipeline parallelism would move layers between stages; "
-                         "use interpolate (copies stay on their source's stage)")
-    # Per stage: interpolation of the stage's own layers equals the global plan restricted to it.
-    depth_plan = plan_depth(model.local_layers, new_model.local_layers, depth_init)
+    new_model = MaskedGPT(mcfg, new_shape, perform_init=False, piece=into).to(device or setup.device())
+    if sources is None:
+        if new_shape.layers != old_shape.layers and new_model.layer_offset and depth_init != "interpolate":
+            raise ValueError(f"depth_init={depth_init} under pipeline parallelism would move layers between "
+                             "stages; use interpolate (copies stay on their source's stage)")
+        # Per stage: interpolation of the stage's own layers equals the global plan restricted to it.
+        sources = plan_depth(model.local_layers, new_model.local_layers, depth_init)
+    depth_plan = sources
 
-    def rng_name(name: str, offset: int) -> str:
+    def rng_name(name: str, of: MaskedGPT) -> str:
         """Generator names use global layer numbers (and the embedding's name for the tied output
-        copy), so every pipeline layout draws the same values as a single rank."""
+        copy), so every pipeline layout (and every piece) draws the same values as a single rank."""
         if name.startswith("layers."):
             _, idx, rest = name.split(".", 2)
-            return f"layers.{offset + int(idx)}.{rest}"
+            return f"layers.{of.global_layers[int(idx)]}.{rest}"
         if name == "output_layer.weight" and model.shared_output_copy():
             return "embedding.weight"
         return name
@@ -235,8 +244,7 @@ def grow_model(model: MaskedGPT, new_shape: Shape, *, step: int, init: Union[str
                 is_copy = key in seen
                 seen.add(key)
         # a copied layer is an exact copy of its grown source: same generators
-        gen_for = _generators(seed, step, rng_name(name, new_model.layer_offset) if fresh
-                              else rng_name(src_name, model.layer_offset))
+        gen_for = _generators(seed, step, rng_name(name, new_model) if fresh else rng_name(src_name, model))
         if fresh:
             value = _fresh_layer_tensor(name, tuple(target.shape), plan.axes(name, fresh=True), init_fn,
                                         init_std, gen_for, step)

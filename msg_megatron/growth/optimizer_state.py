@@ -40,6 +40,14 @@ def grow_optimizer(old_opt: TrainOptimizer, old_model: torch.nn.Module, new_mode
     # the grown model holds fp32 weights (under bf16 the old masters: see release_for_growth)
     new_opt = optimizer_for_fp32_model(new_model, tcfg, pcfg,
                                        torch.bfloat16 if old_opt.bf16 else torch.float32)
+    grow_states(old_opt, old_params, new_model, name_map, plan, new_opt)
+    return new_opt
+
+
+def grow_states(old_opt, old_params: Dict[str, torch.nn.Parameter], new_model: torch.nn.Module,
+                name_map: Dict[str, Optional[str]], plan: GrowthPlan, new_opt) -> None:
+    """Set each new parameter's state in `new_opt` from its source's in `old_opt` (any objects with
+    state_of / set_local_state / set_state: TrainOptimizer, or msg-grow's per-piece PieceState)."""
     uses = Counter(src for src in name_map.values() if src is not None)
     for name, p in new_model.named_parameters():  # the same order on every rank
         src = name_map.get(name)
@@ -57,7 +65,6 @@ def grow_optimizer(old_opt: TrainOptimizer, old_model: torch.nn.Module, new_mode
             new_st[key] = grow_tensor(src, st[key], plan.axes(src), _zeros, _no_rng, 0).to(p.device)
         del st
         new_opt.set_state(p, new_st)
-    return new_opt
 
 
 def _zeros(name, shape, gen):  # new moments start from scratch (paper 3.2.2)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from megatron.core.tensor_parallel import (ColumnParallelLinear, VocabParallelEmbedding,
@@ -33,6 +34,13 @@ def padded_vocab_size(mcfg: ModelConfig) -> int:
     requires the padded size to divide by parallel.tensor."""
     multiple = mcfg.make_vocab_size_divisible_by
     return int(math.ceil(mcfg.vocab_size / multiple) * multiple)
+
+
+def stage_piece(shape: Shape) -> "Piece":
+    """The whole of this rank's pipeline stage of a model of `shape`."""
+    pp_rank, pp = pp_rank_size()
+    n = shape.layers // pp
+    return Piece(tuple(range(pp_rank * n, (pp_rank + 1) * n)), pp_rank == 0, pp_rank == pp - 1)
 
 
 def pp_rank_size():
@@ -68,21 +76,37 @@ def transformer_config(mcfg: ModelConfig, shape: Shape, perform_init: bool = Tru
     )
 
 
+class Piece(NamedTuple):
+    """Part of a pipeline stage for code that streams a model (msg-grow): the global numbers of
+    the layers it holds, and whether it holds the stage's embeddings / final norm and output."""
+    layers: Tuple[int, ...]
+    pre_process: bool
+    post_process: bool
+
+
 class MaskedGPT(MegatronModule):
     """The GPT, or under pipeline parallelism one stage of it: the first stage holds the embeddings,
     the last the final norm and output layer, every stage `layers / PP` consecutive layers (state
     dict names are local, `layers.0...`; checkpoints use global layer numbers). The hidden mask
     lives on every stage. With tied embeddings and PP > 1 the last stage keeps a copy of the
-    embedding as its output weight (marked `shared`), kept equal by summing the two gradients."""
+    embedding as its output weight (marked `shared`), kept equal by summing the two gradients.
 
-    def __init__(self, mcfg: ModelConfig, shape: Shape, perform_init: bool = True, seed: int = 1234):
+    `piece`: build only part of this rank's stage (some of its layers, with or without its ends);
+    its state dict and sharded state dict are those parts of the stage's, under the same keys."""
+
+    def __init__(self, mcfg: ModelConfig, shape: Shape, perform_init: bool = True, seed: int = 1234,
+                 piece: Optional[Piece] = None):
         config = transformer_config(mcfg, shape, perform_init)
         super().__init__(config=config)
         self.mcfg, self.shape = mcfg, shape
         pp_rank, pp = pp_rank_size()
-        self.pre_process, self.post_process = pp_rank == 0, pp_rank == pp - 1
-        self.local_layers = shape.layers // pp  # the config check guarantees divisibility
-        self.layer_offset = pp_rank * self.local_layers
+        stage_layers = shape.layers // pp  # the config check guarantees divisibility
+        if piece is None:
+            piece = stage_piece(shape)
+        self.pre_process, self.post_process = piece.pre_process, piece.post_process
+        self.global_layers = tuple(piece.layers)
+        self.local_layers = len(self.global_layers)
+        self.layer_offset = pp_rank * stage_layers  # (the stage's first layer, also for a piece)
         self.vocab_padded = padded_vocab_size(mcfg)
         self.share_embeddings_and_output_weights = mcfg.tie_embeddings
         self.input_tensor = None
@@ -97,9 +121,9 @@ class MaskedGPT(MegatronModule):
                     config.init_method(self.position_embeddings.weight)
         spec = masked_layer_spec(mcfg.norm)
         layers = []
-        for i in range(self.local_layers):
-            _seed_module(seed, f"layer{self.layer_offset + i}")
-            layers.append(build_module(spec, config=config, layer_number=self.layer_offset + i + 1))
+        for g in self.global_layers:
+            _seed_module(seed, f"layer{g}")
+            layers.append(build_module(spec, config=config, layer_number=g + 1))
         self.layers = nn.ModuleList(layers)
         if self.post_process:
             self.final_norm = norm_class(mcfg.norm)(config, shape.hidden, mcfg.norm_epsilon)
@@ -189,7 +213,7 @@ class MaskedGPT(MegatronModule):
         for name, child in self.named_children():
             if name == "layers":
                 for i, layer in enumerate(self.layers):
-                    local, glob = f"{prefix}layers.{i}.", f"{prefix}layers.{self.layer_offset + i}."
+                    local, glob = f"{prefix}layers.{i}.", f"{prefix}layers.{self.global_layers[i]}."
                     lsd = sharded_state_dict_default(layer, local, sharded_offsets, metadata, tp_group=tp_group)
                     replace_prefix_for_sharding(lsd, local, glob)
                     out.update(lsd)
@@ -200,7 +224,9 @@ class MaskedGPT(MegatronModule):
                 for sh in sub.values():
                     if hasattr(sh, "key") and sh.key == f"{prefix}output_layer.weight":
                         sh.key = f"{prefix}embedding.weight"
-                        sh.replica_id = (1,) + tuple(sh.replica_id[1:])
+                        # a replica of the first stage's embedding (on the first stage itself only in
+                        # a piece without the embedding: then it is what this rank reads and writes)
+                        sh.replica_id = (int(pp_rank != 0),) + tuple(sh.replica_id[1:])
             out.update(sub)
         return out
 

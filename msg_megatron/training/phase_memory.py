@@ -17,6 +17,8 @@ optimizer (else / 1):
        fp32 values kept until each becomes its master, 4; then w + 4 + m/DP) while the old
        moments (8/DP) are consumed parameter by parameter, one parameter's whole moments (8 x the
        largest) in flight.
+  msg-grow  streams (growth/stream.py): `streamed_growth_peak`, about one old layer and the layers
+         grown from it plus the stage's ends, whatever the depth.
 The bytes of `grow` are measured on CPU by tools/bench_memory.py (docs/benchmarks.md).
 """
 from __future__ import annotations
@@ -49,3 +51,13 @@ def phase_peaks(precision: str, dp: int, distributed: bool, params: float, large
         build = params * ((4 if m else 0) + w + 4 + m / d) + old_params * 8 / d + 8 * largest
         out["grow"] = max(copy, build)
     return out
+
+
+def streamed_growth_peak(ends_old: float, ends_new: float, layer_old: float, layer_new: float,
+                         per_group: int) -> float:
+    """Peak bytes per process of msg-grow (growth/stream.py), from local elements: the stage's old
+    and new ends (embeddings, output layer; fp32 weights and both moments, 12 B each, kept by the
+    rank that writes them until they are written), one old layer as loaded (12 B, plus its moments
+    in transit while megatron's loaded copies are moved into place, 8 B) and the `per_group` new
+    layers grown from it (the original with its moments, 12 B; each copy its weights, 4 B)."""
+    return 12 * (ends_old + ends_new) + 20 * layer_old + layer_new * (12 + 4 * (per_group - 1))

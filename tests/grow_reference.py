@@ -1,0 +1,44 @@
+"""The whole-model offline growth msg-grow did before it streamed, as the reference its streamed
+result must equal tensor for tensor: load the whole model and optimizer at the target layout, grow
+both in process (grow_model + grow_optimizer, as Trainer.grow), save.
+
+    [torchrun --nproc_per_node N] tests/grow_reference.py CKPT H,F,A,L OUT TP PP DEPTH_INIT
+"""
+import os
+import sys
+
+
+def main():
+    ckpt, shape_text, out, tp, pp, depth_init = sys.argv[1:7]
+    from msg_megatron.checkpoint.dist import load_checkpoint, read_meta, save_checkpoint
+    from msg_megatron.config import Shape, config_from_dict
+    from msg_megatron.grow import parse_shape
+    from msg_megatron.growth.axes import GrowthPlan
+    from msg_megatron.growth.operators import grow_model, growth_seed
+    from msg_megatron.growth.optimizer_state import grow_optimizer
+    from msg_megatron.model import build_model
+    from msg_megatron.parallel import initialize_parallel
+    from msg_megatron.training.optimizer import build_optimizer
+
+    meta = read_meta(ckpt)
+    cfg = config_from_dict(meta["config"])
+    tp, pp, shape = int(tp), int(pp), parse_shape(shape_text)
+    initialize_parallel(tp, pp, cfg.train.seed)
+    old = Shape(*meta["shape"])
+    model = build_model(cfg.model, old, perform_init=False)
+    optimizer = build_optimizer(model, cfg.train, cfg.parallel)
+    load_checkpoint(meta["path"], model, optimizer)
+    optimizer.release_for_growth()
+    plan = GrowthPlan(model, shape)
+    g = cfg.growth
+    new_model, name_map = grow_model(model, shape, step=meta["state"]["step"], plan=plan, init=g.init,
+                                     init_std=g.init_std, depth_init=depth_init, operator=g.operator,
+                                     seed=growth_seed(cfg.train.seed, meta["state"]["stage"] + 1))
+    new_opt = grow_optimizer(optimizer, model, new_model, name_map, plan, cfg.train, cfg.parallel)
+    state = dict(meta["state"], stage=meta["state"]["stage"] + 1)
+    saved_cfg = dict(meta["config"], parallel=dict(meta["config"]["parallel"], tensor=tp, pipeline=pp))
+    save_checkpoint(out, new_model, new_opt, state, saved_cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""msg-grow streams one layer at a time (growth/stream.py): its checkpoint equals, tensor for
+tensor and bitwise, what growing the whole model in process writes (tests/grow_reference.py, the
+msg-grow before it streamed), for every layout and any number of processes sharing the layers; its
+peak memory does not grow with depth."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, run_cli
+from test_parallel import DISTOPT, LLAMA, _write_config, torchrun
+
+
+def all_tensors(path: str) -> dict:
+    """Every tensor of a checkpoint, whole (in the saved order of units), by key; rng_state left out
+    (it is the process's generator, not model state)."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    from msg_megatron.checkpoint.dist import read_meta, tensor_index
+
+    step_dir = read_meta(path)["path"]
+    sd = {k: ShardedTensor.from_rank_offsets(k, torch.empty(md.global_shape, dtype=md.dtype), replica_id=0)
+          for k, md in tensor_index(step_dir).items() if k != "rng_state"}
+    loaded = dist_checkpointing.load(sd, step_dir)
+    return {k: loaded[k] for k in sd}
+
+
+def assert_same_checkpoints(got_dir, want_dir):
+    got, want = all_tensors(got_dir), all_tensors(want_dir)
+    assert sorted(got) == sorted(want), (sorted(set(got) ^ set(want)))
+    for k in want:
+        assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
+    from msg_megatron.checkpoint.dist import read_meta
+
+    g, w = read_meta(got_dir), read_meta(want_dir)
+    assert g["shape"] == w["shape"] and g["state"] == w["state"] and g["optimizer"] == w["optimizer"]
+    assert g["config"] == w["config"]
+
+
+def _train(tmp_path, extra, stages, nproc=1, layout=()):
+    cfg = tmp_path / "cfg.yaml"
+    _write_config(cfg, extra, stages)
+    args = ["-m", "msg_megatron.pretrain", str(cfg), f"logging.run_dir={tmp_path}/a",
+            f"checkpoint.save={tmp_path}/ck", *layout]
+    r = torchrun(nproc, args) if nproc > 1 else run_cli(args[1:])
+    assert r.returncode == 0, r.stderr[-3000:]
+    return tmp_path / "ck"
+
+
+def _grow(nproc, args):
+    r = torchrun(nproc, ["-m", "msg_megatron.grow"] + args) if nproc > 1 else run_cli(["msg_megatron.grow"] + args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def _reference(ckpt, shape, out, tp, pp, depth_init="interpolate"):
+    args = [os.path.join(REPO, "tests", "grow_reference.py"), str(ckpt), shape, str(out), str(tp), str(pp), depth_init]
+    r = torchrun(tp * pp, args) if tp * pp > 1 else subprocess.run([sys.executable] + args, capture_output=True,
+                                                                    text=True, timeout=300, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("depth_init", ["interpolate", "stack", "random"])
+def test_streamed_growth_writes_what_whole_model_growth_writes(tmp_path, tiny_data, depth_init):
+    """Every dimension grows (SwiGLU, RoPE, RMSNorm; tied embeddings), from a checkpoint whose
+    second stage already grew mid-run; each depth init: copied layers without AdamW state."""
+    ck = _train(tmp_path, LLAMA, [[32, 64, 2, 2], [32, 128, 4, 2]])
+    shape = "48,192,6,5"
+    r = _grow(1, ["--load", str(ck), "--shape", shape, "--save", str(tmp_path / "g"), "--depth-init", depth_init,
+                  "--json"])
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["rel_diff"] <= 1e-6, out
+    _reference(ck, shape, tmp_path / "ref", 1, 1, depth_init)
+    assert_same_checkpoints(tmp_path / "g", tmp_path / "ref")
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("layout,nproc,extra", [
+    (("2", "1"), 4, LLAMA + DISTOPT),          # TP2, two processes per layer group: DP ranks share the layers
+    (("1", "2"), 4, ["model.tie_embeddings=true"]),  # PP2 (the tied output copy), shared by DP ranks
+    (("2", "2"), 4, LLAMA + ["train.precision=bf16"]),  # TP2 x PP2, bf16 masters
+])
+def test_streamed_growth_under_torchrun_equals_whole_model_growth(tmp_path, tiny_data, layout, nproc, extra):
+    ck = _train(tmp_path, extra, [[32, 64, 2, 2], [32, 128, 4, 2]], nproc=2,
+                layout=["parallel.distributed_optimizer=true"] if DISTOPT[0] in extra else [])
+    tp, pp = layout
+    shape = "48,192,6,6"
+    r = _grow(nproc, ["--load", str(ck), "--shape", shape, "--save", str(tmp_path / "g"), "--tensor", tp,
+                      "--pipeline", pp, "--json"])
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["layout"] == {"tensor": int(tp), "pipeline": int(pp)} and out["rel_diff"] <= 1e-6, out
+    _reference(ck, shape, tmp_path / "ref", int(tp), int(pp))
+    assert_same_checkpoints(tmp_path / "g", tmp_path / "ref")
