@@ -62,6 +62,7 @@ def _main(argv) -> int:
     ap.add_argument("--device", default="auto", choices=["auto", "cpu"],
                     help="where the growth runs: this process's GPU when there is one (auto), or host memory")
     ap.add_argument("--no-verify", action="store_true", help="skip the before/after validation loss")
+    ap.add_argument("--overwrite", action="store_true", help="write into a --save directory that is not empty")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     shape = parse_shape(args.shape)
@@ -70,8 +71,9 @@ def _main(argv) -> int:
     from megatron.core import parallel_state as ps
 
     from .checkpoint.dist import CheckpointError, _rng_sharded, read_meta, save_checkpoint, tensor_index
+    from .checkpoint.run_lock import hold_save_dir
     from .config import Shape, config_from_dict
-    from .data import TokenWindows, resolve_data_dir_all_ranks
+    from .data import DataError, TokenWindows, resolve_data_dir_all_ranks
     from .growth.operators import growth_seed
     from .growth.stream import GrowthSource, set_writers, skeleton, stage_groups
     from .growth.stream_eval import streamed_validation_loss
@@ -82,6 +84,13 @@ def _main(argv) -> int:
     if os.path.abspath(os.path.dirname(meta["path"])) == os.path.abspath(args.save):
         raise CheckpointError(f"--save `{args.save}` is the source's own save directory; choose a new one so "
                               "the original stays intact")
+    if os.path.isdir(args.save) and not args.overwrite and any(
+            not e.startswith(".msg-") for e in os.listdir(args.save)):  # (a lock left by a killed run is no content)
+        raise CheckpointError(f"--save `{args.save}` exists and is not empty; choose a new directory, or pass "
+                              "--overwrite to write the grown checkpoint into it (a step directory of the same "
+                              "step is replaced)")
+    if os.path.exists(args.save) and not os.path.isdir(args.save):
+        raise CheckpointError(f"--save `{args.save}` is a file, not a directory; choose a directory")
     cfg = config_from_dict(meta["config"])
     g = cfg.growth
     tp = args.tensor or cfg.parallel.tensor
@@ -103,14 +112,24 @@ def _main(argv) -> int:
         raise ValueError("--init copy needs --tensor 1: a copied unit may live on another rank")
     initialize_parallel(tp, pp, cfg.train.seed)
     _check_host_memory(cfg, old, shape, tp, pp)
+    lock = hold_save_dir(args.save, "msg-grow", log=lambda m: is_logging_rank() and print(m, file=sys.stderr))
     dev = torch.device("cpu") if args.device == "cpu" else device()
     step, path = meta["state"]["step"], meta["path"]
 
-    valid = None
-    if not args.no_verify:
-        data_dir, _ = resolve_data_dir_all_ranks(cfg.data, cfg.model.vocab_size, log=lambda *_: None)
-        valid = TokenWindows(os.path.join(data_dir, "valid"), cfg.model.seq_length, cfg.train.seed)
+    valid, unverified = None, "--no-verify" if args.no_verify else None
     mbs, iters = cfg.train.micro_batch_size, cfg.train.eval_iters
+    if not args.no_verify:
+        try:
+            data_dir, _ = resolve_data_dir_all_ranks(cfg.data, cfg.model.vocab_size, log=lambda *_: None)
+            valid = TokenWindows(os.path.join(data_dir, "valid"), cfg.model.seq_length, cfg.train.seed)
+        except DataError as e:
+            unverified = f"no validation data ({e})"
+        else:
+            if valid.num_samples < mbs or iters < 1:
+                unverified = (f"the validation split holds {valid.num_samples} windows of {cfg.model.seq_length} "
+                              f"tokens, fewer than train.micro_batch_size={mbs}" if iters >= 1 else
+                              f"train.eval_iters={iters}")
+                valid = None
     before = streamed_validation_loss(path, cfg, old, valid, mbs, iters, dev)
 
     # one layer at a time: the grown checkpoint's tensors are made as they are written
@@ -133,22 +152,27 @@ def _main(argv) -> int:
     saved_cfg = dict(meta["config"], parallel=dict(meta["config"]["parallel"], tensor=tp, pipeline=pp))
     saved = save_checkpoint(args.save, new_model, None, state, saved_cfg, tok if os.path.exists(tok) else "",
                             streamed=(sd, source, bool(meta.get("optimizer"))))
+    if lock is not None:
+        lock.release()
     after = streamed_validation_loss(saved, cfg, shape, valid, mbs, iters, dev)
     out = {"from": list(old.as_tuple()), "to": list(shape.as_tuple()), "step": step, "saved": saved,
            "params": count_parameters(new_model), "val_loss_before": before, "val_loss_after": after}
     if before is not None:
         out["rel_diff"] = abs(after - before) / abs(before)
+    out["verified"] = before is not None
+    if unverified:
+        out["not_verified_because"] = unverified
     out["layout"] = {"tensor": tp, "pipeline": pp}
     if not is_logging_rank():
         return 0
+    if unverified:
+        print(f"msg-grow: function preservation NOT verified: {unverified}", file=sys.stderr)
     if args.json:
         print(json.dumps(out))
     else:
         print(f"grew {old} -> {shape} at step {step}: {out['params']:,} params, saved {saved}")
         if before is not None:
             print(f"function preservation: val_loss {before:.6f} -> {after:.6f} (rel diff {out['rel_diff']:.2e})")
-        else:
-            print("function preservation not checked (--no-verify)")
     return 0
 
 

@@ -8,9 +8,23 @@ import sys
 from .cli import run_cli
 from .config import load_config
 
+EPILOG = """config fields: each is described in msg_megatron/config.py (the dataclasses ModelConfig,
+GrowthConfig, ParallelConfig, TrainConfig, DataConfig, CheckpointConfig, LoggingConfig) and the
+commented configs/*.yaml; a wrong key or value is refused at load, naming the field.
+
+exit status:
+  0   the run finished (train.steps reached)
+  2   a bad input (config, checkpoint, data, argument), with a one-line message
+  74  a save found the disk full; the previous checkpoint is intact (free space, resume)
+  75  preempted (SIGTERM/SIGUSR1): saved at the current step; resume with checkpoint.load=auto
+  76  saved before a stage that runs at another TP/PP layout: reshard with msg-grow --tensor/--pipeline,
+      then resume at that layout
+"""
+
 
 def _main(argv) -> int:
-    ap = argparse.ArgumentParser(prog="msg-pretrain", description=__doc__)
+    ap = argparse.ArgumentParser(prog="msg-pretrain", description=__doc__, epilog=EPILOG,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("config", help="YAML config (see configs/)")
     ap.add_argument("overrides", nargs="*", help="section.field=value, e.g. train.steps=50")
     args = ap.parse_args(argv)

@@ -159,6 +159,10 @@ def test_kill_9_during_a_save_keeps_the_previous_checkpoint_and_resume_is_exact(
     for step, loss in got.items():
         assert loss == want[step], step
     assert (tmp_path / "ck" / "latest").read_text().strip() == "step_000030"
+    # the killed run's lock was taken over (its pid is gone), and once this run's first save
+    # completed, the killed save's leftover directory was removed
+    assert "took over the lock" in again.stdout.read() and not partial.exists()
+    assert not any(d.startswith(".tmp-step_") for d in os.listdir(tmp_path / "ck"))
 
 
 def test_crafted_metadata_is_not_unpickled(saved, tmp_path):

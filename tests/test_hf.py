@@ -220,3 +220,16 @@ def test_unsupported_architectures_are_named():
         model_config_from_hf(llama)
     with pytest.raises(UnsupportedArchitecture, match="model_type `bert`"):
         model_config_from_hf({"model_type": "bert"})
+
+
+def test_exports_and_prepared_data_follow_the_umask(grown, tiny_data):
+    """safetensors writes 0600 and mkdtemp 0700: both are set to what the umask gives (a cluster
+    group can read an export and a prepared dataset)."""
+    from msg_megatron.permissions import current_umask
+
+    _, tmp, _ = grown
+    mask = current_umask()
+    for f in os.listdir(tmp / "hf"):
+        assert os.stat(tmp / "hf" / f).st_mode & 0o777 == 0o666 & ~mask, f
+    assert os.stat(tmp / "hf").st_mode & 0o777 == 0o777 & ~mask
+    assert os.stat(tiny_data).st_mode & 0o777 == 0o777 & ~mask

@@ -96,3 +96,71 @@ def test_streamed_growth_under_torchrun_equals_whole_model_growth(tmp_path, tiny
     assert out["layout"] == {"tensor": int(tp), "pipeline": int(pp)} and out["rel_diff"] <= 1e-6, out
     _reference(ck, shape, tmp_path / "ref", int(tp), int(pp))
     assert_same_checkpoints(tmp_path / "g", tmp_path / "ref")
+
+
+def _peak_kib_of_msg_grow(args) -> int:
+    """msg-grow in a fresh process; its peak RSS from the kernel's high-water mark (the streamed
+    save writes in-process: no writer processes to miss)."""
+    code = ("import re, sys\nfrom msg_megatron.grow import _main\n_main(sys.argv[1:])\n"
+            "print('PEAK', re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1))")
+    r = subprocess.run([sys.executable, "-c", code] + args, capture_output=True, text=True, timeout=300, cwd=REPO,
+                       env=dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return int(r.stdout.split("PEAK")[-1])
+
+
+@pytest.mark.timeout(600)
+def test_msg_grow_peak_does_not_grow_with_depth(tmp_path):
+    """Doubling the depth of a 4-layer and of an 8-layer checkpoint of the same width: the second
+    holds 4 more old layers and 8 more new ones than the first would if it held the whole model
+    (fp32 weights + AdamW moments: ~12 B per parameter, ~340 MB here). Streamed, the two peaks
+    differ by less than a fifth of that (measured: a few MB)."""
+    h, f, a, vocab = 512, 2048, 8, 256
+    peaks = {}
+    for layers in (4, 8):
+        ck = tmp_path / f"ck{layers}"
+        r = run_cli(["msg_megatron.pretrain", "configs/demo_cpu.yaml", "data.corpus=synthetic", "train.steps=1",
+                     "train.save_interval=1", "train.global_batch_size=1", "train.micro_batch_size=1",
+                     "train.eval_interval=0", "train.eval_iters=1", "growth.stages=[]", f"model.hidden_size={h}",
+                     f"model.ffn_hidden_size={f}", f"model.num_attention_heads={a}", "model.kv_channels=64",
+                     f"model.num_layers={layers}", f"model.vocab_size={vocab}", "model.seq_length=16",
+                     f"checkpoint.save={ck}", f"logging.run_dir={tmp_path}/run{layers}"], timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        peaks[layers] = _peak_kib_of_msg_grow(["--load", str(ck), "--shape", f"{h},{f},{a},{2 * layers}",
+                                               "--save", str(tmp_path / f"g{layers}")])
+    layer = 4 * h * h + 2 * h * f + 2 * h  # parameters of one layer (GPT-2 style: ungated MLP, no biases)
+    whole_model_extra = 12 * (4 + 8) * layer  # 4 more old layers + 8 more new ones, weights and moments
+    extra = (peaks[8] - peaks[4]) * 1024
+    assert extra < 0.2 * whole_model_extra, (peaks, extra / 2**20, whole_model_extra / 2**20)
+
+
+@pytest.mark.timeout(300)
+def test_msg_grow_refuses_a_non_empty_save_directory_unless_overwrite(tmp_path, tiny_data):
+    ck = _train(tmp_path, [], [[32, 64, 2, 2], [32, 128, 4, 2]])
+    other = tmp_path / "other"
+    (other / "step_000008").mkdir(parents=True)
+    (other / "step_000008" / "msg_meta.json").write_text("{}")  # someone else's checkpoint
+    r = run_cli(["msg_megatron.grow", "--load", str(ck), "--shape", "32,128,4,3", "--save", str(other)])
+    assert r.returncode == 2 and "exists and is not empty" in r.stderr and "--overwrite" in r.stderr, r.stderr[-2000:]
+    assert (other / "step_000008" / "msg_meta.json").read_text() == "{}"  # untouched
+    r = run_cli(["msg_megatron.grow", "--load", str(ck), "--shape", "32,128,4,3", "--save", str(other), "--overwrite",
+                 "--json"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1])["verified"] is True
+
+
+@pytest.mark.timeout(300)
+def test_msg_grow_says_when_it_could_not_verify(tmp_path, tiny_data):
+    """A validation split smaller than one micro-batch (9 windows of 512 tokens, micro-batch 16):
+    the growth is written, and msg-grow says the function was not verified and why."""
+    ck = _train(tmp_path, ["model.seq_length=512", "train.micro_batch_size=16", "train.global_batch_size=16",
+                           "train.eval_interval=0"], [[32, 64, 2, 2], [32, 128, 4, 2]])
+    r = run_cli(["msg_megatron.grow", "--load", str(ck), "--shape", "32,128,4,3", "--save", str(tmp_path / "g"),
+                 "--json"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["verified"] is False and "fewer than train.micro_batch_size=16" in out["not_verified_because"], out
+    assert "function preservation NOT verified" in r.stderr
+    r = run_cli(["msg_megatron.grow", "--load", str(ck), "--shape", "32,128,4,3", "--save", str(tmp_path / "g2"),
+                 "--no-verify"])
+    assert r.returncode == 0 and "NOT verified: --no-verify" in r.stderr, r.stderr[-2000:]

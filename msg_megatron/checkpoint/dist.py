@@ -13,6 +13,7 @@ is read first so the loader can build a model of the right shape before loading 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -32,9 +33,22 @@ from .manifest import (IncompleteCheckpoint, checksum_files, list_files, newest_
 
 META = "msg_meta.json"
 
+try:  # torch.distributed.checkpoint reports every rank's failure as one BaseException
+    from torch.distributed.checkpoint.api import CheckpointException as _DcpFailure
+except ImportError:  # pragma: no cover
+    _DcpFailure = Exception
+CHECKPOINT_FAILURES = (Exception, _DcpFailure)
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, incomplete or does not fit the request."""
+
+
+class SaveFailed(CheckpointError):
+    """A save that could not be written (the disk is full); the previous checkpoint is intact."""
+
+
+SAVE_FAILED_EXIT = 74  # EX_IOERR: msg-pretrain / msg-grow exit status when a save found the disk full
 
 
 def resolve_checkpoint(path: str, full: bool = False, fallback: bool = False, notes: list = None) -> str:
@@ -177,7 +191,7 @@ def tensor_index(path: str) -> dict:
             return dist_checkpointing.load_tensors_metadata(path)
     except UnsafeCheckpoint as e:
         raise CheckpointError(f"checkpoint `{path}` is unsafe to load: {e}") from None
-    except Exception as e:  # noqa: BLE001 - name the checkpoint that cannot be read
+    except CHECKPOINT_FAILURES as e:  # name the checkpoint that cannot be read
         raise CheckpointError(f"cannot read the tensor index of `{path}`: {type(e).__name__}: {e}") from e
 
 
@@ -197,16 +211,43 @@ def save_checkpoint(save_dir: str, model, optimizer, state: dict, config: dict, 
     `writers`: files this rank writes in parallel. `streamed`: (state dict of placeholders, source,
     has optimizer state) for a save whose tensors are made as they are written (msg-grow:
     stream_writer.py); `model` then only gives the shape."""
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
-
-    from .stream_writer import streamed_save
-
     step = int(state["step"])
     name = f"step_{step:06d}"
     final = os.path.join(save_dir, name)
     tmp = os.path.join(save_dir, f".tmp-{name}")
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    try:
+        return _write_step(save_dir, name, final, tmp, rank0, model, optimizer, state, config, tokenizer_path,
+                           keep, writers, streamed)
+    except CHECKPOINT_FAILURES as e:  # a full disk is one line, not a traceback
+        if not _no_space(e):
+            raise
+        if rank0:
+            shutil.rmtree(tmp, ignore_errors=True)  # (frees what the failed save wrote)
+        prev = step_dirs(save_dir) if os.path.isdir(save_dir) else []
+        kept = f"the previous checkpoint `{os.path.join(save_dir, prev[-1])}` is intact" if prev else "nothing was saved"
+        raise SaveFailed(f"saving step {step} to `{save_dir}` failed: no space left on device; {kept}. Free space "
+                         "(or move checkpoint.save) and resume with checkpoint.load=auto") from None
+
+
+def _no_space(e: BaseException) -> bool:
+    """Whether ENOSPC is anywhere in the exception's chain (megatron wraps its writers' errors)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left on device" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _write_step(save_dir, name, final, tmp, rank0, model, optimizer, state, config, tokenizer_path, keep, writers,
+                streamed) -> str:
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+
+    from .stream_writer import streamed_save
+
     if rank0:
         os.makedirs(save_dir, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -259,9 +300,18 @@ def save_checkpoint(save_dir: str, model, optimizer, state: dict, config: dict, 
             f.write(name)
         os.replace(marker_tmp, os.path.join(save_dir, "latest"))
         _prune(save_dir, keep)
+        _remove_leftovers(save_dir)
     if dist.is_initialized():
         dist.barrier()
     return final
+
+
+def _remove_leftovers(save_dir: str) -> None:
+    """`.tmp-step_*` directories of saves that were killed: the run lock makes this run the only
+    writer of `save_dir`, so after one of its saves completed they are nobody's work in progress."""
+    for d in os.listdir(save_dir):
+        if d.startswith(".tmp-step_"):
+            shutil.rmtree(os.path.join(save_dir, d), ignore_errors=True)
 
 
 def _prune(save_dir: str, keep: int) -> None:
@@ -305,7 +355,7 @@ def load_checkpoint(path: str, model, optimizer=None, expect_shape: Optional[Sha
             loaded = dist_checkpointing.load(sd, meta["path"], validate_access_integrity=whole_model)
     except UnsafeCheckpoint as e:
         raise CheckpointError(f"checkpoint `{meta['path']}` is unsafe to load: {e}") from None
-    except Exception as e:  # noqa: BLE001 - report which checkpoint failed and why
+    except CHECKPOINT_FAILURES as e:  # report which checkpoint failed and why
         raise CheckpointError(f"cannot load checkpoint `{meta['path']}`: {type(e).__name__}: {e}") from e
     rng = loaded.pop("rng_state", None)
     if restore_rng and rng is not None:  # (another world size: the states do not map; keep ours)

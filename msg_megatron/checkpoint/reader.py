@@ -16,7 +16,7 @@ import torch
 
 from ..config import Shape, config_from_dict
 from ..parallel.gather import canonical_units, ids_name, unit_layout, unit_roles
-from .dist import CheckpointError, read_meta, tensor_index
+from .dist import CHECKPOINT_FAILURES, CheckpointError, read_meta, tensor_index
 from .safe_pickle import UnsafeCheckpoint, restricted_metadata_loading
 
 
@@ -57,7 +57,7 @@ class CheckpointReader:
                 loaded = dist_checkpointing.load(sd, self.path)
         except UnsafeCheckpoint as e:
             raise CheckpointError(f"checkpoint `{self.path}` is unsafe to load: {e}") from None
-        except Exception as e:  # noqa: BLE001
+        except CHECKPOINT_FAILURES as e:
             raise CheckpointError(f"cannot load {sorted(sd)[:3]}... from `{self.path}`: {type(e).__name__}: {e}") from e
         return {name: loaded[name] for name in sd}  # (load also returns the common, non-tensor state)
 

@@ -20,6 +20,9 @@ class TokenWindows:
 
         if not (os.path.exists(prefix + ".bin") and os.path.exists(prefix + ".idx")):
             raise DataError(f"indexed dataset `{prefix}.bin/.idx` not found")
+        if os.path.getsize(prefix + ".bin") == 0:  # (numpy cannot map an empty file)
+            raise DataError(f"`{prefix}.bin` holds no tokens (an empty split: the corpus has too few "
+                            "documents to hold some out); use a larger corpus")
         ds = IndexedDataset(prefix, mmap=True)
         self.tokens = np.memmap(prefix + ".bin", dtype=ds.index.dtype, mode="r")
         self.seq_length, self.seed = seq_length, seed

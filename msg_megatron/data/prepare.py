@@ -21,6 +21,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 import torch
 
+from ..permissions import honour_umask
 from .. import __version__
 from .corpus import Doc, embedded_documents, select_documents, split_documents
 from .tokenizer import Tokenizer, train_tokenizer
@@ -75,6 +76,7 @@ def build_prepared_dir(out_dir: str, train_docs: List[Doc], valid_docs: List[Doc
                     "sizes": {f: os.path.getsize(os.path.join(tmp, f)) for f in FILES}}
         with open(os.path.join(tmp, "manifest.json"), "w") as f:
             json.dump(manifest, f, indent=1)
+        honour_umask(tmp)  # (mkdtemp makes it 0700: a shared cluster group could not read it)
         if os.path.exists(out_dir):
             shutil.rmtree(out_dir)
         os.rename(tmp, out_dir)

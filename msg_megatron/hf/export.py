@@ -19,6 +19,7 @@ import sys
 import torch
 
 from ..cli import run_cli
+from ..permissions import honour_umask
 
 DTYPES = {"fp32": (torch.float32, "float32"), "bf16": (torch.bfloat16, "bfloat16"), "fp16": (torch.float16, "float16")}
 
@@ -59,6 +60,7 @@ class ShardWriter:
             return
         name = f"part-{len(self.files):05d}.safetensors"
         save_file(self.pending, os.path.join(self.out_dir, name), metadata={"format": "pt"})
+        honour_umask(os.path.join(self.out_dir, name))  # (safetensors writes 0600)
         self.files.append(name)
         for k in self.pending:
             self.index[k] = name
@@ -132,6 +134,7 @@ def export(load: str, out: str, dtype: str = "fp32", max_shard_size: int = 5 << 
             log(f"msg-export-hf: warning: `{reader.path}` holds no tokenizer.model; the export has no tokenizer")
         if os.path.exists(out):
             shutil.rmtree(out)
+        honour_umask(tmp)
         os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -177,6 +177,7 @@ def _tokenizer(folder: str):
 
 def import_hf(folder: str, save: str, tensor: int = 1, pipeline: int = 1, seq_length=None, verify: bool = True) -> dict:
     from ..checkpoint.dist import save_checkpoint
+    from ..checkpoint.run_lock import hold_save_dir
     from ..config import config_from_dict
     from ..model import build_model, count_parameters
     from ..model.gpt import padded_vocab_size
@@ -188,7 +189,7 @@ def import_hf(folder: str, save: str, tensor: int = 1, pipeline: int = 1, seq_le
         raise FileNotFoundError(f"`{folder}` has no config.json: not a transformers model folder")
     with open(cfg_path) as f:
         hf = json.load(f)
-    if os.path.exists(save) and os.listdir(save):
+    if os.path.exists(save) and any(not e.startswith(".msg-") for e in os.listdir(save)):
         raise ValueError(f"--save `{save}` exists and is not empty; choose a new folder so nothing is overwritten")
     tok_path, tok_vocab = _tokenizer(folder)
     arch, mcfg, shape = model_config_from_hf(hf, tok_vocab, seq_length)
@@ -206,11 +207,14 @@ def import_hf(folder: str, save: str, tensor: int = 1, pipeline: int = 1, seq_le
         "the fp32 weights" + (" and transformers' fp32 copy for the logits comparison" if compare else ""),
         ("--no-verify halves it; " if compare else "") + "import under torchrun with --tensor/--pipeline "
         "over several machines (each rank then holds only its shards), or on GPUs.")
+    lock = hold_save_dir(save, "msg-import-hf")  # one writer per save directory
     model = build_model(cfg.model, shape, perform_init=False)
     get = HFWeights(folder)
     fill_model(model, arch, get)
     state = {"step": 0, "stage": 0, "consumed_samples": 0, "imported_from": os.path.abspath(folder)}
     path = save_checkpoint(save, model, None, state, cfg.to_dict(), tok_path)
+    if lock is not None:
+        lock.release()
     out = {"saved": path, "architecture": hf.get("architectures", [arch])[0], "shape": list(shape.as_tuple()),
            "params": count_parameters(model), "vocab_size": cfg.model.vocab_size,
            "vocab_padded": padded_vocab_size(cfg.model), "layout": {"tensor": tensor, "pipeline": pipeline},

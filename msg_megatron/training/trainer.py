@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 
 from ..checkpoint.dist import CheckpointError, load_checkpoint, read_meta, save_checkpoint
+from ..checkpoint.run_lock import hold_save_dir
 from ..config import Config, ConfigError, Shape
 from ..data import SyntheticWindows, TokenWindows, resolve_data_dir_all_ranks
 from ..growth.axes import GrowthPlan
@@ -62,6 +63,8 @@ class Trainer:
         self.world = torch.distributed.get_world_size()
         # on a CPU, before data or model exist: an over-large run would otherwise die by SIGKILL
         check_host_memory(cfg, self.layout, self.dp)
+        # one run per save directory, and a target that takes files, checked before any compute
+        self.lock = hold_save_dir(cfg.checkpoint.save, "msg-pretrain") if cfg.checkpoint.save else None
         for i in range(len(cfg.schedule())):
             gbs = cfg.batch_size(i)
             n_micro = gbs // t.micro_batch_size
@@ -72,6 +75,8 @@ class Trainer:
                     f"ranks; make it a multiple of micro_batch_size x {self.dp} = {t.micro_batch_size * self.dp}.")
         self.metrics = MetricsLogger(cfg.logging.run_dir, cfg.logging.wandb, cfg.logging.project,
                                      cfg.logging.name, cfg.to_dict(), enabled=log_enabled and is_logging_rank())
+        if self.lock is not None and self.lock.note:
+            self.metrics.print(f"[lock] {cfg.checkpoint.save}: {self.lock.note}")
         seq = cfg.model.seq_length
         if cfg.data.corpus == "synthetic":
             self.data_dir = ""
@@ -260,6 +265,11 @@ class Trainer:
                 f"checkpoint `{meta['path']}` was trained with another model config (differs in "
                 f"{', '.join(f'model.{k}' for k in diff)}); use the same model section or a matching checkpoint")
         st = meta["state"]
+        if st["step"] > self.cfg.train.steps:
+            raise CheckpointError(
+                f"checkpoint `{meta['path']}` is at step {st['step']}, past train.steps={self.cfg.train.steps}: "
+                f"resuming would overwrite later checkpoints with nothing trained; set train.steps above "
+                f"{st['step']} to continue, or choose a new checkpoint.save to start another run")
         self.step, self.stage, self.consumed_samples = st["step"], st["stage"], st["consumed_samples"]
         self.train_time, self.train_flops = st.get("train_time", 0.0), st.get("train_flops", 0.0)
         shape = Shape(*meta["shape"])
@@ -319,6 +329,8 @@ class Trainer:
         finally:
             for sig, old in previous.items():
                 signal.signal(sig, old)
+            if self.lock is not None:
+                self.lock.release()
 
     def _loop(self, t, g, last_eval) -> dict:
         if self.cfg.layout(self.stage) != self.layout:
