@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -419,9 +420,53 @@ def _positive(value, where):
         raise ConfigError(f"config field `{where}` must be positive, got {value!r}.")
 
 
+# Every numeric field's range, checked in one place (`_validate_ranges`): (section.field, lowest,
+# whether the lowest is allowed, highest or None, what the field is for). Every float must also be
+# finite; None (an optional field left unset) passes.
+RANGES = [
+    ("model.norm_epsilon", 0, False, None, "the norms' epsilon (e.g. 1e-5)"),
+    ("model.init_method_std", 0, False, None, "the std of the initial weights (e.g. 0.02)"),
+    ("model.rotary_base", 0, False, None, "RoPE's base (e.g. 10000)"),
+    ("growth.init_std", 0, True, None, "the std of new weights (e.g. 0.02; 0 with growth.init=zeros)"),
+    ("growth.ramp_steps", 0, True, None, "the steps over which masks ramp in"),
+    ("train.lr", 0, False, None, "the peak learning rate (e.g. 1e-3)"),
+    ("train.min_lr", 0, True, None, "the final learning rate (e.g. 1e-4)"),
+    ("train.warmup_steps", 0, True, None, "the warmup steps"),
+    ("train.decay_steps", 0, False, None, "the step at which the decay ends (unset: train.steps)"),
+    ("train.weight_decay", 0, True, None, "AdamW's weight decay (e.g. 0.01)"),
+    ("train.adam_beta1", 0, True, 1, "AdamW's beta1 in [0, 1) (e.g. 0.9)"),
+    ("train.adam_beta2", 0, True, 1, "AdamW's beta2 in [0, 1) (e.g. 0.95)"),
+    ("train.adam_eps", 0, False, None, "AdamW's epsilon (e.g. 1e-8)"),
+    ("train.clip_grad", 0, True, None, "the gradient-norm clip (0 disables it)"),
+    ("train.seed", 0, True, None, "the seed"),
+    ("train.eval_interval", 0, True, None, "steps between evaluations (0: only at the end)"),
+    ("train.eval_iters", 0, True, None, "validation batches per evaluation"),
+    ("train.save_interval", 0, True, None, "steps between saves (0: only at the end)"),
+    ("train.threads", 0, True, None, "torch's CPU threads (0: torch's default)"),
+    ("data.corpus_mb", 0, False, None, "megabytes of embedded text"),
+    ("checkpoint.keep", 1, True, None, "how many checkpoints to keep (at least 1: the newest)"),
+    ("parallel.gpus", 0, True, None, "the GPUs msg-plan plans for (0: tensor x pipeline)"),
+]
+
+
+def _validate_ranges(cfg: Config) -> None:
+    for path, low, low_ok, high, what in RANGES:
+        section, name = path.split(".")
+        v = getattr(getattr(cfg, section), name)
+        if v is None or isinstance(v, bool):
+            continue
+        bad = isinstance(v, float) and not math.isfinite(v)
+        bad = bad or v < low or (v == low and not low_ok) or (high is not None and v >= high)
+        if bad:
+            need = (f"{'>=' if low_ok else '>'} {low}" + (f" and < {high}" if high is not None else "")
+                    + (", finite" if isinstance(v, float) else ""))
+            raise ConfigError(f"config field `{path}` is {v!r}; it must be {need}: {what}.")
+
+
 def validate(cfg: Config) -> None:
     """Reject bad configs before any compute, naming the field and the fix."""
     m, g, t, p = cfg.model, cfg.growth, cfg.train, cfg.parallel
+    _validate_ranges(cfg)
     _choice(m.family, ["gpt"], "model.family")
     _choice(m.norm, ["layernorm", "rmsnorm"], "model.norm")
     _choice(m.activation, ["gelu", "swiglu"], "model.activation")

@@ -21,13 +21,18 @@ def _main(argv) -> int:
     ap.add_argument("--tokenizer", default="", help="existing sentencepiece .model to use")
     ap.add_argument("--valid-fraction", type=float, default=0.02)
     ap.add_argument("--json-key", default="text")
+    ap.add_argument("--skip-invalid", action="store_true",
+                    help="skip (and report) JSONL lines / text files that are not valid UTF-8 instead of stopping")
     args = ap.parse_args(argv)
     if args.vocab_size <= 0:
         raise ValueError("--vocab-size must be positive")
     from .data.corpus import read_user_documents, split_documents
     from .data.prepare import build_prepared_dir
 
-    docs = list(read_user_documents(args.input, args.json_key))
+    docs = list(read_user_documents(args.input, args.json_key, args.skip_invalid,
+                                    warn=lambda m: print(f"msg-preprocess: warning: {m}", file=sys.stderr)))
+    if not docs:
+        raise ValueError("no documents in the input files: nothing to tokenize")
     train, valid = split_documents(docs, args.valid_fraction)
     vocab = args.vocab_size
     if args.tokenizer:
@@ -35,7 +40,8 @@ def _main(argv) -> int:
 
         vocab = Tokenizer(args.tokenizer).vocab_size
     manifest = build_prepared_dir(args.output, train, valid, vocab, args.tokenizer,
-                                  key={"inputs": args.input, "valid_fraction": args.valid_fraction})
+                                  key={"inputs": args.input, "valid_fraction": args.valid_fraction},
+                                  vocab_name="--vocab-size")
     print(json.dumps({"output": args.output, "vocab_size": vocab, "tokens": manifest["tokens"],
                       "documents": manifest["documents"]}))
     print(f"use it with: data.corpus={args.output} model.vocab_size={vocab}", file=sys.stderr)

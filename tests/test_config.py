@@ -80,3 +80,20 @@ def test_config_directory_and_list_index_past_the_end_are_named():
     with pytest.raises(ConfigError, match="there is no entry -1"):
         load_config("configs/demo_cpu.yaml", ["growth.stages.-1.step=3"])
     assert load_config("configs/demo_cpu.yaml", ["growth.stages.1.step=100"]).growth.stages[1].step == 100
+
+
+@pytest.mark.parametrize("override, need", [
+    ("train.lr=inf", "> 0, finite"), ("train.lr=nan", "> 0, finite"), ("train.min_lr=nan", ">= 0, finite"),
+    ("growth.init_std=nan", ">= 0, finite"), ("model.norm_epsilon=-1", "> 0"), ("train.adam_eps=0", "> 0"),
+    ("model.init_method_std=-1", "> 0"), ("train.threads=-1", ">= 0"), ("train.decay_steps=-5", "> 0"),
+    ("checkpoint.keep=0", ">= 1"), ("checkpoint.keep=-2", ">= 1"), ("train.adam_beta2=1.0", "< 1"),
+    ("train.clip_grad=-1", ">= 0"), ("data.corpus_mb=0", "> 0"), ("train.weight_decay=inf", ">= 0, finite"),
+])
+def test_every_numeric_field_out_of_range_is_refused_at_load_naming_it(override, need):
+    """Values that used to pass validation and fail mid-run (or, keep <= 0, silently keep every
+    checkpoint): each is refused when the config is loaded, naming the field, its value and the range."""
+    field = override.split("=")[0]
+    with pytest.raises(ConfigError) as e:
+        load_config(None, SMALL + [override])
+    msg = str(e.value)
+    assert f"config field `{field}` is" in msg and "it must be" in msg and need in msg, msg

@@ -78,3 +78,51 @@ def test_wrong_vocab_is_reported(tiny_data):
 
     with pytest.raises(DataError, match="model.vocab_size=512"):
         resolve_data_dir(DataConfig(corpus=tiny_data), 1000)
+
+
+def _preprocess(tmp_path, *inputs, extra=()):
+    return run_cli(["msg_megatron.preprocess", "--input", *map(str, inputs), "--output", str(tmp_path / "out"),
+                    "--vocab-size", "400", *extra])
+
+
+@pytest.mark.parametrize("name, data, words", [
+    ("sub", None, ["is a directory", "sub/*.txt"]),
+    ("a.bin", b"\x7fELF\x00\x01\x02" * 50, ["NUL bytes", "binary"]),
+    ("a.jsonl", b'{"text": "ok"}\n[1, 2]\n', ["a.jsonl:2", "a JSON list"]),
+    ("a.jsonl", b'{"text": "ok"}\n7\n', ["a.jsonl:2", "a JSON int"]),
+    ("a.jsonl", b'"just a string"\n', ["a.jsonl:1", "a JSON str"]),
+    ("a.jsonl", b'{"text": "ok"}\n{"text": "caf\xe9"}\n', ["a.jsonl:2: invalid UTF-8 (byte 0xe9 at column 14)",
+                                                          "--skip-invalid"]),
+    ("a.txt", b"line one\nline \xff two\n", ["a.txt:2: invalid UTF-8 (byte 0xff at column 6)", "--skip-invalid"]),
+    ("a.txt", b"tiny text", ["--vocab-size=400 is more than", "<="]),
+])
+def test_preprocess_bad_inputs_are_one_line_errors(tmp_path, name, data, words):
+    path = tmp_path / name
+    if data is None:
+        path.mkdir()
+    else:
+        path.write_bytes(data)
+    r = _preprocess(tmp_path, path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    for w in words:
+        assert w in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
+
+
+def test_preprocess_skips_invalid_utf8_when_asked_and_says_where(tmp_path):
+    good = "".join(f"line {i}: the quick brown fox jumps over the lazy dog {i * 7}\n" for i in range(400))
+    (tmp_path / "a.jsonl").write_bytes(json.dumps({"text": good}).encode() + b"\n" + b'{"text": "caf\xe9"}\n')
+    (tmp_path / "b.txt").write_bytes(b"bad \xff byte\n")
+    r = _preprocess(tmp_path, tmp_path / "a.jsonl", tmp_path / "b.txt", extra=["--skip-invalid", "--valid-fraction", "0",
+                                                                          "--vocab-size", "330"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "a.jsonl:2: invalid UTF-8" in r.stderr and "the line skipped" in r.stderr
+    assert "b.txt:1: invalid UTF-8" in r.stderr and "the file skipped" in r.stderr
+    assert check_prepared_dir(str(tmp_path / "out"))["documents"]["train"] == 1
+
+
+def test_a_vocabulary_too_small_for_the_tokenizer_names_the_minimum(tmp_path):
+    from msg_megatron.data.tokenizer import train_tokenizer
+
+    with pytest.raises(DataError, match=r"model.vocab_size=260 is below .* set model.vocab_size >= \d+"):
+        train_tokenizer(["hello world " * 20, "ab cd ü 12 漢字"], str(tmp_path / "t.model"), 260)

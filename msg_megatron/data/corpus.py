@@ -67,24 +67,59 @@ def split_documents(docs: List[Doc], valid_fraction: float) -> Tuple[List[Doc], 
     return train, valid
 
 
-def read_user_documents(paths: Iterable[str], json_key: str = "text") -> Iterator[Doc]:
-    """Plain-text files (one document each) and JSONL files (one document per line's `json_key`)."""
+def _utf8_problem(path: str, raw: bytes, e: UnicodeDecodeError, first_line: int = 1) -> str:
+    """`path:line: invalid UTF-8 (byte 0xNN at column c)` for a decoding error in `raw`."""
+    line_start = raw.rfind(b"\n", 0, e.start) + 1
+    line = first_line + raw.count(b"\n", 0, e.start)
+    return f"{path}:{line}: invalid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start - line_start + 1})"
+
+
+def read_user_documents(paths: Iterable[str], json_key: str = "text", skip_invalid: bool = False,
+                        warn=None) -> Iterator[Doc]:
+    """Plain-text files (one document each) and JSONL files (one document per line's `json_key`).
+
+    Text must be UTF-8: an undecodable line (JSONL) or file (text) is an error naming the file and
+    line, or with `skip_invalid` is skipped and reported through `warn`; a file with NUL bytes is
+    taken for binary and refused."""
+    def undecodable(msg: str, skipped: str) -> None:
+        if not skip_invalid:
+            raise ValueError(msg + "; fix the file, or pass --skip-invalid to skip what cannot be decoded")
+        if warn:
+            warn(f"{msg}: {skipped} skipped")
+
     for p in paths:
         if not os.path.exists(p):
             raise FileNotFoundError(f"input file `{p}` does not exist")
+        if os.path.isdir(p):
+            raise ValueError(f"input `{p}` is a directory; pass the files in it (e.g. {p}/*.txt)")
+        with open(p, "rb") as f:
+            raw = f.read()
+        if b"\0" in raw:
+            raise ValueError(f"input file `{p}` holds NUL bytes: a binary file, not text; pass text or .jsonl files")
         if p.endswith((".jsonl", ".json")):
-            with open(p, encoding="utf-8") as f:
-                for i, line in enumerate(f):
-                    if not line.strip():
-                        continue
-                    try:
-                        obj = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{p}:{i + 1}: not valid JSON ({e.msg}); each line must be an object") from None
-                    if json_key not in obj or not isinstance(obj[json_key], str):
-                        raise ValueError(f"{p}:{i + 1}: no string field `{json_key}`; pass --json-key with the "
-                                         "name of the text field")
-                    yield f"{p}:{i + 1}", obj[json_key]
+            for i, line in enumerate(raw.split(b"\n")):
+                try:
+                    text = line.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    undecodable(_utf8_problem(p, line, e, i + 1), "the line")
+                    continue
+                if not text.strip():
+                    continue
+                try:
+                    obj = json.loads(text)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{p}:{i + 1}: not valid JSON ({e.msg}); each line must be an object") from None
+                if not isinstance(obj, dict):
+                    raise ValueError(f"{p}:{i + 1}: a JSON {type(obj).__name__}, not an object; each line must be "
+                                     f"an object with the text in `{json_key}`")
+                if json_key not in obj or not isinstance(obj[json_key], str):
+                    raise ValueError(f"{p}:{i + 1}: no string field `{json_key}`; pass --json-key with the "
+                                     "name of the text field")
+                yield f"{p}:{i + 1}", obj[json_key]
         else:
-            with open(p, encoding="utf-8", errors="replace") as f:
-                yield p, f.read()
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                undecodable(_utf8_problem(p, raw, e), "the file")
+                continue
+            yield p, text

@@ -52,7 +52,8 @@ def _write_split(docs: List[Doc], tok: Tokenizer, prefix: str) -> int:
 
 
 def build_prepared_dir(out_dir: str, train_docs: List[Doc], valid_docs: List[Doc], vocab_size: int,
-                       tokenizer_model: str = "", key: Optional[dict] = None) -> dict:
+                       tokenizer_model: str = "", key: Optional[dict] = None, vocab_name: str = "model.vocab_size"
+                       ) -> dict:
     """Tokenize and write a prepared directory atomically; returns the manifest."""
     parent = os.path.dirname(os.path.abspath(out_dir)) or "."
     os.makedirs(parent, exist_ok=True)
@@ -62,7 +63,7 @@ def build_prepared_dir(out_dir: str, train_docs: List[Doc], valid_docs: List[Doc
         if tokenizer_model:
             shutil.copyfile(tokenizer_model, tok_path)
         else:
-            train_tokenizer((t for _, t in train_docs), tok_path, vocab_size)
+            train_tokenizer((t for _, t in train_docs), tok_path, vocab_size, vocab_name=vocab_name)
         tok = Tokenizer(tok_path)
         if tok.vocab_size != vocab_size:
             raise DataError(f"tokenizer `{tokenizer_model or tok_path}` has {tok.vocab_size} pieces but "
