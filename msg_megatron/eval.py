@@ -49,7 +49,9 @@ def _main(argv) -> int:
     ap.add_argument("--iters", type=int, default=None, help="validation batches (default: train.eval_iters)")
     ap.add_argument("--json", action="store_true", help="print one JSON line")
     args = ap.parse_args(argv)
-    from .data import Tokenizer, TokenWindows, resolve_data_dir
+    if args.iters is not None and args.iters < 1:
+        raise ValueError(f"--iters {args.iters}: give at least 1 validation batch (default: train.eval_iters)")
+    from .data import Tokenizer, TokenWindows, resolve_data_dir, validation_problem
     from .training.evaluate import validation_loss
 
     model, cfg, meta = load_model_from_checkpoint(args.load)
@@ -65,7 +67,11 @@ def _main(argv) -> int:
     else:
         data_dir, _ = resolve_data_dir(cfg.data, cfg.model.vocab_size, log=lambda *_: None)
         valid = TokenWindows(os.path.join(data_dir, "valid"), cfg.model.seq_length, cfg.train.seed)
-        out["val_loss"] = validation_loss(model, valid, cfg.train.micro_batch_size, args.iters or cfg.train.eval_iters)
+        iters = args.iters or cfg.train.eval_iters
+        problem = validation_problem(valid, cfg.train.micro_batch_size, iters)
+        if problem:
+            raise ValueError(f"no validation loss for `{meta['path']}`: {problem} (or score a file with --text)")
+        out["val_loss"] = validation_loss(model, valid, cfg.train.micro_batch_size, iters)
     if args.json:
         print(json.dumps(out))
     else:

@@ -93,7 +93,7 @@ def _main(argv) -> int:
     ap.add_argument("--out", default="", help="directory for the candidates' runs (default: a temp dir)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    candidates = [parse_shape(c) for c in args.candidates]
+    candidates = [parse_shape(c, "--candidates entry") for c in args.candidates]
     out = args.out or tempfile.mkdtemp(prefix="msg-gridsearch-")
     results = search(args.config, candidates, args.steps, args.overrides, out,
                      log=(lambda *_: None) if args.json else print)

@@ -19,7 +19,7 @@ import sys
 from .cli import run_cli
 
 
-def parse_shape(text: str):
+def parse_shape(text: str, flag: str = "--shape"):
     from .config import Shape
 
     try:
@@ -27,7 +27,7 @@ def parse_shape(text: str):
     except ValueError:
         parts = []
     if len(parts) != 4 or any(p <= 0 for p in parts):
-        raise ValueError(f"--shape `{text}` must be four positive integers hidden,ffn,heads,layers (e.g. 256,1024,4,4)")
+        raise ValueError(f"{flag} `{text}` must be four positive integers hidden,ffn,heads,layers (e.g. 256,1024,4,4)")
     return Shape(*parts)
 
 
@@ -73,7 +73,7 @@ def _main(argv) -> int:
     from .checkpoint.dist import CheckpointError, _rng_sharded, read_meta, save_checkpoint, tensor_index
     from .checkpoint.run_lock import hold_save_dir
     from .config import Shape, config_from_dict
-    from .data import DataError, TokenWindows, resolve_data_dir_all_ranks
+    from .data import DataError, TokenWindows, resolve_data_dir_all_ranks, validation_problem
     from .growth.operators import growth_seed
     from .growth.stream import GrowthSource, set_writers, skeleton, stage_groups
     from .growth.stream_eval import streamed_validation_loss
@@ -125,10 +125,8 @@ def _main(argv) -> int:
         except DataError as e:
             unverified = f"no validation data ({e})"
         else:
-            if valid.num_samples < mbs or iters < 1:
-                unverified = (f"the validation split holds {valid.num_samples} windows of {cfg.model.seq_length} "
-                              f"tokens, fewer than train.micro_batch_size={mbs}" if iters >= 1 else
-                              f"train.eval_iters={iters}")
+            unverified = validation_problem(valid, mbs, iters)
+            if unverified:
                 valid = None
     before = streamed_validation_loss(path, cfg, old, valid, mbs, iters, dev)
 

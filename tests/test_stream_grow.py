@@ -151,15 +151,15 @@ def test_msg_grow_refuses_a_non_empty_save_directory_unless_overwrite(tmp_path, 
 
 @pytest.mark.timeout(300)
 def test_msg_grow_says_when_it_could_not_verify(tmp_path, tiny_data):
-    """A validation split smaller than one micro-batch (9 windows of 512 tokens, micro-batch 16):
+    """A validation split smaller than one micro-batch (94 windows of 512 tokens, micro-batch 128):
     the growth is written, and msg-grow says the function was not verified and why."""
-    ck = _train(tmp_path, ["model.seq_length=512", "train.micro_batch_size=16", "train.global_batch_size=16",
+    ck = _train(tmp_path, ["model.seq_length=512", "train.micro_batch_size=128", "train.global_batch_size=128",
                            "train.eval_interval=0"], [[32, 64, 2, 2], [32, 128, 4, 2]])
     r = run_cli(["msg_megatron.grow", "--load", str(ck), "--shape", "32,128,4,3", "--save", str(tmp_path / "g"),
                  "--json"])
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    assert out["verified"] is False and "fewer than train.micro_batch_size=16" in out["not_verified_because"], out
+    assert out["verified"] is False and "fewer than one micro-batch" in out["not_verified_because"], out
     assert "function preservation NOT verified" in r.stderr
     r = run_cli(["msg_megatron.grow", "--load", str(ck), "--shape", "32,128,4,3", "--save", str(tmp_path / "g2"),
                  "--no-verify"])

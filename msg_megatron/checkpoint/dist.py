@@ -59,14 +59,17 @@ def resolve_checkpoint(path: str, full: bool = False, fallback: bool = False, no
     is an error that names the bad file.
     """
     notes = notes if notes is not None else []
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint `{path}` is a file; name a checkpoint directory (a step_* directory or "
+                              "a save directory holding them)")
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint `{path}` does not exist")
     if os.path.exists(os.path.join(path, META)) or os.path.basename(os.path.normpath(path)).startswith("step_"):
         try:
             verify_manifest(path, full)
         except IncompleteCheckpoint as e:
-            raise CheckpointError(f"checkpoint `{path}` is not usable: {e}; use another step or "
-                                  "checkpoint.load=auto") from None
+            raise CheckpointError(f"checkpoint `{path}` is not usable: {e}; use another step (msg-pretrain: or "
+                                  "checkpoint.load=auto, which falls back to the newest complete one)") from None
         return path
     marker = os.path.join(path, "latest")
     has_steps = any(d.startswith("step_") for d in os.listdir(path))
@@ -85,8 +88,8 @@ def resolve_checkpoint(path: str, full: bool = False, fallback: bool = False, no
     else:
         problem = f"`{path}` has no `latest` marker (a save was interrupted before updating it)"
     if not fallback:
-        raise CheckpointError(problem + "; name a complete step_* directory, or use checkpoint.load=auto to "
-                              "fall back to the newest complete one")
+        raise CheckpointError(problem + "; name a complete step_* directory (msg-pretrain: or checkpoint.load=auto, "
+                              "which falls back to the newest complete one)")
     found, rejected = newest_complete(path, full, skip=step_dir)
     notes.append(problem)
     notes += [f"skipped `{d}`: {why}" for d, why in rejected]

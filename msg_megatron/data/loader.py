@@ -7,6 +7,7 @@ windows in a seeded permutation; the only state is the number of samples consume
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import numpy as np
 import torch
@@ -55,6 +56,19 @@ class TokenWindows:
                                            (b * size + k + 1) * self.seq_length + 1], dtype=np.int64)
                     for k in range(size)]
             yield torch.from_numpy(np.stack(rows))
+
+
+def validation_problem(windows, micro_batch_size: int, iters: int) -> Optional[str]:
+    """Why a validation loss cannot be computed from `windows` (None: it can)."""
+    if windows is None:
+        return "there is no validation split"
+    if iters < 1:
+        return f"eval_iters={iters} asks for no batches"
+    if windows.num_samples < micro_batch_size:
+        return (f"the validation split holds {windows.num_samples} windows of {windows.seq_length} tokens, fewer "
+                f"than one micro-batch (train.micro_batch_size={micro_batch_size}); use more validation data "
+                "(data.valid_fraction) or a smaller micro-batch")
+    return None
 
 
 class SyntheticWindows:

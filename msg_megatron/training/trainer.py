@@ -21,7 +21,7 @@ import torch
 from ..checkpoint.dist import CheckpointError, load_checkpoint, read_meta, save_checkpoint
 from ..checkpoint.run_lock import hold_save_dir
 from ..config import Config, ConfigError, Shape
-from ..data import SyntheticWindows, TokenWindows, resolve_data_dir_all_ranks
+from ..data import SyntheticWindows, TokenWindows, resolve_data_dir_all_ranks, validation_problem
 from ..growth.axes import GrowthPlan
 from ..growth.operators import grow_model, growth_seed
 from ..growth.optimizer_state import grow_optimizer
@@ -87,6 +87,9 @@ class Trainer:
             self.train_data = TokenWindows(os.path.join(self.data_dir, "train"), seq, t.seed)
             self.valid_data = (TokenWindows(os.path.join(self.data_dir, "valid"), seq, t.seed)
                                if manifest["tokens"]["valid"] > seq + 1 else None)
+        self.no_validation = validation_problem(self.valid_data, t.micro_batch_size, t.eval_iters)
+        if self.no_validation:  # said once at start, and in the final result, instead of a silent null
+            self.metrics.print(f"[eval] no validation loss will be reported: {self.no_validation}")
         self.schedule = cfg.schedule()
         reset_steps = [self.schedule[i][0] for i in cfg.growth.lr_reset_stages]
         self.lr_schedule = LRSchedule(t.lr, t.min_lr, t.warmup_steps, t.decay_steps or t.steps, t.decay_style,
@@ -378,7 +381,10 @@ class Trainer:
         last_eval = self._log_eval()
         self.save()
         self.metrics.close()
-        return {"step": self.step, "val_loss": last_eval, "shape": list(self.model.shape.as_tuple())}
+        out = {"step": self.step, "val_loss": last_eval, "shape": list(self.model.shape.as_tuple())}
+        if self.no_validation:
+            out["no_validation"] = self.no_validation
+        return out
 
     def _stop_for_relayout(self, stage: int) -> dict:
         """The next stage runs at another TP/PP layout: save here (before the growth) and stop, so
