@@ -64,12 +64,18 @@ def _reference(ckpt, shape, out, tp, pp, depth_init="interpolate"):
     assert r.returncode == 0, r.stderr[-3000:]
 
 
+@pytest.fixture(scope="module")
+def llama_ck(tmp_path_factory, tiny_data):
+    """A Llama-style checkpoint (SwiGLU, RoPE, RMSNorm; tied embeddings) whose second stage grew
+    mid-run; the tests only read it."""
+    return _train(tmp_path_factory.mktemp("llama"), LLAMA, [[32, 64, 2, 2], [32, 128, 4, 2]])
+
+
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("depth_init", ["interpolate", "stack", "random"])
-def test_streamed_growth_writes_what_whole_model_growth_writes(tmp_path, tiny_data, depth_init):
-    """Every dimension grows (SwiGLU, RoPE, RMSNorm; tied embeddings), from a checkpoint whose
-    second stage already grew mid-run; each depth init: copied layers without AdamW state."""
-    ck = _train(tmp_path, LLAMA, [[32, 64, 2, 2], [32, 128, 4, 2]])
+def test_streamed_growth_writes_what_whole_model_growth_writes(tmp_path, llama_ck, depth_init):
+    """Every dimension grows; each depth init: copied layers without AdamW state."""
+    ck = llama_ck
     shape = "48,192,6,5"
     r = _grow(1, ["--load", str(ck), "--shape", shape, "--save", str(tmp_path / "g"), "--depth-init", depth_init,
                   "--json"])
@@ -131,12 +137,14 @@ def test_msg_grow_peak_does_not_grow_with_depth(tmp_path):
     layer = 4 * h * h + 2 * h * f + 2 * h  # parameters of one layer (GPT-2 style: ungated MLP, no biases)
     whole_model_extra = 12 * (4 + 8) * layer  # 4 more old layers + 8 more new ones, weights and moments
     extra = (peaks[8] - peaks[4]) * 1024
+    print(f"msg-grow peaks {peaks[4] / 1024:.0f} MB (4->8 layers), {peaks[8] / 1024:.0f} MB (8->16); difference "
+          f"{extra / 2**20:.1f} MB, whole-model growth would add {whole_model_extra / 2**20:.0f} MB")
     assert extra < 0.2 * whole_model_extra, (peaks, extra / 2**20, whole_model_extra / 2**20)
 
 
 @pytest.mark.timeout(300)
-def test_msg_grow_refuses_a_non_empty_save_directory_unless_overwrite(tmp_path, tiny_data):
-    ck = _train(tmp_path, [], [[32, 64, 2, 2], [32, 128, 4, 2]])
+def test_msg_grow_refuses_a_non_empty_save_directory_unless_overwrite(tmp_path, llama_ck):
+    ck = llama_ck
     other = tmp_path / "other"
     (other / "step_000008").mkdir(parents=True)
     (other / "step_000008" / "msg_meta.json").write_text("{}")  # someone else's checkpoint
