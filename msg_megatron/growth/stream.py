@@ -135,9 +135,9 @@ class GrowthSource:
         self.dp_rank, self.dp = dp_rank, dp
         self.rounds = _rounds(len(groups), dp)
         self.done = -1  # rounds run so far
-        self.current: Dict[str, torch.Tensor] = {}
+        self.current: Dict[tuple, torch.Tensor] = {}  # (key, global offset) -> tensor
         self.current_group: Optional[int] = None
-        self.fixed: Dict[str, torch.Tensor] = {}
+        self.fixed: Dict[tuple, torch.Tensor] = {}
 
     def owner(self, g: int) -> int:
         """The DP rank that grows and writes group g."""
@@ -159,7 +159,7 @@ class GrowthSource:
             self.load(Piece((), False, False), restore_rng=True)
         return self.rng
 
-    def grow(self, g: int, restore_rng: bool = False) -> Dict[str, torch.Tensor]:
+    def grow(self, g: int, restore_rng: bool = False) -> Dict[tuple, torch.Tensor]:
         """Load group g, grow it; its tensors by checkpoint key (as the whole model's save has them)."""
         from megatron.core.dist_checkpointing.dict_utils import nested_values
         from megatron.core.dist_checkpointing.mapping import apply_factories
