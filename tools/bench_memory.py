@@ -11,7 +11,8 @@ what earlier phases freed) and read at its end, so each phase's peak is exact, n
   save      a checkpoint of the full model
   load      a fresh process resuming that checkpoint (the model is built by the load)
   train2    two steps after the load (that process's own reference)
-  msg-grow  offline growth of the 6-layer and the 12-layer checkpoints to twice their depth (DP1)
+  msg-grow  offline growth (streamed) of the 12-layer checkpoint to twice its depth in the layout's
+            own processes (the DP ranks share the layers); at DP1 also of the 6-layer one
 Ratios are to the training-step peak of the same process; B/param is the phase's peak over the
 RSS before the model existed, per parameter of the process's shard. `opt MB` is the optimizer's own
 state per process (fp32 masters when they are copies, AdamW moments): it should fall as 1/DP with
@@ -155,12 +156,21 @@ def worker(args) -> None:
 
 
 def cli_worker(args) -> None:
-    """One CLI (msg-grow) in this process, its peak from the kernel's high-water mark."""
+    """One CLI (msg-grow) in this process (one of its torchrun processes), its peak from the
+    kernel's high-water mark; rank 0 prints every process's."""
+    import torch.distributed as dist
+
     from msg_megatron.grow import _main
 
     base = _rss_kib()
     _main(args.rest)
-    print("RESULT " + json.dumps({"peak_kib": _hwm_kib(), "base_kib": base}))
+    out = {"peak_kib": _hwm_kib(), "base_kib": base}
+    parts = [out]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, out)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print("RESULT " + json.dumps(parts))
 
 
 def _torchrun(n: int, argv, env) -> str:  # the RESULT line's JSON
@@ -211,14 +221,19 @@ def main() -> None:
                         [(k, v, ref2, rb["base_kib"]) for k, v in rb["peaks_kib"].items()]:
                     row[ph] = {"mb": v / 1024, "ratio": v / r, "b_per_param": (v - base) * 1024 / ra["params"]}
                 rows.append(row)
-            if name == "dp1" and not args.no_msg_grow:
+            if not args.no_msg_grow:  # DP1: both depths; other layouts: 12 -> 24 layers in that layout
                 (h, f, a_, layers), _ = SIZES[args.size]
-                for src, depth in (("step_000002", layers), ("step_000005", 2 * layers)):
-                    out = os.path.join(tmp, f"grown-{depth}")
-                    g = json.loads(_torchrun(1, ["--worker", "cli", "--", "--load", os.path.join(ck, src), "--shape",
-                                                 f"{h},{f},{a_},{depth}", "--save", out, "--no-verify"], env))
-                    rows.append({"layout": "dp1", "rank": 0, "msg-grow": f"{depth // 2}->{depth} layers",
-                                 "peak_mb": g["peak_kib"] / 1024, "ref_train_mb": rows[0]["train_mb"]})
+                runs = ((("step_000002", layers), ("step_000005", 2 * layers)) if name == "dp1"
+                        else (("step_000005", 2 * layers),))
+                for src, depth in runs:
+                    out = os.path.join(tmp, f"grown-{name}-{depth}")
+                    g = json.loads(_torchrun(n, ["--worker", "cli", "--", "--load", os.path.join(ck, src), "--shape",
+                                                 f"{h},{f},{a_},{depth}", "--save", out, "--no-verify",
+                                                 "--tensor", str(tp), "--pipeline", str(pp)], env))
+                    for rank, gr in enumerate(g):
+                        ref = next(r for r in rows if r["layout"] == name and r["rank"] == rank)["train_mb"]
+                        rows.append({"layout": name, "rank": rank, "msg-grow": f"{depth // 2}->{depth} layers",
+                                     "peak_mb": gr["peak_kib"] / 1024, "ref_train_mb": ref})
     if args.json:
         print(json.dumps(rows, indent=1))
         return
@@ -228,8 +243,8 @@ def main() -> None:
     print(f"{'layout':8} {'rank':>4} {'params':>11} {'opt MB':>8} " + " ".join(f"{c:>15}" for c in cols))
     for r in rows:
         if "msg-grow" in r:
-            print(f"msg-grow {r['msg-grow']}: peak {r['peak_mb']:.0f} MB "
-                  f"({r['peak_mb'] / r['ref_train_mb']:.2f}x the dp1 training step)")
+            print(f"{r['layout']:8} {r['rank']:>4} msg-grow {r['msg-grow']}: peak {r['peak_mb']:.0f} MB "
+                  f"({r['peak_mb'] / r['ref_train_mb']:.2f}x this layout's training step)")
             continue
         cells = [f"{r[c]['mb']:7.0f} {r[c]['ratio']:5.2f}x " if c in r else f"{'-':>15}" for c in cols]
         print(f"{r['layout']:8} {r['rank']:>4} {r['params']:>11,} {r['opt_mb']:>8.0f} " + " ".join(cells))
