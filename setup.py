@@ -21,8 +21,11 @@ def _extensions():
     try:
         from torch.utils.cpp_extension import CppExtension
     except ImportError:
-        print("msg-megatron: torch not importable at build time; skipping the CPU extension "
-              "(install torch first and use --no-build-isolation)")
+        import sys
+
+        print("msg-megatron: WARNING: torch is not importable in this build environment, so the CPU "
+              "masked-norm kernel is NOT built (the pure-PyTorch norms will run, with a warning at first use). "
+              "Fix: install torch first, then `pip install --no-build-isolation -e .`", file=sys.stderr)
         return [], build_ext
     from torch.utils.cpp_extension import BuildExtension
 
@@ -31,8 +34,10 @@ def _extensions():
             try:
                 super().build_extension(ext)
             except Exception as e:  # noqa: BLE001 - a failed kernel build must not fail the install
+                import sys
+
                 print(f"msg-megatron: WARNING: building {ext.name} failed ({e}); the pure-PyTorch "
-                      "masked norms will be used")
+                      "masked norms will be used (a warning at first use says so too)", file=sys.stderr)
 
     flags = ["-O3", "-fopenmp", "-std=c++17"]
     if platform.machine() in ("x86_64", "AMD64"):

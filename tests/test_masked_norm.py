@@ -76,3 +76,24 @@ def test_bf16_input_keeps_fp32_statistics():
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), ref_layer_norm(x.bfloat16().float(), m, w, b, 1e-5).float(),
                                rtol=2e-2, atol=2e-2)
+
+
+def test_an_unbuilt_kernel_is_said_once_at_first_use_with_the_fix(monkeypatch):
+    import warnings
+
+    import torch
+
+    from msg_megatron.ops import masked_norm as mn
+
+    monkeypatch.setattr(mn, "_HAS_CPU_EXT", False)
+    monkeypatch.setattr(mn, "_EXT_ERROR", "not built (reinstall with: pip install --no-build-isolation -e .)")
+    monkeypatch.setattr(mn, "_WARNED", False)
+    x, w, b = torch.randn(3, 8), torch.ones(8), torch.zeros(8)
+    mask = torch.ones(8)
+    with pytest.warns(RuntimeWarning, match=r"not built .* Fix: install torch first, then `pip install "
+                                            r"--no-build-isolation -e \.`"):
+        y = mn.masked_layer_norm(x, mask, w, b, 1e-5)
+    torch.testing.assert_close(y, mn.masked_layer_norm_torch(x, mask, w, b, 1e-5), rtol=0, atol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once only
+        mn.masked_layer_norm(x, mask, w, b, 1e-5)

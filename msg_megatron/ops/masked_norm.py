@@ -105,9 +105,28 @@ def _check_shapes(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, bia
                                f"got {list(t.shape)}")
 
 
+_WARNED = False
+
+
+def _warn_once_unbuilt() -> None:
+    """A kernel that was not built is said once, at first use, with the fix (the install itself
+    cannot say it: pip hides the output of a build that succeeds)."""
+    global _WARNED
+    if _WARNED or _HAS_CPU_EXT or (_EXT_ERROR or "").startswith(("disabled", "this CPU lacks")):
+        return
+    _WARNED = True
+    import warnings
+
+    warnings.warn(f"msg-megatron: the compiled CPU masked norm is {_EXT_ERROR}; the slower pure-PyTorch one "
+                  "runs instead. Fix: install torch first, then `pip install --no-build-isolation -e .` in the "
+                  "repository (the build needs torch importable).", RuntimeWarning, stacklevel=3)
+
+
 def _use_ext(x: torch.Tensor) -> bool:
     if x.device.type == "cuda":
         return _HAS_CUDA_EXT and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    if x.device.type == "cpu" and not _HAS_CPU_EXT:
+        _warn_once_unbuilt()
     return _HAS_CPU_EXT and x.device.type == "cpu"
 
 
