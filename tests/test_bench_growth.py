@@ -9,6 +9,8 @@ import pytest
 
 from conftest import REPO
 
+pytestmark = pytest.mark.slow  # processes, training runs: the full tier (README); `-m "not slow"` skips it
+
 
 @pytest.mark.timeout(600)
 def test_bench_growth_quick(tmp_path, cache_dir):

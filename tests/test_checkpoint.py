@@ -15,6 +15,8 @@ from msg_megatron.checkpoint.dist import CheckpointError, read_meta
 from msg_megatron.config import load_config
 from test_train import TINY, read_metrics, tiny_cfg
 
+pytestmark = pytest.mark.slow  # processes, training runs: the full tier (README); `-m "not slow"` skips it
+
 
 def _losses(run_dir):
     return {r["step"]: r["loss"] for r in read_metrics(os.path.join(run_dir, "metrics.jsonl")) if "loss" in r}

@@ -6,6 +6,8 @@ import pytest
 from conftest import run_cli
 from msg_megatron.gridsearch import rates
 
+pytestmark = pytest.mark.slow  # processes, training runs: the full tier (README); `-m "not slow"` skips it
+
 
 def test_rates_of_a_linear_run():
     # loss falls 0.01 per step, 2 steps per second: alpha 0.01, tau 2, gamma = alpha * tau = 0.02

@@ -21,6 +21,8 @@ import torch
 from conftest import run_cli
 from test_parallel import TRAIN, _write_config, torchrun
 
+pytestmark = pytest.mark.slow  # processes, training runs: the full tier (README); `-m "not slow"` skips it
+
 transformers = pytest.importorskip("transformers")
 
 ARCHS = {  # (extra config, stages): every dimension grows; both end past the ramp (3 steps)

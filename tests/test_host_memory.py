@@ -16,8 +16,9 @@ from conftest import REPO, run_cli
 from msg_megatron.config import ConfigError, load_config
 from msg_megatron.training.host_memory import GIB, check_host_memory, state_bytes_per_param
 
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the host-memory check and these refusals are "
-                                                                   "for machines without a GPU")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(torch.cuda.is_available(), reason="the host-memory check and these refusals are "
+                                                                   "for machines without a GPU")]
 
 # ~19B parameters: 320 GiB of fp32 training state, more than any CI machine has
 HUGE = [8192, 32768, 64, 24]

@@ -26,6 +26,8 @@ import yaml
 from conftest import REPO, run_cli
 from msg_megatron.config import load_config
 
+pytestmark = pytest.mark.slow  # processes, training runs: the full tier (README); `-m "not slow"` skips it
+
 MODELS = {
     "llama": {"vocab_size": 97, "hidden_size": 48, "ffn_hidden_size": 96, "num_attention_heads": 4, "num_layers": 3,
               "kv_channels": 8, "seq_length": 16, "norm": "rmsnorm", "activation": "swiglu",

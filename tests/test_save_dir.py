@@ -13,6 +13,8 @@ from conftest import REPO, run_cli
 from msg_megatron.checkpoint import run_lock
 from msg_megatron.checkpoint.run_lock import LOCK, RunLock, SaveDirInUse
 
+pytestmark = pytest.mark.slow  # processes, training runs: the full tier (README); `-m "not slow"` skips it
+
 TINY = ["configs/demo_cpu.yaml", "data.corpus=synthetic", "train.global_batch_size=2", "train.micro_batch_size=2",
         "train.eval_interval=0", "growth.stages=[]", "model.hidden_size=32", "model.ffn_hidden_size=64",
         "model.num_attention_heads=2", "model.kv_channels=16", "model.num_layers=1", "model.vocab_size=256",

@@ -16,7 +16,8 @@ import pytest
 from conftest import REPO
 from slurm_cluster import LocalSlurm, available
 
-pytestmark = pytest.mark.skipif(not available(), reason="slurm-wlm (slurmctld, slurmd, sbatch) is not installed")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not available(), reason="slurm-wlm (slurmctld, slurmd, sbatch) is not installed")]
 
 SBATCH = os.path.join(REPO, "launch", "slurm", "pretrain.sbatch")
 CONFIG = os.path.join(REPO, "configs", "demo_cpu.yaml")

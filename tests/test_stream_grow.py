@@ -13,6 +13,8 @@ import torch
 from conftest import REPO, run_cli
 from test_parallel import DISTOPT, LLAMA, _write_config, torchrun
 
+pytestmark = pytest.mark.slow  # processes, training runs: the full tier (README); `-m "not slow"` skips it
+
 
 def all_tensors(path: str) -> dict:
     """Every tensor of a checkpoint, whole (in the saved order of units), by key; rng_state left out

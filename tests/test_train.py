@@ -7,6 +7,8 @@ import pytest
 from conftest import run_cli
 from msg_megatron.config import load_config
 
+pytestmark = pytest.mark.slow  # processes, training runs: the full tier (README); `-m "not slow"` skips it
+
 TINY = ["model.vocab_size=512", "model.hidden_size=64", "model.ffn_hidden_size=128", "model.num_attention_heads=4",
         "model.num_layers=3", "model.kv_channels=16", "model.seq_length=32",
         "growth.stages=[{step: 0, shape: [32, 64, 2, 1]}, {step: 12, shape: [48, 96, 3, 2]},"
