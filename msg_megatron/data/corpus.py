@@ -64,6 +64,8 @@ def split_documents(docs: List[Doc], valid_fraction: float) -> Tuple[List[Doc], 
     valid = [d for d in docs if _stable_hash("valid:" + d[0]) % 10_000 < cut]
     if valid_fraction > 0 and not valid and len(train) > 1:
         valid, train = train[-1:], train[:-1]
+    if not train and valid:  # (a tiny corpus whose documents all hashed to validation: train comes first)
+        train, valid = valid[:1], valid[1:]
     return train, valid
 
 
