@@ -70,11 +70,11 @@ def _main(argv) -> int:
     import torch
     from megatron.core import parallel_state as ps
 
-    from .checkpoint.dist import CheckpointError, _rng_sharded, read_meta, save_checkpoint, tensor_index
+    from .checkpoint.dist import CheckpointError, _rng_sharded, read_meta, save_checkpoint
     from .checkpoint.run_lock import hold_save_dir
     from .config import Shape, config_from_dict
     from .data import DataError, TokenWindows, resolve_data_dir_all_ranks, validation_problem
-    from .growth.operators import growth_seed
+    from .growth.operators import check_growth, growth_seed
     from .growth.stream import GrowthSource, set_writers, skeleton, stage_groups
     from .growth.stream_eval import streamed_validation_loss
     from .model import count_parameters
@@ -100,16 +100,8 @@ def _main(argv) -> int:
         if s.heads % tp or s.ffn % tp or s.layers % pp:
             raise ValueError(f"{what} {s} does not fit --tensor {tp} --pipeline {pp}: heads and ffn must divide by "
                              f"the tensor degree and layers by the pipeline degree")
-    for dim, a, b in zip(("hidden", "ffn", "heads", "layers"), old.as_tuple(), shape.as_tuple()):
-        if b < a:
-            raise ValueError(f"--shape {shape} would shrink {dim} from {a} to {b}: growth only adds units")
-    depth_init = args.depth_init or g.depth_init
-    if pp > 1 and shape.layers != old.layers and depth_init != "interpolate":
-        raise ValueError(f"--depth-init {depth_init} with --pipeline {pp} would move layers between stages; "
-                         "use interpolate")
-    init = args.init or g.init
-    if init == "copy" and tp > 1:
-        raise ValueError("--init copy needs --tensor 1: a copied unit may live on another rank")
+    depth_init, init = args.depth_init or g.depth_init, args.init or g.init
+    check_growth(old, shape, init, depth_init, tp, pp)  # (grow_model's own checks, before any compute)
     initialize_parallel(tp, pp, cfg.train.seed)
     _check_host_memory(cfg, old, shape, tp, pp)
     lock = hold_save_dir(args.save, "msg-grow", log=lambda m: is_logging_rank() and print(m, file=sys.stderr))
@@ -140,7 +132,7 @@ def _main(argv) -> int:
     source = GrowthSource(path, cfg, old, shape, groups, kw, dev, ps.get_data_parallel_rank(),
                           ps.get_data_parallel_world_size())
     rng = source.grow_ends()
-    new_model, sd = skeleton(cfg, shape, tensor_index(path), groups)
+    new_model, sd = skeleton(cfg, shape, source.read[1], groups)
     sd = set_writers(sd, groups, source.owner)
     sd["rng_state"] = _rng_sharded(rng)  # (every rank writes its own row)
     source.fixed[("rng_state", tuple(sd["rng_state"].global_offset))] = sd["rng_state"].data

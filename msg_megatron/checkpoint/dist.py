@@ -318,30 +318,30 @@ def _remove_leftovers(save_dir: str) -> None:
 
 
 def _prune(save_dir: str, keep: int) -> None:
-    if keep <= 0:
-        return
     steps = step_dirs(save_dir)  # by step number
     for d in steps[:-keep]:
         shutil.rmtree(os.path.join(save_dir, d), ignore_errors=True)
 
 
 def load_checkpoint(path: str, model, optimizer=None, expect_shape: Optional[Shape] = None, full: bool = False,
-                    restore_rng: bool = True, whole_model: bool = True) -> dict:
+                    restore_rng: bool = True, whole_model: bool = True, read: Optional[tuple] = None) -> dict:
     """Load tensors into `model` (built at the checkpoint's shape) and `optimizer`; return the meta.
     `restore_rng`: also set this process's torch RNG to the saved state (exact resume).
     `whole_model=False`: the ranks load pieces of the model (msg-grow streaming), so megatron's check
-    that the ranks together read every tensor exactly once does not apply."""
+    that the ranks together read every tensor exactly once does not apply. `read`: the checkpoint's
+    (meta, tensor index) when the caller already has them (a piece-by-piece reader verifies and
+    parses them once, not per piece)."""
     from megatron.core import dist_checkpointing
 
     from ..model.masks import refresh_active
 
-    meta = read_meta(path, full=full)
+    meta, saved = read if read is not None else (read_meta(path, full=full), None)
     shape = Shape(*meta["shape"])
     if shape != model.shape or (expect_shape is not None and shape != expect_shape):
         raise CheckpointError(f"checkpoint `{meta['path']}` has shape {shape}, but the model to load into is "
                               f"{expect_shape or model.shape}; grow it with msg-grow or pick the matching stage")
     has_opt = bool(meta.get("optimizer")) and optimizer is not None
-    saved = tensor_index(meta["path"])
+    saved = saved if saved is not None else tensor_index(meta["path"])
     # each rank's own slice only; bf16: the masters are loaded, the parameters rounded from them below
     sd, states = _sharded(model, optimizer, saved, moments=has_opt)
     masters = {f"model.{n}" for n, p in model.named_parameters() if p.dtype != torch.float32}

@@ -198,7 +198,8 @@ def hold_save_dir(save_dir: str, prog: str, log=None) -> Optional[RunLock]:
         err = flag[0]
     if err is None:
         try:
-            probe_writable(save_dir, rank)
+            if rank != 0:  # (rank 0 probed before taking the lock)
+                probe_writable(save_dir, rank)
         except SaveTargetError as e:
             err = str(e)
         if world > 1:

@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 import torch
 
 from ..config import Shape
-from ..model.gpt import MaskedGPT, Piece
+from ..model.gpt import MaskedGPT, Piece, pp_rank_size
 from ..model.masks import open_masks, refresh_active
 from .axes import AxisPlan, GrowthPlan
 
@@ -169,6 +169,21 @@ def plan_depth(old_layers: int, new_layers: int, depth_init: str) -> List[Option
     raise ValueError(f"unknown depth_init {depth_init!r}; use interpolate, stack or random")
 
 
+def check_growth(old: Shape, new: Shape, init: str, depth_init: str, tp: int, pp: int) -> None:
+    """What any growth old -> new refuses (ValueError naming the fix): shrinking; copied units under
+    TP (a copy may live on another rank); new layers other than interpolated under PP (they would
+    move between stages). grow_model checks it; msg-grow calls it before loading anything."""
+    for dim, a, b in zip(("hidden", "ffn", "heads", "layers"), old.as_tuple(), new.as_tuple()):
+        if b < a:
+            raise ValueError(f"cannot shrink {dim} from {a} to {b} ({old} -> {new}): growth only adds units")
+    if init == "copy" and tp > 1:
+        raise ValueError(f"init=copy with tensor parallel size {tp}: a copied unit may live on another rank; "
+                         "grow at TP 1, or use init normal or zeros")
+    if pp > 1 and new.layers != old.layers and depth_init != "interpolate":
+        raise ValueError(f"depth_init={depth_init} with pipeline size {pp} would move layers between stages; "
+                         "use interpolate (copies stay on their source's stage)")
+
+
 def grow_model(model: MaskedGPT, new_shape: Shape, *, step: int, init: Union[str, InitFn] = "normal",
                init_std: float = 0.02, depth_init: str = "interpolate", seed: int = 1234,
                plan: Optional[GrowthPlan] = None, operator: str = "msg", into: Optional[Piece] = None,
@@ -194,23 +209,17 @@ def grow_model(model: MaskedGPT, new_shape: Shape, *, step: int, init: Union[str
     if split_copies:
         init = "copy"
     old_shape = model.shape
-    for dim, a, b in zip(("hidden", "ffn", "heads", "layers"), old_shape.as_tuple(), new_shape.as_tuple()):
-        if b < a:
-            raise ValueError(f"cannot shrink {dim} from {a} to {b}: growth only adds units")
     init_fn = named_init(init, init_std) if isinstance(init, str) else init
     mcfg = model.mcfg
     plan = plan or GrowthPlan(model, new_shape)  # callers growing the optimizer too pass theirs
-    if init_fn is None and plan.tp > 1:
-        raise ValueError("init=copy needs tensor parallel size 1: a copied unit may live on another rank")
+    check_growth(old_shape, new_shape, "copy" if init_fn is None else "normal", depth_init, plan.tp,
+                 pp_rank_size()[1] if sources is None else 1)  # (pieces: their sources are the stage's plan)
     old_sd = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
 
     from ..parallel import setup
 
     new_model = MaskedGPT(mcfg, new_shape, perform_init=False, piece=into).to(device or setup.device())
     if sources is None:
-        if new_shape.layers != old_shape.layers and new_model.layer_offset and depth_init != "interpolate":
-            raise ValueError(f"depth_init={depth_init} under pipeline parallelism would move layers between "
-                             "stages; use interpolate (copies stay on their source's stage)")
         # Per stage: interpolation of the stage's own layers equals the global plan restricted to it.
         sources = plan_depth(model.local_layers, new_model.local_layers, depth_init)
     depth_plan = sources

@@ -61,8 +61,7 @@ class PieceState:
         st = self.state.get(p)
         return None if st is None else {"step": st["step"], **{k: st[k].view_as(p) for k in MOMENTS}}
 
-    def set_state(self, p, state: Optional[dict]) -> None:
-        self.set_local_state(p, state)
+    set_state = set_local_state  # (the whole parameter is this piece's local range)
 
     def params_from_masters(self) -> None:
         pass
@@ -109,10 +108,18 @@ def _rounds(n_groups: int, dp: int) -> int:
     return math.ceil((n_groups - 1) / dp)
 
 
-def load_piece(path: str, cfg, shape: Shape, piece: Piece, device, restore_rng: bool = False,
+def read_once(path: str) -> tuple:
+    """(meta, tensor index) of checkpoint `path`, verified and parsed once for all its pieces."""
+    from ..checkpoint.dist import read_meta, tensor_index
+
+    meta = read_meta(path)
+    return meta, tensor_index(meta["path"])
+
+
+def load_piece(read: tuple, cfg, shape: Shape, piece: Piece, device, restore_rng: bool = False,
                optimizer: bool = True):
     """A piece of a model of `shape` (this rank's stage, this layout) with its tensors (and AdamW
-    state) from checkpoint `path`: a collective, as every dist_checkpointing load."""
+    state) from the checkpoint `read` = read_once(path): a collective, as every dist_checkpointing load."""
     import warnings
 
     from ..checkpoint.dist import load_checkpoint
@@ -121,7 +128,7 @@ def load_piece(path: str, cfg, shape: Shape, piece: Piece, device, restore_rng: 
     state = PieceState() if optimizer else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        load_checkpoint(path, model, state, restore_rng=restore_rng, whole_model=False)
+        load_checkpoint(read[0]["path"], model, state, restore_rng=restore_rng, whole_model=False, read=read)
     return model, state
 
 
@@ -130,7 +137,7 @@ class GrowthSource:
 
     def __init__(self, path: str, cfg, old: Shape, new: Shape, groups: List[Group], grow_kwargs: dict,
                  device: torch.device, dp_rank: int, dp: int):
-        self.path, self.cfg, self.old, self.new = path, cfg, old, new
+        self.read, self.cfg, self.old, self.new = read_once(path), cfg, old, new
         self.groups, self.kw, self.device = groups, grow_kwargs, device
         self.dp_rank, self.dp = dp_rank, dp
         self.rounds = _rounds(len(groups), dp)
@@ -138,13 +145,14 @@ class GrowthSource:
         self.current: Dict[tuple, torch.Tensor] = {}  # (key, global offset) -> tensor
         self.current_group: Optional[int] = None
         self.fixed: Dict[tuple, torch.Tensor] = {}
+        self.rng: Optional[torch.Tensor] = None  # the saved RNG state of this rank (grow_ends)
 
     def owner(self, g: int) -> int:
         """The DP rank that grows and writes group g."""
         return 0 if g == 0 else (g - 1) % self.dp
 
     def load(self, piece: Piece, restore_rng: bool = False):
-        out = load_piece(self.path, self.cfg, self.old, piece, self.device, restore_rng=restore_rng)
+        out = load_piece(self.read, self.cfg, self.old, piece, self.device, restore_rng=restore_rng)
         if restore_rng:
             self.rng = torch.get_rng_state()  # (before building the grown piece reseeds torch)
         return out

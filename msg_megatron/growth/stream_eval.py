@@ -25,13 +25,14 @@ def streamed_validation_loss(path: str, cfg, shape: Shape, windows, micro_batch_
                              device: torch.device) -> Optional[float]:
     from megatron.core import parallel_state as ps
 
-    from .stream import load_piece
+    from .stream import load_piece, read_once
 
     if windows is None:
         return None
     batches = list(windows.sequential(micro_batch_size, iters))
     if not batches:
         return None
+    read = read_once(path)
     pp_rank, pp = pp_rank_size()
     mine = stage_piece(shape)
     pieces = ([Piece((), mine.pre_process, False)] + [Piece((g,), False, False) for g in mine.layers]
@@ -41,14 +42,14 @@ def streamed_validation_loss(path: str, cfg, shape: Shape, windows, micro_batch_
     for stage in range(pp):
         if stage != pp_rank:
             for _ in pieces:  # (every stage has as many pieces)
-                load_piece(path, cfg, shape, empty, device, optimizer=False)
+                load_piece(read, cfg, shape, empty, device, optimizer=False)
             continue
         if stage > 0:
             acts = [torch.empty(b.shape[1] - 1, b.shape[0], shape.hidden, device=device) for b in batches]
             for x in acts:
                 dist.recv(x, src=ps.get_pipeline_model_parallel_prev_rank())
         for piece in pieces:
-            model, _ = load_piece(path, cfg, shape, piece, device, optimizer=False)
+            model, _ = load_piece(read, cfg, shape, piece, device, optimizer=False)
             model.eval()
             out = []
             for i, batch in enumerate(batches):

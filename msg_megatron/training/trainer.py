@@ -21,7 +21,7 @@ import torch
 from ..checkpoint.dist import CheckpointError, load_checkpoint, read_meta, save_checkpoint
 from ..checkpoint.run_lock import hold_save_dir
 from ..config import Config, ConfigError, Shape
-from ..data import SyntheticWindows, TokenWindows, resolve_data_dir_all_ranks, validation_problem
+from ..data import DataError, SyntheticWindows, TokenWindows, resolve_data_dir_all_ranks, validation_problem
 from ..growth.axes import GrowthPlan
 from ..growth.operators import grow_model, growth_seed
 from ..growth.optimizer_state import grow_optimizer
@@ -77,17 +77,19 @@ class Trainer:
                                      cfg.logging.name, cfg.to_dict(), enabled=log_enabled and is_logging_rank())
         if self.lock is not None and self.lock.note:
             self.metrics.print(f"[lock] {cfg.checkpoint.save}: {self.lock.note}")
-        seq = cfg.model.seq_length
+        seq, no_split = cfg.model.seq_length, None
         if cfg.data.corpus == "synthetic":
             self.data_dir = ""
             self.train_data = SyntheticWindows(cfg.model.vocab_size, seq, t.seed)
             self.valid_data = SyntheticWindows(cfg.model.vocab_size, seq, t.seed)
         else:
-            self.data_dir, manifest = resolve_data_dir_all_ranks(cfg.data, cfg.model.vocab_size, self.metrics.print)
+            self.data_dir, _ = resolve_data_dir_all_ranks(cfg.data, cfg.model.vocab_size, self.metrics.print)
             self.train_data = TokenWindows(os.path.join(self.data_dir, "train"), seq, t.seed)
-            self.valid_data = (TokenWindows(os.path.join(self.data_dir, "valid"), seq, t.seed)
-                               if manifest["tokens"]["valid"] > seq + 1 else None)
-        self.no_validation = validation_problem(self.valid_data, t.micro_batch_size, t.eval_iters)
+            try:
+                self.valid_data = TokenWindows(os.path.join(self.data_dir, "valid"), seq, t.seed)
+            except DataError as e:  # empty, or shorter than one window: named below
+                self.valid_data, no_split = None, str(e)
+        self.no_validation = no_split or validation_problem(self.valid_data, t.micro_batch_size, t.eval_iters)
         if self.no_validation:  # said once at start, and in the final result, instead of a silent null
             self.metrics.print(f"[eval] no validation loss will be reported: {self.no_validation}")
         self.schedule = cfg.schedule()
