@@ -15,7 +15,7 @@ def main():
     from msg_megatron.growth.operators import grow_model
     from msg_megatron.model import build_model
     from msg_megatron.parallel import destroy_parallel, initialize_parallel
-    from msg_megatron.parallel.gather import canonical_state_dict
+    from tp_gather import canonical_state_dict
 
     initialize_parallel(tp, 1)
     from megatron.core import parallel_state as ps

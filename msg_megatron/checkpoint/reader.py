@@ -5,7 +5,7 @@ tensors whole, whatever layout wrote them, without building the model: `Checkpoi
 loads one transformer layer (a few hundred MB at 100B scale), so a converter holds one layer at a
 time, never the whole model. Heads and FFN units come back in the canonical single-rank order
 (growth under TP appends each rank's new units locally; the saved `<head|ffn>_ids` say where each
-unit belongs), exactly as `parallel.gather.canonical_state_dict` gathers a live model.
+unit belongs), as model/tp_layout.py derives from the parameter table.
 """
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from typing import Dict, Iterable, List
 import torch
 
 from ..config import Shape, config_from_dict
-from ..parallel.gather import canonical_units, ids_name, unit_layout, unit_roles
+from ..model.params import ids_name, unit_layout
+from ..model.tp_layout import canonical_units, unit_axis
 from .dist import CHECKPOINT_FAILURES, CheckpointError, read_meta, tensor_index
 from .safe_pickle import UnsafeCheckpoint, restricted_metadata_loading
 
@@ -68,7 +69,7 @@ class CheckpointReader:
         gated = self.mcfg.activation == "swiglu"
         out = {}
         for name, t in raw.items():
-            found = unit_roles(name)
+            found = unit_axis(name)
             if found is not None:
                 axis, role = found
                 unit, blocks = unit_layout(role, self.mcfg.head_dim, gated)

@@ -1,50 +1,18 @@
-"""Which structural dimension each axis of each model tensor belongs to.
+"""How each axis of each model tensor grows, from the axis roles in model/params.py.
 
-This one table drives growth (here), and is the map later resharding and HF export read: every
-parameter and mask buffer of MaskedGPT is listed by name pattern with one role per axis.
-
-Roles: `hidden`, `ffn` (FFN units), `ffn_in` (fc1 rows: FFN units, or [gate; up] blocks with
-SwiGLU), `qkv` (per-head groups of 3*head_dim rows), `heads_hd` (per-head groups of head_dim),
-`heads` (one entry per head), `vocab` (embedding/output rows: split over TP ranks, never grows),
-`fixed` (never grows, replicated: positions, the depth scalar). Heads and FFN units are split over
-the tensor-parallel ranks; `hidden` is replicated.
+Heads and FFN units are split over the tensor-parallel ranks and grow rank by rank (each rank
+appends its share of new units); `hidden` is replicated; `vocab` is split and never grows.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional
 
 import torch
 
 from ..config import Shape
-
-_TABLE = [
-    (r"hidden_(mask|birth)", ("hidden",)),
-    (r"embedding\.weight", ("vocab", "hidden")),
-    (r"position_embeddings\.weight", ("fixed", "hidden")),
-    (r"output_layer\.weight", ("vocab", "hidden")),
-    (r"(final_norm|layers\.\d+\.(input_norm|pre_mlp_norm))\.(weight|bias)", ("hidden",)),
-    (r"layers\.\d+\.depth_(mask|birth)", ("fixed",)),
-    (r"layers\.\d+\.self_attention\.head_(mask|birth|ids)", ("heads",)),
-    (r"layers\.\d+\.self_attention\.linear_qkv\.weight", ("qkv", "hidden")),
-    (r"layers\.\d+\.self_attention\.linear_qkv\.bias", ("qkv",)),
-    (r"layers\.\d+\.self_attention\.linear_proj\.weight", ("hidden", "heads_hd")),
-    (r"layers\.\d+\.self_attention\.linear_proj\.bias", ("hidden",)),
-    (r"layers\.\d+\.mlp\.ffn_(mask|birth|ids)", ("ffn",)),
-    (r"layers\.\d+\.mlp\.linear_fc1\.weight", ("ffn_in", "hidden")),
-    (r"layers\.\d+\.mlp\.linear_fc1\.bias", ("ffn_in",)),
-    (r"layers\.\d+\.mlp\.linear_fc2\.weight", ("hidden", "ffn")),
-    (r"layers\.\d+\.mlp\.linear_fc2\.bias", ("hidden",)),
-]
-_COMPILED = [(re.compile(p + r"$"), roles) for p, roles in _TABLE]
-
-
-def axis_roles(name: str) -> Tuple[str, ...]:
-    for pattern, roles in _COMPILED:
-        if pattern.match(name):
-            return roles
-    raise KeyError(f"no growth axis roles for tensor `{name}`; add it to msg_megatron/growth/axes.py")
+from ..model.masks import tp_rank_size
+from ..model.params import ROLES, param, unit_layout
 
 
 @dataclass(frozen=True)
@@ -94,8 +62,6 @@ class GrowthPlan:
     """
 
     def __init__(self, model, new_shape: Shape):
-        from ..model.masks import tp_rank_size
-
         self.old, self.new = model.shape, new_shape
         self.rank, self.tp = tp_rank_size()
         self.head_dim = model.mcfg.head_dim
@@ -110,7 +76,7 @@ class GrowthPlan:
         """One plan per axis of tensor `name` (None: the axis neither grows nor is sharded).
         `fresh`: plans for a new, randomly initialised layer (no old units)."""
         layer = int(name.split(".")[1]) if name.startswith("layers.") else None
-        return [self._plan(role, None if fresh else layer, fresh) for role in axis_roles(name)]
+        return [self._plan(role, None if fresh else layer, fresh) for role in param(name).roles]
 
     def _plan(self, role: str, layer: Optional[int], fresh: bool) -> Optional[AxisPlan]:
         key = (role, layer, fresh)
@@ -130,10 +96,9 @@ class GrowthPlan:
             local = self.vocab // tp
             rows = r * local + torch.arange(local)
             return AxisPlan(local, torch.arange(local), rows, self.vocab, torch.arange(local))
-        heads = role in ("qkv", "heads_hd", "heads")
+        heads = ROLES[role].units == "heads"
         n_old = 0 if fresh else (o.heads if heads else o.ffn)
         n_new = n.heads if heads else n.ffn
         ids = empty if fresh else self.ids[layer][0 if heads else 1]
-        unit, blocks = {"qkv": (3 * self.head_dim, 1), "heads_hd": (self.head_dim, 1), "heads": (1, 1),
-                        "ffn": (1, 1), "ffn_in": (1, 2 if self.gated else 1)}[role]
+        unit, blocks = unit_layout(role, self.head_dim, self.gated)
         return unit_plan(n_old, n_new, unit, blocks, ids, r, tp)

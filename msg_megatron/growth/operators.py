@@ -21,6 +21,7 @@ import torch
 from ..config import Shape
 from ..model.gpt import MaskedGPT, Piece, pp_rank_size
 from ..model.masks import open_masks, refresh_active
+from ..model.params import param
 from .axes import AxisPlan, GrowthPlan
 
 InitFn = Callable[[str, Tuple[int, ...], torch.Generator], torch.Tensor]
@@ -32,23 +33,16 @@ def named_init(kind: str, std: float) -> Optional[InitFn]:
         return None
 
     def init(name: str, shape, gen: torch.Generator) -> torch.Tensor:
-        if _is_norm_weight(name):
+        kind = param(name).kind
+        if kind == "norm":
             return torch.ones(shape)
-        if name.endswith(".bias"):
+        if kind == "bias":
             return torch.zeros(shape)
         if kind == "zeros":
             return torch.zeros(shape)
         return torch.randn(shape, generator=gen) * std
 
     return init
-
-
-def _is_norm_weight(name: str) -> bool:
-    return name.endswith("norm.weight")
-
-
-def _is_mask(name: str) -> bool:
-    return name.endswith("_mask") or name.endswith("_birth")
 
 
 def growth_seed(train_seed: int, stage: int) -> int:
@@ -101,13 +95,9 @@ def draw_new(name: str, plans: List[Optional[AxisPlan]], local_shape: Tuple[int,
     return out
 
 
-_LINEAR_WEIGHTS = ("linear_qkv.weight", "linear_proj.weight", "linear_fc1.weight", "linear_fc2.weight",
-                   "output_layer.weight")
-
-
 def _outgoing_axis(name: str, dim: int) -> bool:
     """Axis `dim` of `name` holds a unit's outgoing weights: the input axis of a linear layer."""
-    return dim == 1 and name.endswith(_LINEAR_WEIGHTS)
+    return dim == 1 and param(name).kind == "linear"
 
 
 def grow_tensor(name: str, old: torch.Tensor, plans: List[Optional[AxisPlan]], init: Optional[InitFn],
@@ -120,11 +110,12 @@ def grow_tensor(name: str, old: torch.Tensor, plans: List[Optional[AxisPlan]], i
     if new_shape == tuple(old.shape):
         return old.clone()
     dev = old.device  # new values are drawn on the CPU (layout-independent streams), then moved
-    if name.endswith("_mask"):
+    kind = param(name).kind
+    if kind == "mask":
         new = torch.zeros(new_shape, dtype=old.dtype, device=dev)  # eq. 10: new entries start masked
-    elif name.endswith("_birth"):
+    elif kind == "birth":
         new = torch.full(new_shape, float(step), dtype=old.dtype, device=dev)
-    elif name.endswith("_ids"):
+    elif kind == "ids":
         return plans[0].new_ids.to(dev)
     elif init is None:  # copy: every new entry replicates its source unit (Net2Net's map, no split)
         new = old
@@ -283,14 +274,11 @@ def grow_model(model: MaskedGPT, new_shape: Shape, *, step: int, init: Union[str
 
 def _fresh_layer_tensor(name, shape, plans, init_fn, std, gen_for, step) -> torch.Tensor:
     """A tensor of a randomly initialised new layer (depth_init=random)."""
-    if name.endswith("depth_mask"):
-        return torch.zeros(shape)
-    if name.endswith("depth_birth"):
-        return torch.full(shape, float(step))
-    if name.endswith("_mask"):
-        return torch.ones(shape)  # inside a skipped layer, its own units need no extra mask
-    if name.endswith("_birth"):
-        return torch.full(shape, -math.inf)
-    if name.endswith("_ids"):
+    kind, depth = param(name).kind, name.endswith("depth_mask") or name.endswith("depth_birth")
+    if kind == "mask":  # eq. 20: the new layer starts skipped; inside it, its own units need no mask
+        return torch.zeros(shape) if depth else torch.ones(shape)
+    if kind == "birth":
+        return torch.full(shape, float(step) if depth else -math.inf)
+    if kind == "ids":
         return plans[0].new_ids.clone()
     return draw_new(name, plans, shape, init_fn or named_init("normal", std), gen_for)

@@ -88,7 +88,8 @@ def export(load: str, out: str, dtype: str = "fp32", max_shard_size: int = 5 << 
     from ..checkpoint.dist import CheckpointError
     from ..checkpoint.reader import CheckpointReader
     from ..model.gpt import padded_vocab_size
-    from .layout import architecture, hf_config, layer_to_hf, outer_to_hf
+    from ..model.params import outer_rows
+    from .layout import architecture, dims, hf_config, to_hf
     from .tokenizer import write_tokenizer
 
     if dtype not in DTYPES:
@@ -113,11 +114,12 @@ def export(load: str, out: str, dtype: str = "fp32", max_shard_size: int = 5 << 
     try:
         writer = ShardWriter(tmp, max_shard_size)
         cast = lambda d: {k: v.to(torch_dtype).contiguous() for k, v in d.items()}  # noqa: E731
-        outer_names = ["embedding.weight", "final_norm.weight"] + [
-            n for n in ("position_embeddings.weight", "final_norm.bias", "output_layer.weight") if reader.has(n)]
-        writer.add(cast(outer_to_hf(arch, reader.load(outer_names), mcfg)))
+        d = dims(mcfg, shape)
+        outer_names = [r.name for r in outer_rows() if not r.is_buffer and reader.has(r.name)]
+        writer.add(cast(to_hf(arch, reader.load(outer_names), d)))
         for i in range(shape.layers):
-            writer.add(cast(layer_to_hf(arch, reader.layer(i), i, mcfg, shape)))
+            layer = {f"layers.{i}.{k}": v for k, v in reader.layer(i).items()}
+            writer.add(cast(to_hf(arch, layer, d, layer=i)))
         files = writer.finish()
         config = hf_config(arch, mcfg, shape, padded_vocab_size(mcfg), dtype_name)
         # how to get back (msg-import-hf reads it: the exact model config, the vocabulary before padding)

@@ -129,41 +129,33 @@ def model_config_from_hf(hf: dict, tokenizer_vocab=None, seq_length=None):
 
 
 def fill_model(model, arch: str, get) -> None:
-    """Copy HF weights into a freshly built (possibly TP/PP-sharded) model, shard by shard."""
+    """Copy HF weights into a freshly built (possibly TP/PP-sharded) model, one tensor at a time."""
     from ..model.masks import tp_rank_size
-    from ..parallel.gather import tp_shard
-    from .layout import layer_from_hf, outer_from_hf
+    from ..model.tp_layout import tp_shard
+    from .layout import check_absent_are_zero, dims, from_hf
 
     mcfg, shape = model.mcfg, model.shape
     rank, tp = tp_rank_size()
     gated = mcfg.activation == "swiglu"
-    params = dict(model.named_parameters())
-    filled = set()
-
-    def put(local: str, canonical_name: str, full: torch.Tensor):
-        p = params[local]
-        shard = tp_shard(canonical_name, full, rank, tp, mcfg.head_dim, gated)
+    d = dims(mcfg, shape)
+    present = set()
+    for local, p in model.named_parameters():
+        if local.startswith("layers."):
+            _, idx, rest = local.split(".", 2)
+            canonical = f"layers.{model.global_layers[int(idx)]}.{rest}"
+        elif local == "output_layer.weight" and model.shared_output_copy():
+            canonical = "embedding.weight"  # tied embedding, last stage of PP > 1: its copy of the embedding
+        else:
+            canonical = local
+        present.add(canonical)
+        shard = tp_shard(canonical, from_hf(arch, get, canonical, d), rank, tp, mcfg.head_dim, gated)
         if shard.shape != p.shape:
             raise UnsupportedArchitecture(f"`{local}`: the HF weight gives {tuple(shard.shape)}, the model expects "
                                           f"{tuple(p.shape)} (config.json does not match the weights)")
         with torch.no_grad():
             p.copy_(shard)
-        filled.add(local)
-
-    if model.pre_process or model.post_process:
-        outer = outer_from_hf(arch, get, mcfg)
-        for name, t in outer.items():
-            if name in params:  # (this stage's: the embeddings on the first, the norm/output on the last)
-                put(name, name, t)
-        if model.shared_output_copy():  # tied embedding, last stage of PP > 1: its copy of the embedding
-            put("output_layer.weight", "embedding.weight", outer["embedding.weight"])
-    for i in range(model.local_layers):
-        g = model.layer_offset + i
-        for name, t in layer_from_hf(arch, get, g, mcfg, shape).items():
-            put(f"layers.{i}.{name}", f"layers.{g}.{name}", t)
-    missing = sorted(set(params) - filled)
-    if missing:
-        raise UnsupportedArchitecture(f"no HF weights for {missing[:5]}")
+    for g in model.global_layers:
+        check_absent_are_zero(arch, get, present, g)
 
 
 def _tokenizer(folder: str):

@@ -5,21 +5,21 @@ Two families map without custom code:
   and heads grow, so `head_dim` is written explicitly (heads x head_dim need not equal hidden).
 - `gpt2` (GPT2LMHeadModel): LayerNorm + tanh-GELU + learned positions, heads x head_dim == hidden.
 
-Our fused QKV weight holds per head [q_h; k_h; v_h] (megatron's interleaved layout); SwiGLU's fc1
-is [gate; up]; GPT-2's Conv1D weights are stored transposed ([in, out]) and its c_attn columns are
-[q (all heads); k; v]. The embedding keeps its padded rows: the HF vocabulary is the padded size,
+The names and layout transforms of every tensor are rows of model/params.py (fused QKV per head
+[q_h; k_h; v_h] -> q/k/v or GPT-2's c_attn, SwiGLU's [gate; up], GPT-2's transposed Conv1D). The embedding keeps its padded rows: the HF vocabulary is the padded size,
 so the softmax runs over the same entries and the logits are the same function.
 """
 from __future__ import annotations
 
-from typing import Dict
+import re
+from typing import Dict, Optional
 
 import torch
 
 from ..config import ModelConfig, Shape
+from ..model.params import GPT2, LLAMA, TABLE, Dims, param
 
-LLAMA = "llama"
-GPT2 = "gpt2"
+_LAYER = re.compile(r"layers\.(\d+)\.")
 
 
 class UnsupportedArchitecture(ValueError):
@@ -64,110 +64,56 @@ def hf_config(arch: str, mcfg: ModelConfig, shape: Shape, vocab_padded: int, dty
                 initializer_range=mcfg.init_method_std)
 
 
-# ---- export ------------------------------------------------------------------------------------
-def layer_to_hf(arch: str, t: Dict[str, torch.Tensor], i: int, mcfg: ModelConfig, shape: Shape) -> Dict[str, torch.Tensor]:
-    """Layer i's canonical tensors (names relative to the layer) -> HF names and layouts."""
-    hd, heads, h = mcfg.head_dim, shape.heads, shape.hidden
-    qkv = t["self_attention.linear_qkv.weight"].view(heads, 3, hd, h)
-    q, k, v = (qkv[:, j].reshape(heads * hd, h) for j in range(3))
-    bias = mcfg.add_bias_linear
-    if bias:
-        qb, kb, vb = (t["self_attention.linear_qkv.bias"].view(heads, 3, hd)[:, j].reshape(-1) for j in range(3))
+# ---- tensors: every name and transform comes from the parameter table (model/params.py) ----------
+def dims(mcfg: ModelConfig, shape: Shape) -> Dims:
+    return Dims(heads=shape.heads, head_dim=mcfg.head_dim)
+
+
+def _counterpart(arch: str, name: str):
+    row = param(name)
+    hf = row.hf.get(arch)
+    if hf is None:
+        raise UnsupportedArchitecture(f"`{name}` has no counterpart in {arch}; add it to msg_megatron/model/params.py")
+    found = _LAYER.match(name)
+    return row, hf, (int(found.group(1)) if found else None)
+
+
+def to_hf(arch: str, tensors: Dict[str, torch.Tensor], d: Dims, layer: Optional[int] = None) -> Dict[str, torch.Tensor]:
+    """Canonical whole tensors (table names: `layers.{layer}.` for one layer's, or the embeddings,
+    final norm and untied output) -> HF names and layouts. Mask buffers are not exported (a model
+    is exported with its masks at 1). Tensors the architecture always has but our model lacks
+    (GPT-2's biases without model.add_bias_linear) are written as zeros: the same function."""
     out = {}
-    if arch == LLAMA:
-        p = f"model.layers.{i}."
-        out[p + "input_layernorm.weight"] = t["input_norm.weight"]
-        out[p + "post_attention_layernorm.weight"] = t["pre_mlp_norm.weight"]
-        for name, w in (("q", q), ("k", k), ("v", v)):
-            out[p + f"self_attn.{name}_proj.weight"] = w
-        out[p + "self_attn.o_proj.weight"] = t["self_attention.linear_proj.weight"]
-        gate, up = t["mlp.linear_fc1.weight"].chunk(2, 0)
-        out[p + "mlp.gate_proj.weight"], out[p + "mlp.up_proj.weight"] = gate, up
-        out[p + "mlp.down_proj.weight"] = t["mlp.linear_fc2.weight"]
-        if bias:
-            out[p + "self_attn.q_proj.bias"], out[p + "self_attn.k_proj.bias"], out[p + "self_attn.v_proj.bias"] = qb, kb, vb
-            out[p + "self_attn.o_proj.bias"] = t["self_attention.linear_proj.bias"]
-            out[p + "mlp.gate_proj.bias"], out[p + "mlp.up_proj.bias"] = t["mlp.linear_fc1.bias"].chunk(2, 0)
-            out[p + "mlp.down_proj.bias"] = t["mlp.linear_fc2.bias"]
-        return {k: x.contiguous() for k, x in out.items()}
-    p = f"transformer.h.{i}."
-    zeros = lambda n: torch.zeros(n, dtype=q.dtype)  # noqa: E731 - GPT-2 always has biases: 0 is exact
-    out[p + "ln_1.weight"], out[p + "ln_1.bias"] = t["input_norm.weight"], t["input_norm.bias"]
-    out[p + "ln_2.weight"], out[p + "ln_2.bias"] = t["pre_mlp_norm.weight"], t["pre_mlp_norm.bias"]
-    out[p + "attn.c_attn.weight"] = torch.cat([q, k, v], 0).t()
-    out[p + "attn.c_attn.bias"] = torch.cat([qb, kb, vb]) if bias else zeros(3 * h)
-    out[p + "attn.c_proj.weight"] = t["self_attention.linear_proj.weight"].t()
-    out[p + "attn.c_proj.bias"] = t["self_attention.linear_proj.bias"] if bias else zeros(h)
-    out[p + "mlp.c_fc.weight"] = t["mlp.linear_fc1.weight"].t()
-    out[p + "mlp.c_fc.bias"] = t["mlp.linear_fc1.bias"] if bias else zeros(shape.ffn)
-    out[p + "mlp.c_proj.weight"] = t["mlp.linear_fc2.weight"].t()
-    out[p + "mlp.c_proj.bias"] = t["mlp.linear_fc2.bias"] if bias else zeros(h)
-    return {k: x.contiguous() for k, x in out.items()}
-
-
-def outer_to_hf(arch: str, t: Dict[str, torch.Tensor], mcfg: ModelConfig) -> Dict[str, torch.Tensor]:
-    """Embeddings, final norm and (untied) output layer -> HF names."""
-    if arch == LLAMA:
-        out = {"model.embed_tokens.weight": t["embedding.weight"], "model.norm.weight": t["final_norm.weight"]}
-    else:
-        out = {"transformer.wte.weight": t["embedding.weight"], "transformer.wpe.weight": t["position_embeddings.weight"],
-               "transformer.ln_f.weight": t["final_norm.weight"], "transformer.ln_f.bias": t["final_norm.bias"]}
-    if not mcfg.tie_embeddings:
-        out["lm_head.weight"] = t["output_layer.weight"]
-    return {k: x.contiguous() for k, x in out.items()}
-
-
-# ---- import ------------------------------------------------------------------------------------
-def layer_from_hf(arch: str, get, i: int, mcfg: ModelConfig, shape: Shape) -> Dict[str, torch.Tensor]:
-    """The inverse of layer_to_hf: `get(hf_name)` returns one HF tensor; our names relative to the layer."""
-    hd, heads, h = mcfg.head_dim, shape.heads, shape.hidden
-    bias = mcfg.add_bias_linear
-    out = {}
-    if arch == LLAMA:
-        p = f"model.layers.{i}."
-        q, k, v = (get(p + f"self_attn.{n}_proj.weight") for n in "qkv")
-        out["input_norm.weight"] = get(p + "input_layernorm.weight")
-        out["pre_mlp_norm.weight"] = get(p + "post_attention_layernorm.weight")
-        out["self_attention.linear_proj.weight"] = get(p + "self_attn.o_proj.weight")
-        out["mlp.linear_fc1.weight"] = torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")], 0)
-        out["mlp.linear_fc2.weight"] = get(p + "mlp.down_proj.weight")
-        if bias:
-            qb, kb, vb = (get(p + f"self_attn.{n}_proj.bias") for n in "qkv")
-            out["self_attention.linear_proj.bias"] = get(p + "self_attn.o_proj.bias")
-            out["mlp.linear_fc1.bias"] = torch.cat([get(p + "mlp.gate_proj.bias"), get(p + "mlp.up_proj.bias")], 0)
-            out["mlp.linear_fc2.bias"] = get(p + "mlp.down_proj.bias")
-    else:
-        p = f"transformer.h.{i}."
-        q, k, v = get(p + "attn.c_attn.weight").t().chunk(3, 0)
-        qb, kb, vb = get(p + "attn.c_attn.bias").chunk(3, 0)
-        out["input_norm.weight"], out["input_norm.bias"] = get(p + "ln_1.weight"), get(p + "ln_1.bias")
-        out["pre_mlp_norm.weight"], out["pre_mlp_norm.bias"] = get(p + "ln_2.weight"), get(p + "ln_2.bias")
-        out["self_attention.linear_proj.weight"] = get(p + "attn.c_proj.weight").t()
-        out["mlp.linear_fc1.weight"] = get(p + "mlp.c_fc.weight").t()
-        out["mlp.linear_fc2.weight"] = get(p + "mlp.c_proj.weight").t()
-        out["self_attention.linear_proj.bias"] = get(p + "attn.c_proj.bias")
-        out["mlp.linear_fc1.bias"] = get(p + "mlp.c_fc.bias")
-        out["mlp.linear_fc2.bias"] = get(p + "mlp.c_proj.bias")
-        if not bias:  # a model without biases was exported with zero biases: drop them again
-            out["self_attention.linear_qkv.bias"] = torch.cat([qb, kb, vb])
-            for n in [n for n in list(out) if n.endswith(".bias") and "norm" not in n]:
-                if out.pop(n).abs().max() != 0:
-                    raise UnsupportedArchitecture(f"layer {i}: `{n}` is not zero, but model.add_bias_linear is false")
-    # per head [q_h; k_h; v_h] (megatron's interleaved fused QKV)
-    out["self_attention.linear_qkv.weight"] = torch.stack(
-        [x.reshape(heads, hd, h) for x in (q, k, v)], 1).reshape(3 * heads * hd, h)
-    if bias:
-        out["self_attention.linear_qkv.bias"] = torch.stack([x.reshape(heads, hd) for x in (qb, kb, vb)], 1).reshape(-1)
-    return {k: x.contiguous() for k, x in out.items()}
-
-
-def outer_from_hf(arch: str, get, mcfg: ModelConfig) -> Dict[str, torch.Tensor]:
-    if arch == LLAMA:
-        out = {"embedding.weight": get("model.embed_tokens.weight"), "final_norm.weight": get("model.norm.weight")}
-    else:
-        out = {"embedding.weight": get("transformer.wte.weight"),
-               "position_embeddings.weight": get("transformer.wpe.weight"),
-               "final_norm.weight": get("transformer.ln_f.weight"), "final_norm.bias": get("transformer.ln_f.bias")}
-    if not mcfg.tie_embeddings:
-        out["output_layer.weight"] = get("lm_head.weight")
+    for name, t in tensors.items():
+        if param(name).is_buffer:
+            continue
+        row, hf, i = _counterpart(arch, name)
+        out.update((n.format(i=i), x.contiguous()) for n, x in zip(hf.names, hf.to_hf(t, d)))
+    for row, name in _always_absent(arch, tensors, layer):
+        weight = tensors[name[: -len("bias")] + "weight"]
+        zeros = torch.zeros(weight.shape[0], dtype=weight.dtype)
+        out.update((n.format(i=layer), x.contiguous()) for n, x in zip(row.hf[arch].names, row.hf[arch].to_hf(zeros, d)))
     return out
+
+
+def from_hf(arch: str, get, name: str, d: Dims) -> torch.Tensor:
+    """Our canonical tensor `name` from the HF tensors `get(hf_name)` (one at a time)."""
+    _, hf, i = _counterpart(arch, name)
+    return hf.from_hf(tuple(get(n.format(i=i)) for n in hf.names), d).contiguous()
+
+
+def check_absent_are_zero(arch: str, get, present, layer: Optional[int]) -> None:
+    """HF tensors our model has no place for (GPT-2 biases, model.add_bias_linear false) must be 0."""
+    for row, name in _always_absent(arch, present, layer):
+        for n in row.hf[arch].names:
+            if get(n.format(i=layer)).abs().max() != 0:
+                raise UnsupportedArchitecture(f"layer {layer}: `{n.format(i=layer)}` is not zero, but "
+                                              "model.add_bias_linear is false")
+
+
+def _always_absent(arch: str, present, layer: Optional[int]):
+    rows = [r for r in TABLE if r.name.startswith("layers.{i}.") == (layer is not None)]
+    for row in rows:
+        name = row.name.format(i=layer)
+        if arch in row.hf and row.hf[arch].always and name not in present:
+            yield row, name

@@ -18,6 +18,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from ..ops import fused
+from .params import tp_axes
 from .masks import active_mask, register_mask, register_unit_ids, sharded_state_dict_tp_buffers, tp_rank_size
 
 
@@ -57,7 +58,7 @@ class MaskedSelfAttention(MegatronModule):
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         return sharded_state_dict_tp_buffers(self, prefix, sharded_offsets, metadata,
-                                             {"head_mask": 0, "head_birth": 0, "head_ids": 0})
+                                             tp_axes("layers.{i}.self_attention."))
 
     def forward(self, x: torch.Tensor, rope: Optional[tuple] = None) -> torch.Tensor:
         s, b, _ = x.shape

@@ -24,6 +24,7 @@ from ..ops import fused
 from .attention import rope_cos_sin
 from .masks import active_mask, register_mask
 from .norms import norm_class
+from .params import param
 from .spec import masked_layer_spec
 
 
@@ -234,16 +235,14 @@ class MaskedGPT(MegatronModule):
 def _mark_tensor_parallel_weights(model: nn.Module) -> None:
     """megatron marks a TP-sharded weight (`tensor_model_parallel`, `partition_dim`) only when it
     initialises it; a model built with perform_initialization=False (resume, growth) would have its
-    shards taken for replicated tensors by the gradient norm and parameter count. Mark them here."""
-    from megatron.core.tensor_parallel import RowParallelLinear
-
-    for mod in model.modules():
-        if isinstance(mod, (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding)):
-            w = getattr(mod, "weight", None)
-            if w is not None and not hasattr(w, "tensor_model_parallel"):
-                w.tensor_model_parallel = True
-                w.partition_dim = 1 if isinstance(mod, RowParallelLinear) else 0
-                w.partition_stride = 1
+    shards taken for replicated tensors by the gradient norm and parameter count. Mark every
+    parameter the table (model/params.py) says is split over TP ranks."""
+    for name, p in model.named_parameters():
+        axis = param(name).tp_axis
+        if axis is not None and not hasattr(p, "tensor_model_parallel"):
+            p.tensor_model_parallel = True
+            p.partition_dim = axis
+            p.partition_stride = 1
 
 
 def sync_tied_output(model: "MaskedGPT") -> None:

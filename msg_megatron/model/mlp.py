@@ -9,6 +9,8 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from ..ops import fused
+from .params import tp_axes
+from .tp_layout import rank_major
 from .masks import active_mask, register_mask, register_unit_ids, sharded_state_dict_tp_buffers, tp_rank_size
 
 
@@ -21,18 +23,15 @@ class MaskedMLPSubmodules:
 def _gated_master_init(base_init, ffn: int, tp: int):
     """SwiGLU fc1 init: megatron's CPU initialisation draws the full [gate; up] master weight and
     gives rank r the r-th contiguous row block, but each rank computes [gate_r; up_r] from its
-    block. Reorder the master rows so that rank r's block is [gate_r; up_r]: every TP degree then
-    starts from the same function as a single rank (GPU initialisation draws per-rank shards and
-    passes local shapes, which are left as drawn)."""
+    block. Reorder the master rows rank-major so that rank r's block is [gate_r; up_r]: every TP
+    degree then starts from the same function as a single rank (GPU initialisation draws per-rank
+    shards and passes local shapes, which are left as drawn)."""
 
     def init(w: torch.Tensor):
         base_init(w)
-        if tp > 1 and w.shape[0] == 2 * ffn:
-            local = ffn // tp
-            order = torch.cat([torch.cat([torch.arange(r * local, (r + 1) * local),
-                                          ffn + torch.arange(r * local, (r + 1) * local)]) for r in range(tp)])
+        if tp > 1 and w.shape[0] == 2 * ffn:  # (the master weight; a local shard is left as drawn)
             with torch.no_grad():
-                w.copy_(w[order])
+                w.copy_(rank_major("layers.0.mlp.linear_fc1.weight", w, tp, head_dim=1, gated=True))
 
     return init
 
@@ -63,8 +62,7 @@ class MaskedMLP(MegatronModule):
         register_unit_ids(self, "ffn", rank * local + torch.arange(local))
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
-        sd = sharded_state_dict_tp_buffers(self, prefix, sharded_offsets, metadata,
-                                           {"ffn_mask": 0, "ffn_birth": 0, "ffn_ids": 0})
+        sd = sharded_state_dict_tp_buffers(self, prefix, sharded_offsets, metadata, tp_axes("layers.{i}.mlp."))
         if self.gated:
             # each TP rank holds [gate_r; up_r]: save gate and up as two tensors, each sharded over TP,
             # so the checkpoint reloads under another TP degree (megatron's own SwiGLU factory)

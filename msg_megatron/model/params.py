@@ -1,0 +1,218 @@
+"""Every tensor of MaskedGPT, described once: growth, sharding, checkpoints and HF conversion read it.
+
+One row per parameter or buffer (names as in the single-stage state dict; `{i}` is the layer
+number). A row says, per axis, which structural unit the axis is made of (its *role*), what kind
+of tensor it is (how growth initialises new entries), and its name and layout in each Hugging
+Face architecture. Everything else is derived from the roles:
+
+- the tensor-parallel axis (the one whose role is split over TP ranks: vocabulary rows, heads,
+  FFN units) and its partition dim (`Param.tp_axis`, also megatron's `partition_dim`);
+- the unit layout along it (`unit_layout`: entries per unit and blocks, e.g. SwiGLU's [gate; up]);
+- the `<head|ffn>_ids` buffer giving the units' canonical order (`ids_name`);
+- which axes grow with hidden, heads or FFN units (growth/axes.py).
+
+Adding a parameter means adding one row here. Roles:
+
+| role       | unit                      | split over TP | grows with |
+|------------|---------------------------|---------------|------------|
+| `hidden`   | one feature               | no            | hidden     |
+| `vocab`    | one vocabulary row        | yes (blocks)  | never      |
+| `fixed`    | -                         | no            | never      |
+| `qkv`      | 3 x head_dim rows / head  | yes           | heads      |
+| `heads_hd` | head_dim columns / head   | yes           | heads      |
+| `heads`    | one entry / head          | yes           | heads      |
+| `ffn`      | one FFN unit              | yes           | ffn        |
+| `ffn_in`   | one FFN unit per block    | yes           | ffn        |
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
+
+import torch
+
+LLAMA = "llama"
+GPT2 = "gpt2"
+
+
+@dataclass(frozen=True)
+class Role:
+    units: Optional[str]  # "heads" / "ffn": the structural unit counted along the axis; None otherwise
+    tp: bool  # split over tensor-parallel ranks
+    head_dims: int = 0  # entries per unit in head dims (qkv: 3, heads_hd: 1); 0: one entry per unit
+    gated_blocks: bool = False  # SwiGLU: the axis holds two blocks of units ([gate; up])
+
+
+ROLES: Dict[str, Role] = {
+    "hidden": Role(None, False),
+    "vocab": Role(None, True),
+    "fixed": Role(None, False),
+    "qkv": Role("heads", True, head_dims=3),
+    "heads_hd": Role("heads", True, head_dims=1),
+    "heads": Role("heads", True),
+    "ffn": Role("ffn", True),
+    "ffn_in": Role("ffn", True, gated_blocks=True),
+}
+
+# the buffer holding the canonical position of each local unit (growth under TP interleaves ranks)
+_IDS = {"heads": "self_attention.head_ids", "ffn": "mlp.ffn_ids"}
+
+
+class Dims(NamedTuple):
+    """Sizes the HF transforms need (canonical, whole tensors)."""
+    heads: int
+    head_dim: int
+
+
+class HF(NamedTuple):
+    """A tensor's counterpart in one HF architecture: its names (templates with `{i}`), the
+    transform to them (one tensor -> one per name) and back; `always`: the architecture has the
+    tensor even where our model does not (GPT-2's biases): exported as zeros, imported only if zero."""
+    names: Tuple[str, ...]
+    to_hf: Callable[[torch.Tensor, Dims], Tuple[torch.Tensor, ...]]
+    from_hf: Callable[[Tuple[torch.Tensor, ...], Dims], torch.Tensor]
+    always: bool = False
+
+
+def _split_qkv(t: torch.Tensor, d: Dims) -> Tuple[torch.Tensor, ...]:
+    """Our fused QKV (per head [q_h; k_h; v_h], megatron's interleaved layout) -> q, k, v."""
+    x = t.reshape(d.heads, 3, d.head_dim, *t.shape[1:])
+    return tuple(x[:, j].reshape(d.heads * d.head_dim, *t.shape[1:]) for j in range(3))
+
+
+def _join_qkv(parts: Tuple[torch.Tensor, ...], d: Dims) -> torch.Tensor:
+    x = torch.stack([p.reshape(d.heads, d.head_dim, *p.shape[1:]) for p in parts], 1)
+    return x.reshape(3 * d.heads * d.head_dim, *parts[0].shape[1:])
+
+
+def same(name: str, always: bool = False) -> HF:
+    return HF((name,), lambda t, d: (t,), lambda ts, d: ts[0], always)
+
+
+def conv1d(name: str, always: bool = False) -> HF:
+    """GPT-2's Conv1D stores a linear weight transposed ([in, out])."""
+    return HF((name,), lambda t, d: (t.t(),), lambda ts, d: ts[0].t(), always)
+
+
+def gate_up(gate: str, up: str) -> HF:
+    """Our SwiGLU fc1 rows are [gate; up]."""
+    return HF((gate, up), lambda t, d: t.chunk(2, 0), lambda ts, d: torch.cat(ts, 0))
+
+
+def qkv_three(q: str, k: str, v: str) -> HF:
+    return HF((q, k, v), _split_qkv, _join_qkv)
+
+
+def qkv_c_attn(name: str, weight: bool) -> HF:
+    """GPT-2's c_attn: [q (all heads); k; v] along the output axis, weight transposed."""
+    if weight:
+        return HF((name,), lambda t, d: (torch.cat(_split_qkv(t, d), 0).t(),),
+                  lambda ts, d: _join_qkv(ts[0].t().chunk(3, 0), d))
+    return HF((name,), lambda t, d: (torch.cat(_split_qkv(t, d), 0),),
+              lambda ts, d: _join_qkv(ts[0].chunk(3, 0), d), always=True)
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str  # state-dict name; `{i}` = layer number
+    roles: Tuple[str, ...]  # one per axis
+    kind: str  # linear | bias | norm | embedding | mask | birth | ids (how growth initialises new entries)
+    hf: Dict[str, HF] = field(default_factory=dict)
+
+    @property
+    def tp_axis(self) -> Optional[int]:
+        """The axis split over tensor-parallel ranks (megatron's `partition_dim`), None if replicated."""
+        return next((a for a, r in enumerate(self.roles) if ROLES[r].tp), None)
+
+    @property
+    def is_buffer(self) -> bool:
+        return self.kind in ("mask", "birth", "ids")
+
+
+def _mask(prefix: str, role: str, ids: bool = False) -> List[Param]:
+    """A mask's buffers (model/masks.py): value and birth step per entry, with unit ids if sharded."""
+    rows = [Param(f"{prefix}_mask", (role,), "mask"), Param(f"{prefix}_birth", (role,), "birth")]
+    return rows + ([Param(f"{prefix}_ids", (role,), "ids")] if ids else [])
+
+
+L, H = "model.layers.{i}.", "transformer.h.{i}."  # HF layer prefixes: Llama, GPT-2
+
+TABLE: Tuple[Param, ...] = (
+    *_mask("hidden", "hidden"),
+    Param("embedding.weight", ("vocab", "hidden"), "embedding",
+          {LLAMA: same("model.embed_tokens.weight"), GPT2: same("transformer.wte.weight")}),
+    Param("position_embeddings.weight", ("fixed", "hidden"), "embedding", {GPT2: same("transformer.wpe.weight")}),
+    Param("final_norm.weight", ("hidden",), "norm",
+          {LLAMA: same("model.norm.weight"), GPT2: same("transformer.ln_f.weight")}),
+    Param("final_norm.bias", ("hidden",), "bias", {GPT2: same("transformer.ln_f.bias")}),
+    Param("output_layer.weight", ("vocab", "hidden"), "linear", {LLAMA: same("lm_head.weight"), GPT2: same("lm_head.weight")}),
+    # ---- layer i ----
+    *_mask("layers.{i}.depth", "fixed"),
+    Param("layers.{i}.input_norm.weight", ("hidden",), "norm",
+          {LLAMA: same(L + "input_layernorm.weight"), GPT2: same(H + "ln_1.weight")}),
+    Param("layers.{i}.input_norm.bias", ("hidden",), "bias", {GPT2: same(H + "ln_1.bias")}),
+    *_mask("layers.{i}.self_attention.head", "heads", ids=True),
+    Param("layers.{i}.self_attention.linear_qkv.weight", ("qkv", "hidden"), "linear",
+          {LLAMA: qkv_three(*(L + f"self_attn.{n}_proj.weight" for n in "qkv")),
+           GPT2: qkv_c_attn(H + "attn.c_attn.weight", weight=True)}),
+    Param("layers.{i}.self_attention.linear_qkv.bias", ("qkv",), "bias",
+          {LLAMA: qkv_three(*(L + f"self_attn.{n}_proj.bias" for n in "qkv")),
+           GPT2: qkv_c_attn(H + "attn.c_attn.bias", weight=False)}),
+    Param("layers.{i}.self_attention.linear_proj.weight", ("hidden", "heads_hd"), "linear",
+          {LLAMA: same(L + "self_attn.o_proj.weight"), GPT2: conv1d(H + "attn.c_proj.weight")}),
+    Param("layers.{i}.self_attention.linear_proj.bias", ("hidden",), "bias",
+          {LLAMA: same(L + "self_attn.o_proj.bias"), GPT2: same(H + "attn.c_proj.bias", always=True)}),
+    Param("layers.{i}.pre_mlp_norm.weight", ("hidden",), "norm",
+          {LLAMA: same(L + "post_attention_layernorm.weight"), GPT2: same(H + "ln_2.weight")}),
+    Param("layers.{i}.pre_mlp_norm.bias", ("hidden",), "bias", {GPT2: same(H + "ln_2.bias")}),
+    *_mask("layers.{i}.mlp.ffn", "ffn", ids=True),
+    Param("layers.{i}.mlp.linear_fc1.weight", ("ffn_in", "hidden"), "linear",
+          {LLAMA: gate_up(L + "mlp.gate_proj.weight", L + "mlp.up_proj.weight"), GPT2: conv1d(H + "mlp.c_fc.weight")}),
+    Param("layers.{i}.mlp.linear_fc1.bias", ("ffn_in",), "bias",
+          {LLAMA: gate_up(L + "mlp.gate_proj.bias", L + "mlp.up_proj.bias"), GPT2: same(H + "mlp.c_fc.bias", always=True)}),
+    Param("layers.{i}.mlp.linear_fc2.weight", ("hidden", "ffn"), "linear",
+          {LLAMA: same(L + "mlp.down_proj.weight"), GPT2: conv1d(H + "mlp.c_proj.weight")}),
+    Param("layers.{i}.mlp.linear_fc2.bias", ("hidden",), "bias",
+          {LLAMA: same(L + "mlp.down_proj.bias"), GPT2: same(H + "mlp.c_proj.bias", always=True)}),
+)
+
+_COMPILED = [(re.compile(re.escape(p.name).replace(re.escape("{i}"), r"\d+") + "$"), p) for p in TABLE]
+_LAYER_RE = re.compile(r"layers\.(\d+)\.")
+
+
+def param(name: str) -> Param:
+    """The row of tensor `name` (local or global layer numbers)."""
+    for pattern, row in _COMPILED:
+        if pattern.match(name):
+            return row
+    raise KeyError(f"tensor `{name}` is not described; add a row for it to msg_megatron/model/params.py")
+
+
+def layer_rows() -> List[Param]:
+    return [p for p in TABLE if p.name.startswith("layers.{i}.")]
+
+
+def outer_rows() -> List[Param]:
+    return [p for p in TABLE if not p.name.startswith("layers.{i}.")]
+
+
+def unit_layout(role: str, head_dim: int, gated: bool) -> Tuple[int, int]:
+    """(entries per unit, blocks) along an axis of `role`: 3 x head_dim rows per fused-QKV head,
+    head_dim projection columns per head, 1 per FFN unit; SwiGLU's fc1 holds 2 blocks ([gate; up])."""
+    r = ROLES[role]
+    return (r.head_dims * head_dim or 1), (2 if r.gated_blocks and gated else 1)
+
+
+def ids_name(name: str, role: str) -> str:
+    """The `<head|ffn>_ids` buffer that orders the units of layer tensor `name`."""
+    layer = _LAYER_RE.match(name).group(1)
+    return f"layers.{layer}.{_IDS[ROLES[role].units]}"
+
+
+def tp_axes(module_prefix: str) -> Dict[str, int]:
+    """{buffer name: TP axis} of the sharded buffers of the module at `module_prefix` (a template,
+    e.g. `layers.{i}.self_attention.`): what its sharded_state_dict declares besides megatron's own."""
+    return {p.name[len(module_prefix):]: p.tp_axis for p in TABLE
+            if p.is_buffer and p.tp_axis is not None and p.name.startswith(module_prefix)
+            and "." not in p.name[len(module_prefix):]}
