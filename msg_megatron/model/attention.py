@@ -37,6 +37,8 @@ def rope_cos_sin(seq_len: int, head_dim: int, base: int, dtype=torch.float32):
 
 
 class MaskedSelfAttention(MegatronModule):
+    PARAMS = "layers.{i}.self_attention."  # this module's rows in model/params.py
+
     def __init__(self, config, submodules: MaskedAttentionSubmodules, layer_number: int = 1):
         super().__init__(config=config)
         self.layer_number = layer_number
@@ -58,7 +60,7 @@ class MaskedSelfAttention(MegatronModule):
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         return sharded_state_dict_tp_buffers(self, prefix, sharded_offsets, metadata,
-                                             tp_axes("layers.{i}.self_attention."))
+                                             tp_axes(self.PARAMS))
 
     def forward(self, x: torch.Tensor, rope: Optional[tuple] = None) -> torch.Tensor:
         s, b, _ = x.shape

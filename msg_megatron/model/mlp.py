@@ -9,7 +9,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from ..ops import fused
-from .params import tp_axes
+from .params import gated_blocks, tp_axes
 from .tp_layout import rank_major
 from .masks import active_mask, register_mask, register_unit_ids, sharded_state_dict_tp_buffers, tp_rank_size
 
@@ -18,6 +18,9 @@ from .masks import active_mask, register_mask, register_unit_ids, sharded_state_
 class MaskedMLPSubmodules:
     linear_fc1: Union[ModuleSpec, type] = None
     linear_fc2: Union[ModuleSpec, type] = None
+
+
+_FC1 = "layers.{i}.mlp.linear_fc1.weight"
 
 
 def _gated_master_init(base_init, ffn: int, tp: int):
@@ -31,7 +34,7 @@ def _gated_master_init(base_init, ffn: int, tp: int):
         base_init(w)
         if tp > 1 and w.shape[0] == 2 * ffn:  # (the master weight; a local shard is left as drawn)
             with torch.no_grad():
-                w.copy_(rank_major("layers.0.mlp.linear_fc1.weight", w, tp, head_dim=1, gated=True))
+                w.copy_(rank_major(_FC1, w, tp, head_dim=1, gated=True))
 
     return init
 
@@ -42,6 +45,8 @@ class MaskedMLP(MegatronModule):
     With SwiGLU, fc1's rows are [gate; up] (megatron's gated_linear_unit layout, per TP rank: the
     global fc1 under TP is [gate_0; up_0; gate_1; up_1; ...]).
     """
+
+    PARAMS = "layers.{i}.mlp."  # this module's rows in model/params.py
 
     def __init__(self, config, submodules: MaskedMLPSubmodules, layer_number: int = 1):
         super().__init__(config=config)
@@ -62,14 +67,15 @@ class MaskedMLP(MegatronModule):
         register_unit_ids(self, "ffn", rank * local + torch.arange(local))
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
-        sd = sharded_state_dict_tp_buffers(self, prefix, sharded_offsets, metadata, tp_axes("layers.{i}.mlp."))
+        sd = sharded_state_dict_tp_buffers(self, prefix, sharded_offsets, metadata, tp_axes(self.PARAMS))
         if self.gated:
             # each TP rank holds [gate_r; up_r]: save gate and up as two tensors, each sharded over TP,
             # so the checkpoint reloads under another TP degree (megatron's own SwiGLU factory)
             from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
 
-            for key in (f"{prefix}linear_fc1.weight", f"{prefix}linear_fc1.bias"):
-                if key in sd:
+            for key in list(sd):
+                rel = key[len(prefix):]
+                if key.startswith(prefix) and not rel.endswith("_extra_state") and gated_blocks(self.PARAMS + rel):
                     sd[key] = apply_swiglu_sharded_factory(sd[key], sharded_offsets)
         return sd
 

@@ -178,11 +178,14 @@ TABLE: Tuple[Param, ...] = (
 )
 
 _COMPILED = [(re.compile(re.escape(p.name).replace(re.escape("{i}"), r"\d+") + "$"), p) for p in TABLE]
+_BY_TEMPLATE = {p.name: p for p in TABLE}
 _LAYER_RE = re.compile(r"layers\.(\d+)\.")
 
 
 def param(name: str) -> Param:
-    """The row of tensor `name` (local or global layer numbers)."""
+    """The row of tensor `name` (local or global layer numbers, or the row's own `{i}` template)."""
+    if name in _BY_TEMPLATE:
+        return _BY_TEMPLATE[name]
     for pattern, row in _COMPILED:
         if pattern.match(name):
             return row
@@ -202,6 +205,12 @@ def unit_layout(role: str, head_dim: int, gated: bool) -> Tuple[int, int]:
     head_dim projection columns per head, 1 per FFN unit; SwiGLU's fc1 holds 2 blocks ([gate; up])."""
     r = ROLES[role]
     return (r.head_dims * head_dim or 1), (2 if r.gated_blocks and gated else 1)
+
+
+def gated_blocks(name: str) -> bool:
+    """Tensor `name` holds SwiGLU's two blocks of units ([gate; up]) along its TP axis (when gated)."""
+    row = param(name)
+    return row.tp_axis is not None and ROLES[row.roles[row.tp_axis]].gated_blocks
 
 
 def ids_name(name: str, role: str) -> str:
