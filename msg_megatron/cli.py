@@ -6,6 +6,7 @@ import sys
 from .checkpoint.dist import SAVE_FAILED_EXIT, CheckpointError, SaveFailed
 from .config import ConfigError
 from .data.prepare import DataError
+from .parallel import destroy_parallel
 from .training.runs import RunFailed
 
 # RunFailed: a child training run of msg-gridsearch failed; its message carries the run's last output
@@ -22,6 +23,4 @@ def run_cli(prog: str, fn, argv=None) -> int:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     finally:
-        from .parallel import destroy_parallel
-
         destroy_parallel()

@@ -8,16 +8,17 @@ import sys
 
 import torch
 
+from .checkpoint.dist import load_checkpoint, read_meta
 from .cli import run_cli
+from .config import Shape, config_from_dict
+from .data import Tokenizer, TokenWindows, resolve_data_dir, validation_problem
+from .model import build_model
+from .parallel import initialize_parallel
+from .training.evaluate import validation_loss
 
 
 def load_model_from_checkpoint(path: str):
     """(model, config, meta) built at the checkpoint's shape, masks as saved."""
-    from .checkpoint.dist import load_checkpoint, read_meta
-    from .config import Shape, config_from_dict
-    from .model import build_model
-    from .parallel import initialize_parallel
-
     meta = read_meta(path)
     cfg = config_from_dict(meta["config"])
     initialize_parallel(1, 1, cfg.train.seed)
@@ -51,8 +52,6 @@ def _main(argv) -> int:
     args = ap.parse_args(argv)
     if args.iters is not None and args.iters < 1:
         raise ValueError(f"--iters {args.iters}: give at least 1 validation batch (default: train.eval_iters)")
-    from .data import Tokenizer, TokenWindows, resolve_data_dir, validation_problem
-    from .training.evaluate import validation_loss
 
     model, cfg, meta = load_model_from_checkpoint(args.load)
     model.eval()

@@ -18,6 +18,10 @@ import tempfile
 from typing import List
 
 from .cli import run_cli
+from .config import load_config
+from .grow import parse_shape
+from .training.runs import run_pretrain
+from .training.runs import steps as step_records
 
 
 def _slope(xs: List[float], ys: List[float]) -> float:
@@ -46,9 +50,6 @@ def rates(step_records: List[dict]) -> dict:
 
 
 def search(config: str, candidates, steps: int, overrides: List[str], out_dir: str, log=print) -> List[dict]:
-    from .config import load_config
-    from .training.runs import run_pretrain, steps as step_records
-
     cfg = load_config(config, overrides)
     head_dim = cfg.model.head_dim
     decay = cfg.train.decay_steps or cfg.train.steps
@@ -82,8 +83,6 @@ def table(results: List[dict]) -> str:
 
 
 def _main(argv) -> int:
-    from .grow import parse_shape
-
     ap = argparse.ArgumentParser(prog="msg-gridsearch", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("config")

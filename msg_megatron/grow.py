@@ -16,12 +16,22 @@ import json
 import os
 import sys
 
+from .checkpoint.dist import CheckpointError, _rng_sharded, read_meta, save_checkpoint
+from .checkpoint.run_lock import hold_save_dir
 from .cli import run_cli
+from .config import Shape, config_from_dict
+from .data import DataError, TokenWindows, resolve_data_dir_all_ranks, validation_problem
+from .growth.operators import check_growth, growth_seed
+from .growth.stream import GrowthSource, set_writers, skeleton, stage_groups
+from .growth.stream_eval import streamed_validation_loss
+from .model import count_parameters
+from .model.gpt import padded_vocab_size
+from .parallel import device, initialize_parallel, is_logging_rank
+from .training.host_memory import local_params, require_host_memory
+from .training.sizes import msg_grow_peak
 
 
 def parse_shape(text: str, flag: str = "--shape"):
-    from .config import Shape
-
     try:
         parts = [int(x) for x in text.replace(" ", "").strip("()[]").split(",")]
     except ValueError:
@@ -34,10 +44,6 @@ def parse_shape(text: str, flag: str = "--shape"):
 def _check_host_memory(cfg, old, new, tp: int, pp: int) -> None:
     """On a CPU: msg-grow holds one old layer and what grows from it, plus the stage's ends
     (training/phase_memory.py, `streamed_growth_peak`); refused before anything is loaded."""
-    from .model.gpt import padded_vocab_size
-    from .plan import msg_grow_peak
-    from .training.host_memory import local_params, require_host_memory
-
     params = local_params(cfg.model, new, tp, pp)
     peak = msg_grow_peak(cfg.model, old, new, padded_vocab_size(cfg.model), tp, pp)
     require_host_memory(
@@ -69,16 +75,6 @@ def _main(argv) -> int:
 
     import torch
     from megatron.core import parallel_state as ps
-
-    from .checkpoint.dist import CheckpointError, _rng_sharded, read_meta, save_checkpoint
-    from .checkpoint.run_lock import hold_save_dir
-    from .config import Shape, config_from_dict
-    from .data import DataError, TokenWindows, resolve_data_dir_all_ranks, validation_problem
-    from .growth.operators import check_growth, growth_seed
-    from .growth.stream import GrowthSource, set_writers, skeleton, stage_groups
-    from .growth.stream_eval import streamed_validation_loss
-    from .model import count_parameters
-    from .parallel import device, initialize_parallel, is_logging_rank
 
     meta = read_meta(args.load)
     if os.path.abspath(os.path.dirname(meta["path"])) == os.path.abspath(args.save):

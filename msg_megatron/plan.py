@@ -18,100 +18,20 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import List, Optional
+from typing import List
 
 from .cli import run_cli
-from .config import Config, ModelConfig, Shape, load_config
+from .config import Config, load_config
+from .model.gpt import padded_vocab_size
 from .training.flops import PEAK_TFLOPS, flops_per_token
-from .training.phase_memory import bytes_per_param, optimizer_bytes, phase_peaks
+from .training.runs import read_metrics
+from .training.sizes import count_params, stage_memory
 
 GIB = 1024 ** 3
 GPU_MEMORY_GIB = {"H200": 141, "H100": 80, "A800": 80, "A100": 80}
 
 
-def count_params(mcfg: ModelConfig, shape: Shape, vocab_padded: int) -> int:
-    """Parameters of MaskedGPT at `shape` (equal to sum(p.numel()) of the built model)."""
-    h, f, a, n = shape.as_tuple()
-    d = mcfg.head_dim
-    bias = mcfg.add_bias_linear
-    norm = 2 * h if mcfg.norm == "layernorm" else h
-    f_in = 2 * f if mcfg.activation == "swiglu" else f
-    layer = (2 * norm + 3 * a * d * h + a * d * h + f_in * h + f * h
-             + (3 * a * d + h + f_in + h if bias else 0))
-    total = n * layer + vocab_padded * h + norm
-    if mcfg.position_embedding == "learned":
-        total += mcfg.seq_length * h
-    if not mcfg.tie_embeddings:
-        total += vocab_padded * h
-    return total
-
-
-def params_per_gpu(mcfg: ModelConfig, shape: Shape, vocab_padded: int, tp: int, pp: int) -> float:
-    """Parameters held by one rank of the most loaded pipeline stage (the first: its layers plus the
-    embeddings), sharded over TP; the whole model / TP at PP=1."""
-    h, f, a, n = shape.as_tuple()
-    total = count_params(mcfg, shape, vocab_padded)
-    if pp == 1:
-        return total / tp
-    outer = count_params(mcfg, Shape(h, f, a, 0), vocab_padded)  # embeddings, output layer, final norm
-    embed = vocab_padded * h + (mcfg.seq_length * h if mcfg.position_embedding == "learned" else 0)
-    return ((total - outer) / n * (n // pp) + embed) / tp
-
-
-def largest_tensor(mcfg: ModelConfig, shape: Shape, vocab_padded: int, tp: int) -> float:
-    """Elements of the largest local tensor (the embedding, or fc1 / QKV of a wide model)."""
-    h, f, a, _ = shape.as_tuple()
-    f_in = 2 * f if mcfg.activation == "swiglu" else f
-    return max(vocab_padded * h, f_in * h, 3 * a * mcfg.head_dim * h, f * h) / tp
-
-
-def layer_and_ends(mcfg: ModelConfig, shape: Shape, vocab_padded: int, tp: int, pp: int) -> tuple:
-    """(elements of one layer, of the most loaded stage's ends: embeddings / output layer) per rank."""
-    h, f, a, n = shape.as_tuple()
-    outer = count_params(mcfg, Shape(h, f, a, 0), vocab_padded)
-    layer = (count_params(mcfg, shape, vocab_padded) - outer) / max(n, 1) / tp
-    embed = vocab_padded * h + (mcfg.seq_length * h if mcfg.position_embedding == "learned" else 0)
-    return layer, (outer if pp == 1 else embed) / tp
-
-
-def msg_grow_peak(mcfg: ModelConfig, old: Shape, new: Shape, vocab_padded: int, tp: int, pp: int) -> float:
-    """Peak bytes per process of msg-grow old -> new at TP x PP (phase_memory.streamed_growth_peak)."""
-    from .training.phase_memory import streamed_growth_peak
-
-    layer_old, ends_old = layer_and_ends(mcfg, old, vocab_padded, tp, pp)
-    layer_new, ends_new = layer_and_ends(mcfg, new, vocab_padded, tp, pp)
-    return streamed_growth_peak(ends_old, ends_new, layer_old, layer_new, -(-new.layers // old.layers))
-
-
-def stage_memory(mcfg: ModelConfig, shape: Shape, vocab_padded: int, tp: int, pp: int, dp: int,
-                 micro_batch: int, distributed_optimizer: bool = True, precision: str = "bf16",
-                 old_shape: Optional[Shape] = None, growth: str = "online") -> dict:
-    """Bytes per GPU of the training step (weights, grads, optimizer, activations, total) and the
-    peak of each phase (`phases`: train, save, load, and with `old_shape` the growth into this
-    shape at this layout; training/phase_memory.py)."""
-    h, f, a, n = shape.as_tuple()
-    d, s, b = mcfg.head_dim, mcfg.seq_length, micro_batch
-    local = params_per_gpu(mcfg, shape, vocab_padded, tp, pp)
-    w, _ = bytes_per_param(precision)
-    opt_bytes = optimizer_bytes(precision, dp, distributed_optimizer)
-    f_in = 2 * f if mcfg.activation == "swiglu" else f
-    act_layer = s * b * (8 * h + (8 * a * d + 2 * f_in + 2 * f * (2 if mcfg.activation == "swiglu" else 1)) / tp)
-    # 1F1B: the first stage holds PP micro-batches of its n/PP layers = n layers' worth
-    acts = act_layer * n + (4 * s * b * vocab_padded / tp if pp == 1 else 0)
-    out = {"params_per_gpu": local, "weights": w * local, "grads": 4 * local, "optimizer": opt_bytes * local,
-           "activations": acts}
-    out["total"] = sum(out[k] for k in ("weights", "grads", "optimizer", "activations"))
-    old = params_per_gpu(mcfg, old_shape, vocab_padded, tp, pp) if old_shape is not None else None
-    out["phases"] = phase_peaks(precision, dp, distributed_optimizer, local,
-                                largest_tensor(mcfg, shape, vocab_padded, tp), old, acts)
-    if old_shape is not None and growth == "msg-grow":  # streamed, not the in-process growth
-        out["phases"]["grow"] = msg_grow_peak(mcfg, old_shape, shape, vocab_padded, tp, pp)
-    return out
-
-
 def plan(cfg: Config, mfu: float, gpu: str, distributed_optimizer: bool = True) -> dict:
-    from .model.gpt import padded_vocab_size
-
     vocab = padded_vocab_size(cfg.model)
     sched = cfg.schedule()
     peak = PEAK_TFLOPS.get(gpu)
@@ -171,8 +91,6 @@ def job_segments(cfg: Config) -> List[dict]:
 def observed_mfu(run_dir: str) -> float:
     """Median MFU of the logged steps of a run (GPU runs log `mfu`; the first 10% are warm-up)."""
     import statistics
-
-    from .training.runs import read_metrics
 
     vals = [r["mfu"] for r in read_metrics(run_dir) if "mfu" in r]
     if not vals:

@@ -11,6 +11,9 @@ import json
 import sys
 
 from .cli import run_cli
+from .data.corpus import read_user_documents, split_documents
+from .data.prepare import build_prepared_dir
+from .data.tokenizer import Tokenizer
 
 
 def _main(argv) -> int:
@@ -26,8 +29,6 @@ def _main(argv) -> int:
     args = ap.parse_args(argv)
     if args.vocab_size <= 0:
         raise ValueError("--vocab-size must be positive")
-    from .data.corpus import read_user_documents, split_documents
-    from .data.prepare import build_prepared_dir
 
     docs = list(read_user_documents(args.input, args.json_key, args.skip_invalid,
                                     warn=lambda m: print(f"msg-preprocess: warning: {m}", file=sys.stderr)))
@@ -36,8 +37,6 @@ def _main(argv) -> int:
     train, valid = split_documents(docs, args.valid_fraction)
     vocab = args.vocab_size
     if args.tokenizer:
-        from .data.tokenizer import Tokenizer
-
         vocab = Tokenizer(args.tokenizer).vocab_size
     manifest = build_prepared_dir(args.output, train, valid, vocab, args.tokenizer,
                                   key={"inputs": args.input, "valid_fraction": args.valid_fraction},

@@ -7,6 +7,8 @@ import sys
 
 from .cli import run_cli
 from .config import load_config
+from .parallel import is_logging_rank
+from .training.trainer import PREEMPTED_EXIT, RELAYOUT_EXIT, Trainer
 
 EPILOG = """config fields: each is described in msg_megatron/config.py (the dataclasses ModelConfig,
 GrowthConfig, ParallelConfig, TrainConfig, DataConfig, CheckpointConfig, LoggingConfig) and the
@@ -29,10 +31,6 @@ def _main(argv) -> int:
     ap.add_argument("overrides", nargs="*", help="section.field=value, e.g. train.steps=50")
     args = ap.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    from .training.trainer import Trainer
-
-    from .parallel import is_logging_rank
-    from .training.trainer import PREEMPTED_EXIT, RELAYOUT_EXIT
 
     result = Trainer(cfg).run()
     if is_logging_rank():

@@ -4,7 +4,6 @@ both in process (grow_model + grow_optimizer, as Trainer.grow), save.
 
     [torchrun --nproc_per_node N] tests/grow_reference.py CKPT H,F,A,L OUT TP PP DEPTH_INIT
 """
-import os
 import sys
 
 
@@ -18,7 +17,7 @@ def main():
     from msg_megatron.growth.optimizer_state import grow_optimizer
     from msg_megatron.model import build_model
     from msg_megatron.parallel import initialize_parallel
-    from msg_megatron.training.optimizer import build_optimizer
+    from msg_megatron.optim.optimizer import build_optimizer
 
     meta = read_meta(ckpt)
     cfg = config_from_dict(meta["config"])

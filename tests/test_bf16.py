@@ -20,7 +20,7 @@ from msg_megatron.growth.operators import grow_model
 from msg_megatron.growth.optimizer_state import grow_optimizer
 from msg_megatron.model import build_model, update_masks
 from msg_megatron.parallel import device
-from msg_megatron.training.optimizer import optimizer_for_fp32_model
+from msg_megatron.optim.optimizer import optimizer_for_fp32_model
 from test_train import read_metrics, tiny_cfg
 
 TOKENS = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(0)).to(device())

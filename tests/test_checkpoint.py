@@ -1,6 +1,5 @@
 """Checkpoint safety: the manifest catches truncated/corrupt/unfinished checkpoints, `auto` falls
 back to the newest complete one, and SIGTERM saves and exits so that a resumed run continues exactly."""
-import json
 import os
 import shutil
 import signal

@@ -147,7 +147,7 @@ def test_fused_adamw_matches_the_default_and_keeps_its_state_through_set_state()
     gradient is pure rounding noise, which AdamW scales up to lr-sized steps); a fresh fused
     optimizer given the first one's state by set_state then continues bitwise like it."""
     from msg_megatron.config import TrainConfig
-    from msg_megatron.training.optimizer import MOMENTS, build_optimizer, use_fused_adamw
+    from msg_megatron.optim.optimizer import MOMENTS, build_optimizer, use_fused_adamw
 
     cfg = tiny_model_cfg()
     tcfg = TrainConfig(lr=1e-2, weight_decay=0.1)

@@ -17,7 +17,7 @@ from msg_megatron.growth.axes import GrowthPlan
 from msg_megatron.growth.operators import grow_model, plan_depth
 from msg_megatron.growth.optimizer_state import grow_optimizer
 from msg_megatron.model import build_model, refresh_active, update_masks
-from msg_megatron.training.optimizer import build_optimizer
+from msg_megatron.optim.optimizer import build_optimizer
 
 OLD = Shape(32, 64, 4, 2)
 TOKENS = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(0))

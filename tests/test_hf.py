@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from conftest import run_cli
-from test_parallel import TRAIN, _write_config, torchrun
+from test_parallel import _write_config, torchrun
 
 pytestmark = pytest.mark.slow  # processes, training runs: the full tier (README); `-m "not slow"` skips it
 

@@ -38,7 +38,7 @@ def test_state_bytes_per_param():
 
 def test_check_names_the_largest_stage_and_the_numbers():
     from msg_megatron.model.gpt import padded_vocab_size
-    from msg_megatron.plan import count_params
+    from msg_megatron.training.sizes import count_params
 
     cfg = load_config("configs/demo_cpu.yaml", BASE + SHAPE + [STAGES])
     params = count_params(cfg.model, cfg.schedule()[1][1], padded_vocab_size(cfg.model))
@@ -92,7 +92,7 @@ def test_offline_grow_refuses_before_loading(tmp_path):
 
     from msg_megatron.config import Shape
     from msg_megatron.model.gpt import padded_vocab_size
-    from msg_megatron.plan import msg_grow_peak
+    from msg_megatron.training.sizes import msg_grow_peak
     from msg_megatron.training.host_memory import local_params
 
     per = float(re.search(r"take ([\d.]+) bytes each", r.stderr).group(1))

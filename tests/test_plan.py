@@ -11,7 +11,7 @@ from conftest import run_cli, tiny_model_cfg
 from msg_megatron.config import Shape
 from msg_megatron.model import build_model
 from msg_megatron.model.gpt import padded_vocab_size
-from msg_megatron.plan import count_params
+from msg_megatron.training.sizes import count_params
 from msg_megatron.training.flops import flops_per_token
 
 

@@ -1,6 +1,6 @@
 """No host sync per step: losses and gradient norms stay on the device until train.log_interval.
 
-- The gradient norm and clipping on the device (training/grad_clip.py) equal megatron-core's own
+- The gradient norm and clipping on the device (optim/grad_clip.py) equal megatron-core's own
   `clip_grad_norm` bitwise (gradients) and to the last float64 bit (norm), clipping or not.
 - Reading losses every 4 steps logs the same losses and gradient norms, bitwise, as every step.
 - A non-finite loss still stops the run, at the next read, naming its step and the steps read; a
@@ -8,7 +8,6 @@
 - Two ranks (DP=2, started as srun does) with log_interval=3: SIGTERM to one rank stops both at the same step (the flag is
   agreed with the losses), exit 75, and the resumed run continues bitwise.
 """
-import json
 import os
 import signal
 import time
@@ -19,13 +18,13 @@ import yaml
 
 from conftest import tiny_model_cfg
 from msg_megatron.config import ParallelConfig, TrainConfig, load_config
-from test_checkpoint import _losses, _pretrain
+from test_checkpoint import _losses
 from test_train import TINY, read_metrics, tiny_cfg
 
 
 def _grads_ready(clip):
     from msg_megatron.model import build_model
-    from msg_megatron.training.optimizer import build_optimizer
+    from msg_megatron.optim.optimizer import build_optimizer
 
     model = build_model(tiny_model_cfg(), _shape())
     opt = build_optimizer(model, TrainConfig(clip_grad=clip), ParallelConfig())
@@ -44,7 +43,7 @@ def _shape():
 
 @pytest.mark.parametrize("clip", [1e-3, 1e9])  # clipping active / inactive
 def test_device_clipping_equals_megatron(clip):
-    from msg_megatron.training.grad_clip import clip_grad_norm_on_device
+    from msg_megatron.optim.grad_clip import clip_grad_norm_on_device
 
     a, b = _grads_ready(clip), _grads_ready(clip)
     want = a._inner.clip_grad_norm(clip)  # megatron-core's: a Python float, after a host sync

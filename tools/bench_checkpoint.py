@@ -70,7 +70,7 @@ def bench_size(name: str, work: str, log) -> dict:
     from msg_megatron.checkpoint.dist import load_checkpoint, save_checkpoint
     from msg_megatron.config import load_config
     from msg_megatron.model import build_model, count_parameters
-    from msg_megatron.training.optimizer import build_optimizer
+    from msg_megatron.optim.optimizer import build_optimizer
 
     h, f, a, n = SIZES[name]
     over = [f"model.hidden_size={h}", f"model.ffn_hidden_size={f}", f"model.num_attention_heads={a}",

@@ -21,7 +21,7 @@ from msg_megatron.config import ModelConfig, Shape, TrainConfig
 from msg_megatron.growth.operators import grow_model
 from msg_megatron.model import build_model, update_masks
 from msg_megatron.parallel import initialize_parallel
-from msg_megatron.training.optimizer import build_optimizer
+from msg_megatron.optim.optimizer import build_optimizer
 
 
 def step_time(model, opt, tokens, repeats):

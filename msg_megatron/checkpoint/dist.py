@@ -24,12 +24,21 @@ import torch.distributed as dist
 
 from .. import __version__
 from ..config import Shape
-from ..training.optimizer import MOMENTS
+from ..model.masks import refresh_active
+from ..optim.optimizer import MOMENTS
 from .crc_writer import checksummed_writes
-from .slices import slice_pieces
+from .manifest import (
+    IncompleteCheckpoint,
+    checksum_files,
+    list_files,
+    newest_complete,
+    step_dirs,
+    verify_manifest,
+    write_manifest,
+)
 from .safe_pickle import UnsafeCheckpoint, restricted_metadata_loading
-from .manifest import (IncompleteCheckpoint, checksum_files, list_files, newest_complete, step_dirs, verify_manifest,
-                       write_manifest)
+from .slices import slice_pieces
+from .stream_writer import streamed_save
 
 META = "msg_meta.json"
 
@@ -249,8 +258,6 @@ def _write_step(save_dir, name, final, tmp, rank0, model, optimizer, state, conf
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 
-    from .stream_writer import streamed_save
-
     if rank0:
         os.makedirs(save_dir, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -332,8 +339,6 @@ def load_checkpoint(path: str, model, optimizer=None, expect_shape: Optional[Sha
     (meta, tensor index) when the caller already has them (a piece-by-piece reader verifies and
     parses them once, not per piece)."""
     from megatron.core import dist_checkpointing
-
-    from ..model.masks import refresh_active
 
     meta, saved = read if read is not None else (read_meta(path, full=full), None)
     shape = Shape(*meta["shape"])

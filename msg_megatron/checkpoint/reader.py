@@ -17,14 +17,13 @@ import torch
 from ..config import Shape, config_from_dict
 from ..model.params import ids_name, unit_layout
 from ..model.tp_layout import canonical_units, unit_axis
+from ..parallel import initialize_parallel
 from .dist import CHECKPOINT_FAILURES, CheckpointError, read_meta, tensor_index
 from .safe_pickle import UnsafeCheckpoint, restricted_metadata_loading
 
 
 class CheckpointReader:
     def __init__(self, path: str, full_verify: bool = False):
-        from ..parallel import initialize_parallel
-
         self.meta = read_meta(path, full=full_verify)
         self.path = self.meta["path"]
         self.cfg = config_from_dict(self.meta["config"])

@@ -31,6 +31,8 @@ import time
 import uuid
 from typing import Optional
 
+from .dist import CheckpointError
+
 LOCK = ".msg-run.lock"
 HEARTBEAT_S = 30.0
 STALE_S = 300.0
@@ -178,8 +180,6 @@ def hold_save_dir(save_dir: str, prog: str, log=None) -> Optional[RunLock]:
     import atexit
 
     import torch.distributed as dist
-
-    from .dist import CheckpointError
 
     if os.path.exists(save_dir) and not os.path.isdir(save_dir):
         raise CheckpointError(f"checkpoint directory `{save_dir}` is a file; name a directory")

@@ -47,8 +47,8 @@ def boxes(shape: Tuple[int, ...], start: int, end: int) -> List[Tuple[Tuple[int,
 def components(model_sh) -> List[Tuple[object, int]]:
     """The parameter's plain ShardedTensors (a factory, e.g. SwiGLU's [gate; up], is built into its
     parts) with the flat offset of each part within the parameter's local tensor."""
-    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
     from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
 
     if not isinstance(model_sh, ShardedTensorFactory):
         return [(model_sh, 0)]

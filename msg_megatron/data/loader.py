@@ -12,7 +12,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .prepare import DataError
+from .errors import DataError
 
 
 class TokenWindows:

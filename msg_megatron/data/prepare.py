@@ -21,16 +21,14 @@ from typing import List, Optional, Tuple
 import numpy as np
 import torch
 
-from ..permissions import honour_umask
 from .. import __version__
+from ..parallel import barrier, is_logging_rank
+from ..permissions import honour_umask
 from .corpus import Doc, embedded_documents, select_documents, split_documents
+from .errors import DataError
 from .tokenizer import Tokenizer, train_tokenizer
 
 FILES = ("tokenizer.model", "train.bin", "train.idx", "valid.bin", "valid.idx")
-
-
-class DataError(RuntimeError):
-    """Prepared data that is missing, corrupt or does not fit the config."""
 
 
 def default_cache_dir() -> str:
@@ -142,8 +140,6 @@ def _file_digest(path: str) -> str:
 def resolve_data_dir_all_ranks(dcfg, vocab_size: int, log=print) -> Tuple[str, dict]:
     """resolve_data_dir under torch.distributed: global rank 0 prepares (or validates) the data
     first and logs; the other ranks wait for it, then find the prepared directory ready."""
-    from ..parallel import barrier, is_logging_rank
-
     if is_logging_rank():
         out = resolve_data_dir(dcfg, vocab_size, log=log)
     barrier()

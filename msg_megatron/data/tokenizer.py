@@ -11,6 +11,8 @@ from typing import Iterable, List
 
 import sentencepiece as spm
 
+from .errors import DataError
+
 
 def train_tokenizer(texts: Iterable[str], model_path: str, vocab_size: int, max_lines: int = 300_000,
                     vocab_name: str = "model.vocab_size") -> None:
@@ -29,7 +31,6 @@ def train_tokenizer(texts: Iterable[str], model_path: str, vocab_size: int, max_
     try:
         _train(lines, model, vocab_size)
     except RuntimeError as e:  # sentencepiece's own limits, as one line naming model.vocab_size
-        from .prepare import DataError
 
         text = str(e)
         low = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", text)

@@ -22,6 +22,7 @@ from ..config import Shape
 from ..model.gpt import MaskedGPT, Piece, pp_rank_size
 from ..model.masks import open_masks, refresh_active
 from ..model.params import param
+from ..parallel import setup
 from .axes import AxisPlan, GrowthPlan
 
 InitFn = Callable[[str, Tuple[int, ...], torch.Generator], torch.Tensor]
@@ -206,8 +207,6 @@ def grow_model(model: MaskedGPT, new_shape: Shape, *, step: int, init: Union[str
     check_growth(old_shape, new_shape, "copy" if init_fn is None else "normal", depth_init, plan.tp,
                  pp_rank_size()[1] if sources is None else 1)  # (pieces: their sources are the stage's plan)
     old_sd = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
-
-    from ..parallel import setup
 
     new_model = MaskedGPT(mcfg, new_shape, perform_init=False, piece=into).to(device or setup.device())
     if sources is None:

@@ -21,7 +21,7 @@ from typing import Dict, Optional
 import torch
 
 from ..config import ParallelConfig, TrainConfig
-from ..training.optimizer import MOMENTS, TrainOptimizer, optimizer_for_fp32_model
+from ..optim.optimizer import MOMENTS, TrainOptimizer, optimizer_for_fp32_model
 from .axes import GrowthPlan
 from .operators import grow_tensor
 

@@ -24,9 +24,11 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from ..checkpoint.dist import _sharded, load_checkpoint, read_meta, tensor_index
+from ..checkpoint.stream_writer import placeholder
 from ..config import Shape
 from ..model.gpt import MaskedGPT, Piece, stage_piece
-from ..training.optimizer import MOMENTS
+from ..optim.optimizer import MOMENTS
 from .axes import GrowthPlan
 from .operators import grow_model, plan_depth
 from .optimizer_state import grow_states
@@ -110,8 +112,6 @@ def _rounds(n_groups: int, dp: int) -> int:
 
 def read_once(path: str) -> tuple:
     """(meta, tensor index) of checkpoint `path`, verified and parsed once for all its pieces."""
-    from ..checkpoint.dist import read_meta, tensor_index
-
     meta = read_meta(path)
     return meta, tensor_index(meta["path"])
 
@@ -121,8 +121,6 @@ def load_piece(read: tuple, cfg, shape: Shape, piece: Piece, device, restore_rng
     """A piece of a model of `shape` (this rank's stage, this layout) with its tensors (and AdamW
     state) from the checkpoint `read` = read_once(path): a collective, as every dist_checkpointing load."""
     import warnings
-
-    from ..checkpoint.dist import load_checkpoint
 
     model = MaskedGPT(cfg.model, shape, perform_init=False, piece=piece).to(device)
     state = PieceState() if optimizer else None
@@ -171,8 +169,6 @@ class GrowthSource:
         """Load group g, grow it; its tensors by checkpoint key (as the whole model's save has them)."""
         from megatron.core.dist_checkpointing.dict_utils import nested_values
         from megatron.core.dist_checkpointing.mapping import apply_factories
-
-        from ..checkpoint.dist import _sharded
 
         group = self.groups[g]
         old_model, old_state = self.load(group.old, restore_rng)
@@ -223,9 +219,6 @@ class GrowthSource:
 def skeleton(cfg, new: Shape, saved: dict, groups: List[Group]) -> Tuple[MaskedGPT, dict]:
     """The new stage on the `meta` device and its checkpoint state dict of placeholders (`saved`:
     the old checkpoint's tensor index, which says which parameters have AdamW state)."""
-    from ..checkpoint.dist import _sharded
-    from ..checkpoint.stream_writer import placeholder
-
     with torch.device("meta"):
         model = MaskedGPT(cfg.model, new, perform_init=False)
     stated = stated_params(saved, groups, model)

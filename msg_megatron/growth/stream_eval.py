@@ -18,14 +18,13 @@ import torch.distributed as dist
 
 from ..config import Shape
 from ..model.gpt import Piece, pp_rank_size, stage_piece
+from .stream import load_piece, read_once
 
 
 @torch.no_grad()
 def streamed_validation_loss(path: str, cfg, shape: Shape, windows, micro_batch_size: int, iters: int,
                              device: torch.device) -> Optional[float]:
     from megatron.core import parallel_state as ps
-
-    from .stream import load_piece, read_once
 
     if windows is None:
         return None

@@ -18,8 +18,14 @@ import sys
 
 import torch
 
+from ..checkpoint.dist import CheckpointError
+from ..checkpoint.reader import CheckpointReader
 from ..cli import run_cli
+from ..model.gpt import padded_vocab_size
+from ..model.params import outer_rows
 from ..permissions import honour_umask
+from .layout import architecture, dims, hf_config, to_hf
+from .tokenizer import write_tokenizer
 
 DTYPES = {"fp32": (torch.float32, "float32"), "bf16": (torch.bfloat16, "bfloat16"), "fp16": (torch.float16, "float16")}
 
@@ -85,13 +91,6 @@ class ShardWriter:
 
 def export(load: str, out: str, dtype: str = "fp32", max_shard_size: int = 5 << 30, force: bool = False,
            log=print) -> dict:
-    from ..checkpoint.dist import CheckpointError
-    from ..checkpoint.reader import CheckpointReader
-    from ..model.gpt import padded_vocab_size
-    from ..model.params import outer_rows
-    from .layout import architecture, dims, hf_config, to_hf
-    from .tokenizer import write_tokenizer
-
     if dtype not in DTYPES:
         raise ValueError(f"--dtype `{dtype}` must be one of {', '.join(DTYPES)}")
     if os.path.exists(out) and os.listdir(out) and not force:

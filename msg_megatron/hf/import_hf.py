@@ -21,8 +21,18 @@ import sys
 
 import torch
 
+from ..checkpoint.dist import save_checkpoint
+from ..checkpoint.run_lock import hold_save_dir
 from ..cli import run_cli
-from .layout import GPT2, LLAMA, UnsupportedArchitecture
+from ..config import ModelConfig, Shape, config_from_dict
+from ..data.tokenizer import Tokenizer
+from ..model import build_model, count_parameters
+from ..model.gpt import padded_vocab_size
+from ..model.masks import tp_rank_size
+from ..model.tp_layout import tp_shard
+from ..parallel import initialize_parallel, is_logging_rank
+from ..training.host_memory import local_params, require_host_memory
+from .layout import GPT2, LLAMA, UnsupportedArchitecture, check_absent_are_zero, dims, from_hf
 
 
 class HFWeights:
@@ -71,8 +81,6 @@ def _vocab_fields(hf_vocab: int, tokenizer_vocab) -> dict:
 
 def model_config_from_hf(hf: dict, tokenizer_vocab=None, seq_length=None):
     """(architecture, ModelConfig, Shape) from a config.json dict; errors name the unsupported field."""
-    from ..config import ModelConfig, Shape
-
     mtype = hf.get("model_type")
     if "msg_megatron" in hf:  # our own export: the exact config (vocabulary before padding, init std, ...)
         mine = hf["msg_megatron"]
@@ -130,10 +138,6 @@ def model_config_from_hf(hf: dict, tokenizer_vocab=None, seq_length=None):
 
 def fill_model(model, arch: str, get) -> None:
     """Copy HF weights into a freshly built (possibly TP/PP-sharded) model, one tensor at a time."""
-    from ..model.masks import tp_rank_size
-    from ..model.tp_layout import tp_shard
-    from .layout import check_absent_are_zero, dims, from_hf
-
     mcfg, shape = model.mcfg, model.shape
     rank, tp = tp_rank_size()
     gated = mcfg.activation == "swiglu"
@@ -162,20 +166,11 @@ def _tokenizer(folder: str):
     path = os.path.join(folder, "tokenizer.model")
     if not os.path.exists(path):
         return "", None
-    from ..data.tokenizer import Tokenizer
 
     return path, Tokenizer(path).vocab_size
 
 
 def import_hf(folder: str, save: str, tensor: int = 1, pipeline: int = 1, seq_length=None, verify: bool = True) -> dict:
-    from ..checkpoint.dist import save_checkpoint
-    from ..checkpoint.run_lock import hold_save_dir
-    from ..config import config_from_dict
-    from ..model import build_model, count_parameters
-    from ..model.gpt import padded_vocab_size
-    from ..parallel import initialize_parallel, is_logging_rank
-    from ..training.host_memory import local_params, require_host_memory
-
     cfg_path = os.path.join(folder, "config.json")
     if not os.path.exists(cfg_path):
         raise FileNotFoundError(f"`{folder}` has no config.json: not a transformers model folder")
@@ -240,7 +235,6 @@ def _main(argv) -> int:
     ap.add_argument("--no-verify", action="store_true", help="skip the logits comparison with transformers")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    from ..parallel import is_logging_rank
 
     res = import_hf(args.hf, args.save, args.tensor, args.pipeline, args.seq_length, not args.no_verify)
     if not is_logging_rank():

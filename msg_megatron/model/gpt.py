@@ -11,9 +11,12 @@ import zlib
 from typing import NamedTuple, Optional, Tuple
 
 import torch
-from megatron.core.tensor_parallel import (ColumnParallelLinear, VocabParallelEmbedding,
-                                           gather_from_tensor_model_parallel_region)
 from megatron.core.enums import ModelType
+from megatron.core.tensor_parallel import (
+    ColumnParallelLinear,
+    VocabParallelEmbedding,
+    gather_from_tensor_model_parallel_region,
+)
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import build_module
@@ -21,6 +24,7 @@ from torch import nn
 
 from ..config import ModelConfig, Shape
 from ..ops import fused
+from ..parallel.setup import device
 from .attention import rope_cos_sin
 from .masks import active_mask, register_mask
 from .norms import norm_class
@@ -198,9 +202,11 @@ class MaskedGPT(MegatronModule):
         first stage only (a replica elsewhere), and the tied output copy stored as the embedding."""
         from megatron.core import parallel_state as ps
         from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
-        from megatron.core.transformer.utils import (ensure_metadata_has_dp_cp_group,
-                                                     make_sharded_tensors_for_checkpoint,
-                                                     sharded_state_dict_default)
+        from megatron.core.transformer.utils import (
+            ensure_metadata_has_dp_cp_group,
+            make_sharded_tensors_for_checkpoint,
+            sharded_state_dict_default,
+        )
 
         metadata = ensure_metadata_has_dp_cp_group(metadata)
         tp_group = ps.get_tensor_model_parallel_group()
@@ -261,8 +267,6 @@ def sync_tied_output(model: "MaskedGPT") -> None:
 
 
 def build_model(mcfg: ModelConfig, shape: Shape, seed: int = 1234, perform_init: bool = True) -> MaskedGPT:
-    from ..parallel.setup import device
-
     model = MaskedGPT(mcfg, shape, perform_init, seed=seed).to(device())
     if perform_init:
         sync_tied_output(model)
@@ -277,7 +281,6 @@ def count_parameters(model: nn.Module) -> int:
 
     if not ps.model_parallel_is_initialized() or ps.get_model_parallel_group().size() == 1:
         return sum(p.numel() for p in model.parameters())
-    from ..parallel.setup import device
 
     n = torch.tensor(sum(p.numel() for p in model.parameters()
                          if param_is_not_tensor_parallel_duplicate(p) and not getattr(p, "shared", False)),

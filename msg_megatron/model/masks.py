@@ -52,9 +52,11 @@ def sharded_state_dict_tp_buffers(module, prefix: str, sharded_offsets, metadata
     """megatron's default MegatronModule.sharded_state_dict, but with this module's own TP-sharded
     buffers (per-head / per-FFN-unit masks, births, unit ids) declared sharded along `axis_map`."""
     from megatron.core import parallel_state
-    from megatron.core.transformer.utils import (ensure_metadata_has_dp_cp_group,
-                                                 make_sharded_tensors_for_checkpoint,
-                                                 sharded_state_dict_default)
+    from megatron.core.transformer.utils import (
+        ensure_metadata_has_dp_cp_group,
+        make_sharded_tensors_for_checkpoint,
+        sharded_state_dict_default,
+    )
 
     own = {}
     module._save_to_state_dict(own, "", keep_vars=True)

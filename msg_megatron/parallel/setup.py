@@ -12,6 +12,7 @@ import socket
 import torch
 import torch.distributed as dist
 
+from ..config import ConfigError
 from .cpu_compat import apply_cpu_patches
 
 
@@ -38,8 +39,6 @@ def initialize_parallel(tensor: int = 1, pipeline: int = 1, seed: int = 1234) ->
     if not parallel_state.model_parallel_is_initialized():
         world = dist.get_world_size()
         if world % (tensor * pipeline):
-            from ..config import ConfigError
-
             raise ConfigError(
                 f"world size {world} is not a multiple of parallel.tensor x parallel.pipeline = {tensor} x "
                 f"{pipeline} = {tensor * pipeline}; launch a multiple of {tensor * pipeline} processes "

@@ -5,12 +5,13 @@ from typing import Optional
 
 import torch
 
+from .microbatches import run_microbatches
+
 
 @torch.no_grad()
 def validation_loss(model, windows, micro_batch_size: int, iters: int, bf16: bool = False) -> Optional[float]:
     if windows is None:
         return None
-    from .microbatches import run_microbatches
 
     was_training = model.training
     model.eval()

@@ -18,7 +18,10 @@ from __future__ import annotations
 
 from typing import Optional
 
+from ..config import ConfigError
+from ..model.gpt import padded_vocab_size
 from .phase_memory import phase_peaks
+from .sizes import largest_tensor, params_per_gpu
 
 GIB = 1024 ** 3
 
@@ -31,9 +34,6 @@ def state_bytes_per_param(precision: str, dp: int, distributed_optimizer: bool) 
 
 def local_params(mcfg, shape, tp: int, pp: int) -> float:
     """Parameters one process holds at `shape` on the most loaded pipeline stage (plan.params_per_gpu)."""
-    from ..model.gpt import padded_vocab_size
-    from ..plan import params_per_gpu
-
     return params_per_gpu(mcfg, shape, padded_vocab_size(mcfg), tp, pp)
 
 
@@ -65,8 +65,6 @@ def require_host_memory(what: str, params: float, bytes_per_param: float, holds:
     Only without CUDA (on a GPU, out-of-memory is an exception that names itself: returns None).
     A collective when `processes` is not given (every rank must call it)."""
     import torch
-
-    from ..config import ConfigError
 
     if torch.cuda.is_available():
         return None
@@ -120,7 +118,4 @@ def check_host_memory(cfg, layout: tuple, dp: int, processes: Optional[int] = No
 
 
 def largest_local_tensor(mcfg, shape, tp: int) -> float:
-    from ..model.gpt import padded_vocab_size
-    from ..plan import largest_tensor
-
     return largest_tensor(mcfg, shape, padded_vocab_size(mcfg), tp)

@@ -18,13 +18,13 @@ from typing import List
 import torch
 import torch.distributed as dist
 
+from ..parallel import device
+
 
 def run_microbatches(model, batches: List[torch.Tensor], *, forward_only: bool, loss_scale: float = 1.0,
                      bf16: bool = False, on_device: bool = False):
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    from ..parallel import device
 
     if not batches:
         return 0.0

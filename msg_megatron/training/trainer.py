@@ -20,23 +20,23 @@ import torch
 
 from ..checkpoint.dist import CheckpointError, load_checkpoint, read_meta, save_checkpoint
 from ..checkpoint.run_lock import hold_save_dir
-from ..config import Config, ConfigError, Shape
+from ..config import Config, ConfigError, ModelConfig, Shape
 from ..data import DataError, SyntheticWindows, TokenWindows, resolve_data_dir_all_ranks, validation_problem
 from ..growth.axes import GrowthPlan
 from ..growth.operators import grow_model, growth_seed
 from ..growth.optimizer_state import grow_optimizer
 from ..model import build_model, count_parameters, update_masks
+from ..model.masks import ramping
 from ..ops import fused
+from ..optim.optimizer import build_optimizer, cast_params, optimizer_for_fp32_model, param_dtype
 from ..parallel import device, initialize_parallel, is_logging_rank
 from .evaluate import validation_loss
 from .flops import device_peak_tflops, flops_per_token
 from .host_memory import check_host_memory
-from .microbatches import run_microbatches
 from .metrics import MetricsLogger
-from .optimizer import build_optimizer, cast_params, optimizer_for_fp32_model, param_dtype
+from .microbatches import run_microbatches
 from .schedule import LRSchedule
 from .step_stats import PendingSteps
-
 
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: saved on SIGTERM/SIGUSR1, resume to continue (launchers requeue on it)
 RELAYOUT_EXIT = 76  # saved before a stage that runs at another TP/PP layout: msg-grow reshards, then resume
@@ -295,9 +295,6 @@ class Trainer:
     def init_from(self, path: str) -> None:
         """Start from a checkpoint's weights at step 0 (checkpoint.init_from): the first stage's model
         is that checkpoint; optimizer, step, data position and RNG start fresh."""
-        from ..config import ModelConfig
-        from ..model.masks import ramping
-
         meta = read_meta(path, full=self.cfg.checkpoint.verify == "full")
         saved = ModelConfig(**meta["config"]["model"])
         # the final sizes may differ (the imported model is the first stage); kv_channels as the head dim

@@ -15,14 +15,14 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from ..parallel import device
+
 
 def clip_grad_norm_on_device(opt, max_norm: float) -> torch.Tensor:
     """Clip `opt`'s (a megatron optimizer's) main gradients to `max_norm` by their global L2 norm;
     returns the norm before clipping, a float64 device tensor. max_norm <= 0: no clipping, and as
     in megatron no norm either (0; no collective)."""
     from megatron.core.optimizer.clip_grads import l2_norm_impl, multi_tensor_applier
-
-    from ..parallel import device
 
     dev = device()
     if max_norm <= 0:
