@@ -20,7 +20,7 @@ from msg_megatron.growth.operators import grow_model
 from msg_megatron.growth.optimizer_state import grow_optimizer
 from msg_megatron.model import build_model, update_masks
 from msg_megatron.parallel import device
-from msg_megatron.optim.optimizer import optimizer_for_fp32_model
+from msg_megatron.optim.optimizer import build_optimizer, cast_keeping_masters
 from test_train import read_metrics, tiny_cfg
 
 TOKENS = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(0)).to(device())
@@ -37,7 +37,7 @@ def test_growth_grows_the_fp32_masters():
     tcfg = TrainConfig(precision="bf16")
     old = Shape(32, 64, 4, 2)
     model = build_model(tiny_model_cfg(), old)
-    opt = optimizer_for_fp32_model(model, tcfg)
+    opt = build_optimizer(model, tcfg, masters=cast_keeping_masters(model, torch.bfloat16))
     assert all(p.dtype == torch.bfloat16 for p in model.parameters()) and opt.bf16
     for _ in range(3):
         _step(opt)
@@ -102,7 +102,7 @@ def test_bf16_training_growth_resume_and_fp32_interchange(tmp_path, tiny_data):
 def test_growing_bf16_parameters_without_their_masters_is_refused():
     tcfg = TrainConfig(precision="bf16")
     model = build_model(tiny_model_cfg(), Shape(32, 64, 4, 2))
-    opt = optimizer_for_fp32_model(model, tcfg)
+    opt = build_optimizer(model, tcfg, masters=cast_keeping_masters(model, torch.bfloat16))
     new_shape = Shape(48, 96, 6, 2)
     grown, name_map = grow_model(model, new_shape, step=0)  # from the bf16 rounding: must not pass silently
     with pytest.raises(RuntimeError, match="release_for_growth"):

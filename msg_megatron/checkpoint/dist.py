@@ -330,7 +330,7 @@ def _prune(save_dir: str, keep: int) -> None:
         shutil.rmtree(os.path.join(save_dir, d), ignore_errors=True)
 
 
-def load_checkpoint(path: str, model, optimizer=None, expect_shape: Optional[Shape] = None, full: bool = False,
+def load_checkpoint(path: str, model, optimizer=None, full: bool = False,
                     restore_rng: bool = True, whole_model: bool = True, read: Optional[tuple] = None) -> dict:
     """Load tensors into `model` (built at the checkpoint's shape) and `optimizer`; return the meta.
     `restore_rng`: also set this process's torch RNG to the saved state (exact resume).
@@ -342,9 +342,9 @@ def load_checkpoint(path: str, model, optimizer=None, expect_shape: Optional[Sha
 
     meta, saved = read if read is not None else (read_meta(path, full=full), None)
     shape = Shape(*meta["shape"])
-    if shape != model.shape or (expect_shape is not None and shape != expect_shape):
+    if shape != model.shape:
         raise CheckpointError(f"checkpoint `{meta['path']}` has shape {shape}, but the model to load into is "
-                              f"{expect_shape or model.shape}; grow it with msg-grow or pick the matching stage")
+                              f"{model.shape}; grow it with msg-grow or pick the matching stage")
     has_opt = bool(meta.get("optimizer")) and optimizer is not None
     saved = saved if saved is not None else tensor_index(meta["path"])
     # each rank's own slice only; bf16: the masters are loaded, the parameters rounded from them below
@@ -354,9 +354,7 @@ def load_checkpoint(path: str, model, optimizer=None, expect_shape: Optional[Sha
              for k, v in sd.items() if k.startswith(("optimizer.", "slices.")) or k in masters}
     rng_md = saved.get("rng_state")
     world = dist.get_world_size() if dist.is_initialized() else 1
-    if rng_md is None:  # (checkpoints of 0.1.0 before per-rank states: rank 0's state, common)
-        sd["rng_state"] = torch.get_rng_state()
-    elif rng_md.global_shape[0] == world:  # same world: each rank gets its own generator back
+    if rng_md is not None and rng_md.global_shape[0] == world:  # same world: each rank gets its own generator back
         sd["rng_state"] = _rng_sharded(torch.get_rng_state())
     try:
         with restricted_metadata_loading():

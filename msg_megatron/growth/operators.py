@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
-from ..config import Shape
+from ..config import Shape, growth_refusal
 from ..model.gpt import MaskedGPT, Piece, pp_rank_size
 from ..model.masks import open_masks, refresh_active
 from ..model.params import param
@@ -162,18 +162,10 @@ def plan_depth(old_layers: int, new_layers: int, depth_init: str) -> List[Option
 
 
 def check_growth(old: Shape, new: Shape, init: str, depth_init: str, tp: int, pp: int) -> None:
-    """What any growth old -> new refuses (ValueError naming the fix): shrinking; copied units under
-    TP (a copy may live on another rank); new layers other than interpolated under PP (they would
-    move between stages). grow_model checks it; msg-grow calls it before loading anything."""
-    for dim, a, b in zip(("hidden", "ffn", "heads", "layers"), old.as_tuple(), new.as_tuple()):
-        if b < a:
-            raise ValueError(f"cannot shrink {dim} from {a} to {b} ({old} -> {new}): growth only adds units")
-    if init == "copy" and tp > 1:
-        raise ValueError(f"init=copy with tensor parallel size {tp}: a copied unit may live on another rank; "
-                         "grow at TP 1, or use init normal or zeros")
-    if pp > 1 and new.layers != old.layers and depth_init != "interpolate":
-        raise ValueError(f"depth_init={depth_init} with pipeline size {pp} would move layers between stages; "
-                         "use interpolate (copies stay on their source's stage)")
+    """config.growth_refusal as a ValueError: grow_model checks it; msg-grow before loading anything."""
+    why = growth_refusal(old, new, init, depth_init, tp, pp)
+    if why:
+        raise ValueError(why)
 
 
 def grow_model(model: MaskedGPT, new_shape: Shape, *, step: int, init: Union[str, InitFn] = "normal",

@@ -21,7 +21,7 @@ from typing import Dict, Optional
 import torch
 
 from ..config import ParallelConfig, TrainConfig
-from ..optim.optimizer import MOMENTS, TrainOptimizer, optimizer_for_fp32_model
+from ..optim.optimizer import MOMENTS, TrainOptimizer, build_optimizer, cast_keeping_masters
 from .axes import GrowthPlan
 from .operators import grow_tensor
 
@@ -38,8 +38,8 @@ def grow_optimizer(old_opt: TrainOptimizer, old_model: torch.nn.Module, new_mode
     # the old weights were copied into the grown model: free them before its buffers are allocated
     old_opt.release_weights()
     # the grown model holds fp32 weights (under bf16 the old masters: see release_for_growth)
-    new_opt = optimizer_for_fp32_model(new_model, tcfg, pcfg,
-                                       torch.bfloat16 if old_opt.bf16 else torch.float32)
+    masters = cast_keeping_masters(new_model, torch.bfloat16 if old_opt.bf16 else torch.float32)
+    new_opt = build_optimizer(new_model, tcfg, pcfg, masters=masters)
     grow_states(old_opt, old_params, new_model, name_map, plan, new_opt)
     return new_opt
 

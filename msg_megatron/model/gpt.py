@@ -19,7 +19,7 @@ from megatron.core.tensor_parallel import (
 )
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.spec_utils import build_module
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from torch import nn
 
 from ..config import ModelConfig, Shape
@@ -100,7 +100,7 @@ class MaskedGPT(MegatronModule):
     its state dict and sharded state dict are those parts of the stage's, under the same keys."""
 
     def __init__(self, mcfg: ModelConfig, shape: Shape, perform_init: bool = True, seed: int = 1234,
-                 piece: Optional[Piece] = None):
+                 piece: Optional[Piece] = None, layer_spec: Optional[ModuleSpec] = None):
         config = transformer_config(mcfg, shape, perform_init)
         super().__init__(config=config)
         self.mcfg, self.shape = mcfg, shape
@@ -124,7 +124,7 @@ class MaskedGPT(MegatronModule):
                 self.position_embeddings = nn.Embedding(mcfg.seq_length, shape.hidden)
                 if perform_init:
                     config.init_method(self.position_embeddings.weight)
-        spec = masked_layer_spec(mcfg.norm)
+        spec = layer_spec or masked_layer_spec(mcfg.norm)
         layers = []
         for g in self.global_layers:
             _seed_module(seed, f"layer{g}")
@@ -266,8 +266,9 @@ def sync_tied_output(model: "MaskedGPT") -> None:
         torch.distributed.all_reduce(weight.data, group=ps.get_embedding_group())
 
 
-def build_model(mcfg: ModelConfig, shape: Shape, seed: int = 1234, perform_init: bool = True) -> MaskedGPT:
-    model = MaskedGPT(mcfg, shape, perform_init, seed=seed).to(device())
+def build_model(mcfg: ModelConfig, shape: Shape, seed: int = 1234, perform_init: bool = True,
+                layer_spec: Optional[ModuleSpec] = None) -> MaskedGPT:
+    model = MaskedGPT(mcfg, shape, perform_init, seed=seed, layer_spec=layer_spec).to(device())
     if perform_init:
         sync_tied_output(model)
     return model

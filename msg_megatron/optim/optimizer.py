@@ -36,23 +36,24 @@ from .grad_clip import clip_grad_norm_on_device
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
-def build_optimizer(model: torch.nn.Module, tcfg: TrainConfig, pcfg: Optional[ParallelConfig] = None
-                    ) -> "TrainOptimizer":
-    return TrainOptimizer(model, tcfg, pcfg or ParallelConfig())
-
-
-def optimizer_for_fp32_model(model: torch.nn.Module, tcfg: TrainConfig, pcfg: Optional[ParallelConfig] = None,
-                             dtype: Optional[torch.dtype] = None) -> "TrainOptimizer":
-    """Cast a model that holds fp32 weights (fresh init, init_from, growth) to `dtype` (default:
-    train.precision's) and build its optimizer with exactly those fp32 weights as the masters."""
-    dtype = dtype or param_dtype(tcfg)
-    masters = {n: p.detach().clone() for n, p in model.named_parameters()} if dtype != torch.float32 else None
-    cast_params(model, dtype)
-    opt = build_optimizer(model, tcfg, pcfg)
+def build_optimizer(model: torch.nn.Module, tcfg: TrainConfig, pcfg: Optional[ParallelConfig] = None,
+                    masters: Optional[dict] = None) -> "TrainOptimizer":
+    """megatron's optimizer around `model` (already in its training dtype); `masters`: the fp32
+    master weights by parameter name (cast_keeping_masters), else the parameters' own values."""
+    opt = TrainOptimizer(model, tcfg, pcfg or ParallelConfig())
     if masters:
         for n, p in model.named_parameters():
             opt.set_master(p, masters.pop(n))
     return opt
+
+
+def cast_keeping_masters(model: torch.nn.Module, dtype: torch.dtype) -> Optional[dict]:
+    """Cast a model that holds fp32 weights (fresh init, init_from, growth) to `dtype`; returns
+    those fp32 weights by name (None at fp32) for `build_optimizer(masters=...)`, so the
+    optimizer's masters are the exact values, not their rounding."""
+    masters = {n: p.detach().clone() for n, p in model.named_parameters()} if dtype != torch.float32 else None
+    cast_params(model, dtype)
+    return masters
 
 
 def param_dtype(tcfg: TrainConfig) -> torch.dtype:

@@ -9,13 +9,13 @@ from .microbatches import run_microbatches
 
 
 @torch.no_grad()
-def validation_loss(model, windows, micro_batch_size: int, iters: int, bf16: bool = False) -> Optional[float]:
+def validation_loss(model, windows, micro_batch_size: int, iters: int, autocast_bf16: bool = False) -> Optional[float]:
     if windows is None:
         return None
 
     was_training = model.training
     model.eval()
     batches = list(windows.sequential(micro_batch_size, iters))
-    total = run_microbatches(model, batches, forward_only=True, bf16=bf16)  # every pipeline stage takes part
+    total = run_microbatches(model, batches, forward_only=True, autocast_bf16=autocast_bf16)  # every pipeline stage takes part
     model.train(was_training)
     return total / len(batches) if batches else None

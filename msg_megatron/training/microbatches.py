@@ -2,7 +2,8 @@
 
 One code path for every layout: megatron-core's `get_forward_backward_func()` picks the
 no-pipelining schedule at PP = 1 and 1F1B (`forward_backward_pipelining_without_interleaving`) at
-PP > 1; activations travel between stages as [seq, batch, hidden] float32 tensors.
+PP > 1; activations travel between stages as [seq, batch, hidden] tensors of the parameters' dtype
+(model.config.pipeline_dtype: float32, or bfloat16 under train.precision=bf16, set by cast_params).
 
 The loss of each micro-batch is the mean per-token loss. The schedule divides it by the number of
 micro-batches it runs; `loss_scale` rescales so the backward sums to the single-process gradient
@@ -22,7 +23,7 @@ from ..parallel import device
 
 
 def run_microbatches(model, batches: List[torch.Tensor], *, forward_only: bool, loss_scale: float = 1.0,
-                     bf16: bool = False, on_device: bool = False):
+                     autocast_bf16: bool = False, on_device: bool = False):
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -30,7 +31,7 @@ def run_microbatches(model, batches: List[torch.Tensor], *, forward_only: bool, 
         return 0.0
     micro, seq_plus_one = batches[0].shape
     dev = device()
-    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16)
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast_bf16)
 
     def forward_step(data_iterator, module):
         batch = next(data_iterator).to(dev, non_blocking=True)
@@ -42,7 +43,8 @@ def run_microbatches(model, batches: List[torch.Tensor], *, forward_only: bool, 
 
         return out, loss_func
 
-    # bf16: matmuls in bf16; parameters, norms, residual stream and loss stay fp32. One autocast
+    # autocast_bf16 (train.precision=bf16-autocast): matmuls in bf16; parameters, norms, residual
+    # stream and loss stay fp32. One autocast
     # region around all micro-batches, so each weight is cast to bf16 once per step (autocast's
     # cache), not once per micro-batch.
     with torch.set_grad_enabled(not forward_only), autocast:

@@ -28,7 +28,7 @@ from ..growth.optimizer_state import grow_optimizer
 from ..model import build_model, count_parameters, update_masks
 from ..model.masks import ramping
 from ..ops import fused
-from ..optim.optimizer import build_optimizer, cast_params, optimizer_for_fp32_model, param_dtype
+from ..optim.optimizer import build_optimizer, cast_keeping_masters, cast_params, param_dtype
 from ..parallel import device, initialize_parallel, is_logging_rank
 from .evaluate import validation_loss
 from .flops import device_peak_tflops, flops_per_token
@@ -112,7 +112,8 @@ class Trainer:
             if ck.load == "auto":
                 self.metrics.print(f"[resume] checkpoint.load=auto: no checkpoint in `{ck.save}` yet, starting fresh")
             self.model = build_model(cfg.model, self.schedule[0][1], seed=t.seed)  # fp32 init: exact masters
-            self.optimizer = optimizer_for_fp32_model(self.model, t, cfg.parallel)
+            self.optimizer = build_optimizer(self.model, t, cfg.parallel,
+                                             masters=cast_keeping_masters(self.model, param_dtype(t)))
         self._pending, self._host_time = PendingSteps(device()), 0.0
         self._signal, self._agreed_signal = None, False
         self.metrics.print(self.optimizer.describe() + f", fusion {self.fusion}")
@@ -160,7 +161,7 @@ class Trainer:
         # each micro-batch's loss x local/n_micro sums to the batch mean over DP ranks; megatron's DDP
         # averages the DP gradients (x 1/DP), hence the factor DP
         total = run_microbatches(self.optimizer.ddp, batches, forward_only=False,
-                                 loss_scale=local * self.dp / n_micro, bf16=self.autocast, on_device=True)
+                                 loss_scale=local * self.dp / n_micro, autocast_bf16=self.autocast, on_device=True)
         self.optimizer.finish_grad_sync()
         grad_norm = self.optimizer.step(lr)
         self.optimizer.zero_grad()
@@ -198,7 +199,7 @@ class Trainer:
 
     def evaluate(self) -> Optional[float]:
         return validation_loss(self.model, self.valid_data, self.cfg.train.micro_batch_size,
-                               self.cfg.train.eval_iters, bf16=self.autocast)
+                               self.cfg.train.eval_iters, autocast_bf16=self.autocast)
 
     def _probe_batch(self) -> torch.Tensor:
         data = self.valid_data or self.train_data
@@ -208,7 +209,7 @@ class Trainer:
     def probe_loss(self) -> float:
         """Loss on one fixed batch; equal before and after an MSG growth (function preservation)."""
         self.model.eval()
-        loss = run_microbatches(self.model, [self._probe], forward_only=True, bf16=self.autocast)
+        loss = run_microbatches(self.model, [self._probe], forward_only=True, autocast_bf16=self.autocast)
         self.model.train()
         return loss
 
@@ -314,7 +315,8 @@ class Trainer:
                                   f"{self.schedule[0][1]}; start the schedule at {list(shape.as_tuple())}")
         self.model = build_model(self.cfg.model, shape, perform_init=False)
         load_checkpoint(meta["path"], self.model, None, full=self.cfg.checkpoint.verify == "full", restore_rng=False)
-        self.optimizer = optimizer_for_fp32_model(self.model, self.cfg.train, self.cfg.parallel)
+        masters = cast_keeping_masters(self.model, param_dtype(self.cfg.train))
+        self.optimizer = build_optimizer(self.model, self.cfg.train, self.cfg.parallel, masters=masters)
         if ramping(self.model):
             raise CheckpointError(f"checkpoint.init_from `{meta['path']}` is mid-ramp (masks below 1); start from a "
                                   "checkpoint taken after growth.ramp_steps more steps")
@@ -323,18 +325,18 @@ class Trainer:
     # ---- the loop ------------------------------------------------------------------------
     def run(self) -> dict:
         t, g = self.cfg.train, self.cfg.growth
-        last_eval = None
         self._last_saved, self._last_saved_path = None, None
         previous = self._install_signal_handlers()
         try:
-            return self._loop(t, g, last_eval)
+            return self._loop(t, g)
         finally:
             for sig, old in previous.items():
                 signal.signal(sig, old)
             if self.lock is not None:
                 self.lock.release()
 
-    def _loop(self, t, g, last_eval) -> dict:
+    def _loop(self, t, g) -> dict:
+        last_eval = None
         if self.cfg.layout(self.stage) != self.layout:
             tp, pp = self.cfg.layout(self.stage)
             raise ConfigError(f"stage {self.stage} of growth.stages runs at tensor={tp} pipeline={pp}, but this job "

@@ -1,0 +1,225 @@
+"""Checks of a configuration before any compute: each names the field and the fix."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+from .schema import Config, ConfigError, Shape
+
+
+def growth_refusal(old: Shape, new: Shape, init: str, depth_init: str, tp: int, pp: int) -> Optional[str]:
+    """Why a growth old -> new at TP x PP cannot run, or None. One rule for the config check,
+    grow_model and msg-grow: growth only adds units; a copied unit (init=copy) may live on another
+    TP rank; under PP new layers other than interpolated copies would move between stages."""
+    for dim, a, b in zip(("hidden", "ffn", "heads", "layers"), old.as_tuple(), new.as_tuple()):
+        if b < a:
+            return (f"the shape {old} -> {new} shrinks {dim} from {a} to {b}; growth only adds units: make "
+                    "every dimension >= the previous stage's")
+    if init == "copy" and tp > 1:
+        return (f"growth.init=copy with parallel.tensor={tp}: a copied unit may live on another tensor-parallel "
+                "rank; grow with parallel.tensor=1, or use growth.init=normal or zeros")
+    if pp > 1 and new.layers != old.layers and depth_init != "interpolate":
+        return (f"growth.depth_init={depth_init} with parallel.pipeline={pp}: new layers would have to move "
+                "between pipeline stages; use growth.depth_init=interpolate (each copy sits above its source, "
+                "on the same stage)")
+    return None
+
+
+def _choice(value, options, where):
+    if value not in options:
+        raise ConfigError(f"config field `{where}` is {value!r}; choose one of {', '.join(options)}.")
+
+
+def _positive(value, where):
+    if value is None or value <= 0:
+        raise ConfigError(f"config field `{where}` must be positive, got {value!r}.")
+
+
+# Every numeric field's range, checked in one place (`_validate_ranges`): (section.field, lowest,
+# whether the lowest is allowed, highest or None, what the field is for). Every float must also be
+# finite; None (an optional field left unset) passes.
+RANGES = [
+    ("model.norm_epsilon", 0, False, None, "the norms' epsilon (e.g. 1e-5)"),
+    ("model.init_method_std", 0, False, None, "the std of the initial weights (e.g. 0.02)"),
+    ("model.rotary_base", 0, False, None, "RoPE's base (e.g. 10000)"),
+    ("growth.init_std", 0, True, None, "the std of new weights (e.g. 0.02; 0 with growth.init=zeros)"),
+    ("growth.ramp_steps", 0, True, None, "the steps over which masks ramp in"),
+    ("train.lr", 0, False, None, "the peak learning rate (e.g. 1e-3)"),
+    ("train.min_lr", 0, True, None, "the final learning rate (e.g. 1e-4)"),
+    ("train.warmup_steps", 0, True, None, "the warmup steps"),
+    ("train.decay_steps", 0, False, None, "the step at which the decay ends (unset: train.steps)"),
+    ("train.weight_decay", 0, True, None, "AdamW's weight decay (e.g. 0.01)"),
+    ("train.adam_beta1", 0, True, 1, "AdamW's beta1 in [0, 1) (e.g. 0.9)"),
+    ("train.adam_beta2", 0, True, 1, "AdamW's beta2 in [0, 1) (e.g. 0.95)"),
+    ("train.adam_eps", 0, False, None, "AdamW's epsilon (e.g. 1e-8)"),
+    ("train.clip_grad", 0, True, None, "the gradient-norm clip (0 disables it)"),
+    ("train.seed", 0, True, None, "the seed"),
+    ("train.eval_interval", 0, True, None, "steps between evaluations (0: only at the end)"),
+    ("train.eval_iters", 0, True, None, "validation batches per evaluation"),
+    ("train.save_interval", 0, True, None, "steps between saves (0: only at the end)"),
+    ("train.threads", 0, True, None, "torch's CPU threads (0: torch's default)"),
+    ("data.corpus_mb", 0, False, None, "megabytes of embedded text"),
+    ("checkpoint.keep", 1, True, None, "how many checkpoints to keep (at least 1: the newest)"),
+    ("parallel.gpus", 0, True, None, "the GPUs msg-plan plans for (0: tensor x pipeline)"),
+]
+
+
+def _validate_ranges(cfg: Config) -> None:
+    for path, low, low_ok, high, what in RANGES:
+        section, name = path.split(".")
+        v = getattr(getattr(cfg, section), name)
+        if v is None or isinstance(v, bool):
+            continue
+        bad = isinstance(v, float) and not math.isfinite(v)
+        bad = bad or v < low or (v == low and not low_ok) or (high is not None and v >= high)
+        if bad:
+            need = (f"{'>=' if low_ok else '>'} {low}" + (f" and < {high}" if high is not None else "")
+                    + (", finite" if isinstance(v, float) else ""))
+            raise ConfigError(f"config field `{path}` is {v!r}; it must be {need}: {what}.")
+
+
+def validate(cfg: Config) -> None:
+    """Reject bad configs before any compute, naming the field and the fix."""
+    m, g, t, p = cfg.model, cfg.growth, cfg.train, cfg.parallel
+    _validate_ranges(cfg)
+    _choice(m.family, ["gpt"], "model.family")
+    _choice(m.norm, ["layernorm", "rmsnorm"], "model.norm")
+    _choice(m.activation, ["gelu", "swiglu"], "model.activation")
+    _choice(m.position_embedding, ["learned", "rope"], "model.position_embedding")
+    _choice(g.operator, ["msg", "nomask", "net2net"], "growth.operator")
+    _choice(g.init, ["normal", "zeros", "copy"], "growth.init")
+    _choice(g.depth_init, ["interpolate", "stack", "random"], "growth.depth_init")
+    _choice(t.decay_style, ["cosine", "linear", "constant"], "train.decay_style")
+    _choice(t.precision, ["fp32", "bf16", "bf16-autocast"], "train.precision")
+    _choice(t.fusion, ["auto", "eager", "compile"], "train.fusion")
+    _choice(cfg.checkpoint.verify, ["size", "full"], "checkpoint.verify")
+    _positive(cfg.checkpoint.writers, "checkpoint.writers")
+    if cfg.checkpoint.load == "auto" and not cfg.checkpoint.save:
+        raise ConfigError("checkpoint.load=auto resumes from checkpoint.save, which is empty; set checkpoint.save.")
+    _choice(cfg.logging.wandb, ["auto", "offline", "online", "disabled"], "logging.wandb")
+    for name in ("vocab_size", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_layers",
+                 "seq_length", "make_vocab_size_divisible_by"):
+        _positive(getattr(m, name), f"model.{name}")
+    if m.kv_channels is not None:
+        _positive(m.kv_channels, "model.kv_channels")
+    elif m.hidden_size % m.num_attention_heads:
+        raise ConfigError(
+            f"model.hidden_size={m.hidden_size} is not divisible by model.num_attention_heads="
+            f"{m.num_attention_heads}; set model.kv_channels (the fixed head dim) explicitly.")
+    if m.position_embedding == "rope" and m.head_dim % 2:
+        raise ConfigError(f"model.kv_channels={m.head_dim} must be even for rope; set an even head dim.")
+    for name in ("steps", "global_batch_size", "micro_batch_size", "log_interval"):
+        _positive(getattr(t, name), f"train.{name}")
+    if t.global_batch_size % t.micro_batch_size:
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} is not a multiple of train.micro_batch_size="
+            f"{t.micro_batch_size}; make it one (it is accumulated in micro-batches).")
+    if t.lr <= 0 or t.min_lr < 0 or t.min_lr > t.lr:
+        raise ConfigError(f"train.lr={t.lr}, train.min_lr={t.min_lr}: need 0 <= min_lr <= lr and lr > 0.")
+    if t.warmup_steps < 0:
+        raise ConfigError("train.warmup_steps must be >= 0.")
+    if g.ramp_steps < 0:
+        raise ConfigError("growth.ramp_steps (the paper's phi) must be >= 0.")
+    if g.init_std < 0:
+        raise ConfigError("growth.init_std must be >= 0.")
+    _positive(p.tensor, "parallel.tensor")
+    _positive(p.pipeline, "parallel.pipeline")
+    if p.tensor > 1 and g.operator == "net2net":
+        raise ConfigError(
+            f"growth.operator=net2net with parallel.tensor={p.tensor}: a copied unit may live on another "
+            "tensor-parallel rank; run the net2net baseline with parallel.tensor=1.")
+    if g.operator == "net2net" and g.depth_init == "random":
+        raise ConfigError("growth.operator=net2net copies layers; use growth.depth_init=interpolate (bert2BERT) "
+                          "or stack.")
+    why = growth_refusal(m.shape, m.shape, g.init, g.depth_init, p.tensor, p.pipeline)
+    if why:
+        raise ConfigError(why + ".")
+    if not 0 <= cfg.data.valid_fraction < 1:
+        raise ConfigError("data.valid_fraction must be in [0, 1).")
+    _validate_stages(cfg)
+    _validate_layout(cfg)
+
+
+def _validate_layout(cfg: Config) -> None:
+    """Every stage's heads and FFN units must split evenly over the tensor-parallel ranks (each rank
+    appends its share of new units locally when they grow), and its layers over the pipeline stages
+    (each stage at its own layout when it names one, else at parallel.*)."""
+    sched = cfg.schedule()
+    for i, (step, shape) in enumerate(sched):
+        where = f"growth.stages[{i}]" if cfg.growth.stages else "model"
+        tp, pp = cfg.layout(i)
+        if cfg.growth.stages:
+            st = cfg.growth.stages[i]
+            for name in ("tensor", "pipeline", "global_batch_size"):
+                if getattr(st, name) is not None and getattr(st, name) <= 0:
+                    raise ConfigError(f"`{where}.{name}` must be positive, got {getattr(st, name)}.")
+            gbs = cfg.batch_size(i)
+            if gbs % cfg.train.micro_batch_size:
+                raise ConfigError(f"`{where}` has a global batch size of {gbs}, not a multiple of "
+                                  f"train.micro_batch_size={cfg.train.micro_batch_size}.")
+        for dim, n in (("heads", shape.heads), ("ffn", shape.ffn)):
+            if n % tp:
+                raise ConfigError(
+                    f"`{where}` has {dim}={n}, which does not divide by parallel.tensor={tp}; choose a "
+                    f"multiple of {tp} for every stage, or another tensor-parallel degree.")
+        if shape.layers % pp:
+            raise ConfigError(
+                f"`{where}` has layers={shape.layers}, which does not split evenly over parallel.pipeline={pp} "
+                f"stages; choose a multiple of {pp} for every stage (changing the pipeline degree between "
+                "stages goes through a checkpoint: msg-grow).")
+    tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
+    for i in range(1, len(sched)):
+        why = growth_refusal(sched[i - 1][1], sched[i][1], cfg.growth.init, cfg.growth.depth_init, *cfg.layout(i))
+        if why:
+            raise ConfigError(f"`growth.stages[{i}]`: {why}.")
+    mult = cfg.model.make_vocab_size_divisible_by
+    padded = -(-cfg.model.vocab_size // mult) * mult
+    tp = max([tp] + [cfg.layout(i)[0] for i in range(len(sched))])
+    if padded % tp:
+        raise ConfigError(
+            f"the padded vocabulary ({padded} rows: model.vocab_size={cfg.model.vocab_size} rounded up to "
+            f"model.make_vocab_size_divisible_by={mult}) does not divide by parallel.tensor={tp}; set "
+            f"make_vocab_size_divisible_by to a multiple of {tp}.")
+
+
+def _validate_stages(cfg: Config) -> None:
+    m, g = cfg.model, cfg.growth
+    if not g.stages:
+        if g.lr_reset_stages:
+            raise ConfigError("growth.lr_reset_stages is set but growth.stages is empty; remove it or add stages.")
+        return
+    prev_step, prev = None, None
+    for i, st in enumerate(g.stages):
+        where = f"growth.stages[{i}]"
+        if len(st.shape) != 4:
+            raise ConfigError(f"`{where}.shape` must be [hidden, ffn, heads, layers], got {st.shape}.")
+        if any(v <= 0 for v in st.shape):
+            raise ConfigError(f"`{where}.shape` {st.shape}: every size must be positive.")
+        hidden, ffn, heads, layers = st.shape
+        if st.kv_channels is not None and st.kv_channels != m.head_dim:
+            raise ConfigError(
+                f"`{where}.kv_channels`={st.kv_channels} differs from the model's head dim {m.head_dim}; MSG grows "
+                "heads at a fixed head dim (paper appendix A). Remove it or set it to model.kv_channels.")
+        if i == 0 and st.step != 0:
+            raise ConfigError(f"`{where}.step` is {st.step}; the first stage is the initial shape and must be at step 0.")
+        if prev_step is not None and st.step <= prev_step:
+            raise ConfigError(
+                f"`{where}.step`={st.step} is not after the previous stage's step {prev_step}; "
+                "list stages in increasing step order.")
+        if st.step >= cfg.train.steps and i > 0:
+            raise ConfigError(
+                f"`{where}.step`={st.step} is not before train.steps={cfg.train.steps}; the stage would never run.")
+        if prev is not None:
+            why = growth_refusal(Shape(*prev), Shape(*st.shape), g.init, "interpolate", 1, 1)
+            if why:
+                raise ConfigError(f"`{where}.shape`: {why}.")
+            if list(prev) == list(st.shape):
+                raise ConfigError(f"`{where}.shape` equals the previous stage's; remove the stage or grow something.")
+        prev_step, prev = st.step, st.shape
+    if tuple(prev) != m.shape.as_tuple():
+        raise ConfigError(
+            f"the last stage's shape {list(prev)} differs from the model section {list(m.shape.as_tuple())}; "
+            "the model section is the final shape, so make them equal.")
+    for i in g.lr_reset_stages:
+        if not 1 <= i < len(g.stages):
+            raise ConfigError(f"growth.lr_reset_stages entry {i} is not a growth stage (1..{len(g.stages) - 1}).")

@@ -1,0 +1,273 @@
+"""The configuration's sections and fields (each field's docstring is its documentation).
+
+Field names follow megatron's where one exists. The `model` section is the *final* (target)
+architecture; `growth.stages` is the schedule that reaches it, written as the paper's tuples
+(hidden, ffn, heads, layers) so Table 2 / Table 10 can be copied literally.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the field and the fix."""
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One architecture point in the paper's order (section 2.2)."""
+
+    hidden: int
+    ffn: int
+    heads: int
+    layers: int
+
+    def as_tuple(self):
+        return (self.hidden, self.ffn, self.heads, self.layers)
+
+    def __str__(self):
+        return "({}, {}, {}, {})".format(*self.as_tuple())
+
+
+@dataclass
+class ModelConfig:
+    family: str = "gpt"
+    """Model family; only the decoder-only `gpt` exists so far."""
+    vocab_size: int = 2048
+    """Tokenizer vocabulary size (the embedding is padded to `make_vocab_size_divisible_by`)."""
+    make_vocab_size_divisible_by: int = 128
+    """Pad the embedding rows to a multiple of this. Unlike megatron (a multiple of this x TP), the
+    padding does not depend on the layout, so a checkpoint keeps its shapes under any TP degree;
+    the padded size must divide by parallel.tensor (model/gpt.py: padded_vocab_size)."""
+    hidden_size: int = 256
+    """Final hidden size (the first element of the last stage's shape)."""
+    ffn_hidden_size: int = 1024
+    """Final FFN size."""
+    num_attention_heads: int = 4
+    """Final number of attention heads."""
+    num_layers: int = 4
+    """Final number of transformer layers."""
+    kv_channels: Optional[int] = None
+    """Head dimension, fixed while heads grow (paper appendix A). Default: hidden_size // num_attention_heads."""
+    seq_length: int = 128
+    """Training sequence length."""
+    norm: str = "layernorm"
+    """`layernorm` or `rmsnorm`."""
+    norm_epsilon: float = 1e-5
+    """Epsilon of every norm."""
+    activation: str = "gelu"
+    """`gelu` (tanh approximation, as GPT-2) or `swiglu`."""
+    position_embedding: str = "learned"
+    """`learned` absolute positions or `rope`."""
+    rotary_base: int = 10000
+    """RoPE base when position_embedding is rope."""
+    tie_embeddings: bool = True
+    """Share the input embedding with the output layer."""
+    add_bias_linear: bool = True
+    """Biases in the attention and MLP linear layers."""
+    init_method_std: float = 0.02
+    """Std of the normal init of a model built from scratch."""
+
+    @property
+    def shape(self) -> Shape:
+        return Shape(self.hidden_size, self.ffn_hidden_size, self.num_attention_heads, self.num_layers)
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+
+@dataclass
+class StageConfig:
+    step: int = 0
+    """Training step at which this stage's shape takes effect (growth happens before that step)."""
+    shape: List[int] = field(default_factory=list)
+    """[hidden, ffn, heads, layers] of this stage."""
+    kv_channels: Optional[int] = None
+    """Optional statement of the head dim; it must equal model.kv_channels (heads grow at fixed head dim)."""
+    global_batch_size: Optional[int] = None
+    """Sequences per step from this stage on (default: train.global_batch_size), e.g. FLM-101B's 2304 -> 2160."""
+    tensor: Optional[int] = None
+    """Tensor-parallel degree from this stage on (default: the previous stage's, else parallel.tensor). A run
+    reaching a stage at another layout saves and exits with status 76; msg-grow --tensor/--pipeline grows and
+    reshards the checkpoint, and the next job resumes at the new layout (launch/slurm/chain_stages.sh)."""
+    pipeline: Optional[int] = None
+    """Pipeline degree from this stage on (default: the previous stage's, else parallel.pipeline)."""
+
+
+@dataclass
+class GrowthConfig:
+    operator: str = "msg"
+    """`msg` (masked, strictly function-preserving), or the paper's baselines: `nomask` (the same new
+    weights, masks removed right after growth: Table 4's No Mask) and `net2net` (bert2BERT: new
+    units copy existing ones, outgoing weights split between copies, eq. 5-6; new layers are copies,
+    no masks; appendix C)."""
+    ramp_steps: int = 100
+    """Steps over which new masks ramp linearly from 0 to 1 (the paper's phi, section 3.2.1)."""
+    init: str = "normal"
+    """New width weights: `normal` (N(0, init_std), paper 3.2.2), `zeros`, or `copy` (replicate existing units)."""
+    init_std: float = 0.02
+    """Std of the normal init of new weights."""
+    depth_init: str = "interpolate"
+    """New layers: `interpolate` (copy each layer above itself), `stack` (repeat the stack), `random`."""
+    lr_reset_stages: List[int] = field(default_factory=list)
+    """Stage indices (1 = first growth) at which the learning rate resets to its peak."""
+    stages: List[StageConfig] = field(default_factory=list)
+    """The schedule; empty trains a fixed-size model. The first stage is at step 0, the last is the model shape."""
+
+
+@dataclass
+class ParallelConfig:
+    tensor: int = 1
+    """Tensor-parallel degree: heads, FFN units and the vocabulary are split over this many ranks."""
+    pipeline: int = 1
+    """Pipeline-parallel degree: layers are split into this many consecutive stages (1F1B schedule)."""
+    distributed_optimizer: bool = False
+    """megatron's distributed optimizer: each data-parallel rank keeps AdamW state for 1/DP of the
+    parameters (gradients reduce-scattered, parameters all-gathered); checkpoints are the same."""
+    overlap_grad_reduce: bool = False
+    """Start each gradient bucket's data-parallel reduce during the backward of the last
+    micro-batch, as soon as the bucket is complete (megatron's DDP), instead of after it."""
+    gpus: int = 0
+    """GPUs the schedule is planned for (msg-plan's data-parallel degree; 0: tensor x pipeline). The
+    launcher decides the real world size."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    """Total optimizer steps."""
+    precision: str = "fp32"
+    """`fp32`; `bf16`: bf16 parameters and activations with fp32 master weights, gradient buffers,
+    AdamW state, norm statistics and loss (megatron's --bf16; also on CPU); `bf16-autocast`: fp32
+    parameters, matmuls under CUDA bf16 autocast (GPU only)."""
+    fusion: str = "auto"
+    """Elementwise fusions (RoPE, SwiGLU/GELU with the FFN mask, bf16 cross-entropy): `compile`
+    (torch.compile/inductor kernels), `eager` (plain PyTorch ops) or `auto` (compile on GPUs, eager
+    on CPU). Same function either way, up to rounding."""
+    global_batch_size: int = 8
+    """Sequences per optimizer step."""
+    micro_batch_size: int = 8
+    """Sequences per forward/backward; global/micro micro-batches are accumulated."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr: float = 1e-4
+    """Learning rate at the end of the decay."""
+    warmup_steps: int = 10
+    """Linear warmup steps from 0 to lr."""
+    decay_style: str = "cosine"
+    """`cosine`, `linear` or `constant` decay after warmup."""
+    decay_steps: Optional[int] = None
+    """Step at which the decay reaches min_lr (default: steps)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (not applied to norms and biases)."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.95
+    """AdamW beta2."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    clip_grad: float = 1.0
+    """Global gradient-norm clip (0 disables)."""
+    seed: int = 1234
+    """Seed of the initial model, new growth weights and the data order."""
+    log_interval: int = 1
+    """Log every N steps. Losses and gradient norms stay on the device in between (no host sync per
+    step): a non-finite loss is found, and with several processes a SIGTERM/SIGUSR1 agreed on, at
+    these reads (and before each save), at most N steps late."""
+    eval_interval: int = 50
+    """Evaluate every N steps (0: only at the end)."""
+    eval_iters: int = 4
+    """Validation batches per evaluation."""
+    save_interval: int = 0
+    """Save a checkpoint every N steps (0: only at the end)."""
+    threads: int = 0
+    """torch intra-op threads on CPU (0: torch's default)."""
+
+
+@dataclass
+class DataConfig:
+    corpus: str = "embedded"
+    """`embedded` (Python stdlib sources + pydoc topics, built locally), `synthetic` (uniformly random
+    tokens: throughput benchmarks, like megatron's --mock-data) or a directory from msg-preprocess."""
+    corpus_mb: float = 4.0
+    """Megabytes of embedded text to use."""
+    valid_fraction: float = 0.02
+    """Share of documents held out for validation (embedded corpus)."""
+    cache_dir: str = ""
+    """Where prepared data is cached (default: $MSG_CACHE_DIR or ~/.cache/msg-megatron)."""
+    tokenizer_model: str = ""
+    """A sentencepiece model to use instead of training one (must match model.vocab_size)."""
+
+
+@dataclass
+class CheckpointConfig:
+    save: str = ""
+    """Directory to save checkpoints into (empty: no checkpoints)."""
+    load: str = ""
+    """Checkpoint to resume from: a step directory, a save dir (its `latest`), or `auto`: the newest
+    complete checkpoint in `save` if there is one (an incomplete or corrupt newer one is skipped and
+    reported), else start from scratch. The setting for jobs that may be preempted and requeued."""
+    init_from: str = ""
+    """Start a new run (step 0, fresh optimizer) from this checkpoint's weights, e.g. msg-import-hf's
+    output: its shape must be growth.stages[0]'s and its architecture this config's. A checkpoint
+    found by `load` (a resumed job) takes precedence."""
+    keep: int = 3
+    """How many step checkpoints to keep in `save`."""
+    verify: str = "size"
+    """Checks on load against the manifest: `size` (every file present with its size) or `full`
+    (also each file's CRC-32: reads the whole checkpoint once more)."""
+    writers: int = 4
+    """Files each rank writes in parallel (megatron's writer processes; more hide fsync latency, 4
+    measured best on a 2-core VM, see docs/benchmarks.md)."""
+
+
+@dataclass
+class LoggingConfig:
+    wandb: str = "auto"
+    """`offline`, `online`, `disabled`, or `auto` (online only when WANDB_API_KEY is set)."""
+    project: str = "msg-megatron"
+    """wandb project."""
+    run_dir: str = "runs/default"
+    """Directory for metrics.jsonl and wandb files."""
+    name: str = ""
+    """Run name (default: the config file's stem)."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    growth: GrowthConfig = field(default_factory=GrowthConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    # ---- derived views -------------------------------------------------------------------
+    def schedule(self) -> List[tuple]:
+        """[(step, Shape)] including the initial shape at step 0."""
+        if not self.growth.stages:
+            return [(0, self.model.shape)]
+        return [(s.step, Shape(*s.shape)) for s in self.growth.stages]
+
+    def batch_size(self, stage: int) -> int:
+        """Global batch size (sequences per step) during stage `stage`."""
+        for st in reversed(self.growth.stages[: stage + 1]):
+            if st.global_batch_size:
+                return st.global_batch_size
+        return self.train.global_batch_size
+
+    def layout(self, stage: int) -> tuple:
+        """(tensor, pipeline) degrees stage `stage` runs at: the latest stage up to it that names
+        them, else parallel.*."""
+        before = list(reversed(self.growth.stages[: stage + 1]))
+        tp = next((st.tensor for st in before if st.tensor), self.parallel.tensor)
+        pp = next((st.pipeline for st in before if st.pipeline), self.parallel.pipeline)
+        return tp, pp
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
