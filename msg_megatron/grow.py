@@ -20,7 +20,12 @@ from .checkpoint.dist import CheckpointError, _rng_sharded, read_meta, save_chec
 from .checkpoint.run_lock import hold_save_dir
 from .cli import run_cli
 from .config import Shape, config_from_dict
-from .data import DataError, TokenWindows, resolve_data_dir_all_ranks, validation_problem
+from .data import (
+    DataError,
+    TokenWindows,
+    resolve_data_dir_all_ranks,
+    validation_problem,
+)
 from .growth.operators import check_growth, growth_seed
 from .growth.stream import GrowthSource, set_writers, skeleton, stage_groups
 from .growth.stream_eval import streamed_validation_loss

@@ -9,17 +9,18 @@ byte count equals the file's size, else it reads the file (e.g. a writer that se
 invalidates the running CRC). Sidecars are removed before the manifest is written.
 
 The hook replaces the name `open` in megatron's `filesystem_async` module (where each writer
-process opens its file: `open_file = open`) for the duration of one save; the writer processes
-are forked inside that save and inherit it. Verified against megatron-core 0.16.1 and by the
+process opens its file: `open_file = open`) for the duration of one save (patches.writer_open);
+the writer processes are forked inside that save and inherit it. Verified against megatron-core 0.16.1 and by the
 checkpoint tests, which check every manifest CRC against the file with `checkpoint.verify=full`.
 """
 from __future__ import annotations
 
 import builtins
-import contextlib
 import os
 import zlib
 from typing import Optional, Tuple
+
+from .. import patches
 
 SIDECAR = ".crc32"
 
@@ -69,21 +70,9 @@ def crc_open(path, mode="r", *args, **kwargs):
     return builtins.open(path, mode, *args, **kwargs)
 
 
-@contextlib.contextmanager
 def checksummed_writes():
     """During the block, megatron's checkpoint writer processes checksum what they write."""
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    had = "open" in vars(filesystem_async)
-    previous = vars(filesystem_async).get("open")
-    filesystem_async.open = crc_open
-    try:
-        yield
-    finally:
-        if had:
-            filesystem_async.open = previous
-        else:
-            del filesystem_async.open
+    return patches.writer_open(crc_open)
 
 
 def take_sidecar(path: str) -> Optional[Tuple[int, int]]:

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .. import __version__
+from .. import __version__, patches
 from ..config import Shape
 from ..model.masks import refresh_active
 from ..optim.optimizer import MOMENTS
@@ -256,7 +256,9 @@ def _no_space(e: BaseException) -> bool:
 def _write_step(save_dir, name, final, tmp, rank0, model, optimizer, state, config, tokenizer_path, keep, writers,
                 streamed) -> str:
     from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+    from megatron.core.dist_checkpointing.strategies.torch import (
+        TorchDistSaveShardedStrategy,
+    )
 
     if rank0:
         os.makedirs(save_dir, exist_ok=True)
@@ -273,15 +275,8 @@ def _write_step(save_dir, name, final, tmp, rank0, model, optimizer, state, conf
         writing, writers = streamed_save(source), 1
     # torch.save (in megatron's writer processes, forked from here) checksums every record; the
     # manifest's CRC-32 of each whole file below covers the same bytes, so skip that first pass
-    from torch.utils.serialization import config as serialization_config
-
-    crc = serialization_config.save.compute_crc32
-    torch.serialization.set_crc32_options(False)
-    try:
-        with checksummed_writes(), writing:  # the manifest's CRCs computed as the data is written
-            dist_checkpointing.save(sd, tmp, TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=writers))
-    finally:
-        torch.serialization.set_crc32_options(crc)
+    with patches.torch_save_crc32(False), checksummed_writes(), writing:  # (manifest CRCs as the data is written)
+        dist_checkpointing.save(sd, tmp, TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=writers))
     if rank0:
         meta = {"version": __version__, "shape": list(model.shape.as_tuple()), "state": state,
                 "optimizer": has_optimizer, "config": config}

@@ -9,11 +9,12 @@ planner dataclasses, `torch.Size`, dtypes, the layout helper) and refuse anythin
 """
 from __future__ import annotations
 
-import contextlib
 import io
 import pickle
 
 import torch
+
+from .. import patches
 
 _MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.planner",
             "torch.distributed.checkpoint.filesystem")
@@ -54,13 +55,9 @@ class _SafePickle:
         return getattr(self._real, name)
 
 
-@contextlib.contextmanager
 def restricted_metadata_loading():
+    """During the block, torch's checkpoint reader unpickles `.metadata` with the restricted unpickler."""
     import torch.distributed.checkpoint.filesystem as fs
 
-    real = fs.pickle
-    fs.pickle = _SafePickle(real if not isinstance(real, _SafePickle) else real._real)
-    try:
-        yield
-    finally:
-        fs.pickle = real
+    real = fs.pickle._real if isinstance(fs.pickle, _SafePickle) else fs.pickle
+    return patches.metadata_pickle(_SafePickle(real))

@@ -15,12 +15,13 @@ Verified against megatron-core 0.16.1 (`strategies/torch.py` names the writer cl
 """
 from __future__ import annotations
 
-import contextlib
 import os
 from functools import partial
 from typing import Callable, List
 
 import torch
+
+from .. import patches
 
 
 class _Queue:
@@ -64,7 +65,9 @@ class _Resolved:
 
 
 def _streaming_writer_class(source):
-    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import (
+        FileSystemWriterAsync,
+    )
     from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX
     from torch.distributed.checkpoint.planner import WriteItemType
 
@@ -95,18 +98,10 @@ def _streaming_writer_class(source):
     return StreamingWriter
 
 
-@contextlib.contextmanager
 def streamed_save(source: Callable):
     """During the block, dist_checkpointing saves write the tensors `source(key, item)` makes
     (`source.finish()` is called once this rank's last tensor is written)."""
-    from megatron.core.dist_checkpointing.strategies import torch as torch_strategy
-
-    previous = torch_strategy.FileSystemWriterAsync
-    torch_strategy.FileSystemWriterAsync = _streaming_writer_class(source)
-    try:
-        yield
-    finally:
-        torch_strategy.FileSystemWriterAsync = previous
+    return patches.async_writer_class(_streaming_writer_class(source))
 
 
 def placeholder(t: torch.Tensor) -> torch.Tensor:

@@ -5,5 +5,16 @@ refuses bad values (and `growth_refusal`, the one rule of what a growth may not 
 """
 from .checks import RANGES, growth_refusal, validate  # noqa: F401
 from .loading import config_from_dict, load_config, parse_override  # noqa: F401
-from .schema import (CheckpointConfig, Config, ConfigError, DataConfig, GrowthConfig, LoggingConfig,  # noqa: F401
-                     ModelConfig, ParallelConfig, Shape, StageConfig, TrainConfig)
+from .schema import (  # noqa: F401
+                     CheckpointConfig,
+                     Config,
+                     ConfigError,
+                     DataConfig,
+                     GrowthConfig,
+                     LoggingConfig,
+                     ModelConfig,
+                     ParallelConfig,
+                     Shape,
+                     StageConfig,
+                     TrainConfig,
+)

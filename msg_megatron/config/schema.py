@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 
-
 class ConfigError(ValueError):
     """A bad configuration value; the message names the field and the fix."""
 

@@ -21,7 +21,12 @@ from typing import Dict, Optional
 import torch
 
 from ..config import ParallelConfig, TrainConfig
-from ..optim.optimizer import MOMENTS, TrainOptimizer, build_optimizer, cast_keeping_masters
+from ..optim.optimizer import (
+    MOMENTS,
+    TrainOptimizer,
+    build_optimizer,
+    cast_keeping_masters,
+)
 from .axes import GrowthPlan
 from .operators import grow_tensor
 

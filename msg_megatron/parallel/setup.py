@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import ConfigError
-from .cpu_compat import apply_cpu_patches
+from ..patches import apply_cpu_patches
 
 
 def _free_port() -> int:

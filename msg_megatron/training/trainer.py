@@ -18,17 +18,33 @@ from typing import Optional
 
 import torch
 
-from ..checkpoint.dist import CheckpointError, load_checkpoint, read_meta, save_checkpoint
+from ..checkpoint.dist import (
+    CheckpointError,
+    load_checkpoint,
+    read_meta,
+    save_checkpoint,
+)
 from ..checkpoint.run_lock import hold_save_dir
 from ..config import Config, ConfigError, ModelConfig, Shape
-from ..data import DataError, SyntheticWindows, TokenWindows, resolve_data_dir_all_ranks, validation_problem
+from ..data import (
+    DataError,
+    SyntheticWindows,
+    TokenWindows,
+    resolve_data_dir_all_ranks,
+    validation_problem,
+)
 from ..growth.axes import GrowthPlan
 from ..growth.operators import grow_model, growth_seed
 from ..growth.optimizer_state import grow_optimizer
 from ..model import build_model, count_parameters, update_masks
 from ..model.masks import ramping
 from ..ops import fused
-from ..optim.optimizer import build_optimizer, cast_keeping_masters, cast_params, param_dtype
+from ..optim.optimizer import (
+    build_optimizer,
+    cast_keeping_masters,
+    cast_params,
+    param_dtype,
+)
 from ..parallel import device, initialize_parallel, is_logging_rank
 from .evaluate import validation_loss
 from .flops import device_peak_tflops, flops_per_token

@@ -1,0 +1,80 @@
+"""Every change this project makes to upstream code (megatron-core 0.16.1, torch), in one place.
+
+Each entry names what it replaces, the upstream behaviour and why. The CPU patches (`cpu.py`)
+are applied once, at parallel set-up, and only without CUDA; every other patch is a context
+manager that puts the upstream object back when its block ends, so nothing outside a save or
+a load sees it. The replacements themselves live with the code that needs them (named below).
+
+| upstream object | upstream behaviour | replaced by, during | why |
+|---|---|---|---|
+| `torch.cuda.current_device`, `synchronize`, TP RNG tracker, `torch` in megatron's schedules and optimizers, `Tensor.type` in the optimizers (`cpu.py`) | assume CUDA | CPU equivalents, always without CUDA | megatron-core runs on CPU/gloo (tests, laptops) |
+| `open` in `dist_checkpointing.strategies.filesystem_async` | the writer processes open data files with builtins.open | `checkpoint/crc_writer.crc_open`, one save | the manifest's CRC-32s are computed as the bytes are written, not by reading the checkpoint back |
+| `pickle` in `torch.distributed.checkpoint.filesystem` | `.metadata` read with plain `pickle.load` (runs any code) | `checkpoint/safe_pickle`'s restricted unpickler, one load | a crafted checkpoint cannot run code |
+| `FileSystemWriterAsync` in `dist_checkpointing.strategies.torch` | resolves every tensor of the save before writing | `checkpoint/stream_writer.StreamingWriter`, one msg-grow save | a grown stage is written tensor by tensor, never whole in memory |
+| `torch.serialization` CRC-32 option (`set_crc32_options`) | torch.save checksums every record | off, one save | the manifest already checksums the same bytes; a second pass costs a save's time |
+| warning filters (`quiet_upstream_warnings`, at import) | megatron announces its fallbacks on import; torch's DCP calls its deprecated `load_state_dict` | ignored by message | expected on CPU; not the user's problem |
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+from .cpu import apply_cpu_patches  # noqa: F401
+
+
+def quiet_upstream_warnings() -> None:
+    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+    warnings.filterwarnings("ignore", message=".*full scope is deprecated.*")
+    warnings.filterwarnings("ignore", message=".*Apex is not installed. Falling back to Torch Norm.*")  # own norms
+    # megatron's torch_dist loader calls torch's deprecated `load_state_dict` on every checkpoint load
+    warnings.filterwarnings("ignore", message=".*`load_state_dict` is deprecated.*", category=FutureWarning)
+
+
+@contextlib.contextmanager
+def _replaced(module, name: str, value):
+    """`module.name = value` for the block; the previous attribute (or its absence) restored after."""
+    had = name in vars(module)
+    previous = vars(module).get(name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        if had:
+            setattr(module, name, previous)
+        else:
+            delattr(module, name)
+
+
+def writer_open(opener):
+    """megatron's checkpoint writer processes (forked inside the save) open their files with `opener`."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    return _replaced(filesystem_async, "open", opener)
+
+
+def metadata_pickle(safe_pickle_module):
+    """torch's DCP filesystem reader unpickles `.metadata` through `safe_pickle_module`."""
+    import torch.distributed.checkpoint.filesystem as fs
+
+    return _replaced(fs, "pickle", safe_pickle_module)
+
+
+def async_writer_class(writer_class):
+    """megatron's torch_dist save strategy writes through `writer_class`."""
+    from megatron.core.dist_checkpointing.strategies import torch as torch_strategy
+
+    return _replaced(torch_strategy, "FileSystemWriterAsync", writer_class)
+
+
+@contextlib.contextmanager
+def torch_save_crc32(enabled: bool):
+    """torch.save's per-record CRC-32 on or off for the block (processes forked in it inherit it)."""
+    import torch
+    from torch.utils.serialization import config as serialization_config
+
+    previous = serialization_config.save.compute_crc32
+    torch.serialization.set_crc32_options(enabled)
+    try:
+        yield
+    finally:
+        torch.serialization.set_crc32_options(previous)
