@@ -20,8 +20,7 @@ from typing import List
 from .cli import run_cli
 from .config import load_config
 from .grow import parse_shape
-from .training.runs import run_pretrain
-from .training.runs import steps as step_records
+from .training.runs import run_pretrain, steps as step_records
 
 
 def _slope(xs: List[float], ys: List[float]) -> float:

@@ -12,6 +12,7 @@ the extra ones share the layers. Unless --no-verify, prints the validation loss 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -20,13 +21,8 @@ from .checkpoint.dist import CheckpointError, _rng_sharded, read_meta, save_chec
 from .checkpoint.run_lock import hold_save_dir
 from .cli import run_cli
 from .config import Shape, config_from_dict
-from .data import (
-    DataError,
-    TokenWindows,
-    resolve_data_dir_all_ranks,
-    validation_problem,
-)
-from .growth.operators import check_growth, growth_seed
+from .data import DataError, TokenWindows, resolve_data_dir_all_ranks, validation_problem
+from .growth.operators import check_growth
 from .growth.stream import GrowthSource, set_writers, skeleton, stage_groups
 from .growth.stream_eval import streamed_validation_loss
 from .model import count_parameters
@@ -101,8 +97,13 @@ def _main(argv) -> int:
         if s.heads % tp or s.ffn % tp or s.layers % pp:
             raise ValueError(f"{what} {s} does not fit --tensor {tp} --pipeline {pp}: heads and ffn must divide by "
                              f"the tensor degree and layers by the pipeline degree")
-    depth_init, init = args.depth_init or g.depth_init, args.init or g.init
-    check_growth(old, shape, init, depth_init, tp, pp)  # (grow_model's own checks, before any compute)
+    # the growth settings: the config's, with this command's flags over them
+    g = dataclasses.replace(g, init=args.init or g.init, depth_init=args.depth_init or g.depth_init,
+                            init_std=g.init_std if args.init_std is None else args.init_std,
+                            operator=args.operator or g.operator)
+    grow_cfg = dataclasses.replace(cfg, growth=g)
+    depth_init = g.depth_init
+    check_growth(old, shape, g.init, depth_init, tp, pp)  # (grow_model's own checks, before any compute)
     initialize_parallel(tp, pp, cfg.train.seed)
     _check_host_memory(cfg, old, shape, tp, pp)
     lock = hold_save_dir(args.save, "msg-grow", log=lambda m: is_logging_rank() and print(m, file=sys.stderr))
@@ -125,12 +126,10 @@ def _main(argv) -> int:
 
     # one layer at a time: the grown checkpoint's tensors are made as they are written
     groups = stage_groups(old, shape, depth_init)
-    kw = dict(step=step, init=init, init_std=g.init_std if args.init_std is None else args.init_std,
-              depth_init=depth_init, operator=args.operator or g.operator,
-              seed=growth_seed(cfg.train.seed, meta["state"]["stage"] + 1))  # as training into that stage would
+    stage = meta["state"]["stage"] + 1  # (the new weights: as training into that stage would draw them)
     # (no update_masks: old masks keep the values saved with the checkpoint, those of its last step
     # run, step - 1; new ones are 0; the resumed run sets every mask for its first step itself)
-    source = GrowthSource(path, cfg, old, shape, groups, kw, dev, ps.get_data_parallel_rank(),
+    source = GrowthSource(path, grow_cfg, old, shape, groups, step, stage, dev, ps.get_data_parallel_rank(),
                           ps.get_data_parallel_world_size())
     rng = source.grow_ends()
     new_model, sd = skeleton(cfg, shape, source.read[1], groups)

@@ -4,11 +4,10 @@ import itertools
 
 import pytest
 import torch
-
 from conftest import tiny_model_cfg
+
 from msg_megatron.hf.layout import architecture, dims, hf_config, to_hf
-from msg_megatron.model import build_model
-from msg_megatron.model import gpt as gpt_module
+from msg_megatron.model import build_model, gpt as gpt_module
 from msg_megatron.model.gpt import padded_vocab_size
 from msg_megatron.model.params import TABLE, param
 from msg_megatron.model.spec import masked_layer_spec

@@ -256,9 +256,7 @@ def _no_space(e: BaseException) -> bool:
 def _write_step(save_dir, name, final, tmp, rank0, model, optimizer, state, config, tokenizer_path, keep, writers,
                 streamed) -> str:
     from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.strategies.torch import (
-        TorchDistSaveShardedStrategy,
-    )
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 
     if rank0:
         os.makedirs(save_dir, exist_ok=True)

@@ -65,9 +65,7 @@ class _Resolved:
 
 
 def _streaming_writer_class(source):
-    from megatron.core.dist_checkpointing.strategies.filesystem_async import (
-        FileSystemWriterAsync,
-    )
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
     from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX
     from torch.distributed.checkpoint.planner import WriteItemType
 

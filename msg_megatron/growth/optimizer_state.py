@@ -21,12 +21,7 @@ from typing import Dict, Optional
 import torch
 
 from ..config import ParallelConfig, TrainConfig
-from ..optim.optimizer import (
-    MOMENTS,
-    TrainOptimizer,
-    build_optimizer,
-    cast_keeping_masters,
-)
+from ..optim.optimizer import MOMENTS, TrainOptimizer, build_optimizer, cast_keeping_masters
 from .axes import GrowthPlan
 from .operators import grow_tensor
 
@@ -78,3 +73,38 @@ def _zeros(name, shape, gen):  # new moments start from scratch (paper 3.2.2)
 
 def _no_rng(chunk):
     return None
+
+
+class PieceState:
+    """AdamW state of a model piece, by parameter: the part of TrainOptimizer's interface that
+    checkpoint loading, saving and state growth use (no gradients, no update step)."""
+
+    distributed, bf16 = False, False
+
+    def __init__(self):
+        self.state: Dict[torch.nn.Parameter, dict] = {}
+
+    def local_range(self, p):
+        return 0, p.numel()
+
+    def local_master(self, p):
+        return p.detach().view(-1)
+
+    def local_state(self, p) -> Optional[dict]:
+        return self.state.get(p)
+
+    def set_local_state(self, p, state: Optional[dict]) -> None:
+        if state is None:
+            self.state.pop(p, None)
+            return
+        step = torch.as_tensor(state["step"], dtype=torch.float32).reshape(())
+        self.state[p] = {"step": step, **{k: state[k].reshape(-1) for k in MOMENTS}}
+
+    def state_of(self, p) -> Optional[dict]:
+        st = self.state.get(p)
+        return None if st is None else {"step": st["step"], **{k: st[k].view_as(p) for k in MOMENTS}}
+
+    set_state = set_local_state  # (the whole parameter is this piece's local range)
+
+    def params_from_masters(self) -> None:
+        pass

@@ -29,44 +29,9 @@ from ..checkpoint.stream_writer import placeholder
 from ..config import Shape
 from ..model.gpt import MaskedGPT, Piece, stage_piece
 from ..optim.optimizer import MOMENTS
-from .axes import GrowthPlan
-from .operators import grow_model, plan_depth
-from .optimizer_state import grow_states
-
-
-class PieceState:
-    """AdamW state of a model piece, by parameter: the part of TrainOptimizer's interface that
-    checkpoint loading, saving and state growth use (no gradients, no update step)."""
-
-    distributed, bf16 = False, False
-
-    def __init__(self):
-        self.state: Dict[torch.nn.Parameter, dict] = {}
-
-    def local_range(self, p):
-        return 0, p.numel()
-
-    def local_master(self, p):
-        return p.detach().view(-1)
-
-    def local_state(self, p) -> Optional[dict]:
-        return self.state.get(p)
-
-    def set_local_state(self, p, state: Optional[dict]) -> None:
-        if state is None:
-            self.state.pop(p, None)
-            return
-        step = torch.as_tensor(state["step"], dtype=torch.float32).reshape(())
-        self.state[p] = {"step": step, **{k: state[k].reshape(-1) for k in MOMENTS}}
-
-    def state_of(self, p) -> Optional[dict]:
-        st = self.state.get(p)
-        return None if st is None else {"step": st["step"], **{k: st[k].view_as(p) for k in MOMENTS}}
-
-    set_state = set_local_state  # (the whole parameter is this piece's local range)
-
-    def params_from_masters(self) -> None:
-        pass
+from .apply import grow
+from .operators import plan_depth
+from .optimizer_state import PieceState
 
 
 @dataclass
@@ -133,10 +98,12 @@ def load_piece(read: tuple, cfg, shape: Shape, piece: Piece, device, restore_rng
 class GrowthSource:
     """Grows groups when the checkpoint writer asks for their tensors (see module doc)."""
 
-    def __init__(self, path: str, cfg, old: Shape, new: Shape, groups: List[Group], grow_kwargs: dict,
+    def __init__(self, path: str, cfg, old: Shape, new: Shape, groups: List[Group], step: int, stage: int,
                  device: torch.device, dp_rank: int, dp: int):
+        """`cfg`: the checkpoint's config with the growth settings to apply; `step`, `stage`: the
+        checkpoint's step and the growth stage being entered (growth/apply.py)."""
         self.read, self.cfg, self.old, self.new = read_once(path), cfg, old, new
-        self.groups, self.kw, self.device = groups, grow_kwargs, device
+        self.groups, self.step, self.stage, self.device = groups, step, stage, device
         self.dp_rank, self.dp = dp_rank, dp
         self.rounds = _rounds(len(groups), dp)
         self.done = -1  # rounds run so far
@@ -172,11 +139,8 @@ class GrowthSource:
 
         group = self.groups[g]
         old_model, old_state = self.load(group.old, restore_rng)
-        plan = GrowthPlan(old_model, self.new)
-        new_model, name_map = grow_model(old_model, self.new, plan=plan, into=group.new, sources=group.sources,
-                                         device=self.device, **self.kw)
-        new_state = PieceState()
-        grow_states(old_state, dict(old_model.named_parameters()), new_model, name_map, plan, new_state)
+        new_model, new_state = grow(old_model, old_state, self.new, self.cfg, self.step, self.stage,
+                                    into=group.new, sources=group.sources, device=self.device)
         del old_model, old_state
         sd, _ = _sharded(new_model, new_state)
         apply_factories(sd)  # (SwiGLU's fc1: its two halves, as the save builds them)

@@ -32,14 +32,7 @@ from ..model.masks import tp_rank_size
 from ..model.tp_layout import tp_shard
 from ..parallel import initialize_parallel, is_logging_rank
 from ..training.host_memory import local_params, require_host_memory
-from .layout import (
-    GPT2,
-    LLAMA,
-    UnsupportedArchitecture,
-    check_absent_are_zero,
-    dims,
-    from_hf,
-)
+from .layout import GPT2, LLAMA, UnsupportedArchitecture, check_absent_are_zero, dims, from_hf
 
 
 class HFWeights:

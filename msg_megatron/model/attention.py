@@ -18,13 +18,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from ..ops import fused
-from .masks import (
-    active_mask,
-    register_mask,
-    register_unit_ids,
-    sharded_state_dict_tp_buffers,
-    tp_rank_size,
-)
+from .masks import active_mask, register_mask, register_unit_ids, sharded_state_dict_tp_buffers, tp_rank_size
 from .params import tp_axes
 
 

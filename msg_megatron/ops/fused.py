@@ -19,9 +19,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state as ps
-from megatron.core.tensor_parallel import (
-    vocab_parallel_cross_entropy as _unfused_cross_entropy,
-)
+from megatron.core.tensor_parallel import vocab_parallel_cross_entropy as _unfused_cross_entropy
 
 MODES = ("auto", "eager", "compile")
 _mode = "eager"
@@ -117,9 +115,7 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> 
     which is why it is used only for bf16 logits). Otherwise megatron's unfused one on fp32 logits.
     """
     if _mode == "compile" and logits.dtype == torch.bfloat16:
-        from megatron.core.fusions.fused_cross_entropy import (
-            fused_vocab_parallel_cross_entropy,
-        )
+        from megatron.core.fusions.fused_cross_entropy import fused_vocab_parallel_cross_entropy
 
         return fused_vocab_parallel_cross_entropy(logits, labels, ps.get_tensor_model_parallel_group())
     return _unfused_cross_entropy(logits.float(), labels)

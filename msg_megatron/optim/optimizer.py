@@ -76,15 +76,8 @@ def cast_params(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
 class TrainOptimizer:
     def __init__(self, model: torch.nn.Module, tcfg: TrainConfig, pcfg: ParallelConfig):
         from megatron.core import parallel_state as ps
-        from megatron.core.distributed import (
-            DistributedDataParallel,
-            DistributedDataParallelConfig,
-        )
-        from megatron.core.optimizer import (
-            ChainedOptimizer,
-            OptimizerConfig,
-            get_megatron_optimizer,
-        )
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.optimizer import ChainedOptimizer, OptimizerConfig, get_megatron_optimizer
 
         self.model = model
         self.distributed = bool(pcfg.distributed_optimizer)

@@ -54,8 +54,7 @@ def apply_cpu_patches() -> bool:
     schedules.torch = _TorchOnCpu(torch)
 
     from megatron.core import utils as core_utils
-    from megatron.core.optimizer import clip_grads, distrib_optimizer
-    from megatron.core.optimizer import optimizer as optimizer_mod
+    from megatron.core.optimizer import clip_grads, distrib_optimizer, optimizer as optimizer_mod
 
     for mod in (optimizer_mod, distrib_optimizer, clip_grads, core_utils):
         mod.torch = _TorchOnCpu(torch)

@@ -7,12 +7,7 @@ from __future__ import annotations
 from typing import Optional
 
 from ..config import ModelConfig, Shape
-from .phase_memory import (
-    bytes_per_param,
-    optimizer_bytes,
-    phase_peaks,
-    streamed_growth_peak,
-)
+from .phase_memory import bytes_per_param, optimizer_bytes, phase_peaks, streamed_growth_peak
 
 
 def count_params(mcfg: ModelConfig, shape: Shape, vocab_padded: int) -> int:

@@ -18,33 +18,15 @@ from typing import Optional
 
 import torch
 
-from ..checkpoint.dist import (
-    CheckpointError,
-    load_checkpoint,
-    read_meta,
-    save_checkpoint,
-)
+from ..checkpoint.dist import CheckpointError, load_checkpoint, read_meta, save_checkpoint
 from ..checkpoint.run_lock import hold_save_dir
 from ..config import Config, ConfigError, ModelConfig, Shape
-from ..data import (
-    DataError,
-    SyntheticWindows,
-    TokenWindows,
-    resolve_data_dir_all_ranks,
-    validation_problem,
-)
-from ..growth.axes import GrowthPlan
-from ..growth.operators import grow_model, growth_seed
-from ..growth.optimizer_state import grow_optimizer
+from ..data import DataError, SyntheticWindows, TokenWindows, resolve_data_dir_all_ranks, validation_problem
+from ..growth.apply import grow
 from ..model import build_model, count_parameters, update_masks
 from ..model.masks import ramping
 from ..ops import fused
-from ..optim.optimizer import (
-    build_optimizer,
-    cast_keeping_masters,
-    cast_params,
-    param_dtype,
-)
+from ..optim.optimizer import build_optimizer, cast_keeping_masters, cast_params, param_dtype
 from ..parallel import device, initialize_parallel, is_logging_rank
 from .evaluate import validation_loss
 from .flops import device_peak_tflops, flops_per_token
@@ -139,17 +121,10 @@ class Trainer:
     # ---- growth --------------------------------------------------------------------------
     def grow(self, stage: int) -> dict:
         """Grow to `stage`'s shape before training step `self.step` (paper section 3.1)."""
-        g = self.cfg.growth
         old_shape, new_shape = self.model.shape, self.schedule[stage][1]
         loss_before = self.probe_loss()
-        self.optimizer.release_for_growth()  # bf16: grow the fp32 masters, not their rounding; frees grad buffers
-        plan = GrowthPlan(self.model, new_shape)
-        new_model, name_map = grow_model(self.model, new_shape, step=self.step, init=g.init, init_std=g.init_std,
-                                         depth_init=g.depth_init, seed=growth_seed(self.cfg.train.seed, stage), plan=plan,
-                                         operator=g.operator)
-        self.optimizer = grow_optimizer(self.optimizer, self.model, new_model, name_map, plan, self.cfg.train,
-                                        self.cfg.parallel)
-        self.model, self.stage = new_model, stage
+        self.model, self.optimizer = grow(self.model, self.optimizer, new_shape, self.cfg, self.step, stage)
+        self.stage = stage
         # the masks as before the growth (new ones 0): the same function; the loop then sets them for this step
         loss_after = self.probe_loss()
         record = {"event": "growth", "step": self.step, "stage": stage, "from": list(old_shape.as_tuple()),
