@@ -14,27 +14,30 @@ import os
 import signal
 import threading
 import time
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
-from ..checkpoint.dist import CheckpointError, load_checkpoint, read_meta, save_checkpoint
-from ..checkpoint.run_lock import hold_save_dir
-from ..config import Config, ConfigError, ModelConfig, Shape
-from ..data import DataError, SyntheticWindows, TokenWindows, resolve_data_dir_all_ranks, validation_problem
+from ..checkpoint.dist import save_checkpoint
+from ..config import Config, ConfigError
 from ..growth.apply import grow
-from ..model import build_model, count_parameters, update_masks
-from ..model.masks import ramping
-from ..ops import fused
-from ..optim.optimizer import build_optimizer, cast_keeping_masters, cast_params, param_dtype
-from ..parallel import device, initialize_parallel, is_logging_rank
+from ..model import count_parameters, update_masks
+from ..parallel import device
 from .evaluate import validation_loss
 from .flops import device_peak_tflops, flops_per_token
-from .host_memory import check_host_memory
-from .metrics import MetricsLogger
 from .microbatches import run_microbatches
-from .schedule import LRSchedule
+from .run_setup import build_run
+from .starts import start_run
 from .step_stats import PendingSteps
+
+
+class StepOut(NamedTuple):
+    loss: torch.Tensor  # the sum of the micro-batch mean losses (on the last pipeline stage; 0 elsewhere)
+    grad_norm: torch.Tensor
+    micro_batches: int
+    lr: float
+    tokens: int
+
 
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: saved on SIGTERM/SIGUSR1, resume to continue (launchers requeue on it)
 RELAYOUT_EXIT = 76  # saved before a stage that runs at another TP/PP layout: msg-grow reshards, then resume
@@ -44,74 +47,14 @@ PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 class Trainer:
     def __init__(self, cfg: Config, log_enabled: bool = True):
         self.cfg = cfg
-        t = cfg.train
-        if t.threads:
-            torch.set_num_threads(t.threads)
-        self.autocast = t.precision == "bf16-autocast"
-        if self.autocast and not torch.cuda.is_available():
-            # megatron's TP linears run their backward under CUDA autocast only
-            raise ConfigError("train.precision=bf16-autocast needs a GPU (bf16 autocast of megatron's linears is "
-                              "CUDA-only); use train.precision=bf16 (bf16 parameters) or fp32 on CPU.")
-        initialize_parallel(cfg.parallel.tensor, cfg.parallel.pipeline, t.seed)
-        self.fusion = fused.configure(t.fusion)
-        self.layout = (cfg.parallel.tensor, cfg.parallel.pipeline)
-        from megatron.core import parallel_state as ps
-
-        self.dp_rank, self.dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-        self.world = torch.distributed.get_world_size()
-        # on a CPU, before data or model exist: an over-large run would otherwise die by SIGKILL
-        check_host_memory(cfg, self.layout, self.dp)
-        # one run per save directory, and a target that takes files, checked before any compute
-        self.lock = hold_save_dir(cfg.checkpoint.save, "msg-pretrain") if cfg.checkpoint.save else None
-        for i in range(len(cfg.schedule())):
-            gbs = cfg.batch_size(i)
-            n_micro = gbs // t.micro_batch_size
-            if n_micro % self.dp and cfg.layout(i) == self.layout:
-                raise ConfigError(
-                    f"the global batch size {gbs} (train.global_batch_size or growth.stages[{i}]) is {n_micro} "
-                    f"micro-batches of {t.micro_batch_size}, which do not split over {self.dp} data-parallel "
-                    f"ranks; make it a multiple of micro_batch_size x {self.dp} = {t.micro_batch_size * self.dp}.")
-        self.metrics = MetricsLogger(cfg.logging.run_dir, cfg.logging.wandb, cfg.logging.project,
-                                     cfg.logging.name, cfg.to_dict(), enabled=log_enabled and is_logging_rank())
-        if self.lock is not None and self.lock.note:
-            self.metrics.print(f"[lock] {cfg.checkpoint.save}: {self.lock.note}")
-        seq, no_split = cfg.model.seq_length, None
-        if cfg.data.corpus == "synthetic":
-            self.data_dir = ""
-            self.train_data = SyntheticWindows(cfg.model.vocab_size, seq, t.seed)
-            self.valid_data = SyntheticWindows(cfg.model.vocab_size, seq, t.seed)
-        else:
-            self.data_dir, _ = resolve_data_dir_all_ranks(cfg.data, cfg.model.vocab_size, self.metrics.print)
-            self.train_data = TokenWindows(os.path.join(self.data_dir, "train"), seq, t.seed)
-            try:
-                self.valid_data = TokenWindows(os.path.join(self.data_dir, "valid"), seq, t.seed)
-            except DataError as e:  # empty, or shorter than one window: named below
-                self.valid_data, no_split = None, str(e)
-        self.no_validation = no_split or validation_problem(self.valid_data, t.micro_batch_size, t.eval_iters)
-        if self.no_validation:  # said once at start, and in the final result, instead of a silent null
-            self.metrics.print(f"[eval] no validation loss will be reported: {self.no_validation}")
-        self.schedule = cfg.schedule()
-        reset_steps = [self.schedule[i][0] for i in cfg.growth.lr_reset_stages]
-        self.lr_schedule = LRSchedule(t.lr, t.min_lr, t.warmup_steps, t.decay_steps or t.steps, t.decay_style,
-                                      reset_steps)
-        self.step, self.stage, self.consumed_samples = 0, 0, 0
-        # wall time spent training (steps + growth, not evaluation) and model FLOPs so far: the x-axes
-        # of the paper's speed-up comparisons, carried across resumes
-        self.train_time, self.train_flops = 0.0, 0.0
-        # the model is built once, by the path that fills it (a resume never holds a fresh model besides)
-        ck = cfg.checkpoint
-        if ck.load == "auto" and os.path.isdir(ck.save) and any(d.startswith("step_") for d in os.listdir(ck.save)):
-            self.resume(ck.save, fallback=True)
-        elif ck.load and ck.load != "auto":
-            self.resume(ck.load)
-        elif ck.init_from:
-            self.init_from(ck.init_from)
-        else:
-            if ck.load == "auto":
-                self.metrics.print(f"[resume] checkpoint.load=auto: no checkpoint in `{ck.save}` yet, starting fresh")
-            self.model = build_model(cfg.model, self.schedule[0][1], seed=t.seed)  # fp32 init: exact masters
-            self.optimizer = build_optimizer(self.model, t, cfg.parallel,
-                                             masters=cast_keeping_masters(self.model, param_dtype(t)))
+        parts = build_run(cfg, log_enabled)  # checks, parallel state, lock, metrics, data, schedules
+        for f in dataclasses.fields(parts):
+            setattr(self, f.name, getattr(parts, f.name))
+        start = start_run(cfg, self.schedule, self.metrics.print)
+        self.model, self.optimizer = start.model, start.optimizer
+        st = start.state
+        self.step, self.stage, self.consumed_samples = st["step"], st["stage"], st["consumed_samples"]
+        self.train_time, self.train_flops = st["train_time"], st["train_flops"]
         self._pending, self._host_time = PendingSteps(device()), 0.0
         self._signal, self._agreed_signal = None, False
         self.metrics.print(self.optimizer.describe() + f", fusion {self.fusion}")
@@ -136,10 +79,10 @@ class Trainer:
         return record
 
     # ---- steps ---------------------------------------------------------------------------
-    def train_step(self, sync: bool = True) -> dict:
-        """One step. Its loss and gradient norm stay on the device (no host sync, no collective
-        beyond the step's own) until `sync`: then every pending step is read at once
-        (`sync_steps`) and this step's loss, gradient norm and throughput are in the record."""
+    def train_step(self) -> StepOut:
+        """One step: forward/backward over this rank's micro-batches and the AdamW update. Its loss
+        and gradient norm are device tensors (no host sync, no collective beyond the step's own);
+        `_record` reads them, many steps at once, when the loop logs."""
         t = self.cfg.train
         self.model.train()
         lr = self.lr_schedule(self.step)
@@ -159,8 +102,13 @@ class Trainer:
         self._pending.add(self.step, n_micro, total, grad_norm)
         self._host_time += time.perf_counter() - start
         self.consumed_samples += gbs
+        return StepOut(total, grad_norm, n_micro, lr, gbs * self.cfg.model.seq_length)
+
+    def _record(self, out: StepOut, sync: bool) -> dict:
+        """The step's metrics; with `sync`, every pending step is read at once (`sync_steps`) and
+        this step's loss, gradient norm and throughput are in the record."""
         fpt = flops_per_token(self.cfg.model, self.model.shape, self.model.vocab_padded)
-        rec = {"lr": lr, "tokens": gbs * self.cfg.model.seq_length, "flops_per_token": fpt}
+        rec = {"lr": out.lr, "tokens": out.tokens, "flops_per_token": fpt}
         if sync:
             rec.update(self.sync_steps())
             rec["tokens_per_s"] = rec["tokens"] / rec["step_time"]
@@ -251,68 +199,6 @@ class Trainer:
             return self._signal is not None
         return self._agreed_signal
 
-    def resume(self, path: str, fallback: bool = False) -> None:
-        full = self.cfg.checkpoint.verify == "full"
-        meta = read_meta(path, full=full, fallback=fallback)
-        for note in meta["notes"]:
-            self.metrics.print(f"[resume] {note}")
-        diff = self._model_diff(meta["config"]["model"])
-        if diff:
-            raise CheckpointError(
-                f"checkpoint `{meta['path']}` was trained with another model config (differs in "
-                f"{', '.join(f'model.{k}' for k in diff)}); use the same model section or a matching checkpoint")
-        st = meta["state"]
-        if st["step"] > self.cfg.train.steps:
-            raise CheckpointError(
-                f"checkpoint `{meta['path']}` is at step {st['step']}, past train.steps={self.cfg.train.steps}: "
-                f"resuming would overwrite later checkpoints with nothing trained; set train.steps above "
-                f"{st['step']} to continue, or choose a new checkpoint.save to start another run")
-        self.step, self.stage, self.consumed_samples = st["step"], st["stage"], st["consumed_samples"]
-        self.train_time, self.train_flops = st.get("train_time", 0.0), st.get("train_flops", 0.0)
-        shape = Shape(*meta["shape"])
-        if shape != self.schedule[self.stage][1]:
-            raise CheckpointError(f"checkpoint `{meta['path']}` has shape {shape} but stage {self.stage} of the "
-                                  f"schedule is {self.schedule[self.stage][1]}; fix growth.stages or the checkpoint")
-        # weights and masters both come from the checkpoint: no masters to carry over from the build
-        self.model = cast_params(build_model(self.cfg.model, shape, perform_init=False), param_dtype(self.cfg.train))
-        self.optimizer = build_optimizer(self.model, self.cfg.train, self.cfg.parallel)
-        load_checkpoint(meta["path"], self.model, self.optimizer, full=full)  # fp32 weights -> masters
-        self.metrics.print(f"[resume] {meta['path']}: step {self.step}, stage {self.stage}, shape {shape}")
-
-    def _model_diff(self, saved: dict, ignore=()) -> list:
-        """model.* fields in which a checkpoint's config differs from this run's."""
-        mine = dataclasses.asdict(self.cfg.model)
-        return sorted(k for k in mine if k not in ignore and saved.get(k) != mine[k])
-
-    def init_from(self, path: str) -> None:
-        """Start from a checkpoint's weights at step 0 (checkpoint.init_from): the first stage's model
-        is that checkpoint; optimizer, step, data position and RNG start fresh."""
-        meta = read_meta(path, full=self.cfg.checkpoint.verify == "full")
-        saved = ModelConfig(**meta["config"]["model"])
-        # the final sizes may differ (the imported model is the first stage); kv_channels as the head dim
-        diff = self._model_diff(meta["config"]["model"], ignore=("hidden_size", "ffn_hidden_size",
-                                                                 "num_attention_heads", "num_layers",
-                                                                 "init_method_std", "kv_channels"))
-        if saved.head_dim != self.cfg.model.head_dim:
-            diff.append("kv_channels")
-        if diff:
-            raise CheckpointError(
-                f"checkpoint.init_from `{meta['path']}` has another architecture: "
-                + ", ".join(f"model.{k}={getattr(saved, k) if k != 'kv_channels' else saved.head_dim}" for k in diff)
-                + "; set these in the config")
-        shape = Shape(*meta["shape"])
-        if shape != self.schedule[0][1]:
-            raise CheckpointError(f"checkpoint.init_from `{meta['path']}` has shape {shape}, but growth.stages[0] is "
-                                  f"{self.schedule[0][1]}; start the schedule at {list(shape.as_tuple())}")
-        self.model = build_model(self.cfg.model, shape, perform_init=False)
-        load_checkpoint(meta["path"], self.model, None, full=self.cfg.checkpoint.verify == "full", restore_rng=False)
-        masters = cast_keeping_masters(self.model, param_dtype(self.cfg.train))
-        self.optimizer = build_optimizer(self.model, self.cfg.train, self.cfg.parallel, masters=masters)
-        if ramping(self.model):
-            raise CheckpointError(f"checkpoint.init_from `{meta['path']}` is mid-ramp (masks below 1); start from a "
-                                  "checkpoint taken after growth.ramp_steps more steps")
-        self.metrics.print(f"[init] weights of {meta['path']} (shape {shape}) at step 0")
-
     # ---- the loop ------------------------------------------------------------------------
     def run(self) -> dict:
         t, g = self.cfg.train, self.cfg.growth
@@ -343,7 +229,7 @@ class Trainer:
                 self.grow(self.stage + 1)
             lowest_mask = update_masks(self.model, self.step, g.ramp_steps)
             log_now = self.step % t.log_interval == 0 or self.step == t.steps - 1
-            rec = self.train_step(sync=log_now)
+            rec = self._record(self.train_step(), sync=log_now)
             self.train_time += time.perf_counter() - start
             self.train_flops += rec["flops_per_token"] * rec["tokens"]
             rec.update(step=self.step, stage=self.stage, shape=list(self.model.shape.as_tuple()),

@@ -1,0 +1,99 @@
+"""Everything a run needs before its model exists, built and checked in order (Trainer's builder).
+
+Each check runs before the work it protects: the precision before the parallel state, the host
+memory before any data or model, the save directory's lock before any compute, the batch split
+before the first step. The result is plain fields the Trainer reads.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from megatron.core import parallel_state as ps
+
+from ..checkpoint.run_lock import RunLock, hold_save_dir
+from ..config import Config, ConfigError
+from ..data import DataError, SyntheticWindows, TokenWindows, resolve_data_dir_all_ranks, validation_problem
+from ..ops import fused
+from ..parallel import initialize_parallel, is_logging_rank
+from .host_memory import check_host_memory
+from .metrics import MetricsLogger
+from .schedule import LRSchedule
+
+
+@dataclass
+class RunParts:
+    autocast: bool  # train.precision=bf16-autocast (GPU only)
+    fusion: str  # the fused ops in use (ops/fused.py)
+    layout: tuple  # (tensor, pipeline) of this job
+    dp_rank: int
+    dp: int
+    world: int
+    lock: Optional[RunLock]  # the save directory's run lock (checkpoint/run_lock.py)
+    metrics: MetricsLogger
+    data_dir: str  # the prepared data ("" for synthetic data)
+    train_data: object
+    valid_data: object  # None when the validation split is unusable
+    no_validation: Optional[str]  # why no validation loss will be reported
+    schedule: list  # [(step, Shape)] of growth.stages
+    lr_schedule: LRSchedule
+
+
+def build_run(cfg: Config, log_enabled: bool = True) -> RunParts:
+    t = cfg.train
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    autocast = t.precision == "bf16-autocast"
+    if autocast and not torch.cuda.is_available():
+        # megatron's TP linears run their backward under CUDA autocast only
+        raise ConfigError("train.precision=bf16-autocast needs a GPU (bf16 autocast of megatron's linears is "
+                          "CUDA-only); use train.precision=bf16 (bf16 parameters) or fp32 on CPU.")
+    initialize_parallel(cfg.parallel.tensor, cfg.parallel.pipeline, t.seed)
+    fusion = fused.configure(t.fusion)
+    layout = (cfg.parallel.tensor, cfg.parallel.pipeline)
+    dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    # on a CPU, before data or model exist: an over-large run would otherwise die by SIGKILL
+    check_host_memory(cfg, layout, dp)
+    # one run per save directory, and a target that takes files, checked before any compute
+    lock = hold_save_dir(cfg.checkpoint.save, "msg-pretrain") if cfg.checkpoint.save else None
+    _check_batch_split(cfg, layout, dp)
+    metrics = MetricsLogger(cfg.logging.run_dir, cfg.logging.wandb, cfg.logging.project, cfg.logging.name,
+                            cfg.to_dict(), enabled=log_enabled and is_logging_rank())
+    if lock is not None and lock.note:
+        metrics.print(f"[lock] {cfg.checkpoint.save}: {lock.note}")
+    data_dir, train_data, valid_data, no_split = _data(cfg, metrics.print)
+    no_validation = no_split or validation_problem(valid_data, t.micro_batch_size, t.eval_iters)
+    if no_validation:  # said once at start, and in the final result, instead of a silent null
+        metrics.print(f"[eval] no validation loss will be reported: {no_validation}")
+    schedule = cfg.schedule()
+    reset_steps = [schedule[i][0] for i in cfg.growth.lr_reset_stages]
+    lr_schedule = LRSchedule(t.lr, t.min_lr, t.warmup_steps, t.decay_steps or t.steps, t.decay_style, reset_steps)
+    return RunParts(autocast, fusion, layout, dp_rank, dp, torch.distributed.get_world_size(), lock, metrics,
+                    data_dir, train_data, valid_data, no_validation, schedule, lr_schedule)
+
+
+def _check_batch_split(cfg: Config, layout: tuple, dp: int) -> None:
+    mbs = cfg.train.micro_batch_size
+    for i in range(len(cfg.schedule())):
+        gbs = cfg.batch_size(i)
+        n_micro = gbs // mbs
+        if n_micro % dp and cfg.layout(i) == layout:
+            raise ConfigError(
+                f"the global batch size {gbs} (train.global_batch_size or growth.stages[{i}]) is {n_micro} "
+                f"micro-batches of {mbs}, which do not split over {dp} data-parallel ranks; make it a "
+                f"multiple of micro_batch_size x {dp} = {mbs * dp}.")
+
+
+def _data(cfg: Config, log):
+    """(data dir, train windows, validation windows or None, why the validation split is unusable)."""
+    seq, seed = cfg.model.seq_length, cfg.train.seed
+    if cfg.data.corpus == "synthetic":
+        return "", SyntheticWindows(cfg.model.vocab_size, seq, seed), SyntheticWindows(cfg.model.vocab_size, seq, seed), None
+    data_dir, _ = resolve_data_dir_all_ranks(cfg.data, cfg.model.vocab_size, log)
+    train = TokenWindows(os.path.join(data_dir, "train"), seq, seed)
+    try:
+        return data_dir, train, TokenWindows(os.path.join(data_dir, "valid"), seq, seed), None
+    except DataError as e:  # empty, or shorter than one window: named by the caller
+        return data_dir, train, None, str(e)

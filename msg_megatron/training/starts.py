@@ -1,0 +1,106 @@
+"""How a run's first model comes to be: built fresh, resumed from a checkpoint, or started from a
+checkpoint's weights (checkpoint.init_from). The model is built once, by the path that fills it:
+a resume never holds a fresh model besides the loaded one."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+from ..checkpoint.dist import CheckpointError, load_checkpoint, read_meta
+from ..config import Config, ModelConfig, Shape
+from ..model import build_model
+from ..model.masks import ramping
+from ..optim.optimizer import build_optimizer, cast_keeping_masters, cast_params, param_dtype
+
+
+@dataclass
+class Start:
+    model: object
+    optimizer: object
+    # step, stage, consumed_samples, train_time, train_flops (wall time spent training and model
+    # FLOPs so far: the x-axes of the paper's speed-up comparisons, carried across resumes)
+    state: dict = field(default_factory=lambda: {"step": 0, "stage": 0, "consumed_samples": 0,
+                                                  "train_time": 0.0, "train_flops": 0.0})
+
+
+def start_run(cfg: Config, schedule: list, log) -> Start:
+    """checkpoint.load (a path, or `auto`: the save directory's newest if any), else
+    checkpoint.init_from, else a fresh model of the first stage's shape."""
+    ck = cfg.checkpoint
+    if ck.load == "auto" and os.path.isdir(ck.save) and any(d.startswith("step_") for d in os.listdir(ck.save)):
+        return resume(cfg, schedule, ck.save, log, fallback=True)
+    if ck.load and ck.load != "auto":
+        return resume(cfg, schedule, ck.load, log)
+    if ck.init_from:
+        return init_from(cfg, schedule, ck.init_from, log)
+    if ck.load == "auto":
+        log(f"[resume] checkpoint.load=auto: no checkpoint in `{ck.save}` yet, starting fresh")
+    model = build_model(cfg.model, schedule[0][1], seed=cfg.train.seed)  # fp32 init: exact masters
+    masters = cast_keeping_masters(model, param_dtype(cfg.train))
+    return Start(model, build_optimizer(model, cfg.train, cfg.parallel, masters=masters))
+
+
+def model_diff(cfg: Config, saved: dict, ignore=()) -> list:
+    """model.* fields in which a checkpoint's config differs from this run's."""
+    mine = dataclasses.asdict(cfg.model)
+    return sorted(k for k in mine if k not in ignore and saved.get(k) != mine[k])
+
+
+def resume(cfg: Config, schedule: list, path: str, log, fallback: bool = False) -> Start:
+    full = cfg.checkpoint.verify == "full"
+    meta = read_meta(path, full=full, fallback=fallback)
+    for note in meta["notes"]:
+        log(f"[resume] {note}")
+    diff = model_diff(cfg, meta["config"]["model"])
+    if diff:
+        raise CheckpointError(
+            f"checkpoint `{meta['path']}` was trained with another model config (differs in "
+            f"{', '.join(f'model.{k}' for k in diff)}); use the same model section or a matching checkpoint")
+    st = meta["state"]
+    if st["step"] > cfg.train.steps:
+        raise CheckpointError(
+            f"checkpoint `{meta['path']}` is at step {st['step']}, past train.steps={cfg.train.steps}: "
+            f"resuming would overwrite later checkpoints with nothing trained; set train.steps above "
+            f"{st['step']} to continue, or choose a new checkpoint.save to start another run")
+    state = {"step": st["step"], "stage": st["stage"], "consumed_samples": st["consumed_samples"],
+             "train_time": st.get("train_time", 0.0), "train_flops": st.get("train_flops", 0.0)}
+    shape = Shape(*meta["shape"])
+    if shape != schedule[state["stage"]][1]:
+        raise CheckpointError(f"checkpoint `{meta['path']}` has shape {shape} but stage {state['stage']} of the "
+                              f"schedule is {schedule[state['stage']][1]}; fix growth.stages or the checkpoint")
+    # weights and masters both come from the checkpoint: no masters to carry over from the build
+    model = cast_params(build_model(cfg.model, shape, perform_init=False), param_dtype(cfg.train))
+    optimizer = build_optimizer(model, cfg.train, cfg.parallel)
+    load_checkpoint(meta["path"], model, optimizer, full=full)  # fp32 weights -> masters
+    log(f"[resume] {meta['path']}: step {state['step']}, stage {state['stage']}, shape {shape}")
+    return Start(model, optimizer, state)
+
+
+def init_from(cfg: Config, schedule: list, path: str, log) -> Start:
+    """A checkpoint's weights at step 0 (checkpoint.init_from): the first stage's model is that
+    checkpoint; optimizer, step, data position and RNG start fresh."""
+    meta = read_meta(path, full=cfg.checkpoint.verify == "full")
+    saved = ModelConfig(**meta["config"]["model"])
+    # the final sizes may differ (the imported model is the first stage); kv_channels as the head dim
+    diff = model_diff(cfg, meta["config"]["model"], ignore=("hidden_size", "ffn_hidden_size", "num_attention_heads",
+                                                            "num_layers", "init_method_std", "kv_channels"))
+    if saved.head_dim != cfg.model.head_dim:
+        diff.append("kv_channels")
+    if diff:
+        raise CheckpointError(
+            f"checkpoint.init_from `{meta['path']}` has another architecture: "
+            + ", ".join(f"model.{k}={getattr(saved, k) if k != 'kv_channels' else saved.head_dim}" for k in diff)
+            + "; set these in the config")
+    shape = Shape(*meta["shape"])
+    if shape != schedule[0][1]:
+        raise CheckpointError(f"checkpoint.init_from `{meta['path']}` has shape {shape}, but growth.stages[0] is "
+                              f"{schedule[0][1]}; start the schedule at {list(shape.as_tuple())}")
+    model = build_model(cfg.model, shape, perform_init=False)
+    load_checkpoint(meta["path"], model, None, full=cfg.checkpoint.verify == "full", restore_rng=False)
+    if ramping(model):
+        raise CheckpointError(f"checkpoint.init_from `{meta['path']}` is mid-ramp (masks below 1); start from a "
+                              "checkpoint taken after growth.ramp_steps more steps")
+    masters = cast_keeping_masters(model, param_dtype(cfg.train))
+    log(f"[init] weights of {meta['path']} (shape {shape}) at step 0")
+    return Start(model, build_optimizer(model, cfg.train, cfg.parallel, masters=masters))
