@@ -10,7 +10,7 @@ from .config import load_config
 from .parallel import is_logging_rank
 from .training.trainer import PREEMPTED_EXIT, RELAYOUT_EXIT, Trainer
 
-EPILOG = """config fields: each is described in msg_megatron/config.py (the dataclasses ModelConfig,
+EPILOG = """config fields: each is described in msg_megatron/config/schema.py (the dataclasses ModelConfig,
 GrowthConfig, ParallelConfig, TrainConfig, DataConfig, CheckpointConfig, LoggingConfig) and the
 commented configs/*.yaml; a wrong key or value is refused at load, naming the field.
 

@@ -9,8 +9,8 @@ with every mask opened at once: the function changes; no mask remains.
 """
 import pytest
 import torch
-
 from conftest import rel_err, tiny_model_cfg
+
 from msg_megatron.config import Shape
 from msg_megatron.growth.operators import grow_model
 from msg_megatron.model import build_model
@@ -27,7 +27,7 @@ def logits(model):
 
 
 def all_open(model) -> bool:
-    return not ramping(model) and all(bool((getattr(m, f"{n}_mask") == 1).all()) for m, n in iter_masks(model))
+    return not ramping(model) and all(bool((m.value == 1).all()) for m in iter_masks(model))
 
 
 @pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])

@@ -8,15 +8,15 @@ import itertools
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from conftest import rel_err, tiny_model_cfg
+from hypothesis import given, settings, strategies as st
+
 from msg_megatron.config import ParallelConfig, Shape, TrainConfig
 from msg_megatron.growth.axes import GrowthPlan
 from msg_megatron.growth.operators import grow_model, plan_depth
 from msg_megatron.growth.optimizer_state import grow_optimizer
 from msg_megatron.model import build_model, refresh_active, update_masks
+from msg_megatron.model.masks import iter_masks
 from msg_megatron.optim.optimizer import build_optimizer
 
 OLD = Shape(32, 64, 4, 2)
@@ -104,12 +104,11 @@ def test_growth_during_a_running_ramp_and_folding():
     assert torch.all(hm[:32] == 1) and torch.all(hm[32:40] == 1.0) and torch.all(hm[40:] == 0.5)
     # after every ramp: masks fold away, the forward is the plain one, logits unchanged
     update_masks(b, 25, 10)  # every mask reaches 1 ...
-    for m in b.modules():
-        for n in getattr(m, "_mask_names", ()):
-            setattr(m, f"{n}_active", True)  # ... evaluate the masked path with masks at 1
+    for m in iter_masks(b):
+        m.active = True  # ... evaluate the masked path with masks at 1
     at_one = logits(b)
     refresh_active(b)  # then fold
-    assert not any(getattr(m, f"{n}_active") for m in b.modules() for n in getattr(m, "_mask_names", ()))
+    assert not any(m.active for m in iter_masks(b))
     assert rel_err(at_one, logits(b)) <= 1e-5
 
 
@@ -193,11 +192,11 @@ def test_update_masks_follows_births_without_reading_values_each_step():
     a loaded checkpoint) while a ramp runs."""
     from torch import nn
 
-    from msg_megatron.model.masks import mask_values, register_mask, update_masks
+    from msg_megatron.model.masks import Mask, mask_values, update_masks
 
     mod = nn.Module()
-    register_mask(mod, "a", 6)
-    register_mask(mod, "b", 3)
+    mod.mask_a, mod.mask_b = Mask(mod, "a", 6), Mask(mod, "b", 3)
+    masks = {"a": mod.mask_a, "b": mod.mask_b}
     mod.a_birth[4:] = 10.0
     ramp = 4
     for step in range(8, 24):
@@ -207,6 +206,6 @@ def test_update_masks_follows_births_without_reading_values_each_step():
         want = {n: mask_values(getattr(mod, f"{n}_birth"), step, ramp) for n in ("a", "b")}
         for n in ("a", "b"):
             assert torch.equal(getattr(mod, f"{n}_mask"), want[n]), (step, n)
-            assert getattr(mod, f"{n}_active") == bool(want[n].min() < 1)
+            assert masks[n].active == bool(want[n].min() < 1)
         assert lowest == min(float(w.min()) for w in want.values())
-    assert not mod.a_active and not mod.b_active and torch.all(mod.a_mask == 1)
+    assert not masks["a"].active and not masks["b"].active and torch.all(mod.a_mask == 1)

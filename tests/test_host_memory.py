@@ -29,11 +29,32 @@ SHAPE = ["model.hidden_size=%d" % HUGE[0], "model.ffn_hidden_size=%d" % HUGE[1],
          "model.num_attention_heads=%d" % HUGE[2], "model.num_layers=%d" % HUGE[3], "model.kv_channels=128"]
 
 
-def test_state_bytes_per_param():
-    assert state_bytes_per_param("fp32", 1, False) == 16       # weights 4 + main grads 4 + moments 8
-    assert state_bytes_per_param("bf16", 1, False) == 18       # weights 2 + main grads 4 + masters 4 + moments 8
-    assert state_bytes_per_param("bf16", 4, True) == 6 + 12 / 4
-    assert state_bytes_per_param("fp32", 4, False) == 16       # without the distributed optimizer: replicated
+@pytest.mark.parametrize("precision, distributed", [("fp32", False), ("bf16", False), ("bf16", True)])
+def test_state_bytes_per_param_are_what_training_allocates(precision, distributed):
+    """The per-parameter state the host check counts, measured on a real optimizer after a step:
+    parameter bytes + megatron's main gradients + AdamW moments (+ fp32 masters under bf16)."""
+    from conftest import tiny_model_cfg
+    from msg_megatron.config import ParallelConfig, TrainConfig
+    from msg_megatron.model import build_model
+    from msg_megatron.optim.optimizer import build_optimizer, cast_keeping_masters, param_dtype
+
+    tcfg = TrainConfig(precision=precision)
+    cfg = tiny_model_cfg()
+    model = build_model(cfg, cfg.shape)
+    opt = build_optimizer(model, tcfg, ParallelConfig(distributed_optimizer=distributed),
+                          masters=cast_keeping_masters(model, param_dtype(tcfg)))
+    tokens = torch.randint(0, cfg.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
+    opt.ddp(tokens[:, :-1], tokens[:, 1:]).mean().backward()
+    opt.finish_grad_sync()
+    opt.step(1e-3)
+    params = list(model.parameters())
+    measured = 0
+    for p in params:
+        measured += p.numel() * p.element_size() + p.main_grad.numel() * p.main_grad.element_size()
+        measured += sum(t.numel() * t.element_size() for k, t in opt.state_of(p).items() if k != "step")
+        if precision == "bf16":
+            measured += opt.local_master(p).numel() * opt.local_master(p).element_size()
+    assert measured / sum(p.numel() for p in params) == state_bytes_per_param(precision, 1, distributed)
 
 
 def test_check_names_the_largest_stage_and_the_numbers():

@@ -18,7 +18,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from ..ops import fused
-from .masks import active_mask, register_mask, register_unit_ids, sharded_state_dict_tp_buffers, tp_rank_size
+from .masks import Mask, register_unit_ids, sharded_state_dict_tp_buffers, tp_rank_size
 from .params import tp_axes
 
 
@@ -55,7 +55,7 @@ class MaskedSelfAttention(MegatronModule):
             input_is_parallel=True, skip_bias_add=False, is_expert=False)
         rank, tp = tp_rank_size()
         local = self.num_heads // tp  # the config check guarantees divisibility
-        register_mask(self, "head", local)
+        self.mask_head = Mask(self, "head", local)
         register_unit_ids(self, "head", rank * local + torch.arange(local))
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
@@ -73,7 +73,7 @@ class MaskedSelfAttention(MegatronModule):
         # [s, b, h, d] -> [b, h, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0 / math.sqrt(self.head_dim))
-        head_mask = active_mask(self, "head")
+        head_mask = self.mask_head.output()
         if head_mask is not None:  # eq. 23-24: a masked head contributes an all-zero output
             out = out * head_mask.to(out.dtype)[None, :, None, None]
         out = out.permute(2, 0, 1, 3).reshape(s, b, heads * self.head_dim)

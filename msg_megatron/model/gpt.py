@@ -26,7 +26,7 @@ from ..config import ModelConfig, Shape
 from ..ops import fused
 from ..parallel.setup import device
 from .attention import rope_cos_sin
-from .masks import active_mask, register_mask
+from .masks import Mask
 from .norms import norm_class
 from .params import param
 from .spec import masked_layer_spec
@@ -140,7 +140,7 @@ class MaskedGPT(MegatronModule):
                 gather_output=False, skip_weight_param_allocation=tied_here)
             if mcfg.tie_embeddings and not tied_here:
                 self.output_layer.weight.shared = True  # a duplicate: not counted in norms/params
-        register_mask(self, "hidden", shape.hidden)
+        self.mask_hidden = Mask(self, "hidden", shape.hidden)
         self._rope = None
         _mark_tensor_parallel_weights(self)
 
@@ -172,7 +172,7 @@ class MaskedGPT(MegatronModule):
         b, s = tokens.shape
         if s > self.mcfg.seq_length and self.mcfg.position_embedding == "learned":
             raise ValueError(f"sequence of {s} tokens is longer than model.seq_length={self.mcfg.seq_length}")
-        hmask = active_mask(self, "hidden")
+        hmask = self.mask_hidden.output()
         if self.pre_process:
             x = self.embedding(tokens).transpose(0, 1).contiguous()  # [s, b, h]; p2p sends need contiguous
             if self.mcfg.position_embedding == "learned":

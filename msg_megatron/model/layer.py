@@ -15,7 +15,7 @@ import torch
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
-from .masks import active_mask, register_mask
+from .masks import Mask
 
 
 @dataclass
@@ -35,7 +35,7 @@ class MaskedTransformerLayer(MegatronModule):
         self.self_attention = build_module(submodules.self_attention, config=config, layer_number=layer_number)
         self.pre_mlp_norm = build_module(submodules.pre_mlp_norm, config, config.hidden_size, eps)
         self.mlp = build_module(submodules.mlp, config=config, layer_number=layer_number)
-        register_mask(self, "depth", 1)
+        self.mask_depth = Mask(self, "depth", 1)
 
     def forward(self, x: torch.Tensor, hidden_mask: Optional[torch.Tensor] = None,
                 rope: Optional[tuple] = None) -> torch.Tensor:
@@ -47,7 +47,7 @@ class MaskedTransformerLayer(MegatronModule):
         if hidden_mask is not None:
             mlp = mlp * hidden_mask
         out = h + mlp
-        depth = active_mask(self, "depth")
+        depth = self.mask_depth.output()
         if depth is not None:  # eq. 20: a new layer is skipped while its mask is 0
             depth = depth.to(out.dtype)
             out = depth * out + (1.0 - depth) * x

@@ -5,25 +5,80 @@ Every mask is a pair of buffers: `<name>_mask` (the value used in forward) and `
 at step s is clamp((s - birth) / ramp_steps, 0, 1): 0 right after growth (strict function
 preservation), 1 after `ramp_steps` (paper section 3.2.1, "mask strength" phi). Keeping the birth
 per entry lets a growth start while an earlier ramp still runs, and makes the mask a pure function
-of the step (exact on resume). When every entry is 1 the mask is *folded*: `<name>_active` is False
+of the step (exact on resume). When every entry is 1 the mask is *folded*: `Mask.active` is False
 and forward takes the ordinary, unmasked path.
 """
 from __future__ import annotations
 
 import math
-from typing import Iterator, Tuple
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
 
 
-def register_mask(module: nn.Module, name: str, size: int) -> None:
-    """Add a fully-open mask (all ones, born at -inf) of `size` entries to `module`."""
-    module.register_buffer(f"{name}_mask", torch.ones(size))
-    module.register_buffer(f"{name}_birth", torch.full((size,), -math.inf))
-    setattr(module, f"{name}_active", False)
-    names = list(getattr(module, "_mask_names", ()))
-    module._mask_names = tuple(names + [name])
+class Mask:
+    """One growth mask of a module (hidden features, heads, FFN units, or a layer's depth mask).
+
+    The state is two buffers of the owning module, `<name>_mask` (the value forward uses) and
+    `<name>_birth`, so checkpoints, `.to()` and sharded state dicts treat them as any buffer; this
+    object reads them through the owner's buffer table (which `.to()` and loads update) and
+    keeps what is not state: whether the mask still matters (`active`; folded when every entry
+    is 1) and the latest birth step, cached as a host float.
+    """
+
+    def __init__(self, owner: nn.Module, name: str, size: int):
+        owner.register_buffer(f"{name}_mask", torch.ones(size))
+        owner.register_buffer(f"{name}_birth", torch.full((size,), -math.inf))
+        self.name = name
+        self._buffers = owner._buffers
+        self._value_key, self._birth_key = f"{name}_mask", f"{name}_birth"
+        self.active = False
+        self._youngest: Optional[tuple] = None  # ((id, version) of the birth buffer, its max as a float)
+
+    @property
+    def value(self) -> torch.Tensor:
+        return self._buffers[self._value_key]
+
+    @property
+    def birth(self) -> torch.Tensor:
+        return self._buffers[self._birth_key]
+
+    def output(self) -> Optional[torch.Tensor]:
+        """The mask tensor if it still matters, else None (folded: forward takes the unmasked path)."""
+        return self.value if self.active else None
+
+    def youngest(self) -> float:
+        """The latest birth step (-inf: no entry was grown), read from the device only when the
+        birth buffer was replaced or written in place (growth, load), not every step."""
+        birth = self.birth
+        key = (id(birth), birth._version)
+        if self._youngest is None or self._youngest[0] != key:
+            self._youngest = (key, float(birth.max()) if birth.numel() else -math.inf)
+        return self._youngest[1]
+
+    @torch.no_grad()
+    def set_step(self, step: int, ramp_steps: int) -> float:
+        """Set the values for `step` (eq. 10 ramped: clamp((step - birth) / ramp, 0, 1)); fold the
+        mask once every entry is 1. Returns its smallest value, known on the host without a sync."""
+        youngest = self.youngest()
+        low = 1.0 if ramp_steps <= 0 or youngest == -math.inf else min(max((step - youngest) / ramp_steps, 0.0), 1.0)
+        if low < 1.0 or self.active:  # ramping, or folding now: write the values
+            self.value.copy_(mask_values(self.birth, step, ramp_steps))
+        self.active = low < 1.0
+        return low
+
+    @torch.no_grad()
+    def open(self) -> None:
+        """All entries 1 and born at -inf (the No Mask / Net2Net baselines)."""
+        self.value.fill_(1.0)
+        self.birth.fill_(-math.inf)
+        self.active = False
+
+    def refresh(self) -> None:
+        """Recompute `active` from the values (after a state dict was loaded into the buffers)."""
+        value = self.value
+        self.active = bool(value.numel()) and float(value.min()) < 1.0
 
 
 def register_unit_ids(module: nn.Module, name: str, ids: torch.Tensor) -> None:
@@ -70,15 +125,9 @@ def sharded_state_dict_tp_buffers(module, prefix: str, sharded_offsets, metadata
     return out
 
 
-def active_mask(module: nn.Module, name: str):
-    """The mask tensor if it still matters, else None (folded)."""
-    return getattr(module, f"{name}_mask") if getattr(module, f"{name}_active") else None
-
-
-def iter_masks(model: nn.Module) -> Iterator[Tuple[nn.Module, str]]:
+def iter_masks(model: nn.Module) -> Iterator[Mask]:
     for mod in model.modules():
-        for name in getattr(mod, "_mask_names", ()):
-            yield mod, name
+        yield from (v for v in vars(mod).values() if isinstance(v, Mask))
 
 
 def mask_values(birth: torch.Tensor, step: int, ramp_steps: int) -> torch.Tensor:
@@ -87,54 +136,21 @@ def mask_values(birth: torch.Tensor, step: int, ramp_steps: int) -> torch.Tensor
     return ((step - birth) / ramp_steps).clamp_(0.0, 1.0)
 
 
-def _youngest_birth(mod: nn.Module, name: str) -> float:
-    """The latest birth step of a mask's entries, as a host float (-inf: none was grown), cached
-    until the birth buffer is replaced or written in place (growth, load): the smallest mask value
-    is clamp((step - youngest) / ramp) without reading the device every step."""
-    birth = getattr(mod, f"{name}_birth")
-    key = (id(birth), birth._version)
-    cache = mod.__dict__.setdefault("_youngest_cache", {})
-    hit = cache.get(name)
-    if hit is None or hit[0] != key:
-        hit = (key, float(birth.max()) if birth.numel() else -math.inf)
-        cache[name] = hit
-    return hit[1]
-
-
-@torch.no_grad()
 def update_masks(model: nn.Module, step: int, ramp_steps: int) -> float:
-    """Set every mask to its value at `step`; fold the ones that reached 1.
-
-    Returns the smallest mask value in the model (1.0 when nothing ramps), for logging. No host
-    sync per step: which masks still ramp follows from their cached youngest birth, and folded
-    masks are not touched.
-    """
-    lowest = 1.0
-    for mod, name in iter_masks(model):
-        youngest = _youngest_birth(mod, name)
-        low = 1.0 if ramp_steps <= 0 or youngest == -math.inf else min(max((step - youngest) / ramp_steps, 0.0), 1.0)
-        if low < 1.0 or getattr(mod, f"{name}_active"):  # ramping, or folding now: write the values
-            getattr(mod, f"{name}_mask").copy_(mask_values(getattr(mod, f"{name}_birth"), step, ramp_steps))
-        setattr(mod, f"{name}_active", low < 1.0)
-        lowest = min(lowest, low)
-    return lowest
+    """Set every mask to its value at `step`; fold the ones that reached 1. Returns the smallest
+    mask value in the model (1.0 when nothing ramps), for logging; no host sync per step."""
+    return min((m.set_step(step, ramp_steps) for m in iter_masks(model)), default=1.0)
 
 
-@torch.no_grad()
 def open_masks(model: nn.Module) -> None:
-    """Remove every mask: all entries 1 and born at -inf (the No Mask / Net2Net baselines)."""
-    for mod, name in iter_masks(model):
-        getattr(mod, f"{name}_mask").fill_(1.0)
-        getattr(mod, f"{name}_birth").fill_(-math.inf)
-        setattr(mod, f"{name}_active", False)
+    for m in iter_masks(model):
+        m.open()
 
 
 def refresh_active(model: nn.Module) -> None:
-    """Recompute the folded/active flags from the mask values (after loading a state dict)."""
-    for mod, name in iter_masks(model):
-        value = getattr(mod, f"{name}_mask")
-        setattr(mod, f"{name}_active", bool(value.numel()) and float(value.min()) < 1.0)
+    for m in iter_masks(model):
+        m.refresh()
 
 
 def ramping(model: nn.Module) -> bool:
-    return any(getattr(mod, f"{name}_active") for mod, name in iter_masks(model))
+    return any(m.active for m in iter_masks(model))

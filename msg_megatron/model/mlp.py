@@ -9,7 +9,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from ..ops import fused
-from .masks import active_mask, register_mask, register_unit_ids, sharded_state_dict_tp_buffers, tp_rank_size
+from .masks import Mask, register_unit_ids, sharded_state_dict_tp_buffers, tp_rank_size
 from .params import gated_blocks, tp_axes
 from .tp_layout import rank_major
 
@@ -63,7 +63,7 @@ class MaskedMLP(MegatronModule):
             init_method=config.output_layer_init_method, bias=config.add_bias_linear,
             input_is_parallel=True, skip_bias_add=False, is_expert=False)
         local = ffn // tp
-        register_mask(self, "ffn", local)  # sharded with fc1's output / fc2's input
+        self.mask_ffn = Mask(self, "ffn", local)  # sharded with fc1's output / fc2's input
         register_unit_ids(self, "ffn", rank * local + torch.arange(local))
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
@@ -81,7 +81,7 @@ class MaskedMLP(MegatronModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, _ = self.linear_fc1(x)
-        ffn_mask = active_mask(self, "ffn")  # eq. 12: new neurons' outputs are masked to 0
+        ffn_mask = self.mask_ffn.output()  # eq. 12: new neurons' outputs are masked to 0
         if ffn_mask is not None:
             ffn_mask = ffn_mask.to(h.dtype)
         h = fused.swiglu_masked(h, ffn_mask) if self.gated else fused.gelu_masked(h, ffn_mask)
