@@ -101,41 +101,50 @@ def _outgoing_axis(name: str, dim: int) -> bool:
     return dim == 1 and param(name).kind == "linear"
 
 
+# New entries of the tensors that are mask state (eq. 10): 0 (masked) and born at this step.
+_NEW_STATE = {"mask": lambda shape, old, step: torch.zeros(shape, dtype=old.dtype, device=old.device),
+              "birth": lambda shape, old, step: torch.full(shape, float(step), dtype=old.dtype, device=old.device)}
+
+
 def grow_tensor(name: str, old: torch.Tensor, plans: List[Optional[AxisPlan]], init: Optional[InitFn],
                 gen_for: Optional[Callable[[int], torch.Generator]], step: int,
                 split_copies: bool = False) -> torch.Tensor:
     """Grow one (local) tensor along every axis whose role grows; old entries copied bit-exactly.
-    `split_copies` (Net2Net, eq. 6, with init=copy): a unit's outgoing weights are divided by the
-    number of its replicas, so the next layer's input sum is unchanged."""
+    By kind (model/params.py): unit ids come from the plan, mask state is 0 / born now, weights
+    are drawn (`init`) or replicate their source units (init=copy)."""
     new_shape = tuple(p.new_local if p is not None else old.shape[i] for i, p in enumerate(plans))
     if new_shape == tuple(old.shape):
         return old.clone()
-    dev = old.device  # new values are drawn on the CPU (layout-independent streams), then moved
     kind = param(name).kind
-    if kind == "mask":
-        new = torch.zeros(new_shape, dtype=old.dtype, device=dev)  # eq. 10: new entries start masked
-    elif kind == "birth":
-        new = torch.full(new_shape, float(step), dtype=old.dtype, device=dev)
-    elif kind == "ids":
-        return plans[0].new_ids.to(dev)
-    elif init is None:  # copy: every new entry replicates its source unit (Net2Net's map, no split)
-        new = old
-        for dim, p in enumerate(plans):
-            if p is not None:
-                src = p.source.to(dev)
-                new = new.index_select(dim, src)
-                if split_copies and _outgoing_axis(name, dim):
-                    count = torch.bincount(src, minlength=old.shape[dim]).to(new.dtype)[src]
-                    new = new / count.view(*([1] * dim), -1, *([1] * (new.dim() - dim - 1)))
-        return new.clone()
-    else:
-        new = draw_new(name, plans, new_shape, init, gen_for).to(device=dev, dtype=old.dtype)
-    index = [(p.old_pos if p is not None else torch.arange(old.shape[i])).to(dev) for i, p in enumerate(plans)]
+    if kind == "ids":
+        return plans[0].new_ids.to(old.device)
+    if kind in _NEW_STATE:
+        new = _NEW_STATE[kind](new_shape, old, step)
+    elif init is None:
+        return _replicate_units(name, old, plans, split_copies)
+    else:  # new values are drawn on the CPU (layout-independent streams), then moved
+        new = draw_new(name, plans, new_shape, init, gen_for).to(device=old.device, dtype=old.dtype)
+    index = [(p.old_pos if p is not None else torch.arange(old.shape[i])).to(old.device) for i, p in enumerate(plans)]
     if len(index) == 1:
         new[index[0]] = old
     else:
         new[index[0][:, None], index[1][None, :]] = old
     return new
+
+
+def _replicate_units(name: str, old: torch.Tensor, plans: List[Optional[AxisPlan]], split_copies: bool):
+    """init=copy: every new entry replicates its source unit (Net2Net's map). `split_copies`
+    (Net2Net, eq. 6): a unit's outgoing weights are divided by the number of its replicas, so the
+    next layer's input sum is unchanged."""
+    new = old
+    for dim, p in enumerate(plans):
+        if p is not None:
+            src = p.source.to(old.device)
+            new = new.index_select(dim, src)
+            if split_copies and _outgoing_axis(name, dim):
+                count = torch.bincount(src, minlength=old.shape[dim]).to(new.dtype)[src]
+                new = new / count.view(*([1] * dim), -1, *([1] * (new.dim() - dim - 1)))
+    return new.clone()
 
 
 def plan_depth(old_layers: int, new_layers: int, depth_init: str) -> List[Optional[int]]:
