@@ -7,7 +7,8 @@ training the final shape on the same tokens. Memory per GPU, in train.precision 
   weights 2 B/param, fp32 main gradients 4 B/param, fp32 master weights + Adam moments 12 B/param
   divided by DP with the distributed optimizer; fp32: 4 + 4 + 8), on the most loaded pipeline stage (the first: the
   embedding and PP micro-batches in flight under 1F1B), activations with flash attention (no s^2
-  term), no recomputation and no sequence parallelism, per layer and micro-batch of b sequences
+  term) and no sequence parallelism (train.recompute=full: a recomputed layer keeps only its
+  input, training/sizes.activation_bytes), per layer and micro-batch of b sequences
       s*b*(8h + (8*a*d + 2*F_in + 2*F*(2 if SwiGLU else 1)) / TP) bytes,
   F_in = 2F for SwiGLU's fc1 else F. Besides the training step, the peak of a save, a load and the
   growth into each stage (training/phase_memory.py); a phase over the GPU's memory is a warning
@@ -52,7 +53,8 @@ def plan(cfg: Config, mfu: float, gpu: str, distributed_optimizer: bool = True) 
         # the growth into this stage runs at this stage's layout: online, or msg-grow after a relayout
         growth = ("online" if cfg.layout(i) == cfg.layout(i - 1) else "msg-grow") if i else None
         mem = stage_memory(cfg.model, shape, vocab, tp, pp, dp, cfg.train.micro_batch_size, distributed_optimizer,
-                           cfg.train.precision, sched[i - 1][1] if i else None, growth or "online")
+                           cfg.train.precision, sched[i - 1][1] if i else None, growth or "online",
+                           cfg.train.recompute, cfg.train.recompute_num_layers)
         stages.append({"stage": i, "steps": [step, end], "shape": list(shape.as_tuple()),
                        "params": count_params(cfg.model, shape, vocab), "flops_per_token": fpt, "tokens": tokens,
                        "global_batch_size": gbs, "tensor": tp, "pipeline": pp, "data": dp, "gpus": gpus,

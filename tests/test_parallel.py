@@ -123,6 +123,11 @@ CASES = {
     # The parallel run takes the fusion code path (megatron's fused vocab-parallel cross-entropy on
     # bf16 logits split over TP), with TORCHDYNAMO_DISABLE=1 so the compiled functions run their
     # Python (inductor's own numerics are tests/test_fusion.py's; 8 compiling ranks cost minutes)
+    # activation recomputation (megatron's tensor_parallel.checkpoint) under TP x PP's schedule,
+    # and selective recomputation of core attention under TP, against the plain single-process run
+    "tp2pp2_recompute_full": (2, 2, 1, LLAMA, [[32, 64, 2, 2], [32, 128, 4, 4]],
+                              ["train.recompute=full", "train.recompute_num_layers=1"]),
+    "tp2_recompute_selective": (2, 1, 1, [], [[32, 64, 2, 2], [48, 128, 4, 2]], ["train.recompute=selective"]),
     "tp2pp2dp2_bf16": (2, 2, 2, LLAMA + ["train.precision=bf16"], [[32, 64, 2, 2], [48, 128, 4, 4]],
                        DISTOPT + ["train.fusion=compile"], 1e-2),
 }

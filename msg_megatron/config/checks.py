@@ -58,6 +58,7 @@ RANGES = [
     ("train.eval_iters", 0, True, None, "validation batches per evaluation"),
     ("train.save_interval", 0, True, None, "steps between saves (0: only at the end)"),
     ("train.threads", 0, True, None, "torch's CPU threads (0: torch's default)"),
+    ("train.recompute_num_layers", 0, True, None, "layers per stage recomputed under recompute=full (0: all)"),
     ("data.corpus_mb", 0, False, None, "megabytes of embedded text"),
     ("checkpoint.keep", 1, True, None, "how many checkpoints to keep (at least 1: the newest)"),
     ("parallel.gpus", 0, True, None, "the GPUs msg-plan plans for (0: tensor x pipeline)"),
@@ -92,6 +93,10 @@ def validate(cfg: Config) -> None:
     _choice(t.decay_style, ["cosine", "linear", "constant"], "train.decay_style")
     _choice(t.precision, ["fp32", "bf16", "bf16-autocast"], "train.precision")
     _choice(t.fusion, ["auto", "eager", "compile"], "train.fusion")
+    _choice(t.recompute, ["none", "selective", "full"], "train.recompute")
+    if t.recompute_num_layers and t.recompute != "full":
+        raise ConfigError(f"train.recompute_num_layers={t.recompute_num_layers} needs train.recompute=full "
+                          f"(it is {t.recompute}); set train.recompute=full or remove recompute_num_layers.")
     _choice(cfg.checkpoint.verify, ["size", "full"], "checkpoint.verify")
     _positive(cfg.checkpoint.writers, "checkpoint.writers")
     if cfg.checkpoint.load == "auto" and not cfg.checkpoint.save:

@@ -147,6 +147,16 @@ class TrainConfig:
     """Elementwise fusions (RoPE, SwiGLU/GELU with the FFN mask, bf16 cross-entropy): `compile`
     (torch.compile/inductor kernels), `eager` (plain PyTorch ops) or `auto` (compile on GPUs, eager
     on CPU). Same function either way, up to rounding."""
+    recompute: str = "none"
+    """Activation recomputation (megatron's recompute_granularity, through its
+    `tensor_parallel.checkpoint`): `none`; `selective` (core attention: softmax(QK^T)V is recomputed
+    in the backward, its s x s probabilities never stored; no saving under flash attention, which
+    stores none); `full` (whole layers: a recomputed layer keeps only its input). Same gradients,
+    bitwise, in fp32."""
+    recompute_num_layers: int = 0
+    """With recompute=full: recompute the first N layers of each pipeline stage (megatron's
+    recompute_method=block), the rest keep their activations; 0 = every layer. Capped at the
+    stage's layers, so one value serves every growth stage."""
     global_batch_size: int = 8
     """Sequences per optimizer step."""
     micro_batch_size: int = 8

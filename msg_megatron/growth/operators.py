@@ -22,6 +22,7 @@ from ..config import Shape, growth_refusal
 from ..model.gpt import MaskedGPT, Piece, pp_rank_size
 from ..model.masks import open_masks, refresh_active
 from ..model.params import param
+from ..model.recompute import copy_recompute
 from ..parallel import setup
 from .axes import AxisPlan, GrowthPlan
 
@@ -210,6 +211,7 @@ def grow_model(model: MaskedGPT, new_shape: Shape, *, step: int, init: Union[str
     old_sd = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
 
     new_model = MaskedGPT(mcfg, new_shape, perform_init=False, piece=into).to(device or setup.device())
+    copy_recompute(model.config, new_model.config)  # (train.recompute carries over)
     if sources is None:
         # Per stage: interpolation of the stage's own layers equals the global plan restricted to it.
         sources = plan_depth(model.local_layers, new_model.local_layers, depth_init)

@@ -18,6 +18,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from ..ops import fused
+from . import recompute
 from .masks import Mask, register_unit_ids, sharded_state_dict_tp_buffers, tp_rank_size
 from .params import tp_axes
 
@@ -62,6 +63,13 @@ class MaskedSelfAttention(MegatronModule):
         return sharded_state_dict_tp_buffers(self, prefix, sharded_offsets, metadata,
                                              tp_axes(self.PARAMS))
 
+    def _core_attention(self, q, k, v, head_mask):
+        """softmax(QK^T / sqrt(d)) V per head [b, h, s, d], masked heads zeroed (eq. 23-24)."""
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0 / math.sqrt(self.head_dim))
+        if head_mask is not None:  # a masked head contributes an all-zero output
+            out = out * head_mask.to(out.dtype)[None, :, None, None]
+        return out
+
     def forward(self, x: torch.Tensor, rope: Optional[tuple] = None) -> torch.Tensor:
         s, b, _ = x.shape
         qkv, _ = self.linear_qkv(x)
@@ -72,10 +80,11 @@ class MaskedSelfAttention(MegatronModule):
             q, k = fused.rope_qk(q, k, cos, sin)
         # [s, b, h, d] -> [b, h, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0 / math.sqrt(self.head_dim))
         head_mask = self.mask_head.output()
-        if head_mask is not None:  # eq. 23-24: a masked head contributes an all-zero output
-            out = out * head_mask.to(out.dtype)[None, :, None, None]
+        if recompute.selective(self.config) and self.training:  # train.recompute=selective
+            out = recompute.checkpoint(self._core_attention, q, k, v, head_mask)
+        else:
+            out = self._core_attention(q, k, v, head_mask)
         out = out.permute(2, 0, 1, 3).reshape(s, b, heads * self.head_dim)
         out, _ = self.linear_proj(out)
         return out

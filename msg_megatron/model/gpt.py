@@ -25,6 +25,7 @@ from torch import nn
 from ..config import ModelConfig, Shape
 from ..ops import fused
 from ..parallel.setup import device
+from . import recompute
 from .attention import rope_cos_sin
 from .masks import Mask
 from .norms import norm_class
@@ -185,8 +186,13 @@ class MaskedGPT(MegatronModule):
             if self.pre_process:
                 x = x * hmask
         rope = self.rope(s, x.dtype)
-        for layer in self.layers:
-            x = layer(x, hmask, rope)
+        cos, sin = rope if rope is not None else (None, None)
+        recomputed = recompute.full_layers(self.config, len(self.layers)) if self.training else 0
+        for i, layer in enumerate(self.layers):
+            if i < recomputed:  # train.recompute=full: keep only the layer's input (model/recompute.py)
+                x = recompute.checkpoint(_run_layer(layer), x, hmask, cos, sin)
+            else:
+                x = layer(x, hmask, rope)
         if not self.post_process:
             return x.contiguous()
         x = self.final_norm(x, hmask)
@@ -236,6 +242,14 @@ class MaskedGPT(MegatronModule):
                         sh.replica_id = (int(pp_rank != 0),) + tuple(sh.replica_id[1:])
             out.update(sub)
         return out
+
+
+def _run_layer(layer):
+    """The layer as a function of tensors only (megatron's checkpoint saves its tensor arguments)."""
+    def run(x, hmask, cos, sin):
+        return layer(x, hmask, None if cos is None else (cos, sin))
+
+    return run
 
 
 def _mark_tensor_parallel_weights(model: nn.Module) -> None:

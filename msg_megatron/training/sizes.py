@@ -62,21 +62,55 @@ def msg_grow_peak(mcfg: ModelConfig, old: Shape, new: Shape, vocab_padded: int, 
     return streamed_growth_peak(ends_old, ends_new, layer_old, layer_new, -(-new.layers // old.layers))
 
 
+def layer_activation_bytes(mcfg: ModelConfig, shape: Shape, micro_batch: int, tp: int, elem: int = 2) -> float:
+    """Activations one layer of MaskedGPT keeps for its backward, per micro-batch of b sequences,
+    with flash attention (no s x s term), masks folded, no sequence parallelism, in elements of
+    `elem` bytes:
+        s*b*(6h + (6*a*d + a + F_in + F*(2 if SwiGLU else 1)) / TP)
+    Counted from the tensors autograd saves (tests/test_recompute.py measures them): per norm its
+    input, normalised input and output (3h, and 1/token statistics, dropped); the rotated q and k
+    (2ad), the fused QKV output that v is a view of (3ad), the attention's log-sum-exp (a), the
+    projection's input (ad); fc1's output (F_in) and the activation's output(s) (F, SwiGLU 2F).
+    megatron's count for its own layer is s*b*(4h + (4ad + F_in + F*g)/TP)."""
+    h, f, a, _ = shape.as_tuple()
+    f_in = 2 * f if mcfg.activation == "swiglu" else f
+    s, b = mcfg.seq_length, micro_batch
+    gated = 2 if mcfg.activation == "swiglu" else 1
+    return elem * s * b * (6 * h + (6 * a * mcfg.head_dim + a + f_in + f * gated) / tp)
+
+
+def activation_bytes(mcfg: ModelConfig, shape: Shape, vocab_padded: int, tp: int, pp: int, micro_batch: int,
+                     recompute: str = "none", recompute_layers: int = 0, elem: int = 2) -> float:
+    """Peak activation bytes on the most loaded pipeline stage (the first: under 1F1B it holds PP
+    micro-batches in flight of its n/PP layers). train.recompute=full keeps, for each of its first
+    k = recompute_layers (0: all) layers, only the layer's input (s*b*h elements); one layer's
+    activations exist again while it is recomputed; selective recomputes core attention, whose s x s
+    probabilities flash attention does not store anyway (no change here). With PP = 1 the logits
+    and their gradient (2 x s*b*V/TP, fp32) are part of the peak."""
+    h, n = shape.hidden, shape.layers
+    s, b = mcfg.seq_length, micro_batch
+    stage = n // pp
+    k = min(recompute_layers or stage, stage) if recompute == "full" else 0
+    layer = layer_activation_bytes(mcfg, shape, micro_batch, tp, elem)
+    inputs = k * elem * s * b * h
+    per_micro = (stage - k) * layer + inputs
+    # the micro-batch in its backward: its forward's activations, or, while a recomputed layer
+    # reruns (after the layers above it freed theirs), the kept inputs plus that one layer's
+    acts = (pp - 1) * per_micro + max(per_micro, inputs + layer if k else 0)
+    return acts + (4 * s * b * vocab_padded / tp if pp == 1 else 0)
+
+
 def stage_memory(mcfg: ModelConfig, shape: Shape, vocab_padded: int, tp: int, pp: int, dp: int,
                  micro_batch: int, distributed_optimizer: bool = True, precision: str = "bf16",
-                 old_shape: Optional[Shape] = None, growth: str = "online") -> dict:
+                 old_shape: Optional[Shape] = None, growth: str = "online", recompute: str = "none",
+                 recompute_layers: int = 0) -> dict:
     """Bytes per GPU of the training step (weights, grads, optimizer, activations, total) and the
     peak of each phase (`phases`: train, save, load, and with `old_shape` the growth into this
     shape at this layout; training/phase_memory.py)."""
-    h, f, a, n = shape.as_tuple()
-    d, s, b = mcfg.head_dim, mcfg.seq_length, micro_batch
     local = params_per_gpu(mcfg, shape, vocab_padded, tp, pp)
     w, _ = bytes_per_param(precision)
     opt_bytes = optimizer_bytes(precision, dp, distributed_optimizer)
-    f_in = 2 * f if mcfg.activation == "swiglu" else f
-    act_layer = s * b * (8 * h + (8 * a * d + 2 * f_in + 2 * f * (2 if mcfg.activation == "swiglu" else 1)) / tp)
-    # 1F1B: the first stage holds PP micro-batches of its n/PP layers = n layers' worth
-    acts = act_layer * n + (4 * s * b * vocab_padded / tp if pp == 1 else 0)
+    acts = activation_bytes(mcfg, shape, vocab_padded, tp, pp, micro_batch, recompute, recompute_layers)
     out = {"params_per_gpu": local, "weights": w * local, "grads": 4 * local, "optimizer": opt_bytes * local,
            "activations": acts}
     out["total"] = sum(out[k] for k in ("weights", "grads", "optimizer", "activations"))

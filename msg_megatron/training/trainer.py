@@ -22,6 +22,7 @@ from ..checkpoint.dist import save_checkpoint
 from ..config import Config, ConfigError
 from ..growth.apply import grow
 from ..model import count_parameters, update_masks
+from ..model.recompute import configure_recompute
 from ..parallel import device
 from .evaluate import validation_loss
 from .flops import device_peak_tflops, flops_per_token
@@ -52,6 +53,7 @@ class Trainer:
             setattr(self, f.name, getattr(parts, f.name))
         start = start_run(cfg, self.schedule, self.metrics.print)
         self.model, self.optimizer = start.model, start.optimizer
+        configure_recompute(self.model, cfg.train.recompute, cfg.train.recompute_num_layers)  # (growth keeps it)
         st = start.state
         self.step, self.stage, self.consumed_samples = st["step"], st["stage"], st["consumed_samples"]
         self.train_time, self.train_flops = st["train_time"], st["train_flops"]
