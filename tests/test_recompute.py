@@ -11,6 +11,7 @@ from msg_megatron.config import ConfigError, Shape, load_config
 from msg_megatron.growth.operators import grow_model
 from msg_megatron.model import build_model, update_masks
 from msg_megatron.model.recompute import configure_recompute
+from msg_megatron.training.activation_memory import SavedActivations
 
 MODES = [("selective", 0), ("full", 0), ("full", 2)]
 
@@ -88,35 +89,9 @@ def test_training_through_growth_has_the_same_losses(tmp_path, tiny_data, mode):
 
 
 def _peak_saved_bytes(model, tokens) -> int:
-    """Peak bytes of the activations autograd holds for the backward over one forward+backward:
-    saved tensors are counted once per storage from when they are saved until their last use
-    (parameters excluded: they are not activations)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    uses, size, state = {}, {}, {"now": 0, "peak": 0}
-
-    def pack(t):
-        key = t.untyped_storage().data_ptr()
-        if key in params:
-            return None, t
-        if key not in uses:
-            uses[key], size[key] = 0, t.untyped_storage().nbytes()
-            state["now"] += size[key]
-            state["peak"] = max(state["peak"], state["now"])
-        uses[key] += 1
-        return key, t
-
-    def unpack(saved):
-        key, t = saved
-        if key is not None:
-            uses[key] -= 1
-            if not uses[key]:
-                del uses[key]
-                state["now"] -= size.pop(key)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+    with SavedActivations(model) as meter:
         model(tokens[:, :-1], tokens[:, 1:]).mean().backward()
-    return state["peak"]
+    return meter.peak
 
 
 @pytest.mark.parametrize("act", ["gelu", "swiglu"])

@@ -1,6 +1,7 @@
 """Step time under tensor / pipeline parallelism, side by side, and MFU on one GPU.
 
     python tools/bench_parallel.py [--steps 12] [--json]        # CPU: (1,1,1), (2,1,1), (1,2,1)
+    python tools/bench_parallel.py --recompute none,selective,full  # + each train.recompute, side by side
     python tools/bench_parallel.py --gpu [--steps 30]           # one GPU: ~1B model, bf16, MFU
     python tools/bench_parallel.py --gpu --compare              # + eager ops, + bf16 autocast, side by side
 
@@ -8,8 +9,10 @@ CPU mode runs the same small fixed-shape config (synthetic tokens, no growth) at
 torchrun (gloo) and reports the median step time, its ratio to the single-process run, and the
 communication share: the time spent inside torch.distributed calls (collectives, and waits on
 pipeline sends/receives) divided by the training time, measured on every rank by wrapping those
-calls, averaged over ranks. On 2 CPU cores, TP/PP cannot be faster than one process; the figures
-show what the parallel machinery costs.
+calls, averaged over ranks, and the peak activation memory of one more step (the largest over
+ranks): autograd's saved tensors, counted per storage while alive (training/activation_memory.py).
+On 2 CPU cores, TP/PP cannot be faster than one process; the figures show what the parallel
+machinery costs.
 
 GPU mode trains a ~1.7B-parameter GPT (hidden 2048, ffn 8192, 16 heads of 128, 24 layers,
 sequence 2048, vocabulary 32768, SwiGLU/RMSNorm/RoPE) in bf16 (bf16 parameters, fp32 masters; pass
@@ -114,7 +117,7 @@ def worker(config_overrides, out_path):
     acc["seconds"] = 0.0  # setup collectives are not part of training
     times = []
     while trainer.step < cfg.train.steps:
-        rec = trainer.train_step()
+        rec = trainer._record(trainer.train_step(), sync=True)
         times.append(rec["step_time"])
         trainer.step += 1
         last = rec
@@ -122,21 +125,29 @@ def worker(config_overrides, out_path):
     share = comm / sum(times)
     import torch
 
-    t = torch.tensor([share], dtype=torch.float64, device="cuda" if torch.cuda.is_available() else "cpu")
+    from msg_megatron.training.activation_memory import SavedActivations
+
+    with SavedActivations(trainer.model) as meter:  # one more step: the activations it holds at its peak
+        trainer.train_step()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    t = torch.tensor([share], dtype=torch.float64, device=dev)
     dist.all_reduce(t)
+    act = torch.tensor([meter.peak], dtype=torch.float64, device=dev)
+    dist.all_reduce(act, op=dist.ReduceOp.MAX)
     if dist.get_rank() == 0:
         skip = min(2, len(times) - 1)  # warm-up steps
         with open(out_path, "w") as f:
             json.dump({"median_step_s": statistics.median(times[skip:]), "comm_share": float(t) / dist.get_world_size(),
                        "tokens_per_s": last["tokens_per_s"], "tflops_per_gpu": last["tflops_per_gpu"],
-                       "mfu": last.get("mfu"), "world": dist.get_world_size()}, f)
+                       "mfu": last.get("mfu"), "world": dist.get_world_size(),
+                       "peak_activation_bytes": float(act)}, f)
 
 
-def run_layout(tp, pp, steps, overrides, tmp):
-    out = os.path.join(tmp, f"tp{tp}pp{pp}.json")
+def run_layout(tp, pp, steps, overrides, tmp, tag=""):
+    out = os.path.join(tmp, f"tp{tp}pp{pp}{tag}.json")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(tp * pp), "--master_port",
            str(_port()), os.path.abspath(__file__), "--worker", out, "--"] + overrides + [
-        f"parallel.tensor={tp}", f"parallel.pipeline={pp}", f"train.steps={steps}", f"logging.run_dir={tmp}/run{tp}{pp}"]
+        f"parallel.tensor={tp}", f"parallel.pipeline={pp}", f"train.steps={steps}", f"logging.run_dir={tmp}/run{tp}{pp}{tag}"]
     env = dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
     if r.returncode:
@@ -151,6 +162,8 @@ def main():
     ap.add_argument("--gpu", action="store_true")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--compare", action="store_true", help="GPU: also eager ops and bf16 autocast")
+    ap.add_argument("--recompute", default="none", help="CPU: comma-separated train.recompute modes to run at each "
+                    "layout, side by side (e.g. none,selective,full)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
@@ -181,17 +194,25 @@ def main():
                       f"{r['median_step_s']:9.3f} {first['median_step_s'] / r['median_step_s']:5.2f}x")
             return
         layouts = [(1, 1), (2, 1), (1, 2)]
-        results = {f"tp{tp}pp{pp}": run_layout(tp, pp, args.steps or 12, CPU_CONFIG + args.overrides, tmp)
-                   for tp, pp in layouts}
-    base = results["tp1pp1"]["median_step_s"]
+        modes = args.recompute.split(",")
+        bad = [m for m in modes if m not in ("none", "selective", "full")]
+        if bad:
+            ap.error(f"--recompute {','.join(bad)}: use none, selective or full (comma-separated)")
+        results = {(f"tp{tp}pp{pp}", m): run_layout(tp, pp, args.steps or 12,
+                                                    CPU_CONFIG + [f"train.recompute={m}"] + args.overrides, tmp, m)
+                   for tp, pp in layouts for m in modes}
+    base = results["tp1pp1", modes[0]]["median_step_s"]
     if args.json:
-        print(json.dumps({"commit": commit, "cpu": results}))
+        print(json.dumps({"commit": commit, "cpu": {f"{k[0]}/{k[1]}": v for k, v in results.items()}}))
         return
     print(f"CPU, gloo, fixed shape (256, 1024, 8, 4), seq 128, batch 8, commit {commit}")
-    print(f"{'layout':10s} {'processes':>9s} {'step (s)':>9s} {'vs 1x1':>7s} {'comm share':>11s}")
-    for name, r in results.items():
-        print(f"{name:10s} {r['world']:9d} {r['median_step_s']:9.3f} {r['median_step_s'] / base:6.2f}x "
-              f"{r['comm_share']:10.1%}")
+    print(f"{'layout':10s} {'recompute':>9s} {'processes':>9s} {'step (s)':>9s} {'vs 1x1':>7s} {'comm share':>11s} "
+          f"{'act. peak MB':>13s} {'vs none':>8s}")
+    for (name, m), r in results.items():
+        ref = results.get((name, "none"), r)["peak_activation_bytes"]
+        print(f"{name:10s} {m:>9s} {r['world']:9d} {r['median_step_s']:9.3f} {r['median_step_s'] / base:6.2f}x "
+              f"{r['comm_share']:10.1%} {r['peak_activation_bytes'] / 1e6:13.1f} "
+              f"{r['peak_activation_bytes'] / ref:7.2f}x")
 
 
 if __name__ == "__main__":
