@@ -9,8 +9,10 @@ training the final shape on the same tokens. Memory per GPU, in train.precision 
   embedding and PP micro-batches in flight under 1F1B), activations with flash attention (no s^2
   term) and no sequence parallelism (train.recompute=full: a recomputed layer keeps only its
   input, training/sizes.activation_bytes), per layer and micro-batch of b sequences
-      s*b*(8h + (8*a*d + 2*F_in + 2*F*(2 if SwiGLU else 1)) / TP) bytes,
-  F_in = 2F for SwiGLU's fc1 else F. Besides the training step, the peak of a save, a load and the
+      2*s*b*(6h + (6*a*d + a + F_in + F*(2 if SwiGLU else 1)) / TP) bytes,
+  F_in = 2F for SwiGLU's fc1 else F (MaskedGPT's saved tensors; measured within 6% on CPU by
+  tests/test_recompute.py). The pipeline bubble per stage is 1F1B's (PP - 1) / (m + PP - 1) for m
+  micro-batches per data-parallel rank. Besides the training step, the peak of a save, a load and the
   growth into each stage (training/phase_memory.py); a phase over the GPU's memory is a warning
   with what to change. Estimates for planning, not measurements.
 """
@@ -55,7 +57,9 @@ def plan(cfg: Config, mfu: float, gpu: str, distributed_optimizer: bool = True) 
         mem = stage_memory(cfg.model, shape, vocab, tp, pp, dp, cfg.train.micro_batch_size, distributed_optimizer,
                            cfg.train.precision, sched[i - 1][1] if i else None, growth or "online",
                            cfg.train.recompute, cfg.train.recompute_num_layers)
+        micro = gbs // (cfg.train.micro_batch_size * dp)  # micro-batches per data-parallel rank and step
         stages.append({"stage": i, "steps": [step, end], "shape": list(shape.as_tuple()),
+                       "micro_batches": micro, "bubble": pipeline_bubble(pp, micro),
                        "params": count_params(cfg.model, shape, vocab), "flops_per_token": fpt, "tokens": tokens,
                        "global_batch_size": gbs, "tensor": tp, "pipeline": pp, "data": dp, "gpus": gpus,
                        "flops": flops, "gpu_hours": flops / (peak * 1e12 * mfu) / 3600,
@@ -74,6 +78,11 @@ def plan(cfg: Config, mfu: float, gpu: str, distributed_optimizer: bool = True) 
             "stages": stages, "tokens": tokens, "flops": total, "gpu_hours": sum(s["gpu_hours"] for s in stages),
             "final_shape_flops": final_fpt * tokens, "flops_saving": 1 - total / (final_fpt * tokens),
             "speedup_flops": final_fpt * tokens / total}
+
+
+def pipeline_bubble(pp: int, micro_batches: int) -> float:
+    """The idle fraction of a 1F1B pipeline step: (PP - 1) / (m + PP - 1) for m micro-batches."""
+    return (pp - 1) / (micro_batches + pp - 1)
 
 
 def job_segments(cfg: Config) -> List[dict]:
@@ -103,12 +112,12 @@ def observed_mfu(run_dir: str) -> float:
 def table(res: dict) -> str:
     lines = [f"{res['gpu']} ({res['peak_tflops']:.0f} TFLOP/s bf16) at {res['mfu']:.0%} MFU, "
              f"{'distributed' if res['distributed_optimizer'] else 'replicated'} optimizer",
-             "| stage | steps | shape (h, f, a, L) | params | TP x PP x DP | tokens | FLOPs/token | GPU-hours | days | "
-             "GiB/GPU (w+g+opt+act) |", "|---|---|---|---:|---|---:|---:|---:|---:|---|"]
+             "| stage | steps | shape (h, f, a, L) | params | TP x PP x DP | bubble | tokens | FLOPs/token | GPU-hours | "
+             "days | GiB/GPU (w+g+opt+act) |", "|---|---|---|---:|---|---:|---:|---:|---:|---:|---|"]
     for s in res["stages"]:
         m = s["memory_gib"]
         lines.append(f"| {s['stage']} | {s['steps'][0]}-{s['steps'][1]} | {tuple(s['shape'])} | "
-                     f"{s['params'] / 1e9:.2f}B | {s['tensor']} x {s['pipeline']} x {s['data']} | "
+                     f"{s['params'] / 1e9:.2f}B | {s['tensor']} x {s['pipeline']} x {s['data']} | {s['bubble']:.1%} | "
                      f"{s['tokens'] / 1e9:.2f}B | {s['flops_per_token']:.3g} | {s['gpu_hours']:,.0f} | {s['days']:.1f} | "
                      f"{m['total']:.1f} = {m['weights']:.1f}+{m['grads']:.1f}+{m['optimizer']:.1f}+{m['activations']:.1f} |")
     lines += ["", "peak GiB per GPU by phase (the growth into a stage runs at its layout; "
@@ -120,7 +129,8 @@ def table(res: dict) -> str:
         lines.append(f"| {s['stage']} | {p['train']:.1f} | {p['save']:.1f} | {p['load']:.1f} | {grow} |")
     for msg in res["over_memory"]:
         lines.append(f"WARNING {msg}: raise tensor/pipeline parallelism or parallel.gpus for that stage, use "
-                     "parallel.distributed_optimizer=true, or lower train.micro_batch_size")
+                     "parallel.distributed_optimizer=true, lower train.micro_batch_size, or recompute activations "
+                     "(train.recompute=full, train.recompute_num_layers)")
     lines.append(f"\ntotal: {res['tokens'] / 1e9:.2f}B tokens, {res['flops']:.3g} FLOPs, {res['gpu_hours']:,.0f} "
                  f"GPU-hours; the final shape on the same tokens: {res['final_shape_flops']:.3g} FLOPs -> the "
                  f"schedule saves {res['flops_saving']:.1%} ({res['speedup_flops']:.2f}x fewer FLOPs)")

@@ -43,6 +43,8 @@ def test_flm_101b_plan():
     assert [s["global_batch_size"] for s in st] == [2304, 2304, 2160]
     assert [round(s["tokens"] / 1e9, 2) for s in st] == [245.37, 39.64, 26.54]
     assert all(s["memory_gib"]["total"] < 80 for s in st)  # fits an 80 GiB A800 with micro-batch 1
+    assert [s["micro_batches"] for s in st] == [24, 96, 180]  # per DP rank: 2304 / 96, 2304 / 24, 2160 / 12
+    assert [s["bubble"] for s in st] == [0.0, 1 / 97, 3 / 183]
     assert 0.6 < res["flops_saving"] < 0.8
     r = run_cli(["msg_megatron.plan", "configs/flm_101b_a800.yaml"])
     assert "schedule saves" in r.stdout and "4 x 4 x 12" in r.stdout
@@ -71,3 +73,36 @@ def test_mfu_from_a_run(tmp_path):
     (run / "metrics.jsonl").write_text(json.dumps({"step": 0, "loss": 1.0}))
     r = run_cli(["msg_megatron.plan", "configs/demo_cpu.yaml", "--from-run", str(run)])
     assert r.returncode == 2 and "no `mfu` values" in r.stderr
+
+
+def _simulated_1f1b_bubble(p: int, m: int, f: float = 1.0, b: float = 2.0) -> float:
+    """The idle fraction of megatron's 1F1B schedule, by running its dependency graph: stage s does
+    min(p - s - 1, m) warm-up forwards, then alternates forward/backward, then the remaining
+    backwards; F(s, i) waits for F(s - 1, i), B(s, i) for B(s + 1, i)."""
+    orders = []
+    for s in range(p):
+        warm = min(p - s - 1, m)
+        ops = [("F", i) for i in range(warm)]
+        for i in range(m - warm):
+            ops += [("F", warm + i), ("B", i)]
+        ops += [("B", i) for i in range(m - warm, m)]
+        orders.append(ops)
+    done, clock, pos = {}, [0.0] * p, [0] * p
+    while any(pos[s] < len(orders[s]) for s in range(p)):
+        for s in range(p):
+            while pos[s] < len(orders[s]):
+                kind, i = orders[s][pos[s]]
+                dep = ("F", s - 1, i) if kind == "F" and s else ("B", s + 1, i) if kind == "B" and s < p - 1 else None
+                if dep is not None and dep not in done:
+                    break
+                start = max(clock[s], done.get(dep, 0.0))
+                clock[s] = done[(kind, s, i)] = start + (f if kind == "F" else b)
+                pos[s] += 1
+    return 1 - m * (f + b) / max(clock)
+
+
+@pytest.mark.parametrize("p, m", [(1, 8), (2, 4), (4, 8), (4, 180), (8, 16)])
+def test_pipeline_bubble_is_the_simulated_1f1b_schedules(p, m):
+    from msg_megatron.plan import pipeline_bubble
+
+    assert pipeline_bubble(p, m) == pytest.approx(_simulated_1f1b_bubble(p, m), abs=1e-12)
