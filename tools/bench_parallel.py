@@ -4,6 +4,7 @@
     python tools/bench_parallel.py --recompute none,selective,full  # + each train.recompute, side by side
     python tools/bench_parallel.py --gpu [--steps 30]           # one GPU: ~1B model, bf16, MFU
     python tools/bench_parallel.py --gpu --compare              # + eager ops, + bf16 autocast, side by side
+    python tools/bench_parallel.py --gpu --recompute none,selective,full  # MFU under each recompute mode
 
 CPU mode runs the same small fixed-shape config (synthetic tokens, no growth) at each layout under
 torchrun (gloo) and reports the median step time, its ratio to the single-process run, and the
@@ -180,6 +181,10 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         if args.gpu:
             variants = GPU_VARIANTS if args.compare else GPU_VARIANTS[:1]
+            if args.recompute != "none":  # the default variant under each train.recompute mode
+                name, extra = GPU_VARIANTS[0]
+                variants = [(f"{name}, recompute={m}", extra + [f"train.recompute={m}"])
+                            for m in args.recompute.split(",")]
             res = {name: run_layout(1, 1, args.steps or 30, GPU_CONFIG + extra + args.overrides, tmp)
                    for name, extra in variants}
             if args.json:
