@@ -136,6 +136,7 @@ def validate(cfg: Config) -> None:
     if g.operator == "net2net" and g.depth_init == "random":
         raise ConfigError("growth.operator=net2net copies layers; use growth.depth_init=interpolate (bert2BERT) "
                           "or stack.")
+    # the layout-only part of the rule (init=copy under TP), whatever the stages: refused up front
     why = growth_refusal(m.shape, m.shape, g.init, g.depth_init, p.tensor, p.pipeline)
     if why:
         raise ConfigError(why + ".")

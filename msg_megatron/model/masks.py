@@ -35,6 +35,8 @@ class Mask:
         self._value_key, self._birth_key = f"{name}_mask", f"{name}_birth"
         self.active = False
         self._youngest: Optional[tuple] = None  # ((id, version) of the birth buffer, its max as a float)
+        # the owner's masks, for iter_masks (per step: no scan of every module's attributes)
+        owner.__dict__["_growth_masks"] = owner.__dict__.get("_growth_masks", ()) + (self,)
 
     @property
     def value(self) -> torch.Tensor:
@@ -127,7 +129,7 @@ def sharded_state_dict_tp_buffers(module, prefix: str, sharded_offsets, metadata
 
 def iter_masks(model: nn.Module) -> Iterator[Mask]:
     for mod in model.modules():
-        yield from (v for v in vars(mod).values() if isinstance(v, Mask))
+        yield from mod.__dict__.get("_growth_masks", ())
 
 
 def mask_values(birth: torch.Tensor, step: int, ramp_steps: int) -> torch.Tensor:

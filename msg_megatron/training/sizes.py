@@ -85,8 +85,7 @@ def activation_bytes(mcfg: ModelConfig, shape: Shape, vocab_padded: int, tp: int
     micro-batches in flight of its n/PP layers). train.recompute=full keeps, for each of its first
     k = recompute_layers (0: all) layers, only the layer's input (s*b*h elements); one layer's
     activations exist again while it is recomputed; selective recomputes core attention, whose s x s
-    probabilities flash attention does not store anyway (no change here). With PP = 1 the logits
-    and their gradient (2 x s*b*V/TP, fp32) are part of the peak."""
+    probabilities flash attention does not store anyway (no change here)."""
     h, n = shape.hidden, shape.layers
     s, b = mcfg.seq_length, micro_batch
     stage = n // pp
@@ -94,10 +93,11 @@ def activation_bytes(mcfg: ModelConfig, shape: Shape, vocab_padded: int, tp: int
     layer = layer_activation_bytes(mcfg, shape, micro_batch, tp, elem)
     inputs = k * elem * s * b * h
     per_micro = (stage - k) * layer + inputs
-    # the micro-batch in its backward: its forward's activations, or, while a recomputed layer
-    # reruns (after the layers above it freed theirs), the kept inputs plus that one layer's
-    acts = (pp - 1) * per_micro + max(per_micro, inputs + layer if k else 0)
-    return acts + (4 * s * b * vocab_padded / tp if pp == 1 else 0)
+    # the micro-batch in its backward: its forward's activations (with PP = 1 also the logits and
+    # their gradient, 4 x s*b*V/TP bytes in fp32), or later, while a recomputed layer reruns (the
+    # loss's tensors and the layers above it freed), the kept inputs plus that one layer's
+    logits = 4 * s * b * vocab_padded / tp if pp == 1 else 0
+    return (pp - 1) * per_micro + max(per_micro + logits, inputs + layer if k else 0)
 
 
 def stage_memory(mcfg: ModelConfig, shape: Shape, vocab_padded: int, tp: int, pp: int, dp: int,
