@@ -56,7 +56,7 @@ def plan(cfg: Config, mfu: float, gpu: str, distributed_optimizer: bool = True) 
         growth = ("online" if cfg.layout(i) == cfg.layout(i - 1) else "msg-grow") if i else None
         mem = stage_memory(cfg.model, shape, vocab, tp, pp, dp, cfg.train.micro_batch_size, distributed_optimizer,
                            cfg.train.precision, sched[i - 1][1] if i else None, growth or "online",
-                           cfg.train.recompute, cfg.train.recompute_num_layers)
+                           cfg.train.recompute, cfg.train.recompute_num_layers, cfg.parallel.sequence_parallel)
         micro = gbs // (cfg.train.micro_batch_size * dp)  # micro-batches per data-parallel rank and step
         stages.append({"stage": i, "steps": [step, end], "shape": list(shape.as_tuple()),
                        "micro_batches": micro, "bubble": pipeline_bubble(pp, micro),
@@ -74,6 +74,7 @@ def plan(cfg: Config, mfu: float, gpu: str, distributed_optimizer: bool = True) 
     over = [f"stage {st['stage']}: {ph} needs {v:.1f} GiB per GPU, more than the {gpu}'s {cap} GiB"
             for st in stages for ph, v in st["phase_peak_gib"].items() if cap and v > cap]
     return {"gpu": gpu, "gpu_memory_gib": cap, "over_memory": over,
+            "sequence_parallel": cfg.parallel.sequence_parallel, "recompute": cfg.train.recompute,
             "peak_tflops": peak, "mfu": mfu, "distributed_optimizer": distributed_optimizer,
             "stages": stages, "tokens": tokens, "flops": total, "gpu_hours": sum(s["gpu_hours"] for s in stages),
             "final_shape_flops": final_fpt * tokens, "flops_saving": 1 - total / (final_fpt * tokens),
@@ -111,7 +112,9 @@ def observed_mfu(run_dir: str) -> float:
 
 def table(res: dict) -> str:
     lines = [f"{res['gpu']} ({res['peak_tflops']:.0f} TFLOP/s bf16) at {res['mfu']:.0%} MFU, "
-             f"{'distributed' if res['distributed_optimizer'] else 'replicated'} optimizer",
+             f"{'distributed' if res['distributed_optimizer'] else 'replicated'} optimizer"
+             + (", sequence parallel" if res.get("sequence_parallel") else "")
+             + f", recompute {res.get('recompute', 'none')}",
              "| stage | steps | shape (h, f, a, L) | params | TP x PP x DP | bubble | tokens | FLOPs/token | GPU-hours | "
              "days | GiB/GPU (w+g+opt+act) |", "|---|---|---|---:|---|---:|---:|---:|---:|---:|---|"]
     for s in res["stages"]:

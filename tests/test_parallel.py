@@ -128,6 +128,9 @@ CASES = {
     "tp2pp2_recompute_full": (2, 2, 1, LLAMA, [[32, 64, 2, 2], [32, 128, 4, 4]],
                               ["train.recompute=full", "train.recompute_num_layers=1"]),
     "tp2_recompute_selective": (2, 1, 1, [], [[32, 64, 2, 2], [48, 128, 4, 2]], ["train.recompute=selective"]),
+    # megatron's sequence parallelism: activations between TP regions split along the sequence
+    "tp2_sp": (2, 1, 1, LLAMA, [[32, 64, 2, 2], [48, 128, 4, 2]], ["parallel.sequence_parallel=true"]),
+    "tp4_sp": (4, 1, 1, [], [[32, 64, 4, 2], [48, 128, 8, 3]], ["parallel.sequence_parallel=true"]),
     "tp2pp2dp2_bf16": (2, 2, 2, LLAMA + ["train.precision=bf16"], [[32, 64, 2, 2], [48, 128, 4, 4]],
                        DISTOPT + ["train.fusion=compile"], 1e-2),
 }
@@ -164,6 +167,8 @@ def test_training_matches_single_process(tmp_path, tiny_data, case):
     assert r.returncode == 0, r.stderr[-3000:]
     if "train.fusion=compile" in par_extra:
         assert "fusion compile" in r.stdout + r.stderr
+    if "parallel.sequence_parallel=true" in par_extra:  # the flag reached megatron's config
+        assert f"tensor={tp} pipeline={pp} data={dp}, sequence parallel" in r.stdout, r.stdout[-2000:]
     want, _ = _losses(tmp_path / "ref")
     got, growths = _losses(tmp_path / "par")
     assert sorted(got) == list(range(8)) == sorted(want)  # one metrics file, written once

@@ -168,6 +168,16 @@ def _validate_layout(cfg: Config) -> None:
                 raise ConfigError(
                     f"`{where}` has {dim}={n}, which does not divide by parallel.tensor={tp}; choose a "
                     f"multiple of {tp} for every stage, or another tensor-parallel degree.")
+        if cfg.parallel.sequence_parallel and tp <= 1:
+            raise ConfigError(
+                f"parallel.sequence_parallel=true, but `{where}` runs at parallel.tensor={tp}: sequence "
+                "parallelism splits activations over the tensor-parallel ranks; use parallel.tensor >= 2 at "
+                "every stage, or parallel.sequence_parallel=false.")
+        if cfg.parallel.sequence_parallel and cfg.model.seq_length % tp:
+            raise ConfigError(
+                f"parallel.sequence_parallel=true splits each sequence over parallel.tensor={tp} ranks, but "
+                f"model.seq_length={cfg.model.seq_length} does not divide by {tp} (`{where}`); choose a "
+                f"sequence length that is a multiple of {tp}.")
         if shape.layers % pp:
             raise ConfigError(
                 f"`{where}` has layers={shape.layers}, which does not split evenly over parallel.pipeline={pp} "

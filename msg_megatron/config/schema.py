@@ -127,6 +127,13 @@ class ParallelConfig:
     distributed_optimizer: bool = False
     """megatron's distributed optimizer: each data-parallel rank keeps AdamW state for 1/DP of the
     parameters (gradients reduce-scattered, parameters all-gathered); checkpoints are the same."""
+    sequence_parallel: bool = False
+    """megatron's sequence parallelism (ModelParallelConfig.sequence_parallel): between the TP
+    regions (norms, residual adds, masks) activations are split along the sequence over the TP
+    ranks, gathered before the column-parallel linears and reduce-scattered after the row-parallel
+    ones (tensor_parallel.mappings), so that part of the activation memory is divided by TP. The
+    norm weights' gradients are summed over TP. Needs parallel.tensor > 1 at every stage and a
+    sequence length that divides by it. Same function and gradients, up to summation order."""
     overlap_grad_reduce: bool = False
     """Start each gradient bucket's data-parallel reduce during the backward of the last
     micro-batch, as soon as the bucket is complete (megatron's DDP), instead of after it."""

@@ -71,8 +71,8 @@ class MaskedSelfAttention(MegatronModule):
         return out
 
     def forward(self, x: torch.Tensor, rope: Optional[tuple] = None) -> torch.Tensor:
-        s, b, _ = x.shape
-        qkv, _ = self.linear_qkv(x)
+        qkv, _ = self.linear_qkv(x)  # [s, b, ...]: under sequence parallelism x is [s/TP, b, h], gathered here
+        s, b = qkv.shape[:2]
         heads = qkv.shape[-1] // (3 * self.head_dim)  # local heads (a TP rank holds a share)
         q, k, v = qkv.view(s, b, heads, 3 * self.head_dim).split(self.head_dim, dim=-1)
         if rope is not None:

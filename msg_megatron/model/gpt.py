@@ -16,6 +16,7 @@ from megatron.core.tensor_parallel import (
     ColumnParallelLinear,
     VocabParallelEmbedding,
     gather_from_tensor_model_parallel_region,
+    scatter_to_sequence_parallel_region,
 )
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
@@ -24,7 +25,7 @@ from torch import nn
 
 from ..config import ModelConfig, Shape
 from ..ops import fused
-from ..parallel.setup import device
+from ..parallel.setup import device, sequence_parallel
 from . import recompute
 from .attention import rope_cos_sin
 from .masks import Mask
@@ -65,9 +66,14 @@ def _seed_module(seed: int, tag: str) -> None:
 
 
 def transformer_config(mcfg: ModelConfig, shape: Shape, perform_init: bool = True) -> TransformerConfig:
-    """megatron's TransformerConfig for one stage's shape (head dim fixed at model.kv_channels)."""
+    """megatron's TransformerConfig for one stage's shape (head dim fixed at model.kv_channels),
+    with the process's tensor-parallel degree and sequence parallelism (parallel/setup.py)."""
     std = mcfg.init_method_std
+    from megatron.core import parallel_state as ps
+
+    tp = ps.get_tensor_model_parallel_world_size() if ps.model_parallel_is_initialized() else 1
     return TransformerConfig(
+        tensor_model_parallel_size=tp, sequence_parallel=sequence_parallel() and tp > 1,
         num_layers=shape.layers, hidden_size=shape.hidden, ffn_hidden_size=shape.ffn,
         num_attention_heads=shape.heads, kv_channels=mcfg.head_dim,
         normalization="RMSNorm" if mcfg.norm == "rmsnorm" else "LayerNorm",
@@ -119,8 +125,11 @@ class MaskedGPT(MegatronModule):
         self.model_type = ModelType.encoder_or_decoder  # read by megatron's pipeline schedules
         if self.pre_process:
             _seed_module(seed, "embedding")
-            self.embedding = VocabParallelEmbedding(self.vocab_padded, shape.hidden, init_method=config.init_method,
-                                                    config=config)
+            # sequence parallelism without learned positions: megatron's reduce-scatter of the embedding
+            # output ([s/TP, b, h] per rank) instead of an all-reduce and a split (LanguageModelEmbedding)
+            self.embedding = VocabParallelEmbedding(
+                self.vocab_padded, shape.hidden, init_method=config.init_method, config=config,
+                reduce_scatter_embeddings=config.sequence_parallel and mcfg.position_embedding != "learned")
             if mcfg.position_embedding == "learned":
                 self.position_embeddings = nn.Embedding(mcfg.seq_length, shape.hidden)
                 if perform_init:
@@ -174,10 +183,18 @@ class MaskedGPT(MegatronModule):
         if s > self.mcfg.seq_length and self.mcfg.position_embedding == "learned":
             raise ValueError(f"sequence of {s} tokens is longer than model.seq_length={self.mcfg.seq_length}")
         hmask = self.mask_hidden.output()
+        sp = self.config.sequence_parallel
+        if sp and s % self.config.tensor_model_parallel_size:
+            raise ValueError(f"a sequence of {s} tokens does not split over parallel.tensor="
+                             f"{self.config.tensor_model_parallel_size} ranks (parallel.sequence_parallel)")
         if self.pre_process:
-            x = self.embedding(tokens).transpose(0, 1).contiguous()  # [s, b, h]; p2p sends need contiguous
-            if self.mcfg.position_embedding == "learned":
-                x = x + self.position_embeddings(torch.arange(s, device=tokens.device))[:, None, :]
+            x = self.embedding(tokens)  # [b, s, h], or reduce-scattered: [s/TP, b, h], this rank's tokens
+            if not self.embedding.reduce_scatter_embeddings:
+                x = x.transpose(0, 1).contiguous()  # [s, b, h]; p2p sends need contiguous
+                if self.mcfg.position_embedding == "learned":
+                    x = x + self.position_embeddings(torch.arange(s, device=tokens.device))[:, None, :]
+                if sp:  # this rank's part of the sequence; a copy, so the whole [s, b, h] can be freed
+                    x = scatter_to_sequence_parallel_region(x).clone()
         else:
             x = self.input_tensor
         if hmask is not None:
@@ -197,7 +214,7 @@ class MaskedGPT(MegatronModule):
             return x.contiguous()
         x = self.final_norm(x, hmask)
         weight = self.embedding.weight if (self.mcfg.tie_embeddings and self.pre_process) else None
-        logits, _ = self.output_layer(x, weight=weight)  # [s, b, v]
+        logits, _ = self.output_layer(x, weight=weight)  # [s, b, v / TP] (under SP it gathers the sequence)
         if labels is None:  # full-vocabulary logits on every TP rank
             return gather_from_tensor_model_parallel_region(logits).transpose(0, 1)
         loss = fused.vocab_parallel_cross_entropy(logits, labels.transpose(0, 1).contiguous())

@@ -15,6 +15,7 @@ class MaskedLayerNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.bias = nn.Parameter(torch.zeros(hidden_size))
+        _mark_sequence_parallel(self, config)
 
     def forward(self, x, mask=None):
         return masked_layer_norm(x, mask, self.weight, self.bias, self.eps)
@@ -27,9 +28,18 @@ class MaskedRMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size))
+        _mark_sequence_parallel(self, config)
 
     def forward(self, x, mask=None):
         return masked_rms_norm(x, mask, self.weight, self.eps)
+
+
+def _mark_sequence_parallel(norm: nn.Module, config) -> None:
+    """Under sequence parallelism each TP rank normalises its own tokens, so the norm's weight
+    gradients are partial sums: megatron's finalize step sums the parameters marked
+    `sequence_parallel` over the TP group (as its own norms and row-parallel biases are marked)."""
+    for p in norm.parameters():
+        p.sequence_parallel = bool(getattr(config, "sequence_parallel", False))
 
 
 def norm_class(kind: str):

@@ -141,8 +141,15 @@ class TrainOptimizer:
     def finish_grad_sync(self) -> None:
         """Reduce the accumulated gradients over DP (sum x 1/DP: the schedule's losses are
         pre-multiplied by DP; with overlap_grad_reduce: wait for the reduces started during the
-        backward), then sum the tied embedding's two copies under PP."""
+        backward), under sequence parallelism sum the replicated norms' over TP, then sum the tied
+        embedding's two copies under PP."""
         self.ddp.finish_grad_sync()
+        if self.model.config.sequence_parallel:
+            # norms (and row-parallel biases) saw only this rank's tokens: sum their gradients over
+            # TP, megatron's own finalize step for parameters marked `sequence_parallel`
+            from megatron.core.distributed.finalize_model_grads import _allreduce_non_tensor_model_parallel_grads
+
+            _allreduce_non_tensor_model_parallel_grads([self.ddp], self.model.config)
         _allreduce_tied_embedding_grads(self.model)
 
     def step(self, lr: float) -> torch.Tensor:

@@ -1,2 +1,3 @@
 """Process groups and the CPU compatibility layer for megatron-core."""
-from .setup import barrier, destroy_parallel, device, initialize_parallel, is_logging_rank  # noqa: F401
+from .setup import (  # noqa: F401
+    barrier, destroy_parallel, device, initialize_parallel, is_logging_rank, sequence_parallel)

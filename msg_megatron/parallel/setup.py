@@ -22,9 +22,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def initialize_parallel(tensor: int = 1, pipeline: int = 1, seed: int = 1234) -> None:
-    """Idempotent: set up the default process group and megatron's TP/PP/DP groups."""
+_SEQUENCE_PARALLEL = False  # parallel.sequence_parallel of this process's run (see sequence_parallel())
+
+
+def initialize_parallel(tensor: int = 1, pipeline: int = 1, seed: int = 1234,
+                        sequence_parallel: bool = False) -> None:
+    """Idempotent: set up the default process group and megatron's TP/PP/DP groups, and record
+    whether models built from now on split activations along the sequence between TP regions."""
     from megatron.core import parallel_state, tensor_parallel
+
+    global _SEQUENCE_PARALLEL
+    if sequence_parallel and tensor <= 1:
+        raise ConfigError(f"parallel.sequence_parallel=true needs parallel.tensor > 1 (it is {tensor}): it splits "
+                          "the activations between tensor-parallel regions over the TP ranks; set "
+                          "parallel.tensor >= 2 or parallel.sequence_parallel=false.")
+    _SEQUENCE_PARALLEL = bool(sequence_parallel)
 
     apply_cpu_patches()
     if not dist.is_initialized():
@@ -48,6 +60,13 @@ def initialize_parallel(tensor: int = 1, pipeline: int = 1, seed: int = 1234) ->
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
+def sequence_parallel() -> bool:
+    """Whether models built now use megatron's sequence parallelism (ModelParallelConfig.
+    sequence_parallel): set by initialize_parallel, like megatron's own TP/PP state, because the
+    TP linears read it when they are built (a model built before parallel state exists: False)."""
+    return _SEQUENCE_PARALLEL
+
+
 def device() -> torch.device:
     """Where model, data and collective buffers live: this process's GPU (NCCL), else the CPU (gloo)."""
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
@@ -67,6 +86,8 @@ def barrier() -> None:
 def destroy_parallel() -> None:
     from megatron.core import parallel_state
 
+    global _SEQUENCE_PARALLEL
+    _SEQUENCE_PARALLEL = False
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():

@@ -50,7 +50,7 @@ def build_run(cfg: Config, log_enabled: bool = True) -> RunParts:
         # megatron's TP linears run their backward under CUDA autocast only
         raise ConfigError("train.precision=bf16-autocast needs a GPU (bf16 autocast of megatron's linears is "
                           "CUDA-only); use train.precision=bf16 (bf16 parameters) or fp32 on CPU.")
-    initialize_parallel(cfg.parallel.tensor, cfg.parallel.pipeline, t.seed)
+    initialize_parallel(cfg.parallel.tensor, cfg.parallel.pipeline, t.seed, cfg.parallel.sequence_parallel)
     fusion = fused.configure(t.fusion)
     layout = (cfg.parallel.tensor, cfg.parallel.pipeline)
     dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()

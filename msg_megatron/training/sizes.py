@@ -62,11 +62,13 @@ def msg_grow_peak(mcfg: ModelConfig, old: Shape, new: Shape, vocab_padded: int, 
     return streamed_growth_peak(ends_old, ends_new, layer_old, layer_new, -(-new.layers // old.layers))
 
 
-def layer_activation_bytes(mcfg: ModelConfig, shape: Shape, micro_batch: int, tp: int, elem: int = 2) -> float:
+def layer_activation_bytes(mcfg: ModelConfig, shape: Shape, micro_batch: int, tp: int, elem: int = 2,
+                           sequence_parallel: bool = False) -> float:
     """Activations one layer of MaskedGPT keeps for its backward, per micro-batch of b sequences,
-    with flash attention (no s x s term), masks folded, no sequence parallelism, in elements of
-    `elem` bytes:
+    with flash attention (no s x s term), masks folded, in elements of `elem` bytes:
         s*b*(6h + (6*a*d + a + F_in + F*(2 if SwiGLU else 1)) / TP)
+    and with sequence parallelism s*b*(6h + ...) / TP: the norms see s/TP tokens, and megatron's
+    column-parallel linears keep their input as the sequence shard (gathered again in the backward).
     Counted from the tensors autograd saves (tests/test_recompute.py measures them): per norm its
     input, normalised input and output (3h, and 1/token statistics, dropped); the rotated q and k
     (2ad), the fused QKV output that v is a view of (3ad), the attention's log-sum-exp (a), the
@@ -76,22 +78,25 @@ def layer_activation_bytes(mcfg: ModelConfig, shape: Shape, micro_batch: int, tp
     f_in = 2 * f if mcfg.activation == "swiglu" else f
     s, b = mcfg.seq_length, micro_batch
     gated = 2 if mcfg.activation == "swiglu" else 1
-    return elem * s * b * (6 * h + (6 * a * mcfg.head_dim + a + f_in + f * gated) / tp)
+    outside = 6 * h / tp if sequence_parallel else 6 * h  # the norms' tensors, between the TP regions
+    return elem * s * b * (outside + (6 * a * mcfg.head_dim + a + f_in + f * gated) / tp)
 
 
 def activation_bytes(mcfg: ModelConfig, shape: Shape, vocab_padded: int, tp: int, pp: int, micro_batch: int,
-                     recompute: str = "none", recompute_layers: int = 0, elem: int = 2) -> float:
+                     recompute: str = "none", recompute_layers: int = 0, elem: int = 2,
+                     sequence_parallel: bool = False) -> float:
     """Peak activation bytes on the most loaded pipeline stage (the first: under 1F1B it holds PP
     micro-batches in flight of its n/PP layers). train.recompute=full keeps, for each of its first
     k = recompute_layers (0: all) layers, only the layer's input (s*b*h elements); one layer's
     activations exist again while it is recomputed; selective recomputes core attention, whose s x s
-    probabilities flash attention does not store anyway (no change here)."""
+    probabilities flash attention does not store anyway (no change here). Sequence parallelism
+    divides what lives between the TP regions by TP, the recomputed layers' kept inputs included."""
     h, n = shape.hidden, shape.layers
     s, b = mcfg.seq_length, micro_batch
     stage = n // pp
     k = min(recompute_layers or stage, stage) if recompute == "full" else 0
-    layer = layer_activation_bytes(mcfg, shape, micro_batch, tp, elem)
-    inputs = k * elem * s * b * h
+    layer = layer_activation_bytes(mcfg, shape, micro_batch, tp, elem, sequence_parallel)
+    inputs = k * elem * s * b * h / (tp if sequence_parallel else 1)
     per_micro = (stage - k) * layer + inputs
     # the micro-batch in its backward: its forward's activations (with PP = 1 also the logits and
     # their gradient, 4 x s*b*V/TP bytes in fp32), or later, while a recomputed layer reruns (the
@@ -103,14 +108,15 @@ def activation_bytes(mcfg: ModelConfig, shape: Shape, vocab_padded: int, tp: int
 def stage_memory(mcfg: ModelConfig, shape: Shape, vocab_padded: int, tp: int, pp: int, dp: int,
                  micro_batch: int, distributed_optimizer: bool = True, precision: str = "bf16",
                  old_shape: Optional[Shape] = None, growth: str = "online", recompute: str = "none",
-                 recompute_layers: int = 0) -> dict:
+                 recompute_layers: int = 0, sequence_parallel: bool = False) -> dict:
     """Bytes per GPU of the training step (weights, grads, optimizer, activations, total) and the
     peak of each phase (`phases`: train, save, load, and with `old_shape` the growth into this
     shape at this layout; training/phase_memory.py)."""
     local = params_per_gpu(mcfg, shape, vocab_padded, tp, pp)
     w, _ = bytes_per_param(precision)
     opt_bytes = optimizer_bytes(precision, dp, distributed_optimizer)
-    acts = activation_bytes(mcfg, shape, vocab_padded, tp, pp, micro_batch, recompute, recompute_layers)
+    acts = activation_bytes(mcfg, shape, vocab_padded, tp, pp, micro_batch, recompute, recompute_layers,
+                            sequence_parallel=sequence_parallel and tp > 1)
     out = {"params_per_gpu": local, "weights": w * local, "grads": 4 * local, "optimizer": opt_bytes * local,
            "activations": acts}
     out["total"] = sum(out[k] for k in ("weights", "grads", "optimizer", "activations"))

@@ -214,6 +214,18 @@ class Trainer:
             if self.lock is not None:
                 self.lock.release()
 
+    def _layout_text(self) -> str:
+        """The layout and the megatron features the model really runs with (read from its config)."""
+        from megatron.core import parallel_state as ps
+
+        c = self.model.config
+        parts = [f"tensor={self.layout[0]} pipeline={self.layout[1]} data={ps.get_data_parallel_world_size()}"]
+        if c.sequence_parallel:
+            parts.append("sequence parallel")
+        if c.recompute_granularity:
+            parts.append(f"recompute {c.recompute_granularity}")
+        return ", ".join(parts)
+
     def _loop(self, t, g) -> dict:
         last_eval = None
         if self.cfg.layout(self.stage) != self.layout:
@@ -222,7 +234,7 @@ class Trainer:
                               f"has parallel.tensor={self.layout[0]} parallel.pipeline={self.layout[1]}; launch it "
                               f"with parallel.tensor={tp} parallel.pipeline={pp}")
         self.metrics.print(f"[train] shape {self.model.shape}, params {self.num_params():,}, "
-                           f"{len(self.schedule) - 1} growth stage(s), {t.steps} steps")
+                           f"{len(self.schedule) - 1} growth stage(s), {t.steps} steps; {self._layout_text()}")
         while self.step < t.steps:
             start = time.perf_counter()
             while self.stage + 1 < len(self.schedule) and self.schedule[self.stage + 1][0] <= self.step:
