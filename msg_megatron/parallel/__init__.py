@@ -1,3 +1,2 @@
 """Process groups and the CPU compatibility layer for megatron-core."""
-from .setup import (  # noqa: F401
-    barrier, destroy_parallel, device, initialize_parallel, is_logging_rank, sequence_parallel)
+from .setup import barrier, destroy_parallel, device, initialize_parallel, is_logging_rank, sequence_parallel  # noqa: F401
