@@ -93,10 +93,14 @@ def _main(argv) -> int:
     tp = args.tensor or cfg.parallel.tensor
     pp = args.pipeline or cfg.parallel.pipeline
     old = Shape(*meta["shape"])
+    q = cfg.model.heads_per_group
     for what, s in (("the checkpoint's shape", old), ("--shape", shape)):
-        if s.heads % tp or s.ffn % tp or s.layers % pp:
-            raise ValueError(f"{what} {s} does not fit --tensor {tp} --pipeline {pp}: heads and ffn must divide by "
-                             f"the tensor degree and layers by the pipeline degree")
+        if s.heads % q:
+            raise ValueError(f"{what} {s} has {s.heads} heads, not a multiple of the model's {q} query heads per "
+                             f"group (model.num_query_groups): heads grow by whole groups")
+        if (s.heads // q) % tp or s.ffn % tp or s.layers % pp:
+            raise ValueError(f"{what} {s} does not fit --tensor {tp} --pipeline {pp}: query groups ({s.heads // q}) "
+                             f"and ffn must divide by the tensor degree and layers by the pipeline degree")
     # the growth settings: the config's, with this command's flags over them
     g = dataclasses.replace(g, init=args.init or g.init, depth_init=args.depth_init or g.depth_init,
                             init_std=g.init_std if args.init_std is None else args.init_std,

@@ -28,7 +28,7 @@ from .config import Config, load_config
 from .model.gpt import padded_vocab_size
 from .training.flops import PEAK_TFLOPS, flops_per_token
 from .training.runs import read_metrics
-from .training.sizes import count_params, stage_memory
+from .training.sizes import count_params, kv_cache_bytes, stage_memory
 
 GIB = 1024 ** 3
 GPU_MEMORY_GIB = {"H200": 141, "H100": 80, "A800": 80, "A100": 80}
@@ -61,6 +61,8 @@ def plan(cfg: Config, mfu: float, gpu: str, distributed_optimizer: bool = True) 
         stages.append({"stage": i, "steps": [step, end], "shape": list(shape.as_tuple()),
                        "micro_batches": micro, "bubble": pipeline_bubble(pp, micro),
                        "params": count_params(cfg.model, shape, vocab), "flops_per_token": fpt, "tokens": tokens,
+                       "query_groups": cfg.model.groups(shape),
+                       "kv_cache_gib_per_sequence": kv_cache_bytes(cfg.model, shape) / GIB,
                        "global_batch_size": gbs, "tensor": tp, "pipeline": pp, "data": dp, "gpus": gpus,
                        "flops": flops, "gpu_hours": flops / (peak * 1e12 * mfu) / 3600,
                        "days": flops / (peak * 1e12 * mfu * gpus) / 86400,
@@ -130,6 +132,9 @@ def table(res: dict) -> str:
         p = s["phase_peak_gib"]
         grow = f"{p['grow']:.1f} ({s['growth']})" if "grow" in p else "-"
         lines.append(f"| {s['stage']} | {p['train']:.1f} | {p['save']:.1f} | {p['load']:.1f} | {grow} |")
+    lines.append("\ninference KV cache per sequence of model.seq_length tokens (bf16): " + ", ".join(
+        f"stage {s['stage']} {s['kv_cache_gib_per_sequence']:.2f} GiB ({s['query_groups']} key/value heads)"
+        for s in res["stages"]))
     for msg in res["over_memory"]:
         lines.append(f"WARNING {msg}: raise tensor/pipeline parallelism or parallel.gpus for that stage, use "
                      "parallel.distributed_optimizer=true, lower train.micro_batch_size, or recompute activations "

@@ -107,7 +107,8 @@ DISTOPT = ["parallel.distributed_optimizer=true"]
 # (tensor, pipeline, data-parallel, architecture, stages): every growth dimension appears, and every
 # layout of the issue: (2,1,1), (1,2,1), (2,2,1), (1,1,2), (2,1,2)
 CASES = {
-    "tp2": (2, 1, 1, LLAMA, [[32, 64, 2, 2], [32, 128, 4, 2]]),                          # ffn + heads
+    # grouped-query attention: 2 query heads per group, grows 2 -> 4 groups (one more per TP rank)
+    "tp2_gqa": (2, 1, 1, LLAMA + ["model.num_query_groups=4"], [[32, 64, 4, 2], [32, 128, 8, 2]]),  # ffn + groups
     "pp2": (1, 2, 1, [], [[32, 64, 2, 2], [48, 64, 2, 4]]),                              # hidden + layers, tied copy
     "tp2pp2": (2, 2, 1, LLAMA, [[32, 64, 2, 2], [32, 128, 4, 4]]),                       # ffn, heads, layers
     "dp2": (1, 1, 2, [], [[32, 64, 2, 2], [48, 64, 2, 3]]),                              # hidden + layers

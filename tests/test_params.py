@@ -29,19 +29,21 @@ def test_the_tp_axis_is_megatrons_partition_dim(monkeypatch):
     """megatron marks what it initialises (tensor_model_parallel, partition_dim); the table must say
     the same for every parameter, and nothing more (our own marking switched off here)."""
     monkeypatch.setattr(gpt_module, "_mark_tensor_parallel_weights", lambda model: None)
-    for act, tie in itertools.product(["gelu", "swiglu"], [True, False]):
-        cfg = tiny_model_cfg(activation=act, tie_embeddings=tie, add_bias_linear=True)
+    for act, tie, groups in itertools.product(["gelu", "swiglu"], [True, False], [None, 3]):
+        cfg = tiny_model_cfg(activation=act, tie_embeddings=tie, add_bias_linear=True, num_query_groups=groups)
         for name, p in build_model(cfg, cfg.shape).named_parameters():
             theirs = p.partition_dim if getattr(p, "tensor_model_parallel", False) else None
             assert param(name).tp_axis == theirs, name
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "llama_gqa", "gpt2"])
 @pytest.mark.parametrize("bias, tie", [(False, True), (True, False)])
 def test_hf_names_and_shapes_are_transformers_own(family, bias, tie):
     transformers = pytest.importorskip("transformers")
-    flags = (dict(norm="rmsnorm", activation="swiglu", position_embedding="rope") if family == "llama"
+    flags = (dict(norm="rmsnorm", activation="swiglu", position_embedding="rope") if family.startswith("llama")
              else dict(norm="layernorm", activation="gelu", position_embedding="learned", kv_channels=8))
+    if family == "llama_gqa":  # 6 heads in 2 groups: smaller k/v projections
+        flags["num_query_groups"] = 2
     cfg = tiny_model_cfg(add_bias_linear=bias, tie_embeddings=tie, **flags)
     model = build_model(cfg, cfg.shape)
     arch = architecture(cfg, model.shape)

@@ -36,7 +36,7 @@ def canonical_state_dict(model, dst: Optional[int] = 0) -> Optional[Dict[str, to
         id_parts = [torch.empty_like(ids) for _ in range(tp)]
         dist.all_gather(id_parts, ids, group=group)
         order = torch.argsort(torch.cat(id_parts))  # canonical unit u comes from gathered unit order[u]
-        unit, blocks = unit_layout(role, head_dim, gated)
+        unit, blocks = unit_layout(role, head_dim, gated, model.mcfg.heads_per_group)
         # each rank's shard is [block 0 units; block 1 units]: lay them out as the checkpoint's global
         # tensor does ([block 0 of every rank; block 1 of every rank]), then sort the units
         split = [p.chunk(blocks, axis) for p in parts]

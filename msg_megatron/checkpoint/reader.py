@@ -71,7 +71,7 @@ class CheckpointReader:
             found = unit_axis(name)
             if found is not None:
                 axis, role = found
-                unit, blocks = unit_layout(role, self.mcfg.head_dim, gated)
+                unit, blocks = unit_layout(role, self.mcfg.head_dim, gated, self.mcfg.heads_per_group)
                 t = canonical_units(t, axis, torch.argsort(raw[ids_name(name, role)]), unit, blocks)
             out[name[len(prefix):]] = t
         return out

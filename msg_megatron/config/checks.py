@@ -105,6 +105,12 @@ def validate(cfg: Config) -> None:
     for name in ("vocab_size", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_layers",
                  "seq_length", "make_vocab_size_divisible_by"):
         _positive(getattr(m, name), f"model.{name}")
+    if m.num_query_groups is not None:
+        _positive(m.num_query_groups, "model.num_query_groups")
+        if m.num_attention_heads % m.num_query_groups:
+            raise ConfigError(
+                f"model.num_attention_heads={m.num_attention_heads} is not a multiple of model.num_query_groups="
+                f"{m.num_query_groups}; each key/value head serves the same number of query heads.")
     if m.kv_channels is not None:
         _positive(m.kv_channels, "model.kv_channels")
     elif m.hidden_size % m.num_attention_heads:
@@ -163,6 +169,17 @@ def _validate_layout(cfg: Config) -> None:
             if gbs % cfg.train.micro_batch_size:
                 raise ConfigError(f"`{where}` has a global batch size of {gbs}, not a multiple of "
                                   f"train.micro_batch_size={cfg.train.micro_batch_size}.")
+        q = cfg.model.heads_per_group
+        if shape.heads % q:
+            raise ConfigError(
+                f"`{where}` has heads={shape.heads}, not a multiple of the {q} query heads per group "
+                f"(model.num_attention_heads={cfg.model.num_attention_heads} / model.num_query_groups="
+                f"{cfg.model.num_query_groups}); heads grow by whole query groups: use a multiple of {q}.")
+        if q > 1 and cfg.model.groups(shape) % tp:
+            raise ConfigError(
+                f"`{where}` has {cfg.model.groups(shape)} query groups ({shape.heads} heads / {q} per group), which "
+                f"do not divide by parallel.tensor={tp}; each tensor-parallel rank holds whole groups: choose a "
+                f"number of groups that is a multiple of {tp} for every stage, or another tensor-parallel degree.")
         for dim, n in (("heads", shape.heads), ("ffn", shape.ffn)):
             if n % tp:
                 raise ConfigError(

@@ -49,6 +49,13 @@ class ModelConfig:
     """Final number of attention heads."""
     num_layers: int = 4
     """Final number of transformer layers."""
+    num_query_groups: Optional[int] = None
+    """Grouped-query attention (megatron's name): the final model's key/value heads, each shared by
+    num_attention_heads / num_query_groups query heads. Default: one per head (multi-head
+    attention). The query heads per group are fixed for the whole run: heads grow by whole groups
+    (each stage's heads divide by the heads per group, its group count follows), a new group's
+    output masked (eq. 23-24 per group). The group count cannot grow within a fixed head count:
+    regrouping existing heads has no masked, function-preserving form, so it is not a growth."""
     kv_channels: Optional[int] = None
     """Head dimension, fixed while heads grow (paper appendix A). Default: hidden_size // num_attention_heads."""
     seq_length: int = 128
@@ -77,6 +84,15 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    @property
+    def heads_per_group(self) -> int:
+        """Query heads per key/value head (1: multi-head attention), fixed across stages."""
+        return self.num_attention_heads // (self.num_query_groups or self.num_attention_heads)
+
+    def groups(self, shape: "Shape") -> int:
+        """Query groups (key/value heads) of a stage of `shape`."""
+        return shape.heads // self.heads_per_group
 
 
 @dataclass

@@ -65,6 +65,7 @@ class GrowthPlan:
         self.old, self.new = model.shape, new_shape
         self.rank, self.tp = tp_rank_size()
         self.head_dim = model.mcfg.head_dim
+        self.per_group = model.mcfg.heads_per_group  # heads grow by whole query groups
         self.gated = model.mcfg.activation == "swiglu"
         self.vocab = model.vocab_padded
         sd = model.state_dict()
@@ -97,8 +98,9 @@ class GrowthPlan:
             rows = r * local + torch.arange(local)
             return AxisPlan(local, torch.arange(local), rows, self.vocab, torch.arange(local))
         heads = ROLES[role].units == "heads"
-        n_old = 0 if fresh else (o.heads if heads else o.ffn)
-        n_new = n.heads if heads else n.ffn
+        q = self.per_group
+        n_old = 0 if fresh else (o.heads // q if heads else o.ffn)  # attention's unit: a query group
+        n_new = n.heads // q if heads else n.ffn
         ids = empty if fresh else self.ids[layer][0 if heads else 1]
-        unit, blocks = unit_layout(role, self.head_dim, self.gated)
+        unit, blocks = unit_layout(role, self.head_dim, self.gated, q)
         return unit_plan(n_old, n_new, unit, blocks, ids, r, tp)

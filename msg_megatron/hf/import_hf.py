@@ -1,7 +1,7 @@
 """msg-import-hf --hf DIR --save CKPT [--tensor T --pipeline P]: a local `transformers` model as a checkpoint.
 
-Supported: LlamaForCausalLM (multi-head attention: num_key_value_heads == num_attention_heads,
-default RoPE, SiLU) and GPT2LMHeadModel (tanh GELU), stored as safetensors. Every rank reads only
+Supported: LlamaForCausalLM (multi-head or grouped-query attention: num_key_value_heads becomes
+model.num_query_groups; default RoPE, SiLU) and GPT2LMHeadModel (tanh GELU), stored as safetensors. Every rank reads only
 the tensors its shards need, one at a time from the memory-mapped files, so under torchrun with
 T x P processes no rank holds more than its shards plus one full tensor. Run in one process, the
 model is built unsharded: a dist checkpoint reloads under any layout, and --tensor/--pipeline are
@@ -89,9 +89,8 @@ def model_config_from_hf(hf: dict, tokenizer_vocab=None, seq_length=None):
     if mtype == "llama":
         heads = hf["num_attention_heads"]
         kv = hf.get("num_key_value_heads") or heads
-        if kv != heads:
-            raise UnsupportedArchitecture(f"grouped-query attention (num_key_value_heads={kv} < "
-                                          f"num_attention_heads={heads}) is not supported: MSG grows multi-head attention")
+        if heads % kv:
+            raise UnsupportedArchitecture(f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv}")
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
         if rope.get("rope_type", rope.get("type", "default")) != "default":
             raise UnsupportedArchitecture(f"rope scaling `{rope.get('rope_type', rope.get('type'))}` is not supported "
@@ -110,7 +109,8 @@ def model_config_from_hf(hf: dict, tokenizer_vocab=None, seq_length=None):
         fields = dict(norm="rmsnorm", activation="swiglu", position_embedding="rope", rotary_base=int(theta),
                       norm_epsilon=hf.get("rms_norm_eps", 1e-6), add_bias_linear=bool(hf.get("attention_bias", False)),
                       seq_length=seq_length or min(hf.get("max_position_embeddings", 2048), 4096),
-                      tie_embeddings=bool(hf.get("tie_word_embeddings", False)), kv_channels=head_dim)
+                      tie_embeddings=bool(hf.get("tie_word_embeddings", False)), kv_channels=head_dim,
+                      num_query_groups=None if kv == heads else kv)
         arch = LLAMA
     elif mtype == "gpt2":
         act = hf.get("activation_function", "gelu_new")

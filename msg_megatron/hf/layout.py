@@ -3,10 +3,12 @@
 Two families map without custom code:
 - `llama` (LlamaForCausalLM): RMSNorm + SwiGLU + RoPE. MSG keeps the head dim fixed while hidden
   and heads grow, so `head_dim` is written explicitly (heads x head_dim need not equal hidden).
-- `gpt2` (GPT2LMHeadModel): LayerNorm + tanh-GELU + learned positions, heads x head_dim == hidden.
+  Grouped-query attention is Llama's num_key_value_heads (= our query groups).
+- `gpt2` (GPT2LMHeadModel): LayerNorm + tanh-GELU + learned positions, heads x head_dim == hidden,
+  multi-head attention only.
 
 The names and layout transforms of every tensor are rows of model/params.py (fused QKV per head
-[q_h; k_h; v_h] -> q/k/v or GPT-2's c_attn, SwiGLU's [gate; up], GPT-2's transposed Conv1D). The embedding keeps its padded rows: the HF vocabulary is the padded size,
+[q_g..; k_g; v_g] per query group -> q/k/v or GPT-2's c_attn, SwiGLU's [gate; up], GPT-2's transposed Conv1D). The embedding keeps its padded rows: the HF vocabulary is the padded size,
 so the softmax runs over the same entries and the logits are the same function.
 """
 from __future__ import annotations
@@ -37,6 +39,11 @@ def architecture(mcfg: ModelConfig, shape: Shape) -> str:
                 f"GPT-2 needs heads x head_dim == hidden, but this model has {shape.heads} x {mcfg.head_dim} != "
                 f"{shape.hidden}; export a stage where they match, or train with model.norm=rmsnorm "
                 "model.activation=swiglu model.position_embedding=rope (exported as Llama, which has head_dim)")
+        if mcfg.heads_per_group != 1:
+            raise UnsupportedArchitecture(
+                f"GPT-2 has multi-head attention only, but this model has {mcfg.groups(shape)} query groups for "
+                f"{shape.heads} heads (model.num_query_groups); train with model.norm=rmsnorm model.activation=swiglu "
+                "model.position_embedding=rope (exported as Llama, with num_key_value_heads), or without groups")
         return GPT2
     raise UnsupportedArchitecture(
         f"model.norm={mcfg.norm} model.activation={mcfg.activation} model.position_embedding="
@@ -51,7 +58,7 @@ def hf_config(arch: str, mcfg: ModelConfig, shape: Shape, vocab_padded: int, dty
     if arch == LLAMA:
         return dict(common, architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=shape.hidden,
                     intermediate_size=shape.ffn, num_hidden_layers=shape.layers,
-                    num_attention_heads=shape.heads, num_key_value_heads=shape.heads, head_dim=mcfg.head_dim,
+                    num_attention_heads=shape.heads, num_key_value_heads=mcfg.groups(shape), head_dim=mcfg.head_dim,
                     hidden_act="silu", max_position_embeddings=mcfg.seq_length, rms_norm_eps=mcfg.norm_epsilon,
                     rope_theta=float(mcfg.rotary_base),
                     rope_parameters={"rope_type": "default", "rope_theta": float(mcfg.rotary_base)},
@@ -66,7 +73,7 @@ def hf_config(arch: str, mcfg: ModelConfig, shape: Shape, vocab_padded: int, dty
 
 # ---- tensors: every name and transform comes from the parameter table (model/params.py) ----------
 def dims(mcfg: ModelConfig, shape: Shape) -> Dims:
-    return Dims(heads=shape.heads, head_dim=mcfg.head_dim)
+    return Dims(heads=shape.heads, head_dim=mcfg.head_dim, groups=mcfg.groups(shape))
 
 
 def _counterpart(arch: str, name: str):

@@ -1,10 +1,12 @@
 """Self-attention with per-head masks (paper appendix A, eq. 22-26), on megatron's TP linears.
 
-The fused QKV weight uses megatron's per-group interleaved layout: for each head (query group,
-MHA here) the rows [q_h; k_h; v_h], each head_dim long. New heads are appended as whole groups,
-so the existing heads stay a prefix. Head dim is fixed while heads grow. Under tensor parallelism
-each rank holds whole heads (megatron splits the fused QKV rows contiguously), and the head mask
-and unit ids are sharded with them.
+The fused QKV weight uses megatron's per-group interleaved layout: for each query group the rows
+[q_g,0; ...; q_g,q-1; k_g; v_g], each head_dim long, where the q query heads of a group share its
+key/value head (grouped-query attention, model.num_query_groups; q = 1 is multi-head attention).
+New heads are appended as whole groups, so the existing ones stay a prefix, and the head mask has
+one entry per group: a new group's output is masked (eq. 23-24 per group). Head dim is fixed while
+heads grow. Under tensor parallelism each rank holds whole groups (megatron splits the fused QKV
+rows contiguously), and the head mask and unit ids are sharded with them.
 """
 from __future__ import annotations
 
@@ -44,10 +46,13 @@ class MaskedSelfAttention(MegatronModule):
         super().__init__(config=config)
         self.layer_number = layer_number
         self.num_heads = config.num_attention_heads
+        self.num_groups = config.num_query_groups or self.num_heads
+        self.per_group = self.num_heads // self.num_groups  # query heads per key/value head
         self.head_dim = config.kv_channels
         proj_in = self.num_heads * self.head_dim
         self.linear_qkv = build_module(
-            submodules.linear_qkv, config.hidden_size, 3 * proj_in, config=config,
+            submodules.linear_qkv, config.hidden_size, (self.num_heads + 2 * self.num_groups) * self.head_dim,
+            config=config,
             init_method=config.init_method, gather_output=False, bias=config.add_bias_linear,
             skip_bias_add=False, is_expert=False)
         self.linear_proj = build_module(
@@ -55,8 +60,8 @@ class MaskedSelfAttention(MegatronModule):
             init_method=config.output_layer_init_method, bias=config.add_bias_linear,
             input_is_parallel=True, skip_bias_add=False, is_expert=False)
         rank, tp = tp_rank_size()
-        local = self.num_heads // tp  # the config check guarantees divisibility
-        self.mask_head = Mask(self, "head", local)
+        local = self.num_groups // tp  # the config check guarantees divisibility
+        self.mask_head = Mask(self, "head", local)  # one entry per query group (a head under MHA)
         register_unit_ids(self, "head", rank * local + torch.arange(local))
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
@@ -64,17 +69,24 @@ class MaskedSelfAttention(MegatronModule):
                                              tp_axes(self.PARAMS))
 
     def _core_attention(self, q, k, v, head_mask):
-        """softmax(QK^T / sqrt(d)) V per head [b, h, s, d], masked heads zeroed (eq. 23-24)."""
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0 / math.sqrt(self.head_dim))
-        if head_mask is not None:  # a masked head contributes an all-zero output
+        """softmax(QK^T / sqrt(d)) V per query head, q [b, G*q, s, d] against k, v [b, G, s, d] (query
+        head j of group g uses key/value head g), the heads of a masked group zeroed (eq. 23-24)."""
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0 / math.sqrt(self.head_dim),
+                                             enable_gqa=self.per_group > 1)
+        if head_mask is not None:  # a masked group contributes an all-zero output
+            if self.per_group > 1:
+                head_mask = head_mask.repeat_interleave(self.per_group)
             out = out * head_mask.to(out.dtype)[None, :, None, None]
         return out
 
     def forward(self, x: torch.Tensor, rope: Optional[tuple] = None) -> torch.Tensor:
         qkv, _ = self.linear_qkv(x)  # [s, b, ...]: under sequence parallelism x is [s/TP, b, h], gathered here
         s, b = qkv.shape[:2]
-        heads = qkv.shape[-1] // (3 * self.head_dim)  # local heads (a TP rank holds a share)
-        q, k, v = qkv.view(s, b, heads, 3 * self.head_dim).split(self.head_dim, dim=-1)
+        d, per = self.head_dim, self.per_group
+        groups = qkv.shape[-1] // ((per + 2) * d)  # local groups (a TP rank holds a share)
+        heads = groups * per
+        q, k, v = qkv.view(s, b, groups, (per + 2) * d).split([per * d, d, d], dim=-1)
+        q = q.reshape(s, b, heads, d)
         if rope is not None:
             cos, sin = rope  # [s, 1, 1, d] in the activations' dtype (MaskedGPT.rope)
             q, k = fused.rope_qk(q, k, cos, sin)

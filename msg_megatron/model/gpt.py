@@ -75,7 +75,7 @@ def transformer_config(mcfg: ModelConfig, shape: Shape, perform_init: bool = Tru
     return TransformerConfig(
         tensor_model_parallel_size=tp, sequence_parallel=sequence_parallel() and tp > 1,
         num_layers=shape.layers, hidden_size=shape.hidden, ffn_hidden_size=shape.ffn,
-        num_attention_heads=shape.heads, kv_channels=mcfg.head_dim,
+        num_attention_heads=shape.heads, kv_channels=mcfg.head_dim, num_query_groups=mcfg.groups(shape),
         normalization="RMSNorm" if mcfg.norm == "rmsnorm" else "LayerNorm",
         layernorm_epsilon=mcfg.norm_epsilon, gated_linear_unit=mcfg.activation == "swiglu",
         add_bias_linear=mcfg.add_bias_linear, init_method_std=std,

@@ -18,11 +18,14 @@ Adding a parameter means adding one row here. Roles:
 | `hidden`   | one feature               | no            | hidden     |
 | `vocab`    | one vocabulary row        | yes (blocks)  | never      |
 | `fixed`    | -                         | no            | never      |
-| `qkv`      | 3 x head_dim rows / head  | yes           | heads      |
-| `heads_hd` | head_dim columns / head   | yes           | heads      |
-| `heads`    | one entry / head          | yes           | heads      |
+| `qkv`      | (q+2) x head_dim rows / group | yes       | heads      |
+| `heads_hd` | q x head_dim columns / group  | yes       | heads      |
+| `heads`    | one entry / group         | yes           | heads      |
 | `ffn`      | one FFN unit              | yes           | ffn        |
 | `ffn_in`   | one FFN unit per block    | yes           | ffn        |
+
+The attention unit is a query group: q = heads per group query heads sharing one key/value head
+(grouped-query attention, model.num_query_groups; q = 1 is multi-head attention, a group per head).
 """
 from __future__ import annotations
 
@@ -40,7 +43,10 @@ GPT2 = "gpt2"
 class Role:
     units: Optional[str]  # "heads" / "ffn": the structural unit counted along the axis; None otherwise
     tp: bool  # split over tensor-parallel ranks
-    head_dims: int = 0  # entries per unit in head dims (qkv: 3, heads_hd: 1); 0: one entry per unit
+    # entries per unit, in head dims: q_dims per query head of the group + kv_dims (qkv: q + 2,
+    # heads_hd: q); both 0: one entry per unit
+    q_dims: int = 0
+    kv_dims: int = 0
     gated_blocks: bool = False  # SwiGLU: the axis holds two blocks of units ([gate; up])
 
 
@@ -48,8 +54,8 @@ ROLES: Dict[str, Role] = {
     "hidden": Role(None, False),
     "vocab": Role(None, True),
     "fixed": Role(None, False),
-    "qkv": Role("heads", True, head_dims=3),
-    "heads_hd": Role("heads", True, head_dims=1),
+    "qkv": Role("heads", True, q_dims=1, kv_dims=2),
+    "heads_hd": Role("heads", True, q_dims=1),
     "heads": Role("heads", True),
     "ffn": Role("ffn", True),
     "ffn_in": Role("ffn", True, gated_blocks=True),
@@ -63,6 +69,7 @@ class Dims(NamedTuple):
     """Sizes the HF transforms need (canonical, whole tensors)."""
     heads: int
     head_dim: int
+    groups: int  # key/value heads (= heads under multi-head attention)
 
 
 class HF(NamedTuple):
@@ -76,14 +83,21 @@ class HF(NamedTuple):
 
 
 def _split_qkv(t: torch.Tensor, d: Dims) -> Tuple[torch.Tensor, ...]:
-    """Our fused QKV (per head [q_h; k_h; v_h], megatron's interleaved layout) -> q, k, v."""
-    x = t.reshape(d.heads, 3, d.head_dim, *t.shape[1:])
-    return tuple(x[:, j].reshape(d.heads * d.head_dim, *t.shape[1:]) for j in range(3))
+    """Our fused QKV (megatron's interleaved layout: per query group [q_g,0; ..; q_g,q-1; k_g; v_g],
+    head_dim rows each) -> q (heads x head_dim rows), k, v (groups x head_dim rows)."""
+    q = d.heads // d.groups
+    x = t.reshape(d.groups, q + 2, d.head_dim, *t.shape[1:])
+    rest = t.shape[1:]
+    return (x[:, :q].reshape(d.heads * d.head_dim, *rest), x[:, q].reshape(d.groups * d.head_dim, *rest),
+            x[:, q + 1].reshape(d.groups * d.head_dim, *rest))
 
 
 def _join_qkv(parts: Tuple[torch.Tensor, ...], d: Dims) -> torch.Tensor:
-    x = torch.stack([p.reshape(d.heads, d.head_dim, *p.shape[1:]) for p in parts], 1)
-    return x.reshape(3 * d.heads * d.head_dim, *parts[0].shape[1:])
+    q_, k, v = parts
+    q, rest = d.heads // d.groups, q_.shape[1:]
+    x = torch.cat([q_.reshape(d.groups, q, d.head_dim, *rest), k.reshape(d.groups, 1, d.head_dim, *rest),
+                   v.reshape(d.groups, 1, d.head_dim, *rest)], 1)
+    return x.reshape((d.heads + 2 * d.groups) * d.head_dim, *rest)
 
 
 def same(name: str, always: bool = False) -> HF:
@@ -105,7 +119,8 @@ def qkv_three(q: str, k: str, v: str) -> HF:
 
 
 def qkv_c_attn(name: str, weight: bool) -> HF:
-    """GPT-2's c_attn: [q (all heads); k; v] along the output axis, weight transposed."""
+    """GPT-2's c_attn: [q (all heads); k; v] along the output axis, weight transposed (multi-head
+    attention only: hf/layout.py refuses GQA for GPT-2)."""
     if weight:
         return HF((name,), lambda t, d: (torch.cat(_split_qkv(t, d), 0).t(),),
                   lambda ts, d: _join_qkv(ts[0].t().chunk(3, 0), d))
@@ -200,11 +215,12 @@ def outer_rows() -> List[Param]:
     return [p for p in TABLE if not p.name.startswith("layers.{i}.")]
 
 
-def unit_layout(role: str, head_dim: int, gated: bool) -> Tuple[int, int]:
-    """(entries per unit, blocks) along an axis of `role`: 3 x head_dim rows per fused-QKV head,
-    head_dim projection columns per head, 1 per FFN unit; SwiGLU's fc1 holds 2 blocks ([gate; up])."""
+def unit_layout(role: str, head_dim: int, gated: bool, heads_per_group: int = 1) -> Tuple[int, int]:
+    """(entries per unit, blocks) along an axis of `role`: (q + 2) x head_dim fused-QKV rows per
+    query group of q heads (3 x head_dim per head under MHA), q x head_dim projection columns per
+    group, 1 per FFN unit; SwiGLU's fc1 holds 2 blocks ([gate; up])."""
     r = ROLES[role]
-    return (r.head_dims * head_dim or 1), (2 if r.gated_blocks and gated else 1)
+    return ((r.q_dims * heads_per_group + r.kv_dims) * head_dim or 1), (2 if r.gated_blocks and gated else 1)
 
 
 def gated_blocks(name: str) -> bool:

@@ -13,12 +13,13 @@ from .phase_memory import bytes_per_param, optimizer_bytes, phase_peaks, streame
 def count_params(mcfg: ModelConfig, shape: Shape, vocab_padded: int) -> int:
     """Parameters of MaskedGPT at `shape` (equal to sum(p.numel()) of the built model)."""
     h, f, a, n = shape.as_tuple()
-    d = mcfg.head_dim
+    d, g = mcfg.head_dim, mcfg.groups(shape)
     bias = mcfg.add_bias_linear
     norm = 2 * h if mcfg.norm == "layernorm" else h
     f_in = 2 * f if mcfg.activation == "swiglu" else f
-    layer = (2 * norm + 3 * a * d * h + a * d * h + f_in * h + f * h
-             + (3 * a * d + h + f_in + h if bias else 0))
+    qkv = (a + 2 * g) * d  # query heads + one key and one value head per group
+    layer = (2 * norm + qkv * h + a * d * h + f_in * h + f * h
+             + (qkv + h + f_in + h if bias else 0))
     total = n * layer + vocab_padded * h + norm
     if mcfg.position_embedding == "learned":
         total += mcfg.seq_length * h
@@ -43,7 +44,14 @@ def largest_tensor(mcfg: ModelConfig, shape: Shape, vocab_padded: int, tp: int) 
     """Elements of the largest local tensor (the embedding, or fc1 / QKV of a wide model)."""
     h, f, a, _ = shape.as_tuple()
     f_in = 2 * f if mcfg.activation == "swiglu" else f
-    return max(vocab_padded * h, f_in * h, 3 * a * mcfg.head_dim * h, f * h) / tp
+    return max(vocab_padded * h, f_in * h, (a + 2 * mcfg.groups(shape)) * mcfg.head_dim * h, f * h) / tp
+
+
+def kv_cache_bytes(mcfg: ModelConfig, shape: Shape, seq: Optional[int] = None, elem: int = 2) -> float:
+    """Inference KV cache of one sequence of `seq` tokens (default model.seq_length): a key and a
+    value of head_dim per query group, token and layer (grouped-query attention divides it by the
+    heads per group)."""
+    return 2.0 * mcfg.groups(shape) * mcfg.head_dim * shape.layers * (seq or mcfg.seq_length) * elem
 
 
 def layer_and_ends(mcfg: ModelConfig, shape: Shape, vocab_padded: int, tp: int, pp: int) -> tuple:
@@ -66,12 +74,13 @@ def layer_activation_bytes(mcfg: ModelConfig, shape: Shape, micro_batch: int, tp
                            sequence_parallel: bool = False) -> float:
     """Activations one layer of MaskedGPT keeps for its backward, per micro-batch of b sequences,
     with flash attention (no s x s term), masks folded, in elements of `elem` bytes:
-        s*b*(6h + (6*a*d + a + F_in + F*(2 if SwiGLU else 1)) / TP)
+        s*b*(6h + ((3a + 3g)*d + a + F_in + F*(2 if SwiGLU else 1)) / TP)
     and with sequence parallelism s*b*(6h + ...) / TP: the norms see s/TP tokens, and megatron's
     column-parallel linears keep their input as the sequence shard (gathered again in the backward).
     Counted from the tensors autograd saves (tests/test_recompute.py measures them): per norm its
     input, normalised input and output (3h, and 1/token statistics, dropped); the rotated q and k
-    (2ad), the fused QKV output that v is a view of (3ad), the attention's log-sum-exp (a), the
+    ((a + g)d, g = query groups: g = a under MHA), the fused QKV output that v is a view of
+    ((a + 2g)d), the attention's log-sum-exp (a), the
     projection's input (ad); fc1's output (F_in) and the activation's output(s) (F, SwiGLU 2F).
     megatron's count for its own layer is s*b*(4h + (4ad + F_in + F*g)/TP)."""
     h, f, a, _ = shape.as_tuple()
@@ -79,7 +88,8 @@ def layer_activation_bytes(mcfg: ModelConfig, shape: Shape, micro_batch: int, tp
     s, b = mcfg.seq_length, micro_batch
     gated = 2 if mcfg.activation == "swiglu" else 1
     outside = 6 * h / tp if sequence_parallel else 6 * h  # the norms' tensors, between the TP regions
-    return elem * s * b * (outside + (6 * a * mcfg.head_dim + a + f_in + f * gated) / tp)
+    qkv = (3 * a + 3 * mcfg.groups(shape)) * mcfg.head_dim
+    return elem * s * b * (outside + (qkv + a + f_in + f * gated) / tp)
 
 
 def activation_bytes(mcfg: ModelConfig, shape: Shape, vocab_padded: int, tp: int, pp: int, micro_batch: int,

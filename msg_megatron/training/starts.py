@@ -84,9 +84,17 @@ def init_from(cfg: Config, schedule: list, path: str, log) -> Start:
     saved = ModelConfig(**meta["config"]["model"])
     # the final sizes may differ (the imported model is the first stage); kv_channels as the head dim
     diff = model_diff(cfg, meta["config"]["model"], ignore=("hidden_size", "ffn_hidden_size", "num_attention_heads",
-                                                            "num_layers", "init_method_std", "kv_channels"))
+                                                            "num_layers", "init_method_std", "kv_channels",
+                                                            "num_query_groups"))
     if saved.head_dim != cfg.model.head_dim:
         diff.append("kv_channels")
+    if saved.heads_per_group != cfg.model.heads_per_group:  # the groups may grow, the grouping may not
+        raise CheckpointError(
+            f"checkpoint.init_from `{meta['path']}` has {saved.heads_per_group} query heads per key/value head "
+            f"({saved.num_attention_heads} heads, {saved.num_query_groups or saved.num_attention_heads} groups), "
+            f"this config {cfg.model.heads_per_group} (model.num_attention_heads={cfg.model.num_attention_heads}, "
+            f"model.num_query_groups={cfg.model.num_query_groups}); heads grow by whole groups of a fixed size: "
+            f"set model.num_query_groups to {cfg.model.num_attention_heads // saved.heads_per_group}")
     if diff:
         raise CheckpointError(
             f"checkpoint.init_from `{meta['path']}` has another architecture: "
