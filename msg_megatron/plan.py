@@ -54,12 +54,14 @@ def plan(cfg: Config, mfu: float, gpu: str, distributed_optimizer: bool = True) 
         flops = fpt * tokens
         # the growth into this stage runs at this stage's layout: online, or msg-grow after a relayout
         growth = ("online" if cfg.layout(i) == cfg.layout(i - 1) else "msg-grow") if i else None
+        micro = gbs // (cfg.train.micro_batch_size * dp)  # micro-batches per data-parallel rank and step
+        vpp = cfg.parallel.virtual_pipeline if pp > 1 else 1
         mem = stage_memory(cfg.model, shape, vocab, tp, pp, dp, cfg.train.micro_batch_size, distributed_optimizer,
                            cfg.train.precision, sched[i - 1][1] if i else None, growth or "online",
-                           cfg.train.recompute, cfg.train.recompute_num_layers, cfg.parallel.sequence_parallel)
-        micro = gbs // (cfg.train.micro_batch_size * dp)  # micro-batches per data-parallel rank and step
+                           cfg.train.recompute, cfg.train.recompute_num_layers, cfg.parallel.sequence_parallel,
+                           vpp, micro)
         stages.append({"stage": i, "steps": [step, end], "shape": list(shape.as_tuple()),
-                       "micro_batches": micro, "bubble": pipeline_bubble(pp, micro),
+                       "micro_batches": micro, "bubble": pipeline_bubble(pp, micro, vpp), "virtual_pipeline": vpp,
                        "params": count_params(cfg.model, shape, vocab), "flops_per_token": fpt, "tokens": tokens,
                        "query_groups": cfg.model.groups(shape),
                        "kv_cache_gib_per_sequence": kv_cache_bytes(cfg.model, shape) / GIB,
@@ -83,9 +85,11 @@ def plan(cfg: Config, mfu: float, gpu: str, distributed_optimizer: bool = True) 
             "speedup_flops": final_fpt * tokens / total}
 
 
-def pipeline_bubble(pp: int, micro_batches: int) -> float:
-    """The idle fraction of a 1F1B pipeline step: (PP - 1) / (m + PP - 1) for m micro-batches."""
-    return (pp - 1) / (micro_batches + pp - 1)
+def pipeline_bubble(pp: int, micro_batches: int, virtual_pipeline: int = 1) -> float:
+    """The idle fraction of a 1F1B pipeline step: (PP - 1) / (m + PP - 1) for m micro-batches; with
+    V chunks per rank (megatron's interleaved schedule) the fill and drain are 1/V as long:
+    (PP - 1) / (V m + PP - 1) (tests/test_plan.py runs both schedules' dependency graphs)."""
+    return (pp - 1) / (virtual_pipeline * micro_batches + pp - 1)
 
 
 def job_segments(cfg: Config) -> List[dict]:
@@ -122,7 +126,8 @@ def table(res: dict) -> str:
     for s in res["stages"]:
         m = s["memory_gib"]
         lines.append(f"| {s['stage']} | {s['steps'][0]}-{s['steps'][1]} | {tuple(s['shape'])} | "
-                     f"{s['params'] / 1e9:.2f}B | {s['tensor']} x {s['pipeline']} x {s['data']} | {s['bubble']:.1%} | "
+                     f"{s['params'] / 1e9:.2f}B | {s['tensor']} x {s['pipeline']} x {s['data']}"
+                     f"{' (V=%d)' % s['virtual_pipeline'] if s.get('virtual_pipeline', 1) > 1 else ''} | {s['bubble']:.1%} | "
                      f"{s['tokens'] / 1e9:.2f}B | {s['flops_per_token']:.3g} | {s['gpu_hours']:,.0f} | {s['days']:.1f} | "
                      f"{m['total']:.1f} = {m['weights']:.1f}+{m['grads']:.1f}+{m['optimizer']:.1f}+{m['activations']:.1f} |")
     lines += ["", "peak GiB per GPU by phase (the growth into a stage runs at its layout; "

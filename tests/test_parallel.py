@@ -104,6 +104,7 @@ TRAIN = ["model.vocab_size=512", "model.seq_length=32", "model.kv_channels=8", "
 
 LLAMA = ["model.norm=rmsnorm", "model.activation=swiglu", "model.position_embedding=rope"]
 DISTOPT = ["parallel.distributed_optimizer=true"]
+VPP_SP = ["parallel.virtual_pipeline=2", "parallel.sequence_parallel=true"]
 # (tensor, pipeline, data-parallel, architecture, stages): every growth dimension appears, and every
 # layout of the issue: (2,1,1), (1,2,1), (2,2,1), (1,1,2), (2,1,2)
 CASES = {
@@ -132,6 +133,9 @@ CASES = {
     # megatron's sequence parallelism: activations between TP regions split along the sequence
     "tp2_sp": (2, 1, 1, LLAMA, [[32, 64, 2, 2], [48, 128, 4, 2]], ["parallel.sequence_parallel=true"]),
     "tp4_sp": (4, 1, 1, [], [[32, 64, 4, 2], [48, 128, 8, 3]], ["parallel.sequence_parallel=true"]),
+    # megatron's interleaved 1F1B: 2 chunks per pipeline rank, layers doubled inside each chunk,
+    # with sequence parallelism (the p2p tensors are sequence shards)
+    "tp2pp2_vpp2_sp": (2, 2, 1, LLAMA, [[32, 64, 2, 4], [48, 128, 4, 8]], VPP_SP),
     "tp2pp2dp2_bf16": (2, 2, 2, LLAMA + ["train.precision=bf16"], [[32, 64, 2, 2], [48, 128, 4, 4]],
                        DISTOPT + ["train.fusion=compile"], 1e-2),
 }
@@ -169,7 +173,9 @@ def test_training_matches_single_process(tmp_path, tiny_data, case):
     if "train.fusion=compile" in par_extra:
         assert "fusion compile" in r.stdout + r.stderr
     if "parallel.sequence_parallel=true" in par_extra:  # the flag reached megatron's config
-        assert f"tensor={tp} pipeline={pp} data={dp}, sequence parallel" in r.stdout, r.stdout[-2000:]
+        assert "sequence parallel" in r.stdout, r.stdout[-2000:]
+    if "parallel.virtual_pipeline=2" in par_extra:
+        assert f"tensor={tp} pipeline={pp} data={dp}, virtual pipeline 2" in r.stdout, r.stdout[-2000:]
     want, _ = _losses(tmp_path / "ref")
     got, growths = _losses(tmp_path / "par")
     assert sorted(got) == list(range(8)) == sorted(want)  # one metrics file, written once
@@ -207,6 +213,11 @@ RESHARD = {
     "dp4_distopt_to_tp2": ((1, 1, 4), (2, 1), LLAMA, [[32, 64, 2, 2], [32, 128, 4, 2]], (DISTOPT, [])),
     # whole shards (as every checkpoint before slices was written) read slice by slice
     "tp2_to_dp2_distopt": ((2, 1), (1, 1, 2), LLAMA, [[32, 64, 2, 2], [32, 128, 4, 2]], ([], DISTOPT)),
+    # global layer numbers: an interleaved (V=2: rank 0 holds layers 0, 1, 4, 5 of 8) sequence-parallel
+    # run resumed on one process, and a plain PP=2 run resumed interleaved
+    "tp2pp2_vpp2_sp_to_tp1pp1": ((2, 2), (1, 1), LLAMA, [[32, 64, 2, 4], [48, 128, 4, 8]],
+                                 (VPP_SP, [])),
+    "pp2_to_pp2_vpp2": ((1, 2), (1, 2), [], [[32, 64, 2, 4], [48, 64, 2, 8]], ([], ["parallel.virtual_pipeline=2"])),
     # bf16: fp32 masters written and read as slices, parameters rounded and all-gathered from them: bitwise
     "tp2dp2_distopt_bf16_same": ((2, 1, 2), (2, 1, 2), LLAMA + ["train.precision=bf16"],
                                  [[32, 64, 2, 2], [32, 128, 4, 2]], (DISTOPT, DISTOPT)),

@@ -6,13 +6,13 @@ import itertools
 import json
 
 import pytest
-
 from conftest import run_cli, tiny_model_cfg
+
 from msg_megatron.config import Shape
 from msg_megatron.model import build_model
 from msg_megatron.model.gpt import padded_vocab_size
-from msg_megatron.training.sizes import count_params
 from msg_megatron.training.flops import flops_per_token
+from msg_megatron.training.sizes import count_params
 
 
 @pytest.mark.parametrize("norm,act,pos,tie,bias", list(itertools.product(
@@ -106,3 +106,71 @@ def test_pipeline_bubble_is_the_simulated_1f1b_schedules(p, m):
     from msg_megatron.plan import pipeline_bubble
 
     assert pipeline_bubble(p, m) == pytest.approx(_simulated_1f1b_bubble(p, m), abs=1e-12)
+
+
+def _interleaved_orders(p: int, m: int, v: int) -> list:
+    """Each rank's op order in megatron's interleaved 1F1B (schedules.py): forward virtual
+    micro-batch k is (micro-batch, chunk) from get_schedule_table (groups of p micro-batches, each
+    run through chunk 0, then 1, ...), backwards in the same table with the chunks reversed; rank r
+    runs min(2(p - r - 1) + (v - 1)p, m v) warm-up forwards, then forward/backward pairs, then the
+    remaining backwards."""
+    table = [(i, c) for g0 in range(0, m, p) for c in range(v) for i in range(g0, min(g0 + p, m))]
+    n, orders = m * v, []
+    for r in range(p):
+        warm = min(2 * (p - r - 1) + (v - 1) * p, n)
+        fw = [("F", i, c) for i, c in table]
+        bw = [("B", i, v - 1 - c) for i, c in table]
+        ops = fw[:warm]
+        for k in range(n - warm):
+            ops += [fw[warm + k], bw[k]]
+        orders.append(ops + bw[n - warm:])
+    return orders
+
+
+def _simulated_interleaved_bubble(p: int, m: int, v: int, f: float = 1.0, b: float = 2.0) -> float:
+    """The idle fraction of the interleaved schedule by its dependency graph: virtual stage u = c p + r
+    (chunk c of rank r, 1/v of the stage's work); F(u, i) waits for F(u - 1, i), B(u, i) for B(u + 1, i)
+    (the last virtual stage's for its own forward)."""
+    orders = _interleaved_orders(p, m, v)
+    done, clock, pos, last = {}, [0.0] * p, [0] * p, p * v - 1
+    progress = True
+    while progress:
+        progress = False
+        for r in range(p):
+            while pos[r] < len(orders[r]):
+                kind, i, c = orders[r][pos[r]]
+                u = c * p + r
+                dep = (("F", u - 1, i) if u else None) if kind == "F" else (("B", u + 1, i) if u < last else ("F", u, i))
+                if dep is not None and dep not in done:
+                    break
+                start = max(clock[r], done.get(dep, 0.0))
+                clock[r] = done[(kind, u, i)] = start + (f if kind == "F" else b) / v
+                pos[r] += 1
+                progress = True
+    assert all(pos[r] == len(orders[r]) for r in range(p)), "the simulated schedule deadlocked"
+    return 1 - m * (f + b) / max(clock)
+
+
+@pytest.mark.parametrize("p, m, v", [(2, 4, 2), (2, 8, 2), (4, 8, 2), (4, 16, 4), (3, 6, 3), (4, 180, 2)])
+def test_interleaved_bubble_is_the_simulated_schedules(p, m, v):
+    from msg_megatron.plan import pipeline_bubble
+
+    assert pipeline_bubble(p, m, v) == pytest.approx(_simulated_interleaved_bubble(p, m, v), abs=1e-12)
+    assert pipeline_bubble(p, m, v) < pipeline_bubble(p, m)  # what interleaving is for
+
+
+@pytest.mark.parametrize("p, m, v", [(2, 2, 2), (2, 8, 2), (4, 4, 2), (4, 16, 2), (4, 16, 4)])
+def test_interleaved_activation_count_is_the_schedules_peak(p, m, v):
+    """activation_bytes's chunk forwards in flight on the first rank = the most forwards whose
+    backward has not run, in the schedule's own order."""
+    from msg_megatron.training.sizes import activation_bytes
+
+    ops, held, peak = _interleaved_orders(p, m, v)[0], 0, 0
+    for kind, _, _ in ops:
+        held += 1 if kind == "F" else -1
+        peak = max(peak, held)
+    cfg = tiny_model_cfg()
+    shape = Shape(48, 96, 6, p * v * 2)  # 2 layers per chunk
+    one = activation_bytes(cfg, Shape(48, 96, 6, 2), 128, 1, 1, 1, elem=4) - 4 * 16 * 128  # a chunk, no logits
+    got = activation_bytes(cfg, shape, 128, 1, p, 1, elem=4, virtual_pipeline=v, micro_batches=m)
+    assert got == pytest.approx(peak * one)

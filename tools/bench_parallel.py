@@ -2,6 +2,7 @@
 
     python tools/bench_parallel.py [--steps 12] [--json]        # CPU: (1,1,1), (2,1,1), (1,2,1)
     python tools/bench_parallel.py --recompute none,selective,full  # + each train.recompute, side by side
+    python tools/bench_parallel.py --sequence-parallel --virtual-pipeline 2  # + SP at TP2, V=2 at PP2
     python tools/bench_parallel.py --gpu [--steps 30]           # one GPU: ~1B model, bf16, MFU
     python tools/bench_parallel.py --gpu --compare              # + eager ops, + bf16 autocast, side by side
     python tools/bench_parallel.py --gpu --recompute none,selective,full  # MFU under each recompute mode
@@ -11,7 +12,10 @@ torchrun (gloo) and reports the median step time, its ratio to the single-proces
 communication share: the time spent inside torch.distributed calls (collectives, and waits on
 pipeline sends/receives) divided by the training time, measured on every rank by wrapping those
 calls, averaged over ranks, and the peak activation memory of one more step (the largest over
-ranks): autograd's saved tensors, counted per storage while alive (training/activation_memory.py).
+ranks): autograd's saved tensors, counted per storage while alive (training/activation_memory.py),
+next to msg-plan's formula for it (training/sizes.activation_bytes, fp32). `--sequence-parallel`
+adds a run with parallel.sequence_parallel at each TP > 1 layout, `--virtual-pipeline V` one with
+parallel.virtual_pipeline=V at each PP > 1 layout.
 On 2 CPU cores, TP/PP cannot be faster than one process; the figures show what the parallel
 machinery costs.
 
@@ -145,6 +149,7 @@ def worker(config_overrides, out_path):
 
 
 def run_layout(tp, pp, steps, overrides, tmp, tag=""):
+    tag = "".join(ch if ch.isalnum() else "_" for ch in tag)
     out = os.path.join(tmp, f"tp{tp}pp{pp}{tag}.json")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(tp * pp), "--master_port",
            str(_port()), os.path.abspath(__file__), "--worker", out, "--"] + overrides + [
@@ -165,6 +170,10 @@ def main():
     ap.add_argument("--compare", action="store_true", help="GPU: also eager ops and bf16 autocast")
     ap.add_argument("--recompute", default="none", help="CPU: comma-separated train.recompute modes to run at each "
                     "layout, side by side (e.g. none,selective,full)")
+    ap.add_argument("--sequence-parallel", action="store_true",
+                    help="CPU: also run each TP > 1 layout with parallel.sequence_parallel=true")
+    ap.add_argument("--virtual-pipeline", type=int, default=1,
+                    help="CPU: also run each PP > 1 layout with parallel.virtual_pipeline=V (interleaved 1F1B)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
@@ -203,21 +212,47 @@ def main():
         bad = [m for m in modes if m not in ("none", "selective", "full")]
         if bad:
             ap.error(f"--recompute {','.join(bad)}: use none, selective or full (comma-separated)")
-        results = {(f"tp{tp}pp{pp}", m): run_layout(tp, pp, args.steps or 12,
-                                                    CPU_CONFIG + [f"train.recompute={m}"] + args.overrides, tmp, m)
-                   for tp, pp in layouts for m in modes}
+        results = {}
+        for tp, pp in layouts:
+            for label, extra in _cpu_variants(tp, pp, modes, args.sequence_parallel, args.virtual_pipeline):
+                r = run_layout(tp, pp, args.steps or 12, CPU_CONFIG + extra + args.overrides, tmp, label)
+                r["formula_activation_bytes"] = _formula(tp, pp, CPU_CONFIG + extra + args.overrides)
+                results[f"tp{tp}pp{pp}", label] = r
     base = results["tp1pp1", modes[0]]["median_step_s"]
     if args.json:
         print(json.dumps({"commit": commit, "cpu": {f"{k[0]}/{k[1]}": v for k, v in results.items()}}))
         return
     print(f"CPU, gloo, fixed shape (256, 1024, 8, 4), seq 128, batch 8, commit {commit}")
-    print(f"{'layout':10s} {'recompute':>9s} {'processes':>9s} {'step (s)':>9s} {'vs 1x1':>7s} {'comm share':>11s} "
-          f"{'act. peak MB':>13s} {'vs none':>8s}")
-    for (name, m), r in results.items():
-        ref = results.get((name, "none"), r)["peak_activation_bytes"]
-        print(f"{name:10s} {m:>9s} {r['world']:9d} {r['median_step_s']:9.3f} {r['median_step_s'] / base:6.2f}x "
+    print(f"{'layout':10s} {'variant':>14s} {'processes':>9s} {'step (s)':>9s} {'vs 1x1':>7s} {'comm share':>11s} "
+          f"{'act. peak MB':>13s} {'vs none':>8s} {'formula MB':>11s}")
+    for (name, label), r in results.items():
+        ref = results.get((name, modes[0]), r)["peak_activation_bytes"]
+        print(f"{name:10s} {label:>14s} {r['world']:9d} {r['median_step_s']:9.3f} {r['median_step_s'] / base:6.2f}x "
               f"{r['comm_share']:10.1%} {r['peak_activation_bytes'] / 1e6:13.1f} "
-              f"{r['peak_activation_bytes'] / ref:7.2f}x")
+              f"{r['peak_activation_bytes'] / ref:7.2f}x {r['formula_activation_bytes'] / 1e6:11.1f}")
+
+
+def _cpu_variants(tp, pp, modes, sequence_parallel, virtual_pipeline):
+    """(label, overrides) of the runs at one layout: each recompute mode, then SP / interleaving."""
+    out = [(m, [f"train.recompute={m}"]) for m in modes]
+    if sequence_parallel and tp > 1:
+        out.append(("sequence par.", ["parallel.sequence_parallel=true"]))
+    if virtual_pipeline > 1 and pp > 1:
+        out.append((f"virtual pp {virtual_pipeline}", [f"parallel.virtual_pipeline={virtual_pipeline}"]))
+    return out
+
+
+def _formula(tp, pp, overrides):
+    """msg-plan's activation estimate (training/sizes.activation_bytes) for this run, fp32."""
+    from msg_megatron.config import load_config
+    from msg_megatron.model.gpt import padded_vocab_size
+    from msg_megatron.training.sizes import activation_bytes
+
+    cfg = load_config(None, overrides + [f"parallel.tensor={tp}", f"parallel.pipeline={pp}"])
+    t, p = cfg.train, cfg.parallel
+    return activation_bytes(cfg.model, cfg.model.shape, padded_vocab_size(cfg.model), tp, pp, t.micro_batch_size,
+                            t.recompute, t.recompute_num_layers, elem=4, sequence_parallel=p.sequence_parallel,
+                            virtual_pipeline=p.virtual_pipeline, micro_batches=t.global_batch_size // t.micro_batch_size)
 
 
 if __name__ == "__main__":

@@ -135,6 +135,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("growth.init_std must be >= 0.")
     _positive(p.tensor, "parallel.tensor")
     _positive(p.pipeline, "parallel.pipeline")
+    _positive(p.virtual_pipeline, "parallel.virtual_pipeline")
     if p.tensor > 1 and g.operator == "net2net":
         raise ConfigError(
             f"growth.operator=net2net with parallel.tensor={p.tensor}: a copied unit may live on another "
@@ -195,6 +196,21 @@ def _validate_layout(cfg: Config) -> None:
                 f"parallel.sequence_parallel=true splits each sequence over parallel.tensor={tp} ranks, but "
                 f"model.seq_length={cfg.model.seq_length} does not divide by {tp} (`{where}`); choose a "
                 f"sequence length that is a multiple of {tp}.")
+        v = cfg.parallel.virtual_pipeline
+        if v > 1 and pp <= 1:
+            raise ConfigError(
+                f"parallel.virtual_pipeline={v} interleaves pipeline stages, but `{where}` runs at "
+                f"parallel.pipeline={pp}; use parallel.pipeline >= 2, or parallel.virtual_pipeline=1.")
+        if v > 1 and shape.layers % (pp * v):
+            raise ConfigError(
+                f"`{where}` has layers={shape.layers}, which does not split into parallel.pipeline x "
+                f"parallel.virtual_pipeline = {pp} x {v} = {pp * v} chunks of whole layers; choose a multiple of "
+                f"{pp * v} layers for every stage, or another virtual_pipeline.")
+        if v > 1 and cfg.batch_size(i) // cfg.train.micro_batch_size < pp:
+            raise ConfigError(
+                f"`{where}` has {cfg.batch_size(i) // cfg.train.micro_batch_size} micro-batches per step (global "
+                f"batch {cfg.batch_size(i)} / micro-batch {cfg.train.micro_batch_size}); megatron's interleaved "
+                f"schedule needs at least parallel.pipeline={pp} per data-parallel rank, in multiples of {pp}.")
         if shape.layers % pp:
             raise ConfigError(
                 f"`{where}` has layers={shape.layers}, which does not split evenly over parallel.pipeline={pp} "

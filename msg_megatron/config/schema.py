@@ -140,6 +140,14 @@ class ParallelConfig:
     """Tensor-parallel degree: heads, FFN units and the vocabulary are split over this many ranks."""
     pipeline: int = 1
     """Pipeline-parallel degree: layers are split into this many consecutive stages (1F1B schedule)."""
+    virtual_pipeline: int = 1
+    """Interleaved (virtual) pipeline: each pipeline rank holds this many chunks of layers
+    (megatron's virtual_pipeline_model_parallel_size; 1: no interleaving). The layers are split into
+    pipeline x virtual_pipeline chunks in megatron's order (chunk c of rank r holds virtual stage
+    c x pipeline + r) and run under megatron's interleaved 1F1B schedule, whose bubble is 1/V of
+    1F1B's for V x the point-to-point traffic. Needs parallel.pipeline > 1, every stage's layers
+    divisible by pipeline x virtual_pipeline, and the micro-batches per data-parallel rank a
+    multiple of pipeline. Checkpoints keep global layer numbers: they resume with or without it."""
     distributed_optimizer: bool = False
     """megatron's distributed optimizer: each data-parallel rank keeps AdamW state for 1/DP of the
     parameters (gradients reduce-scattered, parameters all-gathered); checkpoints are the same."""

@@ -171,6 +171,15 @@ def plan_depth(old_layers: int, new_layers: int, depth_init: str) -> List[Option
     raise ValueError(f"unknown depth_init {depth_init!r}; use interpolate, stack or random")
 
 
+def chunk_depth_plan(old_local: int, new_local: int, chunks: int, depth_init: str) -> List[Optional[int]]:
+    """plan_depth per chunk of a stage's layers (local indices), the chunks side by side."""
+    if chunks != 1 and depth_init != "interpolate" and new_local != old_local:
+        raise ValueError(f"growth.depth_init={depth_init} under an interleaved pipeline: new layers would move "
+                         "between chunks; use growth.depth_init=interpolate")
+    o, n = old_local // chunks, new_local // chunks
+    return [None if j is None else c * o + j for c in range(chunks) for j in plan_depth(o, n, depth_init)]
+
+
 def check_growth(old: Shape, new: Shape, init: str, depth_init: str, tp: int, pp: int) -> None:
     """config.growth_refusal as a ValueError: grow_model checks it; msg-grow before loading anything."""
     why = growth_refusal(old, new, init, depth_init, tp, pp)
@@ -213,8 +222,10 @@ def grow_model(model: MaskedGPT, new_shape: Shape, *, step: int, init: Union[str
     new_model = MaskedGPT(mcfg, new_shape, perform_init=False, piece=into).to(device or setup.device())
     copy_recompute(model.config, new_model.config)  # (train.recompute carries over)
     if sources is None:
-        # Per stage: interpolation of the stage's own layers equals the global plan restricted to it.
-        sources = plan_depth(model.local_layers, new_model.local_layers, depth_init)
+        # Per stage, and under an interleaved pipeline per chunk: interpolation of the chunk's own
+        # layers equals the global plan restricted to it, so each new layer is built in its
+        # source's chunk, on its source's rank.
+        sources = chunk_depth_plan(model.local_layers, new_model.local_layers, model.chunks, depth_init)
     depth_plan = sources
 
     def rng_name(name: str, of: MaskedGPT) -> str:

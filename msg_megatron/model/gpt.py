@@ -44,10 +44,23 @@ def padded_vocab_size(mcfg: ModelConfig) -> int:
 
 
 def stage_piece(shape: Shape) -> "Piece":
-    """The whole of this rank's pipeline stage of a model of `shape`."""
+    """The whole of this rank's pipeline stage of a model of `shape`: its layers, which under an
+    interleaved pipeline (V chunks per rank) are chunk c = virtual stage c x PP + rank, in megatron's
+    order (PP=2, V=2, 8 layers: rank 0 holds 0, 1, 4, 5; rank 1 holds 2, 3, 6, 7)."""
     pp_rank, pp = pp_rank_size()
-    n = shape.layers // pp
-    return Piece(tuple(range(pp_rank * n, (pp_rank + 1) * n)), pp_rank == 0, pp_rank == pp - 1)
+    v = virtual_size()
+    n = shape.layers // (pp * v)
+    layers = tuple(g for c in range(v) for g in range((c * pp + pp_rank) * n, (c * pp + pp_rank + 1) * n))
+    return Piece(layers, pp_rank == 0, pp_rank == pp - 1)
+
+
+def virtual_size() -> int:
+    """Chunks per pipeline rank (parallel.virtual_pipeline; 1 without interleaving)."""
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        return 1
+    return ps.get_virtual_pipeline_model_parallel_world_size() or 1
 
 
 def pp_rank_size():
@@ -72,8 +85,17 @@ def transformer_config(mcfg: ModelConfig, shape: Shape, perform_init: bool = Tru
     from megatron.core import parallel_state as ps
 
     tp = ps.get_tensor_model_parallel_world_size() if ps.model_parallel_is_initialized() else 1
+    _, pp = pp_rank_size()
+    v = virtual_size()
     return TransformerConfig(
         tensor_model_parallel_size=tp, sequence_parallel=sequence_parallel() and tp > 1,
+        # the interleaved schedule reads both (its micro-batch groups default to PP)
+        pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=v if v > 1 else None,
+        # interleaved: Megatron-LM's defaults, overlapped unbatched p2p. (Batched, a 2-rank pipeline
+        # posts two sends to the same peer in one batch, the activation and the gradient, which the
+        # peer's receives can match the wrong way round: seen on gloo as corrupted activations.
+        # megatron's unbatched ops put the two directions on two process groups.)
+        overlap_p2p_comm=v > 1, batch_p2p_comm=v <= 1,
         num_layers=shape.layers, hidden_size=shape.hidden, ffn_hidden_size=shape.ffn,
         num_attention_heads=shape.heads, kv_channels=mcfg.head_dim, num_query_groups=mcfg.groups(shape),
         normalization="RMSNorm" if mcfg.norm == "rmsnorm" else "LayerNorm",
@@ -111,14 +133,14 @@ class MaskedGPT(MegatronModule):
         config = transformer_config(mcfg, shape, perform_init)
         super().__init__(config=config)
         self.mcfg, self.shape = mcfg, shape
-        pp_rank, pp = pp_rank_size()
-        stage_layers = shape.layers // pp  # the config check guarantees divisibility
+        # the whole stage: under an interleaved pipeline its V chunks, each a run of consecutive
+        # layers (a piece, msg-grow's, is built without interleaving: one chunk)
+        self.chunks = virtual_size() if piece is None else 1
         if piece is None:
             piece = stage_piece(shape)
         self.pre_process, self.post_process = piece.pre_process, piece.post_process
         self.global_layers = tuple(piece.layers)
         self.local_layers = len(self.global_layers)
-        self.layer_offset = pp_rank * stage_layers  # (the stage's first layer, also for a piece)
         self.vocab_padded = padded_vocab_size(mcfg)
         self.share_embeddings_and_output_weights = mcfg.tie_embeddings
         self.input_tensor = None
@@ -164,6 +186,10 @@ class MaskedGPT(MegatronModule):
             input_tensor = input_tensor[0]
         self.input_tensor = input_tensor
 
+    def chunk_views(self) -> list:
+        """The stage's virtual pipeline stages as modules for megatron's interleaved schedule."""
+        return [ModelChunk(self, c) for c in range(self.chunks)]
+
     def rope(self, seq_len: int, dtype: torch.dtype = torch.float32):
         """(cos, sin) for the first `seq_len` positions in the activations' dtype (computed in fp32,
         cast as megatron does), cached: one table per forward for all layers, no per-layer cast."""
@@ -176,9 +202,16 @@ class MaskedGPT(MegatronModule):
             self._rope = cos.to(dev, dtype), sin.to(dev, dtype)
         return self._rope[0][:seq_len], self._rope[1][:seq_len]
 
-    def forward(self, tokens: torch.Tensor, labels: torch.Tensor = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor = None, chunk: Optional[int] = None,
+                input_tensor: Optional[torch.Tensor] = None) -> torch.Tensor:
         """tokens [b, s] -> logits [b, s, vocab_padded], or per-token losses [b, s] given labels; on a
-        stage other than the last, the hidden states [s, b, h] for the next stage."""
+        stage other than the last, the hidden states [s, b, h] for the next stage. `chunk`: run only
+        that virtual pipeline stage of this rank (ModelChunk), on `input_tensor` unless it is the
+        first; None: all of the stage's layers in order."""
+        n = self.local_layers // self.chunks
+        layers = self.layers if chunk is None else self.layers[chunk * n:(chunk + 1) * n]
+        first = self.pre_process and chunk in (None, 0)
+        last = self.post_process and chunk in (None, self.chunks - 1)
         b, s = tokens.shape
         if s > self.mcfg.seq_length and self.mcfg.position_embedding == "learned":
             raise ValueError(f"sequence of {s} tokens is longer than model.seq_length={self.mcfg.seq_length}")
@@ -187,7 +220,7 @@ class MaskedGPT(MegatronModule):
         if sp and s % self.config.tensor_model_parallel_size:
             raise ValueError(f"a sequence of {s} tokens does not split over parallel.tensor="
                              f"{self.config.tensor_model_parallel_size} ranks (parallel.sequence_parallel)")
-        if self.pre_process:
+        if first:
             x = self.embedding(tokens)  # [b, s, h], or reduce-scattered: [s/TP, b, h], this rank's tokens
             if not self.embedding.reduce_scatter_embeddings:
                 x = x.transpose(0, 1).contiguous()  # [s, b, h]; p2p sends need contiguous
@@ -196,21 +229,22 @@ class MaskedGPT(MegatronModule):
                 if sp:  # this rank's part of the sequence; a copy, so the whole [s, b, h] can be freed
                     x = scatter_to_sequence_parallel_region(x).clone()
         else:
-            x = self.input_tensor
+            x = self.input_tensor if chunk is None else input_tensor
         if hmask is not None:
             # masks stay fp32 buffers (birth steps need the precision); multiply in the activations' dtype
             hmask = hmask.to(x.dtype)
-            if self.pre_process:
+            if first:
                 x = x * hmask
         rope = self.rope(s, x.dtype)
         cos, sin = rope if rope is not None else (None, None)
-        recomputed = recompute.full_layers(self.config, len(self.layers)) if self.training else 0
-        for i, layer in enumerate(self.layers):
+        # (per chunk under an interleaved pipeline: megatron recomputes per virtual stage)
+        recomputed = recompute.full_layers(self.config, len(layers)) if self.training else 0
+        for i, layer in enumerate(layers):
             if i < recomputed:  # train.recompute=full: keep only the layer's input (model/recompute.py)
                 x = recompute.checkpoint(_run_layer(layer), x, hmask, cos, sin)
             else:
                 x = layer(x, hmask, rope)
-        if not self.post_process:
+        if not last:
             return x.contiguous()
         x = self.final_norm(x, hmask)
         weight = self.embedding.weight if (self.mcfg.tie_embeddings and self.pre_process) else None
@@ -259,6 +293,32 @@ class MaskedGPT(MegatronModule):
                         sh.replica_id = (int(pp_rank != 0),) + tuple(sh.replica_id[1:])
             out.update(sub)
         return out
+
+
+class ModelChunk(nn.Module):
+    """One virtual pipeline stage (chunk) of this rank's MaskedGPT, as megatron's interleaved
+    schedule wants its model: a list of modules with `set_input_tensor`, `config` and `model_type`.
+    A view: the parameters stay the MaskedGPT's (one module for the optimizer, checkpoints and
+    growth), not registered here."""
+
+    def __init__(self, model: MaskedGPT, index: int):
+        super().__init__()
+        object.__setattr__(self, "_gpt", model)  # (not a submodule)
+        self.index = index
+        self.input_tensor = None
+        self.model_type = model.model_type
+
+    @property
+    def config(self):
+        return self._gpt.config
+
+    def set_input_tensor(self, input_tensor) -> None:
+        if isinstance(input_tensor, (list, tuple)):
+            input_tensor = input_tensor[0]
+        self.input_tensor = input_tensor
+
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor = None) -> torch.Tensor:
+        return self._gpt(tokens, labels, chunk=self.index, input_tensor=self.input_tensor)
 
 
 def _run_layer(layer):

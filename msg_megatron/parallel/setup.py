@@ -26,9 +26,11 @@ _SEQUENCE_PARALLEL = False  # parallel.sequence_parallel of this process's run (
 
 
 def initialize_parallel(tensor: int = 1, pipeline: int = 1, seed: int = 1234,
-                        sequence_parallel: bool = False) -> None:
-    """Idempotent: set up the default process group and megatron's TP/PP/DP groups, and record
-    whether models built from now on split activations along the sequence between TP regions."""
+                        sequence_parallel: bool = False, virtual_pipeline: int = 1) -> None:
+    """Idempotent: set up the default process group and megatron's TP/PP/DP groups (with
+    `virtual_pipeline` > 1: megatron's virtual pipeline size, models built from now on hold that
+    many chunks per pipeline rank), and record whether models built from now on split activations
+    along the sequence between TP regions."""
     from megatron.core import parallel_state, tensor_parallel
 
     global _SEQUENCE_PARALLEL
@@ -37,6 +39,9 @@ def initialize_parallel(tensor: int = 1, pipeline: int = 1, seed: int = 1234,
                           "the activations between tensor-parallel regions over the TP ranks; set "
                           "parallel.tensor >= 2 or parallel.sequence_parallel=false.")
     _SEQUENCE_PARALLEL = bool(sequence_parallel)
+    if virtual_pipeline > 1 and pipeline <= 1:
+        raise ConfigError(f"parallel.virtual_pipeline={virtual_pipeline} needs parallel.pipeline > 1 (it is "
+                          f"{pipeline}); set parallel.pipeline >= 2 or parallel.virtual_pipeline=1.")
 
     apply_cpu_patches()
     if not dist.is_initialized():
@@ -55,7 +60,8 @@ def initialize_parallel(tensor: int = 1, pipeline: int = 1, seed: int = 1234,
                 f"world size {world} is not a multiple of parallel.tensor x parallel.pipeline = {tensor} x "
                 f"{pipeline} = {tensor * pipeline}; launch a multiple of {tensor * pipeline} processes "
                 f"(the rest is data parallelism) or change the layout.")
-        parallel_state.initialize_model_parallel(tensor, pipeline)
+        parallel_state.initialize_model_parallel(
+            tensor, pipeline, virtual_pipeline_model_parallel_size=virtual_pipeline if virtual_pipeline > 1 else None)
     if torch.cuda.is_available():
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
 

@@ -1,8 +1,9 @@
 """Forward (and backward) over a list of micro-batches with megatron's schedules.
 
 One code path for every layout: megatron-core's `get_forward_backward_func()` picks the
-no-pipelining schedule at PP = 1 and 1F1B (`forward_backward_pipelining_without_interleaving`) at
-PP > 1; activations travel between stages as [seq, batch, hidden] tensors of the parameters' dtype
+no-pipelining schedule at PP = 1, 1F1B (`forward_backward_pipelining_without_interleaving`) at
+PP > 1, and the interleaved 1F1B schedule under parallel.virtual_pipeline > 1, which takes the
+stage's chunks (MaskedGPT.chunk_views) and one data iterator per chunk; activations travel between stages as [seq, batch, hidden] tensors of the parameters' dtype
 (model.config.pipeline_dtype: float32, or bfloat16 under train.precision=bf16, set by cast_params).
 
 The loss of each micro-batch is the mean per-token loss. The schedule divides it by the number of
@@ -29,6 +30,17 @@ def run_microbatches(model, batches: List[torch.Tensor], *, forward_only: bool, 
 
     if not batches:
         return 0.0
+    gpt = getattr(model, "module", model)  # (megatron's DDP wraps the MaskedGPT)
+    chunks = getattr(gpt, "chunks", 1)
+    real = len(batches)
+    pp = ps.get_pipeline_model_parallel_world_size()
+    if chunks > 1 and real % pp:
+        if not forward_only:  # (run_setup checks the training batch split before any compute)
+            raise ValueError(f"{real} micro-batches do not fill megatron's interleaved schedule's groups of "
+                             f"parallel.pipeline={pp}")
+        # a forward-only call with fewer (the growth probe, a short validation): padded with copies of
+        # its last batch, whose losses are dropped
+        batches = list(batches) + [batches[-1]] * (pp - real % pp)
     micro, seq_plus_one = batches[0].shape
     dev = device()
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast_bf16)
@@ -47,14 +59,18 @@ def run_microbatches(model, batches: List[torch.Tensor], *, forward_only: bool, 
     # stream and loss stay fp32. One autocast
     # region around all micro-batches, so each weight is cast to bf16 once per step (autocast's
     # cache), not once per micro-batch.
+    if chunks > 1:  # one data iterator per chunk: each chunk's forward takes its micro-batches in order
+        model, data = gpt.chunk_views(), [iter(batches) for _ in range(chunks)]
+    else:
+        data = iter(batches)
     with torch.set_grad_enabled(not forward_only), autocast:
         store = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter(batches), model=model,
+            forward_step_func=forward_step, data_iterator=data, model=model,
             num_microbatches=len(batches), seq_length=seq_plus_one - 1, micro_batch_size=micro,
             forward_only=forward_only)
     total = torch.zeros((), dtype=torch.float64, device=dev)
     if ps.is_pipeline_last_stage():
-        for rec in store:
+        for rec in store[:real]:
             total += rec["loss"].double()
     if on_device:  # the last stage's sum (0 elsewhere) as a device tensor: the caller reduces it later
         return total

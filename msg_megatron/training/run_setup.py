@@ -50,7 +50,8 @@ def build_run(cfg: Config, log_enabled: bool = True) -> RunParts:
         # megatron's TP linears run their backward under CUDA autocast only
         raise ConfigError("train.precision=bf16-autocast needs a GPU (bf16 autocast of megatron's linears is "
                           "CUDA-only); use train.precision=bf16 (bf16 parameters) or fp32 on CPU.")
-    initialize_parallel(cfg.parallel.tensor, cfg.parallel.pipeline, t.seed, cfg.parallel.sequence_parallel)
+    initialize_parallel(cfg.parallel.tensor, cfg.parallel.pipeline, t.seed, cfg.parallel.sequence_parallel,
+                        cfg.parallel.virtual_pipeline)
     fusion = fused.configure(t.fusion)
     layout = (cfg.parallel.tensor, cfg.parallel.pipeline)
     dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
@@ -84,6 +85,14 @@ def _check_batch_split(cfg: Config, layout: tuple, dp: int) -> None:
                 f"the global batch size {gbs} (train.global_batch_size or growth.stages[{i}]) is {n_micro} "
                 f"micro-batches of {mbs}, which do not split over {dp} data-parallel ranks; make it a "
                 f"multiple of micro_batch_size x {dp} = {mbs * dp}.")
+        pp, v = layout[1], cfg.parallel.virtual_pipeline
+        if v > 1 and cfg.layout(i) == layout and (n_micro // dp) % pp:
+            # megatron's interleaved schedule runs each chunk's micro-batches in groups of PP
+            raise ConfigError(
+                f"parallel.virtual_pipeline={v}: the global batch size {gbs} (train.global_batch_size or "
+                f"growth.stages[{i}]) gives {n_micro // dp} micro-batches of {mbs} per data-parallel rank (DP={dp}), "
+                f"not a multiple of parallel.pipeline={pp} as megatron's interleaved schedule needs; make the global "
+                f"batch a multiple of micro_batch_size x DP x pipeline = {mbs * dp * pp}.")
 
 
 def _data(cfg: Config, log):

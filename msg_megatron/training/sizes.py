@@ -94,31 +94,42 @@ def layer_activation_bytes(mcfg: ModelConfig, shape: Shape, micro_batch: int, tp
 
 def activation_bytes(mcfg: ModelConfig, shape: Shape, vocab_padded: int, tp: int, pp: int, micro_batch: int,
                      recompute: str = "none", recompute_layers: int = 0, elem: int = 2,
-                     sequence_parallel: bool = False) -> float:
+                     sequence_parallel: bool = False, virtual_pipeline: int = 1,
+                     micro_batches: Optional[int] = None) -> float:
     """Peak activation bytes on the most loaded pipeline stage (the first: under 1F1B it holds PP
     micro-batches in flight of its n/PP layers). train.recompute=full keeps, for each of its first
     k = recompute_layers (0: all) layers, only the layer's input (s*b*h elements); one layer's
     activations exist again while it is recomputed; selective recomputes core attention, whose s x s
     probabilities flash attention does not store anyway (no change here). Sequence parallelism
-    divides what lives between the TP regions by TP, the recomputed layers' kept inputs included."""
+    divides what lives between the TP regions by TP, the recomputed layers' kept inputs included.
+    Under an interleaved pipeline (V chunks of n/(PP*V) layers per rank; recompute_layers counts
+    per chunk, as megatron recomputes per virtual stage) the first rank holds the chunk forwards of
+    megatron's warm-up, 2(PP - 1) + (V - 1)PP, plus the one in its backward: at most V x the
+    `micro_batches` per step."""
     h, n = shape.hidden, shape.layers
     s, b = mcfg.seq_length, micro_batch
-    stage = n // pp
-    k = min(recompute_layers or stage, stage) if recompute == "full" else 0
+    chunk = n // (pp * virtual_pipeline)
+    k = min(recompute_layers or chunk, chunk) if recompute == "full" else 0
     layer = layer_activation_bytes(mcfg, shape, micro_batch, tp, elem, sequence_parallel)
     inputs = k * elem * s * b * h / (tp if sequence_parallel else 1)
-    per_micro = (stage - k) * layer + inputs
+    per_micro = (chunk - k) * layer + inputs  # one chunk's forward (the whole stage without interleaving)
+    in_flight = pp
+    if virtual_pipeline > 1:
+        in_flight = 2 * (pp - 1) + (virtual_pipeline - 1) * pp + 1
+        if micro_batches:
+            in_flight = min(in_flight, virtual_pipeline * micro_batches)
     # the micro-batch in its backward: its forward's activations (with PP = 1 also the logits and
     # their gradient, 4 x s*b*V/TP bytes in fp32), or later, while a recomputed layer reruns (the
     # loss's tensors and the layers above it freed), the kept inputs plus that one layer's
     logits = 4 * s * b * vocab_padded / tp if pp == 1 else 0
-    return (pp - 1) * per_micro + max(per_micro + logits, inputs + layer if k else 0)
+    return (in_flight - 1) * per_micro + max(per_micro + logits, inputs + layer if k else 0)
 
 
 def stage_memory(mcfg: ModelConfig, shape: Shape, vocab_padded: int, tp: int, pp: int, dp: int,
                  micro_batch: int, distributed_optimizer: bool = True, precision: str = "bf16",
                  old_shape: Optional[Shape] = None, growth: str = "online", recompute: str = "none",
-                 recompute_layers: int = 0, sequence_parallel: bool = False) -> dict:
+                 recompute_layers: int = 0, sequence_parallel: bool = False, virtual_pipeline: int = 1,
+                 micro_batches: Optional[int] = None) -> dict:
     """Bytes per GPU of the training step (weights, grads, optimizer, activations, total) and the
     peak of each phase (`phases`: train, save, load, and with `old_shape` the growth into this
     shape at this layout; training/phase_memory.py)."""
@@ -126,7 +137,8 @@ def stage_memory(mcfg: ModelConfig, shape: Shape, vocab_padded: int, tp: int, pp
     w, _ = bytes_per_param(precision)
     opt_bytes = optimizer_bytes(precision, dp, distributed_optimizer)
     acts = activation_bytes(mcfg, shape, vocab_padded, tp, pp, micro_batch, recompute, recompute_layers,
-                            sequence_parallel=sequence_parallel and tp > 1)
+                            sequence_parallel=sequence_parallel and tp > 1,
+                            virtual_pipeline=virtual_pipeline if pp > 1 else 1, micro_batches=micro_batches)
     out = {"params_per_gpu": local, "weights": w * local, "grads": 4 * local, "optimizer": opt_bytes * local,
            "activations": acts}
     out["total"] = sum(out[k] for k in ("weights", "grads", "optimizer", "activations"))

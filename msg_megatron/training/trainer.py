@@ -220,6 +220,8 @@ class Trainer:
 
         c = self.model.config
         parts = [f"tensor={self.layout[0]} pipeline={self.layout[1]} data={ps.get_data_parallel_world_size()}"]
+        if c.virtual_pipeline_model_parallel_size:
+            parts.append(f"virtual pipeline {c.virtual_pipeline_model_parallel_size} (interleaved 1F1B)")
         if c.sequence_parallel:
             parts.append("sequence parallel")
         if c.recompute_granularity:
