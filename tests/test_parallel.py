@@ -7,9 +7,11 @@
   (1,1,2), (2,1,2)} with a growth mid-run gives per-step losses equal to the single-process run
   within 1e-5 relative, before, at and after the growth (reduction orders differ: not bitwise);
   also with megatron's distributed optimizer at (1,2,2), with overlapped DP reduces at (2,1,2), and
-  in bf16 (fp32 masters in the distributed optimizer's slices) at (2,2,2) within 1e-2.
-- Resume under another layout, also from distributed-optimizer slices into the ordinary optimizer;
-  at the same layout bitwise.
+  in bf16 (fp32 masters in the distributed optimizer's slices) at (2,2,2) within 1e-2; megatron's
+  sequence parallelism at TP2 and TP4, its interleaved pipeline at TP2 x PP2 x V2 (with SP, layers
+  doubled inside each chunk), grouped-query attention at TP2 growing by groups, recomputation.
+- Resume under another layout, also from distributed-optimizer slices into the ordinary optimizer,
+  from an SP + V2 run onto one process and from PP2 onto V2; at the same layout bitwise.
 - Bad layouts fail fast with a message naming the numbers.
 """
 import json

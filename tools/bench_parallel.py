@@ -6,6 +6,7 @@
     python tools/bench_parallel.py --gpu [--steps 30]           # one GPU: ~1B model, bf16, MFU
     python tools/bench_parallel.py --gpu --compare              # + eager ops, + bf16 autocast, side by side
     python tools/bench_parallel.py --gpu --recompute none,selective,full  # MFU under each recompute mode
+    python tools/bench_parallel.py --gpu --layout 2,2 --sequence-parallel --virtual-pipeline 2  # 4 GPUs
 
 CPU mode runs the same small fixed-shape config (synthetic tokens, no growth) at each layout under
 torchrun (gloo) and reports the median step time, its ratio to the single-process run, and the
@@ -93,6 +94,19 @@ def _install_comm_timer():
         if hasattr(dist, name):
             setattr(dist, name, timed(getattr(dist, name)))
     dist.batch_isend_irecv = timed_batch(dist.batch_isend_irecv)
+    # the interleaved schedule's unbatched p2p (torch's P2POp only accepts torch's own isend, so the
+    # posting function of megatron's p2p module is wrapped instead), timed until its requests are waited on
+    from megatron.core.pipeline_parallel import p2p_communication as p2p
+
+    unbatched = p2p._p2p_ops
+
+    def timed_unbatched(**kwargs):
+        t0 = time.perf_counter()
+        reqs = {k: _TimedWork(r, acc) for k, r in unbatched(**kwargs).items()}
+        acc["seconds"] += time.perf_counter() - t0
+        return reqs
+
+    p2p._p2p_ops = timed_unbatched
     return acc
 
 
@@ -174,6 +188,7 @@ def main():
                     help="CPU: also run each TP > 1 layout with parallel.sequence_parallel=true")
     ap.add_argument("--virtual-pipeline", type=int, default=1,
                     help="CPU: also run each PP > 1 layout with parallel.virtual_pipeline=V (interleaved 1F1B)")
+    ap.add_argument("--layout", default="1,1", help="GPU: TP,PP of the runs (TP x PP GPUs; default 1,1)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
@@ -185,6 +200,9 @@ def main():
         if not torch.cuda.is_available():  # the 1.7B model would fill a CPU machine's memory
             ap.error(f"--gpu needs a visible CUDA device (torch {torch.__version__} sees none); "
                      f"without --gpu this script runs the CPU layouts")
+        gpu_tp, gpu_pp = (int(x) for x in args.layout.split(","))
+        if torch.cuda.device_count() < gpu_tp * gpu_pp:
+            ap.error(f"--layout {args.layout} needs {gpu_tp * gpu_pp} GPUs; {torch.cuda.device_count()} visible")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                             text=True).stdout.strip()
     with tempfile.TemporaryDirectory() as tmp:
@@ -194,13 +212,19 @@ def main():
                 name, extra = GPU_VARIANTS[0]
                 variants = [(f"{name}, recompute={m}", extra + [f"train.recompute={m}"])
                             for m in args.recompute.split(",")]
-            res = {name: run_layout(1, 1, args.steps or 30, GPU_CONFIG + extra + args.overrides, tmp)
-                   for name, extra in variants}
+            base_name, base_extra = variants[0]
+            if args.sequence_parallel:
+                variants.append((f"{base_name}, sequence parallel", base_extra + ["parallel.sequence_parallel=true"]))
+            if args.virtual_pipeline > 1:
+                variants.append((f"{base_name}, virtual pipeline {args.virtual_pipeline}",
+                                 base_extra + [f"parallel.virtual_pipeline={args.virtual_pipeline}"]))
+            res = {name: run_layout(gpu_tp, gpu_pp, args.steps or 30, GPU_CONFIG + extra + args.overrides, tmp,
+                                    str(i)) for i, (name, extra) in enumerate(variants)}
             if args.json:
                 print(json.dumps({"commit": commit, "gpu": res}))
                 return
             first = next(iter(res.values()))
-            print(f"~1.7B GPT (2048, 8192, 16x128, 24 layers), seq 2048, one GPU, commit {commit}")
+            print(f"~1.7B GPT (2048, 8192, 16x128, 24 layers), seq 2048, TP {gpu_tp} x PP {gpu_pp}, commit {commit}")
             print(f"{'variant':44s} {'tokens/s':>9s} {'TFLOP/s':>8s} {'MFU':>6s} {'step (s)':>9s} {'speed':>6s}")
             for name, r in res.items():
                 mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"

@@ -3,9 +3,11 @@
 # two GPU benchmarks (masked-norm bandwidth, issue 5; training MFU, issue 3). For a machine whose
 # Python has torch with CUDA but maybe not this package's other dependencies installed.
 #
-#   tools/gpu_session.sh [build] [test] [norm] [mfu] [profile] [grow] [recompute]   (default: all, in that order)
+#   tools/gpu_session.sh [build] [test] [norm] [mfu] [profile] [grow] [recompute] [parallel]   (default: all, in that order)
 #
 # recompute: training MFU of the ~1.7B model with train.recompute none / selective / full.
+# parallel: MFU at TP2 x PP2 plain, with sequence parallelism and with virtual_pipeline=2 (needs 4
+# GPUs; skipped with a message on fewer).
 #
 # grow: msg-grow streamed on the GPU (its default device there), tensor for tensor against the
 # whole-model growth (tests/test_stream_grow.py; CPU CI runs the same on the CPU).
@@ -24,11 +26,11 @@ OUT="${OUT:-$PWD/gpu-results}"
 mkdir -p "$OUT"
 export WANDB_MODE=disabled PYTHONUNBUFFERED=1
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(build test norm mfu profile grow recompute)
+[ ${#steps[@]} -eq 0 ] && steps=(build test norm mfu profile grow recompute parallel)
 for step in "${steps[@]}"; do  # a typo fails before anything is installed or built
   case "$step" in
-    build|test|norm|mfu|profile|grow|recompute) ;;
-    *) echo "gpu_session.sh: unknown step '$step' (build, test, norm, mfu, profile, grow, recompute)" >&2; exit 2 ;;
+    build|test|norm|mfu|profile|grow|recompute|parallel) ;;
+    *) echo "gpu_session.sh: unknown step '$step' (build, test, norm, mfu, profile, grow, recompute, parallel)" >&2; exit 2 ;;
   esac
 done
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -61,6 +63,12 @@ for step in "${steps[@]}"; do
     mfu) run mfu python3 tools/bench_parallel.py --gpu --compare ;;
     profile) run profile python3 tools/profile_step.py --gpu-bench --steps 2 --top 30 ;;
     recompute) run recompute python3 tools/bench_parallel.py --gpu --recompute none,selective,full ;;
+    parallel)
+      if [ "$(python3 -c 'import torch; print(torch.cuda.device_count())')" -ge 4 ]; then
+        run parallel python3 tools/bench_parallel.py --gpu --layout 2,2 --sequence-parallel --virtual-pipeline 2
+      else
+        echo "[parallel] skipped: TP2 x PP2 needs 4 GPUs" | tee "$OUT/parallel.log"
+      fi ;;
     grow) run grow python3 -m pytest -q -p no:cacheprovider tests/test_stream_grow.py -k "writes_what or peak" ;;
   esac
 done
