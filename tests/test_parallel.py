@@ -113,7 +113,6 @@ CASES = {
     # grouped-query attention: 2 query heads per group, grows 2 -> 4 groups (one more per TP rank)
     "tp2_gqa": (2, 1, 1, LLAMA + ["model.num_query_groups=4"], [[32, 64, 4, 2], [32, 128, 8, 2]]),  # ffn + groups
     "pp2": (1, 2, 1, [], [[32, 64, 2, 2], [48, 64, 2, 4]]),                              # hidden + layers, tied copy
-    "tp2pp2": (2, 2, 1, LLAMA, [[32, 64, 2, 2], [32, 128, 4, 4]]),                       # ffn, heads, layers
     "dp2": (1, 1, 2, [], [[32, 64, 2, 2], [48, 64, 2, 3]]),                              # hidden + layers
     "tp2dp2": (2, 1, 2, ["model.tie_embeddings=false"], [[32, 64, 2, 2], [48, 64, 2, 2]]),  # hidden
     # megatron's distributed optimizer (AdamW state in 1/DP slices, grown across the slices) against
@@ -129,6 +128,7 @@ CASES = {
     # Python (inductor's own numerics are tests/test_fusion.py's; 8 compiling ranks cost minutes)
     # activation recomputation (megatron's tensor_parallel.checkpoint) under TP x PP's schedule,
     # and selective recomputation of core attention under TP, against the plain single-process run
+    # (also the (2,2,1) layout's case: ffn, heads, layers)
     "tp2pp2_recompute_full": (2, 2, 1, LLAMA, [[32, 64, 2, 2], [32, 128, 4, 4]],
                               ["train.recompute=full", "train.recompute_num_layers=1"]),
     "tp2_recompute_selective": (2, 1, 1, [], [[32, 64, 2, 2], [48, 128, 4, 2]], ["train.recompute=selective"]),

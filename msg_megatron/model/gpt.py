@@ -81,9 +81,9 @@ def _seed_module(seed: int, tag: str) -> None:
 def transformer_config(mcfg: ModelConfig, shape: Shape, perform_init: bool = True) -> TransformerConfig:
     """megatron's TransformerConfig for one stage's shape (head dim fixed at model.kv_channels),
     with the process's tensor-parallel degree and sequence parallelism (parallel/setup.py)."""
-    std = mcfg.init_method_std
     from megatron.core import parallel_state as ps
 
+    std = mcfg.init_method_std
     tp = ps.get_tensor_model_parallel_world_size() if ps.model_parallel_is_initialized() else 1
     _, pp = pp_rank_size()
     v = virtual_size()
@@ -208,6 +208,9 @@ class MaskedGPT(MegatronModule):
         stage other than the last, the hidden states [s, b, h] for the next stage. `chunk`: run only
         that virtual pipeline stage of this rank (ModelChunk), on `input_tensor` unless it is the
         first; None: all of the stage's layers in order."""
+        if chunk is None and self.chunks > 1:
+            raise RuntimeError("an interleaved pipeline stage runs one chunk at a time (its layers are not "
+                               "consecutive): go through run_microbatches / chunk_views()")
         n = self.local_layers // self.chunks
         layers = self.layers if chunk is None else self.layers[chunk * n:(chunk + 1) * n]
         first = self.pre_process and chunk in (None, 0)
