@@ -51,3 +51,14 @@ def run_cli(args, timeout=300, env=None):
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / a.abs().max().clamp_min(1e-30))
+
+
+def assert_refused(overrides, words, make=None):
+    """Loading the config with `overrides` (or `make(*overrides)`) raises a ConfigError whose
+    message contains every one of `words` (the field, the numbers, the fix)."""
+    from msg_megatron.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as e:
+        (make or (lambda *o: load_config(None, list(o))))(*overrides)
+    for w in words:
+        assert w in str(e.value), str(e.value)
