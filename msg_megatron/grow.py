@@ -143,7 +143,12 @@ def _main(argv) -> int:
 
     state = dict(meta["state"], stage=meta["state"]["stage"] + 1)
     tok = os.path.join(path, "tokenizer.model")
-    saved_cfg = dict(meta["config"], parallel=dict(meta["config"]["parallel"], tensor=tp, pipeline=pp))
+    # the layout this checkpoint is written at (a record: checkpoints keep global layer numbers, so
+    # any layout resumes them); the saved interleaving degree where it still applies
+    v = cfg.parallel.virtual_pipeline
+    v = v if pp > 1 and shape.layers % (pp * v) == 0 else 1
+    saved_cfg = dict(meta["config"], parallel=dict(meta["config"]["parallel"], tensor=tp, pipeline=pp,
+                                                   virtual_pipeline=v))
     saved = save_checkpoint(args.save, new_model, None, state, saved_cfg, tok if os.path.exists(tok) else "",
                             streamed=(sd, source, bool(meta.get("optimizer"))))
     if lock is not None:

@@ -25,6 +25,7 @@ from typing import List
 
 from .cli import run_cli
 from .config import Config, load_config
+from .dry_run import DryRunError, dry_run
 from .model.gpt import padded_vocab_size
 from .training.flops import PEAK_TFLOPS, flops_per_token
 from .training.runs import read_metrics
@@ -163,6 +164,11 @@ def _main(argv: List[str]) -> int:
                     help="plan memory with AdamW state replicated over data parallelism even when the config sets "
                     "parallel.distributed_optimizer")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="build every stage's ranks for real on meta tensors under torch's fake process group at "
+                    "the real world size: checkpoint coverage, memory from the tensors built (msg_megatron/dry_run.py)")
+    ap.add_argument("--ranks", default="edges", help="--dry-run: the ranks whose memory is reported: edges (first "
+                    "and last of every TP, PP and DP coordinate), all, or R1,R2,... (every rank is built for coverage)")
     ap.add_argument("--jobs", action="store_true", help="print one line per job of a layout-changing schedule: "
                     "FIRST_STAGE TENSOR PIPELINE H,F,A,L SAVE_DIR (what launch/slurm/chain_stages.sh reads)")
     args = ap.parse_args(argv)
@@ -178,6 +184,14 @@ def _main(argv: List[str]) -> int:
     if not 0 < args.mfu <= 1:
         raise ValueError(f"--mfu {args.mfu} must be in (0, 1]")
     cfg = load_config(args.config, args.overrides)
+    if args.dry_run:
+        try:
+            res = dry_run(cfg, args.ranks, GPU_MEMORY_GIB.get(args.gpu), log=(lambda *_: None) if args.json else print)
+        except DryRunError as e:  # what would fail on the cluster: its own exit status
+            print(f"msg-plan: dry run failed: {e}", file=sys.stderr)
+            return 3
+        print(json.dumps(res) if args.json else f"[dry-run] every stage built and covered in {res['seconds']:.0f} s")
+        return 0
     res = plan(cfg, args.mfu, args.gpu, cfg.parallel.distributed_optimizer and not args.no_distributed_optimizer)
     print(json.dumps(res) if args.json else table(res))
     return 0

@@ -217,9 +217,9 @@ def test_unsupported_architectures_are_named():
     with pytest.raises(UnsupportedArchitecture, match="heads x head_dim == hidden"):
         architecture(ModelConfig(kv_channels=32), Shape(256, 1024, 4, 4))
     llama = {"model_type": "llama", "vocab_size": 100, "hidden_size": 32, "intermediate_size": 64,
-             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
-    with pytest.raises(UnsupportedArchitecture, match="grouped-query attention"):
-        model_config_from_hf(llama)
+             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 3}
+    with pytest.raises(UnsupportedArchitecture, match="num_attention_heads=4 is not a multiple of num_key_value_heads=3"):
+        model_config_from_hf(llama)  # (grouped-query attention itself imports: tests/test_gqa.py)
     with pytest.raises(UnsupportedArchitecture, match="model_type `bert`"):
         model_config_from_hf({"model_type": "bert"})
 

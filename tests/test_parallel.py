@@ -8,7 +8,7 @@
   within 1e-5 relative, before, at and after the growth (reduction orders differ: not bitwise);
   also with megatron's distributed optimizer at (1,2,2), with overlapped DP reduces at (2,1,2), and
   in bf16 (fp32 masters in the distributed optimizer's slices) at (2,2,2) within 1e-2; megatron's
-  sequence parallelism at TP2 and TP4, its interleaved pipeline at TP2 x PP2 x V2 (with SP, layers
+  sequence parallelism at TP4, its interleaved pipeline at TP2 x PP2 x V2 (with SP, layers
   doubled inside each chunk), grouped-query attention at TP2 growing by groups, recomputation.
 - Resume under another layout, also from distributed-optimizer slices into the ordinary optimizer,
   from an SP + V2 run onto one process and from PP2 onto V2; at the same layout bitwise.
@@ -132,8 +132,8 @@ CASES = {
     "tp2pp2_recompute_full": (2, 2, 1, LLAMA, [[32, 64, 2, 2], [32, 128, 4, 4]],
                               ["train.recompute=full", "train.recompute_num_layers=1"]),
     "tp2_recompute_selective": (2, 1, 1, [], [[32, 64, 2, 2], [48, 128, 4, 2]], ["train.recompute=selective"]),
-    # megatron's sequence parallelism: activations between TP regions split along the sequence
-    "tp2_sp": (2, 1, 1, LLAMA, [[32, 64, 2, 2], [48, 128, 4, 2]], ["parallel.sequence_parallel=true"]),
+    # megatron's sequence parallelism: activations between TP regions split along the sequence (at TP2:
+    # tp2pp2_vpp2_sp below)
     "tp4_sp": (4, 1, 1, [], [[32, 64, 4, 2], [48, 128, 8, 3]], ["parallel.sequence_parallel=true"]),
     # megatron's interleaved 1F1B: 2 chunks per pipeline rank, layers doubled inside each chunk,
     # with sequence parallelism (the p2p tensors are sequence shards)

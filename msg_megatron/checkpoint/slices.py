@@ -67,7 +67,10 @@ def _exact(t: torch.Tensor) -> torch.Tensor:
     """`t` (a contiguous view) as a tensor whose storage is exactly its own elements, sharing their
     memory. megatron's writer copies a CPU tensor whose storage is larger than the tensor before
     writing it (torch.save would write the whole storage); a box of a slice, or a slice of the
-    parameter buffer, would be copied whole that way. With an exact storage nothing is copied."""
+    parameter buffer, would be copied whole that way. With an exact storage nothing is copied.
+    (A meta tensor, msg-plan --dry-run's, is returned as it is: it is never written.)"""
+    if t.device.type == "meta":
+        return t
     nbytes = t.element_size()
     storage = t.untyped_storage()[t.storage_offset() * nbytes:(t.storage_offset() + t.numel()) * nbytes]
     return torch.empty(0, dtype=t.dtype, device=t.device).set_(storage, 0, t.shape)

@@ -12,6 +12,7 @@ a load sees it. The replacements themselves live with the code that needs them (
 | `pickle` in `torch.distributed.checkpoint.filesystem` | `.metadata` read with plain `pickle.load` (runs any code) | `checkpoint/safe_pickle`'s restricted unpickler, one load | a crafted checkpoint cannot run code |
 | `FileSystemWriterAsync` in `dist_checkpointing.strategies.torch` | resolves every tensor of the save before writing | `checkpoint/stream_writer.StreamingWriter`, one msg-grow save | a grown stage is written tensor by tensor, never whole in memory |
 | `torch.serialization` CRC-32 option (`set_crc32_options`) | torch.save checksums every record | off, one save | the manifest already checksums the same bytes; a second pass costs a save's time |
+| `torch.distributed.new_group`, `torch.cuda.current_device` (`meta_world`) | megatron makes gloo groups for the distributed optimizer and allocates buffers on the current device | groups on the default (fake) backend, buffers on `meta`, one msg-plan --dry-run rank | a 192-rank layout is built on a laptop: torch's fake process group has no gloo, and no real memory is used |
 | warning filters (`quiet_upstream_warnings`, at import) | megatron announces its fallbacks on import; torch's DCP calls its deprecated `load_state_dict` | ignored by message | expected on CPU; not the user's problem |
 """
 from __future__ import annotations
@@ -78,3 +79,22 @@ def torch_save_crc32(enabled: bool):
         yield
     finally:
         torch.serialization.set_crc32_options(previous)
+
+
+@contextlib.contextmanager
+def meta_world():
+    """For msg-plan --dry-run: process groups megatron asks to be gloo are made on the default
+    backend (torch's fake one, which has no gloo), and the buffers megatron puts on
+    `torch.cuda.current_device()` (DDP's gradient buffers, the optimizer's) go to `meta`."""
+    import torch
+    import torch.distributed as dist
+
+    real_new_group = dist.new_group
+
+    def new_group(*args, **kwargs):
+        if kwargs.get("backend") == "gloo":
+            kwargs["backend"] = None
+        return real_new_group(*args, **kwargs)
+
+    with _replaced(dist, "new_group", new_group), _replaced(torch.cuda, "current_device", lambda: "meta"):
+        yield

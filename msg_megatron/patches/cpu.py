@@ -91,8 +91,8 @@ class _TorchOnCpu:
         return factory
 
 
-_CUDA_NAMES = {"torch.FloatTensor": "torch.cuda.FloatTensor", "torch.HalfTensor": "torch.cuda.HalfTensor",
-               "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor"}
+_CUDA_NAMES = {f"torch.{where}{kind}Tensor": f"torch.cuda.{kind}Tensor"
+               for where in ("", "meta.") for kind in ("Float", "Half", "BFloat16")}  # (meta: msg-plan --dry-run)
 
 
 def _cuda_type_names(fn):
