@@ -42,7 +42,8 @@ from .model.gpt import MaskedGPT, padded_vocab_size, stage_piece, virtual_size
 from .optim.optimizer import MOMENTS, build_optimizer, cast_params, param_dtype
 from .parallel import destroy_parallel, initialize_parallel
 from .patches import apply_cpu_patches, meta_world
-from .training.sizes import activation_bytes, stage_memory
+from .training.run_setup import check_batch_split
+from .training.sizes import activation_settings, stage_memory
 
 
 class DryRunError(RuntimeError):
@@ -236,14 +237,9 @@ def dry_run(cfg, ranks: str = "edges", gpu_memory_gib: Optional[float] = None, l
         if world % (tp * pp):
             raise DryRunError(f"stage {i}: parallel.gpus={world} is not a multiple of tensor x pipeline = {tp * pp}")
         dp = world // (tp * pp)
-        gbs, mbs = cfg.batch_size(i), cfg.train.micro_batch_size
-        v = cfg.parallel.virtual_pipeline
-        if (gbs // mbs) % dp:
-            raise DryRunError(f"stage {i}: {gbs // mbs} micro-batches per step do not split over DP={dp}")
-        micro = gbs // mbs // dp
-        if v > 1 and micro % pp:
-            raise DryRunError(f"stage {i}: {micro} micro-batches per DP rank are not a multiple of parallel.pipeline="
-                              f"{pp} (the interleaved schedule's groups)")
+        check_batch_split(cfg, (tp, pp), dp)  # (the trainer's own check, before any rank is built)
+        settings = activation_settings(cfg, i, dp)
+        micro, v = settings["micro_batches"], cfg.parallel.virtual_pipeline
         wanted = set(select_ranks(ranks, tp, pp, dp))
         pieces, mems, sources = [], {}, {}
         online = i > 0 and cfg.layout(i - 1) == (tp, pp)
@@ -276,14 +272,9 @@ def dry_run(cfg, ranks: str = "edges", gpu_memory_gib: Optional[float] = None, l
         new_keys = {k: (g, d) for k, g, _, _, d, _ in pieces}
         growth = (check_growth_mapping(prev_keys, new_keys, sources, shape.layers, i) if i else None)
         prev_keys = new_keys
-        formula = stage_memory(cfg.model, shape, vocab, tp, pp, dp, mbs, cfg.parallel.distributed_optimizer,
-                               cfg.train.precision, recompute=cfg.train.recompute,
-                               recompute_layers=cfg.train.recompute_num_layers,
-                               sequence_parallel=cfg.parallel.sequence_parallel,
-                               virtual_pipeline=v if pp > 1 else 1, micro_batches=micro)
-        acts = activation_bytes(cfg.model, shape, vocab, tp, pp, mbs, cfg.train.recompute,
-                                cfg.train.recompute_num_layers, sequence_parallel=cfg.parallel.sequence_parallel,
-                                virtual_pipeline=v if pp > 1 else 1, micro_batches=micro)
+        formula = stage_memory(cfg.model, shape, vocab, tp, pp, dp, cfg.train.micro_batch_size,
+                               cfg.parallel.distributed_optimizer, cfg.train.precision, **settings)
+        acts = formula["activations"]
         worst = max(mems.values(), key=lambda m: m["total"])
         st = {"stage": i, "shape": list(shape.as_tuple()), "layout": [tp, pp, dp], "world": world,
               "ranks_built": world, "ranks_reported": sorted(mems), "checkpoint_keys": keys,

@@ -7,12 +7,13 @@ training the final shape on the same tokens. Memory per GPU, in train.precision 
   weights 2 B/param, fp32 main gradients 4 B/param, fp32 master weights + Adam moments 12 B/param
   divided by DP with the distributed optimizer; fp32: 4 + 4 + 8), on the most loaded pipeline stage (the first: the
   embedding and PP micro-batches in flight under 1F1B), activations with flash attention (no s^2
-  term) and no sequence parallelism (train.recompute=full: a recomputed layer keeps only its
-  input, training/sizes.activation_bytes), per layer and micro-batch of b sequences
-      2*s*b*(6h + (6*a*d + a + F_in + F*(2 if SwiGLU else 1)) / TP) bytes,
-  F_in = 2F for SwiGLU's fc1 else F (MaskedGPT's saved tensors; measured within 6% on CPU by
-  tests/test_recompute.py). The pipeline bubble per stage is 1F1B's (PP - 1) / (m + PP - 1) for m
-  micro-batches per data-parallel rank. Besides the training step, the peak of a save, a load and the
+  term), per layer and micro-batch of b sequences
+      2*s*b*(6h + ((3a + 3g)*d + a + F_in + F*(2 if SwiGLU else 1)) / TP) bytes,
+  F_in = 2F for SwiGLU's fc1 else F, g query groups (g = a under MHA) (MaskedGPT's saved tensors;
+  measured within 6% on CPU by tests/test_recompute.py); sequence parallelism divides the 6h by
+  TP, train.recompute=full keeps only a recomputed layer's input, V interleaved chunks put
+  2(PP-1) + (V-1)PP + 1 chunk forwards in flight (training/sizes.activation_bytes). The pipeline
+  bubble per stage is (PP - 1) / (V m + PP - 1) for m micro-batches per data-parallel rank. Besides the training step, the peak of a save, a load and the
   growth into each stage (training/phase_memory.py); a phase over the GPU's memory is a warning
   with what to change. Estimates for planning, not measurements.
 """
@@ -29,7 +30,7 @@ from .dry_run import DryRunError, dry_run
 from .model.gpt import padded_vocab_size
 from .training.flops import PEAK_TFLOPS, flops_per_token
 from .training.runs import read_metrics
-from .training.sizes import count_params, kv_cache_bytes, stage_memory
+from .training.sizes import activation_settings, count_params, kv_cache_bytes, stage_memory
 
 GIB = 1024 ** 3
 GPU_MEMORY_GIB = {"H200": 141, "H100": 80, "A800": 80, "A100": 80}
@@ -55,12 +56,10 @@ def plan(cfg: Config, mfu: float, gpu: str, distributed_optimizer: bool = True) 
         flops = fpt * tokens
         # the growth into this stage runs at this stage's layout: online, or msg-grow after a relayout
         growth = ("online" if cfg.layout(i) == cfg.layout(i - 1) else "msg-grow") if i else None
-        micro = gbs // (cfg.train.micro_batch_size * dp)  # micro-batches per data-parallel rank and step
-        vpp = cfg.parallel.virtual_pipeline if pp > 1 else 1
+        settings = activation_settings(cfg, i, dp)
+        micro, vpp = settings["micro_batches"], settings["virtual_pipeline"]  # (micro-batches per DP rank)
         mem = stage_memory(cfg.model, shape, vocab, tp, pp, dp, cfg.train.micro_batch_size, distributed_optimizer,
-                           cfg.train.precision, sched[i - 1][1] if i else None, growth or "online",
-                           cfg.train.recompute, cfg.train.recompute_num_layers, cfg.parallel.sequence_parallel,
-                           vpp, micro)
+                           cfg.train.precision, sched[i - 1][1] if i else None, growth or "online", **settings)
         stages.append({"stage": i, "steps": [step, end], "shape": list(shape.as_tuple()),
                        "micro_batches": micro, "bubble": pipeline_bubble(pp, micro, vpp), "virtual_pipeline": vpp,
                        "params": count_params(cfg.model, shape, vocab), "flops_per_token": fpt, "tokens": tokens,

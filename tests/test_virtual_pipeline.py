@@ -62,7 +62,7 @@ def test_bad_virtual_pipeline_settings_are_refused(overrides, words):
 
 def test_micro_batches_per_rank_must_fill_the_interleaved_groups():
     """6 micro-batches over DP=2 are 3 per rank, not a multiple of PP=2: refused before any compute."""
-    from msg_megatron.training.run_setup import _check_batch_split
+    from msg_megatron.training.run_setup import check_batch_split as _check_batch_split
 
     cfg = load_config(None, LAYOUT + ["train.global_batch_size=12"])
     _check_batch_split(cfg, (1, 2), 1)  # 6 per rank: fine

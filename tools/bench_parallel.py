@@ -270,13 +270,11 @@ def _formula(tp, pp, overrides):
     """msg-plan's activation estimate (training/sizes.activation_bytes) for this run, fp32."""
     from msg_megatron.config import load_config
     from msg_megatron.model.gpt import padded_vocab_size
-    from msg_megatron.training.sizes import activation_bytes
+    from msg_megatron.training.sizes import activation_bytes, activation_settings
 
     cfg = load_config(None, overrides + [f"parallel.tensor={tp}", f"parallel.pipeline={pp}"])
-    t, p = cfg.train, cfg.parallel
-    return activation_bytes(cfg.model, cfg.model.shape, padded_vocab_size(cfg.model), tp, pp, t.micro_batch_size,
-                            t.recompute, t.recompute_num_layers, elem=4, sequence_parallel=p.sequence_parallel,
-                            virtual_pipeline=p.virtual_pipeline, micro_batches=t.global_batch_size // t.micro_batch_size)
+    return activation_bytes(cfg.model, cfg.model.shape, padded_vocab_size(cfg.model), tp, pp,
+                            cfg.train.micro_batch_size, elem=4, **activation_settings(cfg, 0, 1))
 
 
 if __name__ == "__main__":

@@ -182,9 +182,7 @@ class MaskedGPT(MegatronModule):
 
     def set_input_tensor(self, input_tensor) -> None:
         """Called by megatron's pipeline schedules with the previous stage's output."""
-        if isinstance(input_tensor, (list, tuple)):
-            input_tensor = input_tensor[0]
-        self.input_tensor = input_tensor
+        self.input_tensor = _one_tensor(input_tensor)
 
     def chunk_views(self) -> list:
         """The stage's virtual pipeline stages as modules for megatron's interleaved schedule."""
@@ -316,12 +314,15 @@ class ModelChunk(nn.Module):
         return self._gpt.config
 
     def set_input_tensor(self, input_tensor) -> None:
-        if isinstance(input_tensor, (list, tuple)):
-            input_tensor = input_tensor[0]
-        self.input_tensor = input_tensor
+        self.input_tensor = _one_tensor(input_tensor)
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor = None) -> torch.Tensor:
         return self._gpt(tokens, labels, chunk=self.index, input_tensor=self.input_tensor)
+
+
+def _one_tensor(input_tensor):
+    """megatron's schedules hand a stage its input as a list of one tensor (or the tensor)."""
+    return input_tensor[0] if isinstance(input_tensor, (list, tuple)) else input_tensor
 
 
 def _run_layer(layer):

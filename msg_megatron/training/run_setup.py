@@ -59,7 +59,7 @@ def build_run(cfg: Config, log_enabled: bool = True) -> RunParts:
     check_host_memory(cfg, layout, dp)
     # one run per save directory, and a target that takes files, checked before any compute
     lock = hold_save_dir(cfg.checkpoint.save, "msg-pretrain") if cfg.checkpoint.save else None
-    _check_batch_split(cfg, layout, dp)
+    check_batch_split(cfg, layout, dp)
     metrics = MetricsLogger(cfg.logging.run_dir, cfg.logging.wandb, cfg.logging.project, cfg.logging.name,
                             cfg.to_dict(), enabled=log_enabled and is_logging_rank())
     if lock is not None and lock.note:
@@ -75,7 +75,9 @@ def build_run(cfg: Config, log_enabled: bool = True) -> RunParts:
                     data_dir, train_data, valid_data, no_validation, schedule, lr_schedule)
 
 
-def _check_batch_split(cfg: Config, layout: tuple, dp: int) -> None:
+def check_batch_split(cfg: Config, layout: tuple, dp: int) -> None:
+    """The micro-batches of every stage run at `layout` split over `dp` ranks (and, interleaved,
+    into megatron's groups of PP): a ConfigError naming the numbers otherwise."""
     mbs = cfg.train.micro_batch_size
     for i in range(len(cfg.schedule())):
         gbs = cfg.batch_size(i)

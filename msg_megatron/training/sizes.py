@@ -125,6 +125,17 @@ def activation_bytes(mcfg: ModelConfig, shape: Shape, vocab_padded: int, tp: int
     return (in_flight - 1) * per_micro + max(per_micro + logits, inputs + layer if k else 0)
 
 
+def activation_settings(cfg, stage: int, dp: int) -> dict:
+    """What the activation count reads from a config for growth stage `stage` at its layout and DP
+    degree: the keyword arguments of activation_bytes and stage_memory (msg-plan, its dry run and
+    the benchmark read them here, so all three count the same run)."""
+    tp, pp = cfg.layout(stage)
+    t, p = cfg.train, cfg.parallel
+    return dict(recompute=t.recompute, recompute_layers=t.recompute_num_layers,
+                sequence_parallel=p.sequence_parallel and tp > 1, virtual_pipeline=p.virtual_pipeline if pp > 1 else 1,
+                micro_batches=cfg.batch_size(stage) // (t.micro_batch_size * dp))
+
+
 def stage_memory(mcfg: ModelConfig, shape: Shape, vocab_padded: int, tp: int, pp: int, dp: int,
                  micro_batch: int, distributed_optimizer: bool = True, precision: str = "bf16",
                  old_shape: Optional[Shape] = None, growth: str = "online", recompute: str = "none",
