@@ -29,6 +29,8 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+import resource
+import sys
 import time
 from typing import Dict, List, Optional
 
@@ -38,10 +40,12 @@ from .checkpoint.dist import _sharded
 from .config import ConfigError
 from .growth.operators import chunk_depth_plan
 from .growth.stream import stage_groups
+from .meta_memory import PeakMetaBytes
 from .model.gpt import MaskedGPT, padded_vocab_size, stage_piece, virtual_size
 from .optim.optimizer import MOMENTS, build_optimizer, cast_params, param_dtype
 from .parallel import destroy_parallel, initialize_parallel
 from .patches import apply_cpu_patches, meta_world
+from .training.phase_memory import phase_peaks, streamed_growth_peak
 from .training.run_setup import check_batch_split
 from .training.sizes import activation_settings, stage_memory
 
@@ -74,6 +78,23 @@ def select_ranks(spec: str, tp: int, pp: int, dp: int) -> List[int]:
     return ranks
 
 
+def ranks_to_build(spec: str, tp: int, pp: int, dp: int) -> tuple:
+    """(ranks to build, their TP x PP coordinates whose every DP rank is built, whether that is every rank).
+
+    `all`: every rank, and the checkpoint coverage is checked over the whole world. Otherwise: one DP
+    replica (every TP x PP rank at DP rank 0: the model tensors), every DP rank of the first and the
+    last pipeline stage's first TP coordinate (their optimizer slices: the ends differ by stage, TP
+    ranks only by offsets), and the ranks whose memory is reported."""
+    world = tp * pp * dp
+    if spec == "all":
+        return list(range(world)), [(0, p) for p in range(pp)], True
+    coords = sorted({(0, 0), (0, pp - 1)})
+    built = {t + tp * dp * p for t in range(tp) for p in range(pp)}
+    built |= {t + tp * (d + dp * p) for t, p in coords for d in range(dp)}
+    built |= set(select_ranks(spec, tp, pp, dp))
+    return sorted(built), coords, len(built) == world
+
+
 @contextlib.contextmanager
 def fake_rank(world: int, rank: int, tp: int, pp: int, seed: int, sequence_parallel: bool, virtual_pipeline: int):
     """This process as global rank `rank` of `world` on torch's fake process group, megatron's
@@ -85,6 +106,7 @@ def fake_rank(world: int, rank: int, tp: int, pp: int, seed: int, sequence_paral
     if dist.is_initialized():
         raise RuntimeError("the dry run needs a process without torch.distributed (msg-plan runs it in its own)")
     apply_cpu_patches()  # (first: meta_world then replaces its current_device for the block)
+    hook = sys.excepthook  # (each init wraps it to prefix "[rank N]:"; one prefix per rank built otherwise)
     with meta_world():
         dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
         try:
@@ -93,14 +115,13 @@ def fake_rank(world: int, rank: int, tp: int, pp: int, seed: int, sequence_paral
                 yield
         finally:
             destroy_parallel()
+            sys.excepthook = hook
 
 
-def build_rank(cfg, shape):
-    """This rank's model, optimizer (with its AdamW moments allocated) and checkpoint pieces."""
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories, is_main_replica
-
-
+def build_rank(cfg, shape, measure_save: bool = False):
+    """This rank's model, optimizer (with its AdamW moments allocated), checkpoint pieces, and with
+    `measure_save` the bytes that building the save's state dict adds on the device (meta_memory:
+    measured from the tensors it creates; None otherwise)."""
     model = cast_params(MaskedGPT(cfg.model, shape, perform_init=False), param_dtype(cfg.train))
     opt = build_optimizer(model, cfg.train, cfg.parallel)
     for p in model.parameters():  # the moments AdamW's first step allocates
@@ -109,11 +130,35 @@ def build_rank(cfg, shape):
             n = rng[1] - rng[0]
             opt.set_local_state(p, {"step": 0,
                                     **{k: torch.zeros(n, dtype=torch.float32) for k in MOMENTS}})
+    with PeakMetaBytes() if measure_save else contextlib.nullcontext() as peak:
+        pieces = checkpoint_pieces(model, opt)
+    return model, opt, pieces, (peak.peak - peak.start if peak else None)
+
+
+def checkpoint_pieces(model, opt) -> list:
+    """What this rank writes into a checkpoint (checkpoint/dist._sharded, the main replicas):
+    (key, global shape, global offset, local shape, dtype) per piece."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories, is_main_replica
+
     sd, _ = _sharded(model, opt)
     apply_factories(sd)
-    pieces = [(sh.key, tuple(sh.global_shape), tuple(sh.global_offset), tuple(sh.local_shape), str(sh.dtype))
-              for sh in nested_values(sd) if isinstance(sh, ShardedTensor) and is_main_replica(sh.replica_id)]
-    return model, opt, pieces
+    return [(sh.key, tuple(sh.global_shape), tuple(sh.global_offset), tuple(sh.local_shape), str(sh.dtype))
+            for sh in nested_values(sd) if isinstance(sh, ShardedTensor) and is_main_replica(sh.replica_id)]
+
+
+def layer_and_ends_of(model) -> tuple:
+    """(elements of this rank's largest layer, of its other parameters: embeddings, output layer,
+    final norm), counted on the parameters built."""
+    layers: Dict[str, int] = {}
+    ends = 0
+    for name, p in model.named_parameters():
+        found = re.match(r"layers\.(\d+)\.", name)
+        if found:
+            layers[found.group(1)] = layers.get(found.group(1), 0) + p.numel()
+        else:
+            ends += p.numel()
+    return max(layers.values(), default=0), ends
 
 
 def memory_of(model, opt) -> Dict[str, int]:
@@ -133,7 +178,7 @@ def memory_of(model, opt) -> Dict[str, int]:
     replicated = sum(p.numel() for p in model.parameters() if not getattr(p, "tensor_model_parallel", False))
     return {"params": params, "weights": weights, "grads": grads, "optimizer": masters + moments,
             "total": weights + grads + masters + moments, "bucket_padding_elements": padding,
-            "replicated_params": replicated}
+            "replicated_params": replicated, "largest_tensor": max((p.numel() for p in model.parameters()), default=0)}
 
 
 def depth_sources(old, new, depth_init: str, online: bool) -> Dict[int, Optional[int]]:
@@ -152,12 +197,16 @@ def depth_sources(old, new, depth_init: str, online: bool) -> Dict[int, Optional
 
 
 _LAYER_KEY = re.compile(r"(model\.layers\.)(\d+)(\.)")
+_MOMENT_KEY = re.compile(r"^optimizer\.(exp_avg|exp_avg_sq)\.")  # a moment's key: this + its parameter's
+_STATE_KEY = re.compile(r"^optimizer\.(exp_avg|exp_avg_sq|step)\.")
 
 
 def check_growth_mapping(old_keys: Dict[str, tuple], new_keys: Dict[str, tuple], sources: Dict[int, list],
-                         new_layers: int, stage: int) -> dict:
+                         new_layers: int, stage: int, complete: bool = True) -> dict:
     """Every new layer has one source over the ranks, and every new key its source key (same rank,
-    no smaller dimension). Returns counts of grown, copied and new tensors."""
+    no smaller dimension). Returns counts of grown, copied and new tensors. Not `complete` (not
+    every rank built): the old stage's optimizer keys are those of the ranks built, so a moment
+    whose key is not among them maps through its parameter's key."""
     for layer in range(new_layers):
         got = sources.get(layer, [])
         if len(got) != 1:
@@ -174,6 +223,9 @@ def check_growth_mapping(old_keys: Dict[str, tuple], new_keys: Dict[str, tuple],
                 fresh += 1
                 continue
             src_key = key[:found.start(2)] + str(src) + key[found.end(2):]
+        seen = src_key
+        if src_key not in old_keys and not complete and _STATE_KEY.match(src_key):
+            src_key, gshape = _STATE_KEY.sub("", src_key), new_keys[_STATE_KEY.sub("", key)][0]
         if src_key not in old_keys:
             raise DryRunError(f"growth into stage {stage}: `{key}` grows from `{src_key}`, which the previous stage's "
                               "checkpoint does not have")
@@ -181,14 +233,31 @@ def check_growth_mapping(old_keys: Dict[str, tuple], new_keys: Dict[str, tuple],
         if len(old_shape) != len(gshape) or any(a > b for a, b in zip(old_shape, gshape)):
             raise DryRunError(f"growth into stage {stage}: `{key}` {gshape} cannot grow from `{src_key}` {old_shape} "
                               "(growth only adds units)")
-        copied += src_key in seen_sources
-        grown += src_key not in seen_sources
-        seen_sources.add(src_key)
+        copied += seen in seen_sources
+        grown += seen not in seen_sources
+        seen_sources.add(seen)
     return {"grown": grown, "copies": copied, "new": fresh}
 
 
-def check_coverage(pieces: list, stage: int) -> int:
-    """Every key's main pieces tile its global tensor exactly once; returns the number of keys."""
+def model_boxes(model) -> list:
+    """This rank's main model tensors as boxes of their global tensors (key, global shape, offset, local
+    shape, dtype): what one DP replica's ranks hold of each tensor, before any DP slicing."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories, is_main_replica
+
+    sd = {k: v for k, v in model.sharded_state_dict(prefix="model.").items() if not k.endswith("_extra_state")}
+    apply_factories(sd)
+    return [(sh.key, tuple(sh.global_shape), tuple(sh.global_offset), tuple(sh.local_shape), str(sh.dtype))
+            for sh in nested_values(sd) if isinstance(sh, ShardedTensor) and is_main_replica(sh.replica_id)]
+
+
+def check_coverage(pieces: list, stage: int, regions: Optional[Dict[str, list]] = None, what: str = "",
+                   whole: bool = True) -> int:
+    """Every key's main pieces tile its global tensor exactly once; returns the number of keys.
+    `regions` {model key: [(offset, local shape), ...]}: each key's pieces tile instead the boxes
+    of its model tensor (a moment: its parameter's; a step count: the whole) that one TP x PP
+    coordinate holds, over that coordinate's DP ranks. Not `whole`: some of its DP ranks were built,
+    whose pieces are checked for bounds and overlaps only."""
     by_key: Dict[str, list] = {}
     for key, gshape, off, lshape, dtype, rank in pieces:
         by_key.setdefault(key, []).append((gshape, off, lshape, dtype, rank))
@@ -197,15 +266,27 @@ def check_coverage(pieces: list, stage: int) -> int:
         if len(shapes) != 1:
             raise DryRunError(f"stage {stage}: checkpoint key `{key}` has inconsistent global shapes/dtypes {sorted(shapes)}")
         (gshape, _), = shapes
+        region = [((0,) * len(gshape), gshape)]
+        if regions is not None:
+            base = _MOMENT_KEY.sub("", key)
+            if base in regions:
+                region = regions[base]
+            elif not key.startswith("optimizer.step."):
+                raise DryRunError(f"stage {stage}: {what} writes `{key}`, but none of its ranks holds `{base}` as its "
+                                  "main copy")
+        inside = lambda off, ls: any(all(b <= o and o + n <= b + m for o, n, b, m in zip(off, ls, bo, bs))  # noqa: E731
+                                     for bo, bs in region)
         for g, off, ls, _, rank in items:
-            if any(o < 0 or o + n > s for o, n, s in zip(off, ls, g)):
-                raise DryRunError(f"stage {stage}, rank {rank}: `{key}` piece at {off} of {ls} lies outside its "
-                                  f"global shape {g}")
+            if not inside(off, ls):
+                raise DryRunError(f"stage {stage}, rank {rank}: `{key}` piece at {off} of {ls} lies outside "
+                                  + (f"its global shape {g}" if regions is None else
+                                     f"the {' and '.join(f'{bs} at {bo}' for bo, bs in region)} that {what} holds"))
         _no_overlap(key, items, stage)
-        covered = sum(math.prod(ls) for _, _, ls, _, _ in items)
-        if covered != math.prod(gshape):
-            raise DryRunError(f"stage {stage}: checkpoint key `{key}` (global {gshape}) is covered by {covered} of "
-                              f"{math.prod(gshape)} elements: a gap in what the ranks write")
+        covered, whole_n = sum(math.prod(ls) for _, _, ls, _, _ in items), sum(math.prod(bs) for _, bs in region)
+        if whole and covered != whole_n:
+            where = f"global {gshape}" if regions is None else f"{what}'s part of {gshape}"
+            raise DryRunError(f"stage {stage}: checkpoint key `{key}` ({where}) is covered by {covered} of {whole_n} "
+                              "elements: a gap in what the ranks write")
     return len(by_key)
 
 
@@ -223,6 +304,23 @@ def _no_overlap(key: str, items: list, stage: int) -> None:
         active.append((off, ls, rank))
 
 
+def phases_of(mem: dict, old: Optional[dict], cfg, dp: int, per_group: int) -> dict:
+    """A rank's peak bytes per phase from the tensors built: train (its state; the activations are
+    the formula's), save (the state plus what building the save's state dict allocated, measured),
+    and the growth into the stage, by phase_memory's rules applied to the element counts built
+    (online: `old` is the same rank in the previous stage; the growth reads its units' ids, so it
+    cannot itself run on meta tensors; msg-grow: the old and new layer and ends of this rank)."""
+    state = mem["weights"] + mem["grads"] + mem["optimizer"]
+    out = {"train": state, "save": state + mem["save_extra"]}
+    t = cfg.train
+    if old is not None:
+        out["grow"] = phase_peaks(t.precision, dp, cfg.parallel.distributed_optimizer, mem["params"],
+                                  mem["largest_tensor"], old["params"])["grow"]
+    elif "old_layer" in mem:
+        out["grow"] = streamed_growth_peak(mem["old_ends"], mem["ends"], mem["old_layer"], mem["layer"], per_group)
+    return out
+
+
 def dry_run(cfg, ranks: str = "edges", gpu_memory_gib: Optional[float] = None, log=print) -> dict:
     """Build every stage of `cfg`'s schedule rank by rank (see the module docstring)."""
 
@@ -230,7 +328,7 @@ def dry_run(cfg, ranks: str = "edges", gpu_memory_gib: Optional[float] = None, l
     sched = cfg.schedule()
     vocab = padded_vocab_size(cfg.model)
     out = {"stages": [], "ranks": ranks}
-    prev_keys = None
+    prev_keys, prev_mems = None, {}
     for i, (_, shape) in enumerate(sched):
         tp, pp = cfg.layout(i)
         world = cfg.parallel.gpus or tp * pp
@@ -241,10 +339,11 @@ def dry_run(cfg, ranks: str = "edges", gpu_memory_gib: Optional[float] = None, l
         settings = activation_settings(cfg, i, dp)
         micro, v = settings["micro_batches"], cfg.parallel.virtual_pipeline
         wanted = set(select_ranks(ranks, tp, pp, dp))
-        pieces, mems, sources = [], {}, {}
+        built, coords, complete = ranks_to_build(ranks, tp, pp, dp)
+        pieces, boxes, mems, sources = [], {}, {}, {}
         online = i > 0 and cfg.layout(i - 1) == (tp, pp)
         stage_t0 = time.perf_counter()
-        for rank in range(world):  # every rank for the coverage; memory kept for the selected ones
+        for rank in built:
             with fake_rank(world, rank, tp, pp, cfg.train.seed, cfg.parallel.sequence_parallel, v):
                 from megatron.core import parallel_state as ps
 
@@ -255,44 +354,81 @@ def dry_run(cfg, ranks: str = "edges", gpu_memory_gib: Optional[float] = None, l
                     raise DryRunError(f"stage {i}, rank {rank}: megatron placed it at (tp, dp, pp) = {got}, the dry "
                                       f"run's rank order expects {want}")
                 try:
-                    model, opt, rank_pieces = build_rank(cfg, shape)
+                    model, opt, rank_pieces, save_extra = build_rank(cfg, shape, measure_save=rank in wanted)
                 except (ConfigError, DryRunError):
                     raise
                 except Exception as e:  # a module that does not build at this shape and layout
                     raise DryRunError(f"stage {i} {shape}, rank {rank} (tp, dp, pp) = {want}: building the model and "
                                       f"optimizer failed: {type(e).__name__}: {e}") from e
                 pieces += [p + (rank,) for p in rank_pieces]
-                if i and ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0:
+                if want[1] == 0:  # one DP replica: the model tensors' TP x PP boxes
+                    boxes[rank] = model_boxes(model)
+                if i and want[:2] == (0, 0):
                     for new, old in depth_sources(sched[i - 1][1], shape, cfg.growth.depth_init, online).items():
                         sources.setdefault(new, []).append(old)
                 if rank in wanted:
-                    mems[rank] = dict(memory_of(model, opt), coordinates=list(want))
+                    mem = mems[rank] = dict(memory_of(model, opt), coordinates=list(want), save_extra=save_extra)
+                    mem["layer"], mem["ends"] = layer_and_ends_of(model)
+                    if i and not online:  # msg-grow streams the old stage's layers at this layout
+                        mem["old_layer"], mem["old_ends"] = layer_and_ends_of(
+                            MaskedGPT(cfg.model, sched[i - 1][1], perform_init=False))
                 del model, opt
-        keys = check_coverage(pieces, i)
+        if complete:
+            keys = check_coverage(pieces, i)
+        else:  # the model over one DP replica, the optimizer slices over every DP rank of `coords`
+            keys = check_coverage([b + (r,) for r, bs in boxes.items() for b in bs], i)
+            # (other coordinates' built ranks: inside their boxes and no overlap, not the whole of them)
+            for t, p in sorted({rank_coordinates(r, tp, pp, dp)[::2] for r in built}):
+                regions: Dict[str, list] = {}
+                for k, _, off, ls, _ in boxes[t + tp * dp * p]:
+                    regions.setdefault(k, []).append((off, ls))
+                check_coverage([x for x in pieces if rank_coordinates(x[-1], tp, pp, dp)[::2] == (t, p)], i, regions,
+                               f"the DP ranks of (tp, pp) = ({t}, {p})", whole=(t, p) in coords)
         new_keys = {k: (g, d) for k, g, _, _, d, _ in pieces}
-        growth = (check_growth_mapping(prev_keys, new_keys, sources, shape.layers, i) if i else None)
+        new_keys.update({k: (g, d) for bs in boxes.values() for k, g, _, _, d in bs if k not in new_keys})
+        growth = (check_growth_mapping(prev_keys, new_keys, sources, shape.layers, i, complete) if i else None)
         prev_keys = new_keys
         formula = stage_memory(cfg.model, shape, vocab, tp, pp, dp, cfg.train.micro_batch_size,
-                               cfg.parallel.distributed_optimizer, cfg.train.precision, **settings)
+                               cfg.parallel.distributed_optimizer, cfg.train.precision,
+                               old_shape=sched[i - 1][1] if i else None, growth="online" if online else "msg-grow",
+                               **settings)
         acts = formula["activations"]
+        for rank, mem in mems.items():
+            mem["phases"] = phases_of(mem, prev_mems.get(rank) if online else None, cfg, dp,
+                                      -(-shape.layers // sched[i - 1][1].layers) if i else 1)
         worst = max(mems.values(), key=lambda m: m["total"])
         st = {"stage": i, "shape": list(shape.as_tuple()), "layout": [tp, pp, dp], "world": world,
-              "ranks_built": world, "ranks_reported": sorted(mems), "checkpoint_keys": keys,
-              "checkpoint_pieces": len(pieces), "micro_batches": micro, "memory": mems,
+              "ranks_built": len(built), "ranks_reported": sorted(mems), "checkpoint_keys": keys,
+              "checkpoint_pieces": len(pieces), "coverage": "all" if complete else [list(c) for c in coords],
+              "micro_batches": micro, "memory": mems,
               "growth_into": growth, "growth_kind": None if not i else "online" if online else "msg-grow",
               "formula": {k: formula[k] for k in ("weights", "grads", "optimizer")},
-              "activations_formula": acts, "seconds": time.perf_counter() - stage_t0}
+              "activations_formula": acts, "phases_formula": dict(formula["phases"], train=formula["phases"]["train"] - acts),
+              "seconds": time.perf_counter() - stage_t0}
         real = worst["weights"] + worst["grads"] + worst["optimizer"]
         form = sum(st["formula"].values())
         st["real_vs_formula"] = real / form
-        if gpu_memory_gib and real + acts > gpu_memory_gib * 1024 ** 3:
-            raise DryRunError(f"stage {i} {shape}, rank {max(mems, key=lambda r: mems[r]['total'])}: the real tensors "
-                              f"({real / 1024 ** 3:.1f} GiB) plus the activations ({acts / 1024 ** 3:.1f} GiB, formula) "
-                              f"need more than the GPU's {gpu_memory_gib:g} GiB (msg-plan's formula says "
-                              f"{(form + acts) / 1024 ** 3:.1f} GiB)")
+        peaks = {ph: max(m["phases"][ph] for m in mems.values() if ph in m["phases"])
+                 for ph in ("train", "save", "grow") if any(ph in m["phases"] for m in mems.values())}
+        st["phases_real"] = peaks
+        if gpu_memory_gib:
+            cap = gpu_memory_gib * 1024 ** 3
+            need = {ph: v + (acts if ph == "train" else 0) for ph, v in peaks.items()}
+            over = [ph for ph, v in need.items() if v > cap]
+            if over:
+                ph = max(over, key=need.get)
+                rank = max((r for r in mems if ph in mems[r]["phases"]), key=lambda r: mems[r]["phases"][ph])
+                fp = formula["phases"][ph]
+                raise DryRunError(
+                    f"stage {i} {shape}, rank {rank}: its {ph} phase needs {need[ph] / 1024 ** 3:.1f} GiB from the "
+                    f"tensors built" + (f" plus the activations ({acts / 1024 ** 3:.1f} GiB, formula)" if ph == "train"
+                                        else "") + f", more than the GPU's {gpu_memory_gib:g} GiB (msg-plan's formula "
+                    f"says {fp / 1024 ** 3:.1f} GiB)")
+        prev_mems = mems
         out["stages"].append(st)
         log(_stage_line(st, worst))
     out["seconds"] = time.perf_counter() - t0
+    out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # (Linux: KiB)
     return out
 
 
@@ -300,13 +436,19 @@ def _stage_line(st: dict, worst: dict) -> str:
     gib = 1024 ** 3
     f, g = st["formula"], st["growth_into"]
     tp, pp, dp = st["layout"]
-    return (f"[dry-run] stage {st['stage']} {tuple(st['shape'])} at TP {tp} x PP {pp} x DP {dp}: {st['world']} ranks "
-            f"built, checkpoint {st['checkpoint_keys']} keys in {st['checkpoint_pieces']} pieces covered exactly once; "
-            f"largest rank: weights {worst['weights'] / gib:.2f} / grads {worst['grads'] / gib:.2f} / optimizer "
+    return (f"[dry-run] stage {st['stage']} {tuple(st['shape'])} at TP {tp} x PP {pp} x DP {dp}: {st['ranks_built']} of "
+            f"{st['world']} ranks built, checkpoint {st['checkpoint_keys']} keys covered exactly once "
+            + ("over every rank; " if st["coverage"] == "all" else
+               f"(the model's over one DP replica, the optimizer's over every DP rank of (tp, pp) = "
+               f"{', '.join(map(str, map(tuple, st['coverage'])))}); ")
+            + f"largest rank: weights {worst['weights'] / gib:.2f} / grads {worst['grads'] / gib:.2f} / optimizer "
             f"{worst['optimizer'] / gib:.2f} GiB (formula {f['weights'] / gib:.2f} / {f['grads'] / gib:.2f} / "
             f"{f['optimizer'] / gib:.2f}; real/formula {st['real_vs_formula']:.3f}, bucket padding "
             f"{worst['bucket_padding_elements']:,} elements, {worst['replicated_params']:,} parameters replicated over TP "
-            f"that the formula divides by TP); {st['micro_batches']} micro-batches per DP rank; "
+            f"that the formula divides by TP); peaks by phase, tensors built / formula: "
+            + ", ".join(f"{ph} {v / gib:.2f} / {st['phases_formula'][ph] / gib:.2f}" for ph, v in st["phases_real"].items())
+            + f" GiB (train: the state; the activations, {st['activations_formula'] / gib:.2f} GiB, are the formula's); "
+            f"{st['micro_batches']} micro-batches per DP rank; "
             + (f"growth into it ({st['growth_kind']}): {g['grown']} tensors grown, {g['copies']} copied, {g['new']} new, "
                "every one mapped; " if g else "")
             + f"{st['seconds']:.1f} s")

@@ -167,7 +167,9 @@ def _main(argv: List[str]) -> int:
                     help="build every stage's ranks for real on meta tensors under torch's fake process group at "
                     "the real world size: checkpoint coverage, memory from the tensors built (msg_megatron/dry_run.py)")
     ap.add_argument("--ranks", default="edges", help="--dry-run: the ranks whose memory is reported: edges (first "
-                    "and last of every TP, PP and DP coordinate), all, or R1,R2,... (every rank is built for coverage)")
+                    "and last of every TP, PP and DP coordinate), all (the checkpoint coverage is then checked over "
+                    "every rank), or R1,R2,...; one DP replica and every DP rank of the first and last pipeline "
+                    "stage's first TP coordinate are built besides, for the coverage")
     ap.add_argument("--jobs", action="store_true", help="print one line per job of a layout-changing schedule: "
                     "FIRST_STAGE TENSOR PIPELINE H,F,A,L SAVE_DIR (what launch/slurm/chain_stages.sh reads)")
     args = ap.parse_args(argv)
@@ -189,7 +191,8 @@ def _main(argv: List[str]) -> int:
         except DryRunError as e:  # what would fail on the cluster: its own exit status
             print(f"msg-plan: dry run failed: {e}", file=sys.stderr)
             return 3
-        print(json.dumps(res) if args.json else f"[dry-run] every stage built and covered in {res['seconds']:.0f} s")
+        print(json.dumps(res) if args.json else f"[dry-run] every stage built and covered in {res['seconds']:.0f} s, "
+                                           f"peak RSS {res['peak_rss_bytes'] / 1024 ** 3:.2f} GiB")
         return 0
     res = plan(cfg, args.mfu, args.gpu, cfg.parallel.distributed_optimizer and not args.no_distributed_optimizer)
     print(json.dumps(res) if args.json else table(res))

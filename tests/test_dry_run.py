@@ -46,26 +46,37 @@ import sys
 from msg_megatron.config import load_config
 from msg_megatron import dry_run as d
 real = d.build_rank
-def build_rank(cfg, shape):  # rank 1 also writes rank 0's first piece (a test-only overlap)
+def build_rank(cfg, shape, measure_save=False):  # a test-only fault in one rank's pieces
     import torch.distributed as dist
-    model, opt, pieces = real(cfg, shape)
-    if dist.get_rank() == 1:
-        pieces = pieces + [p for p in pieces if p[0] == "model.embedding.weight"][:1]
-    return model, opt, pieces
+    model, opt, pieces, extra = real(cfg, shape, measure_save)
+    if dist.get_rank() == RANK:  # its largest piece written twice, or lost
+        big = max(pieces, key=lambda p: p[3][0] * (p[3][1] if len(p[3]) > 1 else 1))
+        print("FAULT IN", big[0], flush=True)
+        pieces = pieces + [big] if FAULT == "overlap" else [p for p in pieces if p is not big]
+    return model, opt, pieces, extra
 d.build_rank = build_rank
-cfg = load_config("configs/demo_cpu.yaml", sys.argv[1:])
+FAULT, RANK = sys.argv[1], int(sys.argv[2])
+cfg = load_config("configs/demo_cpu.yaml", sys.argv[3:])
 d.dry_run(cfg, "edges")
 """
 
 
-def test_an_overlap_is_reported_with_its_key():
+@pytest.mark.parametrize("fault,rank,words", [
+    ("overlap", 1, "is written twice"),  # rank 1 = (tp 1, dp 0): in the DP replica, not a whole coordinate
+    ("overlap", 4, "is written twice"),  # rank 4 = (tp 0, dp 2) of the first coordinate
+    ("gap", 2, "a gap in what the ranks write")])  # (tp 0, dp 1) of the first coordinate
+def test_a_fault_in_the_pieces_is_reported_with_its_key(fault, rank, words):
+    """At world 32 with `edges`, 20 of the 32 ranks are built (one DP replica, every DP rank of the first
+    and last pipeline stage's first TP coordinate): a piece written twice or missing is reported."""
     import subprocess
 
     from conftest import REPO
 
-    r = subprocess.run([sys.executable, "-c", SCRIPT] + SMALL, capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert r.returncode != 0
-    assert "model.embedding.weight" in r.stderr and "is written twice" in r.stderr, r.stderr[-2000:]
+    r = subprocess.run([sys.executable, "-c", SCRIPT, fault, str(rank)] + SMALL, capture_output=True, text=True,
+                       timeout=300, cwd=REPO)
+    assert r.returncode != 0, r.stdout[-2000:]
+    key = r.stdout.split("FAULT IN ")[1].split()[0]
+    assert f"`{key}`" in r.stderr and words in r.stderr, r.stderr[-2000:]
 
 
 def test_a_stage_over_the_gpus_memory_is_reported():
@@ -74,7 +85,7 @@ def test_a_stage_over_the_gpus_memory_is_reported():
     big = [o.replace("tensor: 4", "tensor: 2") for o in big]
     r = run_cli(["msg_megatron.plan", "configs/demo_cpu.yaml"] + big + ["--dry-run", "--gpu", "A800"])
     assert r.returncode == 3, r.stderr[-2000:]
-    assert "stage 1 (64, 128, 8, 8), rank" in r.stderr and "need more than the GPU's 80 GiB" in r.stderr, r.stderr[-2000:]
+    assert "stage 1 (64, 128, 8, 8), rank" in r.stderr and "more than the GPU's 80 GiB" in r.stderr, r.stderr[-2000:]
 
 
 LOST_LAYER = r"""
@@ -122,3 +133,78 @@ def test_real_tensors_over_the_gpu_while_the_formula_fits():
     r = run_cli(["msg_megatron.plan", "configs/demo_cpu.yaml"] + cfg + ["--dry-run", "--gpu", "A800", "--ranks", "0"])
     assert r.returncode == 3, r.stderr[-2000:]
     assert "stage 0 (16384, 65536, 128, 8), rank 0" in r.stderr and "80 GiB" in r.stderr, r.stderr[-2000:]
+
+
+REAL = ["model.vocab_size=512", "model.hidden_size=64", "model.ffn_hidden_size=128", "model.num_attention_heads=8",
+        "model.num_query_groups=4", "model.num_layers=4", "model.kv_channels=16", "model.seq_length=32",
+        "model.norm=rmsnorm", "model.activation=swiglu", "model.position_embedding=rope", "parallel.tensor=2",
+        "parallel.pipeline=2", "parallel.gpus=8", "parallel.distributed_optimizer=true", "train.precision=bf16",
+        "train.steps=4", "train.global_batch_size=8", "train.micro_batch_size=2", "train.eval_interval=0",
+        "data.corpus=synthetic", "logging.wandb=disabled",
+        "growth.stages=[{step: 0, shape: [32, 64, 4, 2]}, {step: 2, shape: [64, 128, 8, 4]}]"]
+
+OBSERVE = r"""
+import json, sys
+import torch.distributed as dist
+from msg_megatron.config import load_config
+from msg_megatron import dry_run as d
+seen, real = {}, d.build_rank
+def build_rank(cfg, shape, measure_save=False):  # (observes the pieces each rank builds)
+    model, opt, pieces, extra = real(cfg, shape, measure_save)
+    seen.setdefault(str(shape.as_tuple()), {})[str(dist.get_rank())] = sorted(pieces)
+    return model, opt, pieces, extra
+d.build_rank = build_rank
+res = d.dry_run(load_config("configs/demo_cpu.yaml", sys.argv[1:]), "all", log=lambda *_: None)
+print(json.dumps([{str(r): dict(m, pieces=seen[str(tuple(st["shape"]))][str(r)]) for r, m in st["memory"].items()}
+                  for st in res["stages"]]))
+"""
+
+
+def test_memory_and_pieces_equal_the_real_trainers_on_gloo(tmp_path):
+    """TP2 x PP2 x DP2 (8 gloo processes), distributed optimizer, bf16, SwiGLU, GQA, an online growth of
+    every dimension: per rank and stage, the real trainer's tensors after a step (AdamW's moments
+    allocated by its step; after the growth, the grown model's) hold exactly the parameters, weight,
+    gradient and optimizer bytes, bucket padding and largest tensor that the dry run counts on meta
+    tensors, and write exactly the same checkpoint pieces."""
+    import subprocess
+
+    from conftest import REPO
+    from test_parallel import torchrun
+
+    r = torchrun(8, ["tests/dry_run_worker.py", "configs/demo_cpu.yaml"] + REAL +
+                 [f"logging.run_dir={tmp_path}/run", f"checkpoint.save={tmp_path}/ck"], timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    real = json.loads(r.stdout.strip().splitlines()[-1])
+    d = subprocess.run([sys.executable, "-c", OBSERVE] + REAL, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert d.returncode == 0, d.stderr[-3000:]
+    dry = json.loads(d.stdout.strip().splitlines()[-1])
+    keys = ("params", "weights", "grads", "optimizer", "bucket_padding_elements", "replicated_params",
+            "largest_tensor")
+    assert len(real) == len(dry) == 2
+    for stage, (want, got) in enumerate(zip(real, dry)):
+        assert sorted(want) == sorted(got) == [str(r) for r in range(8)]
+        for rank in want:
+            assert {k: got[rank][k] for k in keys} == {k: want[rank][k] for k in keys}, (stage, rank)
+            assert got[rank]["pieces"] == want[rank]["pieces"], (stage, rank)
+
+
+def test_the_flm_preset_dry_runs():
+    """The FLM-101B preset (192 ranks per stage: TP2 x DP96, TP4 x PP2 x DP24, TP4 x PP4 x DP12, two
+    re-layouts by msg-grow): every stage builds, the checkpoint is covered, every tensor of each
+    re-layout is mapped, the tensors built equal msg-plan's formula within 0.1% (bucket padding), every
+    phase fits an 80 GiB A800 with the formula's activations, and the dry run stays under 4 GiB of RSS.
+    (Its time, printed, was 68 s on this 2-core machine: the issue's bound is 3 minutes.)"""
+    r = run_cli(["msg_megatron.plan", "configs/flm_101b_a800.yaml", "--dry-run", "--json", "--gpu", "A800"],
+                timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert [s["layout"] for s in res["stages"]] == [[2, 1, 96], [4, 2, 24], [4, 4, 12]]
+    assert [s["growth_kind"] for s in res["stages"]] == [None, "msg-grow", "msg-grow"]
+    for st in res["stages"]:
+        assert st["world"] == 192 and st["checkpoint_keys"] > 1000, st["checkpoint_keys"]
+        assert abs(st["real_vs_formula"] - 1) < 1e-3, st["real_vs_formula"]
+        assert st["phases_real"]["train"] + st["activations_formula"] < 80 * 1024 ** 3
+        for ph, v in st["phases_real"].items():
+            assert abs(v / st["phases_formula"][ph] - 1) < 1e-3, (st["stage"], ph)
+    assert res["peak_rss_bytes"] < 4 * 1024 ** 3, res["peak_rss_bytes"]
+    print(f"FLM dry run: {res['seconds']:.0f} s, peak RSS {res['peak_rss_bytes'] / 1024 ** 3:.2f} GiB")
