@@ -11,7 +11,8 @@ import torch
 from .checkpoint.dist import load_checkpoint, read_meta
 from .cli import run_cli
 from .config import Shape, config_from_dict
-from .data import Tokenizer, TokenWindows, resolve_data_dir, validation_problem
+from .data import Tokenizer, validation_problem
+from .data.sources import open_data
 from .model import build_model
 from .parallel import initialize_parallel
 from .training.evaluate import validation_loss
@@ -64,10 +65,10 @@ def _main(argv) -> int:
             out["loss"] = text_loss(model, tok, f.read(), cfg.model.seq_length)
         out["text"] = args.text
     else:
-        data_dir, _ = resolve_data_dir(cfg.data, cfg.model.vocab_size, log=lambda *_: None)
-        valid = TokenWindows(os.path.join(data_dir, "valid"), cfg.model.seq_length, cfg.train.seed)
+        data = open_data(cfg, log=lambda *_: None, train=False)
+        valid = data.valid
         iters = args.iters or cfg.train.eval_iters
-        problem = validation_problem(valid, cfg.train.micro_batch_size, iters)
+        problem = data.no_valid or validation_problem(valid, cfg.train.micro_batch_size, iters)
         if problem:
             raise ValueError(f"no validation loss for `{meta['path']}`: {problem} (or score a file with --text)")
         out["val_loss"] = validation_loss(model, valid, cfg.train.micro_batch_size, iters)

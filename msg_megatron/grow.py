@@ -21,7 +21,8 @@ from .checkpoint.dist import CheckpointError, _rng_sharded, read_meta, save_chec
 from .checkpoint.run_lock import hold_save_dir
 from .cli import run_cli
 from .config import Shape, config_from_dict
-from .data import DataError, TokenWindows, resolve_data_dir_all_ranks, validation_problem
+from .data import DataError, validation_problem
+from .data.sources import open_data
 from .growth.operators import check_growth
 from .growth.stream import GrowthSource, set_writers, skeleton, stage_groups
 from .growth.stream_eval import streamed_validation_loss
@@ -118,12 +119,12 @@ def _main(argv) -> int:
     mbs, iters = cfg.train.micro_batch_size, cfg.train.eval_iters
     if not args.no_verify:
         try:
-            data_dir, _ = resolve_data_dir_all_ranks(cfg.data, cfg.model.vocab_size, log=lambda *_: None)
-            valid = TokenWindows(os.path.join(data_dir, "valid"), cfg.model.seq_length, cfg.train.seed)
+            data = open_data(cfg, log=lambda *_: None, train=False)
         except DataError as e:
             unverified = f"no validation data ({e})"
         else:
-            unverified = validation_problem(valid, mbs, iters)
+            valid = data.valid
+            unverified = data.no_valid or validation_problem(valid, mbs, iters)
             if unverified:
                 valid = None
     before = streamed_validation_loss(path, cfg, old, valid, mbs, iters, dev)

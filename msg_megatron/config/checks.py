@@ -151,6 +151,31 @@ def validate(cfg: Config) -> None:
         raise ConfigError("data.valid_fraction must be in [0, 1).")
     _validate_stages(cfg)
     _validate_layout(cfg)
+    _validate_data(cfg)
+
+
+def _validate_data(cfg: Config) -> None:
+    """The blends' syntax and weights (the files are checked when a run starts, data/gpt_data.py)."""
+    from ..data.blends import parse_blend, parse_split
+
+    d = cfg.data
+    try:
+        paths = parse_blend(d.paths, "data.paths")
+        parse_blend(d.valid_paths, "data.valid_paths")
+        parse_split(d.split)
+        staged = [i for i, st in enumerate(cfg.growth.stages) if parse_blend(st.data, f"growth.stages[{i}].data")]
+    except ValueError as e:
+        raise ConfigError(f"{e}.") from None
+    if paths and d.corpus != "embedded":
+        raise ConfigError(f"data.paths is set and data.corpus={d.corpus!r}: they are two sources of training data; "
+                          "keep one (remove data.corpus, or data.paths)")
+    if (d.valid_paths or staged) and not paths:
+        what = "data.valid_paths" if d.valid_paths else f"growth.stages[{staged[0]}].data"
+        raise ConfigError(f"{what} is set without data.paths: blends of prepared corpora need data.paths (and "
+                          "data.tokenizer) for the training data")
+    if paths and not d.tokenizer:
+        raise ConfigError("data.paths needs data.tokenizer: the tokenizer the corpora were prepared with (its "
+                          "vocabulary is checked against model.vocab_size, and exports and msg-eval use it)")
 
 
 def _validate_layout(cfg: Config) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Any, List, Optional
 
 
 class ConfigError(ValueError):
@@ -111,6 +111,9 @@ class StageConfig:
     reshards the checkpoint, and the next job resumes at the new layout (launch/slurm/chain_stages.sh)."""
     pipeline: Optional[int] = None
     """Pipeline degree from this stage on (default: the previous stage's, else parallel.pipeline)."""
+    data: Any = None
+    """The training blend from this stage on (data.paths' syntax; default: the previous stage's, else
+    data.paths): each corpus continues where the earlier stages left it."""
 
 
 @dataclass
@@ -241,6 +244,24 @@ class DataConfig:
     """Where prepared data is cached (default: $MSG_CACHE_DIR or ~/.cache/msg-megatron)."""
     tokenizer_model: str = ""
     """A sentencepiece model to use instead of training one (must match model.vocab_size)."""
+    paths: Any = None
+    """Prepared corpora as Megatron-LM's --data-path: one prefix (`/data/en_text_document`, its .bin and
+    .idx), `[0.7, /data/en_text_document, 0.3, /data/zh_text_document]`, or `[{weight, prefix}, ...]`
+    (data/blends.py). Set, it replaces `corpus`; samples come from megatron's GPTDataset, blended by
+    its BlendedDataset (data/gpt_data.py)."""
+    split: str = "969,30,1"
+    """Megatron-LM's train,valid,test split of each corpus in `paths`, by documents."""
+    valid_paths: Any = None
+    """A separate validation blend (same syntax): `paths` then trains on all of its documents."""
+    tokenizer: str = ""
+    """The tokenizer `paths` were prepared with (a sentencepiece .model); its vocabulary must be
+    model.vocab_size and its end-of-document id is the one the corpora use."""
+    index_cache: str = ""
+    """Where megatron's dataset indices are cached (default: cache_dir/index-cache). Global rank 0
+    builds them and every rank memory-maps them, so on a cluster it must be a path every node sees."""
+    allow_blend_change: bool = False
+    """Resume even though the data (paths, split, valid_paths, a stage's data, seq_length, seed) differs
+    from the checkpoint's: the sample order from the resumed step on is then the new data's (logged)."""
 
 
 @dataclass

@@ -6,7 +6,6 @@ before the first step. The result is plain fields the Trainer reads.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -15,7 +14,8 @@ from megatron.core import parallel_state as ps
 
 from ..checkpoint.run_lock import RunLock, hold_save_dir
 from ..config import Config, ConfigError
-from ..data import DataError, SyntheticWindows, TokenWindows, resolve_data_dir_all_ranks, validation_problem
+from ..data import validation_problem
+from ..data.sources import open_data
 from ..ops import fused
 from ..parallel import initialize_parallel, is_logging_rank
 from .host_memory import check_host_memory
@@ -33,7 +33,7 @@ class RunParts:
     world: int
     lock: Optional[RunLock]  # the save directory's run lock (checkpoint/run_lock.py)
     metrics: MetricsLogger
-    data_dir: str  # the prepared data ("" for synthetic data)
+    tokenizer_path: str  # the data's tokenizer, saved with checkpoints ("" for synthetic data)
     train_data: object
     valid_data: object  # None when the validation split is unusable
     no_validation: Optional[str]  # why no validation loss will be reported
@@ -64,15 +64,16 @@ def build_run(cfg: Config, log_enabled: bool = True) -> RunParts:
                             cfg.to_dict(), enabled=log_enabled and is_logging_rank())
     if lock is not None and lock.note:
         metrics.print(f"[lock] {cfg.checkpoint.save}: {lock.note}")
-    data_dir, train_data, valid_data, no_split = _data(cfg, metrics.print)
-    no_validation = no_split or validation_problem(valid_data, t.micro_batch_size, t.eval_iters)
+    data = open_data(cfg, metrics.print)
+    train_data, valid_data = data.train, data.valid
+    no_validation = data.no_valid or validation_problem(valid_data, t.micro_batch_size, t.eval_iters)
     if no_validation:  # said once at start, and in the final result, instead of a silent null
         metrics.print(f"[eval] no validation loss will be reported: {no_validation}")
     schedule = cfg.schedule()
     reset_steps = [schedule[i][0] for i in cfg.growth.lr_reset_stages]
     lr_schedule = LRSchedule(t.lr, t.min_lr, t.warmup_steps, t.decay_steps or t.steps, t.decay_style, reset_steps)
     return RunParts(autocast, fusion, layout, dp_rank, dp, torch.distributed.get_world_size(), lock, metrics,
-                    data_dir, train_data, valid_data, no_validation, schedule, lr_schedule)
+                    data.tokenizer_path, train_data, valid_data, no_validation, schedule, lr_schedule)
 
 
 def check_batch_split(cfg: Config, layout: tuple, dp: int) -> None:
@@ -95,16 +96,3 @@ def check_batch_split(cfg: Config, layout: tuple, dp: int) -> None:
                 f"growth.stages[{i}]) gives {n_micro // dp} micro-batches of {mbs} per data-parallel rank (DP={dp}), "
                 f"not a multiple of parallel.pipeline={pp} as megatron's interleaved schedule needs; make the global "
                 f"batch a multiple of micro_batch_size x DP x pipeline = {mbs * dp * pp}.")
-
-
-def _data(cfg: Config, log):
-    """(data dir, train windows, validation windows or None, why the validation split is unusable)."""
-    seq, seed = cfg.model.seq_length, cfg.train.seed
-    if cfg.data.corpus == "synthetic":
-        return "", SyntheticWindows(cfg.model.vocab_size, seq, seed), SyntheticWindows(cfg.model.vocab_size, seq, seed), None
-    data_dir, _ = resolve_data_dir_all_ranks(cfg.data, cfg.model.vocab_size, log)
-    train = TokenWindows(os.path.join(data_dir, "train"), seq, seed)
-    try:
-        return data_dir, train, TokenWindows(os.path.join(data_dir, "valid"), seq, seed), None
-    except DataError as e:  # empty, or shorter than one window: named by the caller
-        return data_dir, train, None, str(e)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import signal
 import threading
 import time
@@ -165,7 +164,7 @@ class Trainer:
             return None
         self.sync_steps()  # no checkpoint of a model whose pending losses were not finite
         path = save_checkpoint(ck.save, self.model, self.optimizer, self.state(), self.cfg.to_dict(),
-                               os.path.join(self.data_dir, "tokenizer.model") if self.data_dir else "", ck.keep,
+                               self.tokenizer_path, ck.keep,
                                writers=ck.writers)
         self.metrics.print(f"[save] step {self.step} -> {path}")
         self._last_saved, self._last_saved_path = self.step, path

@@ -1,0 +1,47 @@
+"""A run's data, whatever its source: synthetic tokens, a prepared directory (the embedded corpus or
+msg-preprocess output) or Megatron-LM prefixes in `data.paths`; the last two through megatron's
+datasets (gpt_data.py). One place for the trainer, msg-grow's verification and msg-eval."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+from .errors import DataError
+from .gpt_data import build_samples
+from .loader import SyntheticWindows
+from .prepare import default_cache_dir, resolve_data_dir_all_ranks
+from .tokenizer import Tokenizer
+
+
+@dataclass
+class RunData:
+    tokenizer_path: str  # what checkpoints carry for exports and msg-eval ("" for synthetic data)
+    train: object  # None when only validation was asked for
+    valid: object  # None when there is no usable validation split
+    no_valid: Optional[str]  # why there is none
+
+
+def open_data(cfg, log=print, train: bool = True) -> RunData:
+    """The run's training (unless not `train`) and validation samples, the files checked first
+    (every rank calls it: megatron's indices are built by rank 0 and mapped by all)."""
+    d, seq, seed = cfg.data, cfg.model.seq_length, cfg.train.seed
+    if d.corpus == "synthetic" and not d.paths:
+        return RunData("", SyntheticWindows(cfg.model.vocab_size, seq, seed) if train else None,
+                       SyntheticWindows(cfg.model.vocab_size, seq, seed), None)
+    cache = d.cache_dir or default_cache_dir()
+    if d.paths:
+        if not os.path.isfile(d.tokenizer):
+            raise DataError(f"data.tokenizer `{d.tokenizer}` does not exist; give the tokenizer the corpora in "
+                            "data.paths were prepared with")
+        tok = Tokenizer(d.tokenizer)
+        if tok.vocab_size != cfg.model.vocab_size:
+            raise DataError(f"data.tokenizer `{d.tokenizer}` has {tok.vocab_size} tokens but model.vocab_size is "
+                            f"{cfg.model.vocab_size}; set model.vocab_size={tok.vocab_size}")
+        tr, va, why = build_samples(cfg, tok.eod, cache, train=train)
+        return RunData(d.tokenizer, tr, va, why)
+    data_dir, _ = resolve_data_dir_all_ranks(d, cfg.model.vocab_size, log)
+    tok_path = os.path.join(data_dir, "tokenizer.model")
+    tr, va, why = build_samples(cfg, Tokenizer(tok_path).eod, cache, [(1.0, os.path.join(data_dir, "train"))],
+                                [(1.0, os.path.join(data_dir, "valid"))], train=train)
+    return RunData(tok_path, tr, va, why)
