@@ -11,8 +11,9 @@ import torch
 from .checkpoint.dist import load_checkpoint, read_meta
 from .cli import run_cli
 from .config import Shape, config_from_dict
-from .data import Tokenizer, validation_problem
+from .data import validation_problem
 from .data.sources import open_data
+from .data.tokenizer import find_tokenizer, load_tokenizer
 from .model import build_model
 from .parallel import initialize_parallel
 from .training.evaluate import validation_loss
@@ -60,7 +61,11 @@ def _main(argv) -> int:
     if args.text:
         if not os.path.exists(args.text):
             raise FileNotFoundError(f"--text file `{args.text}` does not exist")
-        tok = Tokenizer(os.path.join(meta["path"], "tokenizer.model"))
+        found = find_tokenizer(meta["path"])
+        if found is None:
+            raise ValueError(f"`{meta['path']}` holds no tokenizer (tokenizer.model or tokenizer.json): --text needs "
+                             "one; score the validation split instead (no --text)")
+        tok = load_tokenizer(found)
         with open(args.text, encoding="utf-8", errors="replace") as f:
             out["loss"] = text_loss(model, tok, f.read(), cfg.model.seq_length)
         out["text"] = args.text

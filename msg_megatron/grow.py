@@ -23,6 +23,7 @@ from .cli import run_cli
 from .config import Shape, config_from_dict
 from .data import DataError, validation_problem
 from .data.sources import open_data
+from .data.tokenizer import find_tokenizer
 from .growth.operators import check_growth
 from .growth.stream import GrowthSource, set_writers, skeleton, stage_groups
 from .growth.stream_eval import streamed_validation_loss
@@ -143,14 +144,14 @@ def _main(argv) -> int:
     source.fixed[("rng_state", tuple(sd["rng_state"].global_offset))] = sd["rng_state"].data
 
     state = dict(meta["state"], stage=meta["state"]["stage"] + 1)
-    tok = os.path.join(path, "tokenizer.model")
+    tok = find_tokenizer(path)
     # the layout this checkpoint is written at (a record: checkpoints keep global layer numbers, so
     # any layout resumes them); the saved interleaving degree where it still applies
     v = cfg.parallel.virtual_pipeline
     v = v if pp > 1 and shape.layers % (pp * v) == 0 else 1
     saved_cfg = dict(meta["config"], parallel=dict(meta["config"]["parallel"], tensor=tp, pipeline=pp,
                                                    virtual_pipeline=v))
-    saved = save_checkpoint(args.save, new_model, None, state, saved_cfg, tok if os.path.exists(tok) else "",
+    saved = save_checkpoint(args.save, new_model, None, state, saved_cfg, tok or "",
                             streamed=(sd, source, bool(meta.get("optimizer"))))
     if lock is not None:
         lock.release()

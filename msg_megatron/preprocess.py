@@ -13,7 +13,7 @@ import sys
 from .cli import run_cli
 from .data.corpus import read_user_documents, split_documents
 from .data.prepare import build_prepared_dir
-from .data.tokenizer import Tokenizer
+from .data.tokenizer import load_tokenizer
 
 
 def _main(argv) -> int:
@@ -37,7 +37,7 @@ def _main(argv) -> int:
     train, valid = split_documents(docs, args.valid_fraction)
     vocab = args.vocab_size
     if args.tokenizer:
-        vocab = Tokenizer(args.tokenizer).vocab_size
+        vocab = load_tokenizer(args.tokenizer).vocab_size
     manifest = build_prepared_dir(args.output, train, valid, vocab, args.tokenizer,
                                   key={"inputs": args.input, "valid_fraction": args.valid_fraction},
                                   vocab_name="--vocab-size")

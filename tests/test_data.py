@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import run_cli
-from msg_megatron.data import DataError, TokenWindows, Tokenizer, check_prepared_dir
+from msg_megatron.data import DataError, Tokenizer, check_prepared_dir
 from msg_megatron.data.corpus import embedded_documents, select_documents, split_documents
 from msg_megatron.data.prepare import prepare_embedded
 
@@ -27,19 +27,37 @@ def test_tokenizer_is_lossless(tiny_data):
         assert tok.decode(tok.encode(text)) == text
 
 
-def test_indexed_dataset_round_trip(tiny_data):
+def test_samples_are_megatrons_gpt_dataset_samples(tiny_data, tmp_path):
+    """The prepared directory's validation file read through data/gpt_data.py: sample i is megatron's
+    GPTDataset sample i (tokens, and the label after the last), built with the same config by hand;
+    batches are a pure function of the sample numbers."""
+    from megatron.core.datasets.gpt_dataset import GPTDataset
     from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from megatron.core.datasets.utils import Split
+
+    from msg_megatron.config import load_config
+    from msg_megatron.data.gpt_data import _config, _DatasetTokenizer, build_samples
 
     tok = Tokenizer(os.path.join(tiny_data, "tokenizer.model"))
-    ds = IndexedDataset(os.path.join(tiny_data, "valid"))
-    doc = ds[0]
-    assert doc[-1] == tok.eod
-    windows = TokenWindows(os.path.join(tiny_data, "valid"), 16, seed=1)
-    flat = np.concatenate([ds[i] for i in range(len(ds))])
-    first = next(windows.sequential(1, 1))[0].numpy()
-    assert np.array_equal(first, flat[:17])
-    b1, b2 = windows.batch(3, 4), windows.batch(3, 4)
-    assert b1.shape == (4, 17) and (b1 == b2).all()  # a pure function of the sample index
+    prefix = os.path.join(tiny_data, "valid")
+    ds = IndexedDataset(prefix)
+    assert ds[0][-1] == tok.eod
+    cfg = load_config(None, ["model.vocab_size=512", "model.seq_length=16", "growth.stages=[]",
+                             f"data.index_cache={tmp_path}/index"])
+    _, valid, why = build_samples(cfg, tok.eod, str(tmp_path), [(1.0, os.path.join(tiny_data, "train"))],
+                                  [(1.0, prefix)], train=False)
+    assert why is None
+    conf = _config(cfg, str(tmp_path / "by-hand"), _DatasetTokenizer(tok.eod, 512), cfg.train.seed,
+                   os.path.realpath(prefix), "0,1,0")
+    ref = GPTDataset(ds, os.path.realpath(prefix), np.arange(len(ds), dtype=np.int32), None, Split.valid, conf)
+    assert valid.num_samples == len(ref) > 8
+    first = next(valid.sequential(4, 1))
+    for i in range(4):
+        want = ref[i]
+        assert np.array_equal(first[i, :-1].numpy(), want["tokens"].numpy())
+        assert np.array_equal(first[i, 1:].numpy(), want["labels"].numpy())
+    b1, b2 = valid.batch(3, 4), valid.batch(3, 4)
+    assert b1.shape == (4, 17) and (b1 == b2).all()
 
 
 def test_corrupt_cache_is_rebuilt(cache_dir, tiny_data):

@@ -2,6 +2,7 @@
 11 and 12): validation data too small, msg-eval's --iters, a checkpoint path that is a file,
 msg-gridsearch's flag name."""
 import json
+import re
 
 import pytest
 
@@ -37,15 +38,18 @@ def test_msg_eval_refuses_iters_below_one(tmp_path, iters):
 
 def test_an_empty_validation_split_is_named(tmp_path):
     """A one-document corpus holds nothing out: opening its empty split says so (no mmap error)."""
-    from msg_megatron.data import DataError, TokenWindows
+    from msg_megatron.config import load_config
+    from msg_megatron.data.sources import open_data
 
     text = "".join(f"line {i}: the quick brown fox jumps over the lazy dog {i * 7}\n" for i in range(300))
     (tmp_path / "one.txt").write_text(text)
     r = run_cli(["msg_megatron.preprocess", "--input", str(tmp_path / "one.txt"), "--output", str(tmp_path / "p"),
                  "--vocab-size", "330"])
     assert r.returncode == 0, r.stderr[-2000:]
-    with pytest.raises(DataError, match="valid.bin` holds no tokens .* use a larger corpus"):
-        TokenWindows(str(tmp_path / "p" / "valid"), 16)
+    cfg = load_config(None, ["model.vocab_size=330", "model.seq_length=16", "growth.stages=[]",
+                             f"data.corpus={tmp_path / 'p'}", f"data.index_cache={tmp_path}/index"])
+    data = open_data(cfg, log=lambda *_: None, train=False)
+    assert data.valid is None and re.search("valid.bin` holds no tokens .* use a larger corpus", data.no_valid)
 
 
 def test_a_checkpoint_path_that_is_a_file_is_named_as_such(tmp_path):

@@ -2,7 +2,7 @@
 another layout), written atomically.
 
 A save directory holds step directories and a `latest` marker:
-    SAVE/step_000120/          dist_checkpointing files + msg_meta.json + tokenizer.model + manifest.json
+    SAVE/step_000120/          dist_checkpointing files + msg_meta.json + the tokenizer + manifest.json
     SAVE/latest                "step_000120"
 Each step directory is written under `.tmp-step_...`; when every rank has finished, the files'
 sizes and CRC-32s (computed in parallel, file i by rank i) go into `manifest.json`, the directory is
@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from .. import __version__, patches
 from ..config import Shape
+from ..data.tokenizer import copy_tokenizer
 from ..model.masks import refresh_active
 from ..optim.optimizer import MOMENTS
 from .crc_writer import checksummed_writes
@@ -280,8 +281,8 @@ def _write_step(save_dir, name, final, tmp, rank0, model, optimizer, state, conf
                 "optimizer": has_optimizer, "config": config}
         with open(os.path.join(tmp, META), "w") as f:
             json.dump(meta, f, indent=1)
-        if tokenizer_path:
-            shutil.copyfile(tokenizer_path, os.path.join(tmp, "tokenizer.model"))
+        if tokenizer_path:  # (its standard name: tokenizer.model, or tokenizer.json with its config)
+            copy_tokenizer(tokenizer_path, tmp)
     # every rank's files are on disk: checksum them in parallel, rank 0 writes the manifest
     if dist.is_initialized():
         dist.barrier()

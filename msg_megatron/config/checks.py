@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+from .blend_syntax import parse_blend, parse_split
 from .schema import Config, ConfigError, Shape
 
 
@@ -156,8 +157,6 @@ def validate(cfg: Config) -> None:
 
 def _validate_data(cfg: Config) -> None:
     """The blends' syntax and weights (the files are checked when a run starts, data/gpt_data.py)."""
-    from ..data.blends import parse_blend, parse_split
-
     d = cfg.data
     try:
         paths = parse_blend(d.paths, "data.paths")

@@ -29,7 +29,8 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from .blends import Blend, check_prefix, parse_blend, parse_split
+from ..config.blend_syntax import Blend, parse_blend, parse_split
+from .blends import check_prefix
 from .errors import DataError
 
 _HUGE = 1 << 62  # a corpus's length for megatron's BlendedDataset: epochs repeat without end
@@ -232,13 +233,18 @@ def stage_blends(cfg) -> List[Blend]:
 
 
 def data_identity(config: dict) -> dict:
-    """What decides the sample order, from a config dict (this run's, or a checkpoint's)."""
-    d = config.get("data", {})
-    return {"corpus": d.get("corpus"), "corpus_mb": d.get("corpus_mb"), "valid_fraction": d.get("valid_fraction"),
-            "paths": d.get("paths"), "split": d.get("split", "969,30,1"), "valid_paths": d.get("valid_paths"),
-            "stage_data": [st.get("data") for st in config.get("growth", {}).get("stages", [])],
-            "stage_steps": [st.get("step") for st in config.get("growth", {}).get("stages", [])],
-            "seq_length": config.get("model", {}).get("seq_length"), "seed": config.get("train", {}).get("seed")}
+    """What decides which sample a sample number is, from a config dict (this run's, or the one a
+    checkpoint saved): the sources, split, sequence length and seed, and with per-stage data the
+    stages' data, steps and batch sizes (they place the switches)."""
+    d, t = config.get("data", {}), config.get("train", {})
+    stages = config.get("growth", {}).get("stages", [])
+    out = {"corpus": d.get("corpus"), "corpus_mb": d.get("corpus_mb"), "valid_fraction": d.get("valid_fraction"),
+           "paths": d.get("paths"), "split": d.get("split", "969,30,1"), "valid_paths": d.get("valid_paths"),
+           "seq_length": config.get("model", {}).get("seq_length"), "seed": t.get("seed")}
+    if any(st.get("data") for st in stages):
+        out["stages"] = [(st.get("step"), st.get("global_batch_size") or t.get("global_batch_size"), st.get("data"))
+                         for st in stages]
+    return out
 
 
 def build_samples(cfg, eod: int, cache_dir: str, train_prefixes: Optional[Blend] = None,

@@ -1,7 +1,8 @@
-"""Prepared data directories: tokenizer.model + megatron indexed datasets + a manifest.
+"""Prepared data directories: a tokenizer + megatron indexed datasets + a manifest.
 
 Layout of a prepared directory (the embedded corpus's cache, or msg-preprocess output):
-    tokenizer.model        sentencepiece model
+    tokenizer.model        the sentencepiece model (or tokenizer.json [+ tokenizer_config.json]: a
+                           Hugging Face tokenizer given with --tokenizer / data.tokenizer_model)
     train.bin / train.idx  megatron-core IndexedDataset, one document (tokens + EOD) per entry
     valid.bin / valid.idx  held-out documents
     manifest.json          what was built, file sizes; a directory without a matching manifest is
@@ -26,9 +27,7 @@ from ..parallel import barrier, is_logging_rank
 from ..permissions import honour_umask
 from .corpus import Doc, embedded_documents, select_documents, split_documents
 from .errors import DataError
-from .tokenizer import Tokenizer, train_tokenizer
-
-FILES = ("tokenizer.model", "train.bin", "train.idx", "valid.bin", "valid.idx")
+from .tokenizer import Tokenizer, copy_tokenizer, load_tokenizer, train_tokenizer
 
 
 def default_cache_dir() -> str:
@@ -57,12 +56,12 @@ def build_prepared_dir(out_dir: str, train_docs: List[Doc], valid_docs: List[Doc
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
     try:
-        tok_path = os.path.join(tmp, "tokenizer.model")
         if tokenizer_model:
-            shutil.copyfile(tokenizer_model, tok_path)
+            tok_path = copy_tokenizer(tokenizer_model, tmp)
         else:
+            tok_path = os.path.join(tmp, Tokenizer.file_name)
             train_tokenizer((t for _, t in train_docs), tok_path, vocab_size, vocab_name=vocab_name)
-        tok = Tokenizer(tok_path)
+        tok = load_tokenizer(tok_path)
         if tok.vocab_size != vocab_size:
             raise DataError(f"tokenizer `{tokenizer_model or tok_path}` has {tok.vocab_size} pieces but "
                             f"model.vocab_size is {vocab_size}; set model.vocab_size={tok.vocab_size}")
@@ -72,7 +71,7 @@ def build_prepared_dir(out_dir: str, train_docs: List[Doc], valid_docs: List[Doc
             raise DataError("no training tokens: the input documents are empty")
         manifest = {"version": __version__, "key": key or {}, "vocab_size": vocab_size, "tokens": counts,
                     "documents": {"train": len(train_docs), "valid": len(valid_docs)},
-                    "sizes": {f: os.path.getsize(os.path.join(tmp, f)) for f in FILES}}
+                    "sizes": {f: os.path.getsize(os.path.join(tmp, f)) for f in sorted(os.listdir(tmp))}}
         with open(os.path.join(tmp, "manifest.json"), "w") as f:
             json.dump(manifest, f, indent=1)
         honour_umask(tmp)  # (mkdtemp makes it 0700: a shared cluster group could not read it)

@@ -11,7 +11,7 @@ from .errors import DataError
 from .gpt_data import build_samples
 from .loader import SyntheticWindows
 from .prepare import default_cache_dir, resolve_data_dir_all_ranks
-from .tokenizer import Tokenizer
+from .tokenizer import find_tokenizer, load_tokenizer
 
 
 @dataclass
@@ -33,15 +33,18 @@ def open_data(cfg, log=print, train: bool = True) -> RunData:
     if d.paths:
         if not os.path.isfile(d.tokenizer):
             raise DataError(f"data.tokenizer `{d.tokenizer}` does not exist; give the tokenizer the corpora in "
-                            "data.paths were prepared with")
-        tok = Tokenizer(d.tokenizer)
+                            "data.paths were prepared with (a sentencepiece .model or a tokenizer.json)")
+        tok = load_tokenizer(d.tokenizer)
         if tok.vocab_size != cfg.model.vocab_size:
             raise DataError(f"data.tokenizer `{d.tokenizer}` has {tok.vocab_size} tokens but model.vocab_size is "
                             f"{cfg.model.vocab_size}; set model.vocab_size={tok.vocab_size}")
         tr, va, why = build_samples(cfg, tok.eod, cache, train=train)
         return RunData(d.tokenizer, tr, va, why)
     data_dir, _ = resolve_data_dir_all_ranks(d, cfg.model.vocab_size, log)
-    tok_path = os.path.join(data_dir, "tokenizer.model")
-    tr, va, why = build_samples(cfg, Tokenizer(tok_path).eod, cache, [(1.0, os.path.join(data_dir, "train"))],
+    tok_path = find_tokenizer(data_dir)
+    if tok_path is None:
+        raise DataError(f"`{data_dir}` holds no tokenizer (tokenizer.model or tokenizer.json); rebuild it with "
+                        "msg-preprocess")
+    tr, va, why = build_samples(cfg, load_tokenizer(tok_path).eod, cache, [(1.0, os.path.join(data_dir, "train"))],
                                 [(1.0, os.path.join(data_dir, "valid"))], train=train)
     return RunData(tok_path, tr, va, why)

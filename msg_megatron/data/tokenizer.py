@@ -1,13 +1,16 @@
-"""A lossless sentencepiece tokenizer: identity normalisation, byte fallback, whitespace kept.
-
-Text encodes and decodes back to the identical string (newlines and indentation included), which
-matters for a corpus of source code.
+"""Tokenizers: our lossless sentencepiece model (identity normalisation, byte fallback, whitespace
+kept: text encodes and decodes back to the identical string, which matters for a corpus of source
+code), or any Hugging Face `tokenizer.json` (the `tokenizers` library: GPT-2 BPE, Llama-3 style),
+chosen by `load_tokenizer` from the file. Both give vocab_size, eod (and bos / pad where defined),
+encode, decode, and the files a checkpoint or export carries.
 """
 from __future__ import annotations
 
 import io
+import json
+import os
 import re
-from typing import Iterable, List
+from typing import Iterable, List, Optional
 
 import sentencepiece as spm
 
@@ -59,6 +62,10 @@ def _train(lines, model, vocab_size: int) -> None:
 
 
 class Tokenizer:
+    """A sentencepiece model (`tokenizer.model`)."""
+
+    file_name = "tokenizer.model"
+
     def __init__(self, model_path: str):
         try:
             self.sp = spm.SentencePieceProcessor(model_file=model_path)
@@ -79,3 +86,124 @@ class Tokenizer:
 
     def decode(self, ids: List[int]) -> str:
         return self.sp.decode(ids)
+
+    @property
+    def bos(self) -> Optional[int]:
+        return self.sp.bos_id() if self.sp.bos_id() >= 0 else None
+
+    @property
+    def pad(self) -> Optional[int]:
+        return self.sp.pad_id() if self.sp.pad_id() >= 0 else None
+
+    def files(self) -> List[str]:
+        """The files that make up this tokenizer (what a checkpoint copies)."""
+        return [self.path]
+
+
+# end-of-document tokens by name, for a tokenizer.json without a tokenizer_config.json beside it
+EOD_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eos|>", "[SEP]")
+BOS_NAMES = ("<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>")
+PAD_NAMES = ("<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>")
+
+
+class HFTokenizer:
+    """A Hugging Face `tokenizer.json`. Its end-of-document id is the `eos_token` of a
+    `tokenizer_config.json` beside it (as transformers saves them), else a special token with a
+    known name (EOD_NAMES); bos and pad likewise."""
+
+    file_name = "tokenizer.json"
+
+    def __init__(self, path: str):
+        from tokenizers import Tokenizer as Fast
+
+        try:
+            self.tk = Fast.from_file(path)
+        except Exception as e:  # (the Rust error: one line)
+            raise ValueError(f"cannot load the Hugging Face tokenizer `{path}`: {e}") from None
+        self.path = path
+        self.config_path = os.path.join(os.path.dirname(path), "tokenizer_config.json")
+        named = self._configured()
+        self.eod = self._special("eos_token", named, EOD_NAMES)
+        if self.eod is None:
+            raise DataError(f"`{path}` names no end-of-document token: put a tokenizer_config.json beside it with "
+                            f'"eos_token" (e.g. {{"eos_token": "<|endoftext|>"}}), or add one of {", ".join(EOD_NAMES)} '
+                            "as a special token")
+        self.bos = self._special("bos_token", named, BOS_NAMES)
+        self.pad = self._special("pad_token", named, PAD_NAMES)
+
+    def _configured(self) -> dict:
+        if not os.path.isfile(self.config_path):
+            return {}
+        try:
+            with open(self.config_path, encoding="utf-8") as f:
+                conf = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise DataError(f"`{self.config_path}` is not readable JSON ({e}); fix or remove it") from None
+        out = {}
+        for key in ("eos_token", "bos_token", "pad_token"):
+            v = conf.get(key)
+            v = v.get("content") if isinstance(v, dict) else v
+            if isinstance(v, str):
+                out[key] = v
+        return out
+
+    def _special(self, key: str, named: dict, names) -> Optional[int]:
+        if key in named:
+            tid = self.tk.token_to_id(named[key])
+            if tid is None:
+                raise DataError(f"`{self.config_path}` sets {key}={named[key]!r}, which `{self.path}` does not have")
+            return tid
+        specials = {t.content for t in self.tk.get_added_tokens_decoder().values() if t.special}
+        for name in names:
+            if name in specials:
+                return self.tk.token_to_id(name)
+        return None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tk.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> List[int]:
+        return self.tk.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: List[int]) -> str:
+        return self.tk.decode(list(ids), skip_special_tokens=False)
+
+    def token_name(self, tid: Optional[int]) -> Optional[str]:
+        return None if tid is None else self.tk.id_to_token(tid)
+
+    def files(self) -> List[str]:
+        return [self.path] + ([self.config_path] if os.path.isfile(self.config_path) else [])
+
+
+def load_tokenizer(path: str):
+    """The tokenizer in `path`: a `.json` is a Hugging Face tokenizer.json, anything else a
+    sentencepiece model; a directory, the tokenizer.json or tokenizer.model in it."""
+    if os.path.isdir(path):
+        for name in (HFTokenizer.file_name, Tokenizer.file_name):
+            if os.path.isfile(os.path.join(path, name)):
+                return load_tokenizer(os.path.join(path, name))
+        raise DataError(f"`{path}` holds no tokenizer.json or tokenizer.model")
+    if not os.path.isfile(path):
+        raise DataError(f"tokenizer `{path}` does not exist")
+    return HFTokenizer(path) if path.endswith(".json") else Tokenizer(path)
+
+
+def find_tokenizer(folder: str) -> Optional[str]:
+    """The tokenizer file a checkpoint or prepared directory carries (None: none)."""
+    for name in (HFTokenizer.file_name, Tokenizer.file_name):
+        if os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    return None
+
+
+def copy_tokenizer(path: str, out_dir: str) -> str:
+    """Copy the tokenizer in `path` (and its companion files) into `out_dir` under its standard
+    name; returns the copy's path."""
+    import shutil
+
+    tok = load_tokenizer(path)
+    for f in tok.files():
+        name = tok.file_name if f == tok.path else os.path.basename(f)
+        shutil.copyfile(f, os.path.join(out_dir, name))
+    return os.path.join(out_dir, tok.file_name)

@@ -21,11 +21,12 @@ import torch
 from ..checkpoint.dist import CheckpointError
 from ..checkpoint.reader import CheckpointReader
 from ..cli import run_cli
+from ..data.tokenizer import find_tokenizer
 from ..model.gpt import padded_vocab_size
 from ..model.params import outer_rows
 from ..permissions import honour_umask
 from .layout import architecture, dims, hf_config, to_hf
-from .tokenizer import write_tokenizer
+from .tokenizer import special_ids, write_tokenizer
 
 DTYPES = {"fp32": (torch.float32, "float32"), "bf16": (torch.bfloat16, "bfloat16"), "fp16": (torch.float16, "float16")}
 
@@ -120,19 +121,21 @@ def export(load: str, out: str, dtype: str = "fp32", max_shard_size: int = 5 << 
             layer = {f"layers.{i}.{k}": v for k, v in reader.layer(i).items()}
             writer.add(cast(to_hf(arch, layer, d, layer=i)))
         files = writer.finish()
-        config = hf_config(arch, mcfg, shape, padded_vocab_size(mcfg), dtype_name)
+        tok = find_tokenizer(reader.path)
+        ids = special_ids(tok) if tok else {"bos": 1, "eos": 2}
+        config = hf_config(arch, mcfg, shape, padded_vocab_size(mcfg), dtype_name, ids["bos"], ids["eos"])
         # how to get back (msg-import-hf reads it: the exact model config, the vocabulary before padding)
         config["msg_megatron"] = {"model": reader.meta["config"]["model"], "shape": list(shape.as_tuple()),
                                   "step": reader.step, "version": reader.meta.get("version")}
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config, f, indent=1)
         with open(os.path.join(tmp, "generation_config.json"), "w") as f:
-            json.dump({"bos_token_id": 1, "eos_token_id": 2}, f, indent=1)
-        tok = os.path.join(reader.path, "tokenizer.model")
-        if os.path.exists(tok):
+            json.dump({"bos_token_id": ids["bos"], "eos_token_id": ids["eos"]}, f, indent=1)
+        if tok:
             write_tokenizer(tok, tmp, mcfg.seq_length)
         else:
-            log(f"msg-export-hf: warning: `{reader.path}` holds no tokenizer.model; the export has no tokenizer")
+            log(f"msg-export-hf: warning: `{reader.path}` holds no tokenizer (tokenizer.model or tokenizer.json); "
+                "the export has none")
         if os.path.exists(out):
             shutil.rmtree(out)
         honour_umask(tmp)
@@ -142,7 +145,7 @@ def export(load: str, out: str, dtype: str = "fp32", max_shard_size: int = 5 << 
         raise
     return {"out": out, "architecture": config["architectures"][0], "shape": list(shape.as_tuple()),
             "step": reader.step, "dtype": dtype_name, "files": files, "bytes": writer.total,
-            "tokenizer": os.path.exists(tok)}
+            "tokenizer": bool(tok)}
 
 
 def _main(argv) -> int:

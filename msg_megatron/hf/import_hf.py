@@ -25,7 +25,7 @@ from ..checkpoint.dist import save_checkpoint
 from ..checkpoint.run_lock import hold_save_dir
 from ..cli import run_cli
 from ..config import ModelConfig, Shape, config_from_dict
-from ..data.tokenizer import Tokenizer
+from ..data.tokenizer import find_tokenizer, load_tokenizer
 from ..model import build_model, count_parameters
 from ..model.gpt import padded_vocab_size
 from ..model.masks import tp_rank_size
@@ -163,11 +163,11 @@ def fill_model(model, arch: str, get) -> None:
 
 
 def _tokenizer(folder: str):
-    path = os.path.join(folder, "tokenizer.model")
-    if not os.path.exists(path):
+    """The folder's tokenizer (tokenizer.json, else tokenizer.model) and its vocabulary size."""
+    path = find_tokenizer(folder)
+    if path is None:
         return "", None
-
-    return path, Tokenizer(path).vocab_size
+    return path, load_tokenizer(path).vocab_size
 
 
 def import_hf(folder: str, save: str, tensor: int = 1, pipeline: int = 1, seq_length=None, verify: bool = True) -> dict:
@@ -205,7 +205,7 @@ def import_hf(folder: str, save: str, tensor: int = 1, pipeline: int = 1, seq_le
     out = {"saved": path, "architecture": hf.get("architectures", [arch])[0], "shape": list(shape.as_tuple()),
            "params": count_parameters(model), "vocab_size": cfg.model.vocab_size,
            "vocab_padded": padded_vocab_size(cfg.model), "layout": {"tensor": tensor, "pipeline": pipeline},
-           "tokenizer": bool(tok_path)}
+           "tokenizer": find_tokenizer(path) or ""}
     if verify and not sharded and is_logging_rank():
         out["max_abs_logit_diff"] = _compare_logits(folder, model)
     return out
@@ -245,8 +245,8 @@ def _main(argv) -> int:
     print(f"imported {res['architecture']} {tuple(res['shape'])}, {res['params']:,} params -> {res['saved']}")
     if "max_abs_logit_diff" in res:
         print(f"logits vs transformers: max abs difference {res['max_abs_logit_diff']:.2e}")
-    tok = f" data.tokenizer_model={res['saved']}/tokenizer.model" if res["tokenizer"] else (
-        " (no tokenizer.model in the folder: set data.tokenizer_model to a sentencepiece model with the same ids)")
+    tok = f" data.tokenizer={res['tokenizer']}" if res["tokenizer"] else (
+        " (no tokenizer.json or tokenizer.model in the folder: set data.tokenizer to one with the same ids)")
     print(f"grow it offline: msg-grow --load {res['saved']} --shape H,F,A,L --save NEW_DIR\n"
           f"or start a growth run from it (growth.stages[0] = {res['shape']}): msg-pretrain CONFIG "
           f"checkpoint.init_from={res['saved']}{tok}")

@@ -51,10 +51,12 @@ def architecture(mcfg: ModelConfig, shape: Shape) -> str:
         "(rmsnorm, swiglu, rope) -> LlamaForCausalLM and (layernorm, gelu, learned) -> GPT2LMHeadModel")
 
 
-def hf_config(arch: str, mcfg: ModelConfig, shape: Shape, vocab_padded: int, dtype: str) -> dict:
-    """config.json contents (plain keys understood by transformers 4.4x and 5.x)."""
+def hf_config(arch: str, mcfg: ModelConfig, shape: Shape, vocab_padded: int, dtype: str, bos: Optional[int] = 1,
+              eos: Optional[int] = 2) -> dict:
+    """config.json contents (plain keys understood by transformers 4.4x and 5.x); `bos`, `eos`: the
+    tokenizer's ids (our sentencepiece models': 1 and 2)."""
     common = {"vocab_size": vocab_padded, "tie_word_embeddings": mcfg.tie_embeddings, "torch_dtype": dtype,
-              "dtype": dtype, "bos_token_id": 1, "eos_token_id": 2, "use_cache": True}
+              "dtype": dtype, "bos_token_id": bos, "eos_token_id": eos, "use_cache": True}
     if arch == LLAMA:
         return dict(common, architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=shape.hidden,
                     intermediate_size=shape.ffn, num_hidden_layers=shape.layers,

@@ -15,6 +15,8 @@ import shutil
 
 import sentencepiece as spm
 
+from ..data.tokenizer import load_tokenizer
+
 SPACE = "\u2581"
 
 
@@ -51,7 +53,41 @@ def tokenizer_json(model_path: str) -> dict:
     }
 
 
-def write_tokenizer(model_path: str, out_dir: str, model_max_length: int) -> None:
+def special_ids(path: str) -> dict:
+    """{"bos", "eos", "pad"} ids of the tokenizer file (None where it has none)."""
+    tok = load_tokenizer(path)
+    return {"bos": tok.bos, "eos": tok.eod, "pad": tok.pad}
+
+
+def write_tokenizer(path: str, out_dir: str, model_max_length: int) -> None:
+    """The files AutoTokenizer loads, for our sentencepiece model or a Hugging Face tokenizer.json."""
+    if path.endswith(".json"):
+        write_hf_tokenizer(path, out_dir, model_max_length)
+    else:
+        write_sentencepiece_tokenizer(path, out_dir, model_max_length)
+
+
+def write_hf_tokenizer(path: str, out_dir: str, model_max_length: int) -> None:
+    """tokenizer.json as trained, with a tokenizer_config.json naming its special tokens (the one
+    beside it, if any, kept: chat template and the like) and special_tokens_map.json."""
+    tok = load_tokenizer(path)
+    shutil.copyfile(path, os.path.join(out_dir, "tokenizer.json"))
+    config = {}
+    if os.path.isfile(tok.config_path):
+        with open(tok.config_path, encoding="utf-8") as f:
+            config = json.load(f)
+    special = {k: tok.token_name(v) for k, v in (("bos_token", tok.bos), ("eos_token", tok.eod), ("pad_token", tok.pad))
+               if v is not None}
+    config.update(special, model_max_length=model_max_length)
+    config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+    config.setdefault("clean_up_tokenization_spaces", False)
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=1, ensure_ascii=False)
+    with open(os.path.join(out_dir, "special_tokens_map.json"), "w", encoding="utf-8") as f:
+        json.dump(special, f, indent=1, ensure_ascii=False)
+
+
+def write_sentencepiece_tokenizer(model_path: str, out_dir: str, model_max_length: int) -> None:
     """tokenizer.json + tokenizer_config.json + special_tokens_map.json (+ the sentencepiece model)."""
     sp = spm.SentencePieceProcessor(model_file=model_path)
     with open(os.path.join(out_dir, "tokenizer.json"), "w", encoding="utf-8") as f:

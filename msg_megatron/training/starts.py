@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from ..checkpoint.dist import CheckpointError, load_checkpoint, read_meta
 from ..config import Config, ModelConfig, Shape
+from ..data.gpt_data import data_identity
 from ..model import build_model
 from ..model.masks import ramping
 from ..optim.optimizer import build_optimizer, cast_keeping_masters, cast_params, param_dtype
@@ -57,6 +58,7 @@ def resume(cfg: Config, schedule: list, path: str, log, fallback: bool = False) 
         raise CheckpointError(
             f"checkpoint `{meta['path']}` was trained with another model config (differs in "
             f"{', '.join(f'model.{k}' for k in diff)}); use the same model section or a matching checkpoint")
+    _check_data(cfg, meta, log)
     st = meta["state"]
     if st["step"] > cfg.train.steps:
         raise CheckpointError(
@@ -75,6 +77,23 @@ def resume(cfg: Config, schedule: list, path: str, log, fallback: bool = False) 
     load_checkpoint(meta["path"], model, optimizer, full=full)  # fp32 weights -> masters
     log(f"[resume] {meta['path']}: step {state['step']}, stage {state['stage']}, shape {shape}")
     return Start(model, optimizer, state)
+
+
+def _check_data(cfg: Config, meta: dict, log) -> None:
+    """The data decides which sample each consumed-sample number is: resuming on other data would
+    silently train on another order. Refused unless data.allow_blend_change, then logged."""
+    saved, mine = data_identity(meta["config"]), data_identity(cfg.to_dict())
+    diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
+    if not diff:
+        return
+    what = ", ".join(f"{k}: {saved.get(k)!r} -> {mine.get(k)!r}" for k in diff)
+    if not cfg.data.allow_blend_change:
+        raise CheckpointError(
+            f"checkpoint `{meta['path']}` was trained on other data ({what}); resuming would read another sample "
+            "order. Use the checkpoint's data settings, or set data.allow_blend_change=true to continue on the new "
+            "data from this step on")
+    log(f"[resume] data changed ({what}): data.allow_blend_change=true, the samples from step "
+        f"{meta['state']['step']} on follow the new data")
 
 
 def init_from(cfg: Config, schedule: list, path: str, log) -> Start:

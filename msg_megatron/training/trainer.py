@@ -31,6 +31,14 @@ from .starts import start_run
 from .step_stats import PendingSteps
 
 
+def micro_batch_samples(consumed: int, global_batch: int, micro_batch: int, dp_rank: int, dp: int) -> list:
+    """The first sample number of each of this DP rank's micro-batches in the step that starts at
+    sample `consumed`: a contiguous block of the global batch per rank, so the ranks read disjoint
+    samples and together every sample of the batch once."""
+    local = global_batch // micro_batch // dp
+    return [consumed + (dp_rank * local + i) * micro_batch for i in range(local)]
+
+
 class StepOut(NamedTuple):
     loss: torch.Tensor  # the sum of the micro-batch mean losses (on the last pipeline stage; 0 elsewhere)
     grad_norm: torch.Tensor
@@ -89,10 +97,10 @@ class Trainer:
         lr = self.lr_schedule(self.step)
         gbs = self.cfg.batch_size(self.stage)
         n_micro = gbs // t.micro_batch_size
-        local = n_micro // self.dp  # this DP rank's micro-batches: a contiguous block of the batch
+        local = n_micro // self.dp
         start = time.perf_counter()
-        batches = [self.train_data.batch(self.consumed_samples + (self.dp_rank * local + i) * t.micro_batch_size,
-                                         t.micro_batch_size) for i in range(local)]
+        batches = [self.train_data.batch(first, t.micro_batch_size)
+                   for first in micro_batch_samples(self.consumed_samples, gbs, t.micro_batch_size, self.dp_rank, self.dp)]
         # each micro-batch's loss x local/n_micro sums to the batch mean over DP ranks; megatron's DDP
         # averages the DP gradients (x 1/DP), hence the factor DP
         total = run_microbatches(self.optimizer.ddp, batches, forward_only=False,
