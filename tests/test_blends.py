@@ -217,3 +217,57 @@ def test_resume_mid_epoch_is_bitwise_for_a_blend_and_a_stage_switch(tmp_path, ti
                         stages=other))
     assert t.step == 16 and "[resume] data changed (stages: " in capsys.readouterr().out
     assert torch.isfinite(t.train_step().loss)  # (it trains on the new blend)
+
+
+@pytest.mark.slow
+def test_megatron_lm_files_with_a_tokenizers_json_train_and_export(tmp_path):
+    """Megatron-LM's inputs as they are: a GPT-2-style byte-level BPE tokenizer.json trained by the
+    `tokenizers` library on the embedded corpus, documents written by megatron-core's own
+    IndexedDatasetBuilder as `corpus_text_document`. msg-pretrain trains on it (with a growth) with
+    data.tokenizer pointing at the json, msg-export-hf exports it, and transformers' AutoTokenizer on
+    the export encodes text exactly as the training tokenizer does; the model config's eos id is the
+    tokenizer's end-of-document id."""
+    import json
+
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    from tokenizers import Tokenizer as Fast
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer
+
+    from conftest import run_cli
+    from msg_megatron.data.corpus import embedded_documents, select_documents
+    from msg_megatron.data.tokenizer import load_tokenizer
+
+    docs = [t for _, t in select_documents(embedded_documents(), 300_000)]
+    fast = Fast(models.BPE())
+    fast.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    fast.decoder = decoders.ByteLevel()
+    fast.train_from_iterator(docs, trainers.BpeTrainer(vocab_size=512, special_tokens=["<|endoftext|>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok_path = str(tmp_path / "tokenizer.json")
+    fast.save(tok_path)
+    tok = load_tokenizer(tok_path)
+    assert tok.eod == fast.token_to_id("<|endoftext|>") and tok.vocab_size == 512
+    prefix = str(tmp_path / "corpus_text_document")
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    for text in docs:
+        ids = tok.encode(text) + [tok.eod]
+        builder.add_document(torch.tensor(ids, dtype=torch.int64), [len(ids)])
+    builder.finalize(prefix + ".idx")
+
+    over = BASE + [SHAPES % ("", "", ""), f"data.paths={prefix}", f"data.tokenizer={tok_path}",
+                   f"data.index_cache={tmp_path}/index", f"logging.run_dir={tmp_path}/run",
+                   f"checkpoint.save={tmp_path}/ck", "train.steps=32", "data.split=80,20,0"]
+    r = run_cli(["msg_megatron.pretrain", "configs/demo_cpu.yaml"] + over, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    final = json.loads(r.stdout.strip().splitlines()[-1])["final"]
+    assert final["step"] == 32 and final["val_loss"] < 6.0  # (ln 512 = 6.24: it learned)
+    r = run_cli(["msg_megatron.hf.export", "--load", str(tmp_path / "ck"), "--out", str(tmp_path / "hf")])
+    assert r.returncode == 0, r.stderr[-3000:]
+    auto = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    for text in (docs[3][:2000], "def f(x):\n\treturn  x  # naïve ✓\n", "数字 12345\r\n"):
+        assert auto(text, add_special_tokens=False)["input_ids"] == tok.encode(text)
+        assert auto.decode(tok.encode(text)) == text
+    assert auto.eos_token == "<|endoftext|>"
+    with open(tmp_path / "hf" / "config.json") as f:
+        assert json.load(f)["eos_token_id"] == tok.eod
