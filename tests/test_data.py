@@ -149,3 +149,83 @@ def test_a_vocabulary_too_small_for_the_tokenizer_names_the_minimum(tmp_path):
 
     with pytest.raises(DataError, match=r"model.vocab_size=260 is below .* set model.vocab_size >= \d+"):
         train_tokenizer(["hello world " * 20, "ab cd ü 12 漢字"], str(tmp_path / "t.model"), 260)
+
+
+def _jsonl_corpus(path, n=300, gz=False):
+    import gzip
+
+    lines = [json.dumps({"text": f"doc {i}: " + "the quick brown fox jumps over the lazy dog %d\n" % (i * 7) * (1 + i % 5)})
+             for i in range(n)]
+    data = ("\n".join(lines) + "\n").encode()
+    with (gzip.open(path, "wb") if gz else open(path, "wb")) as f:
+        f.write(data)
+    return path
+
+
+@pytest.mark.slow
+def test_preprocess_megatron_files_are_identical_for_any_workers_and_megatron_reads_them(tmp_path, tiny_data):
+    """--output-prefix writes Megatron-LM's PREFIX_text_document.bin/.idx: byte-identical with --workers 1
+    and 2, from gzip'd JSONL as from plain; megatron-core's IndexedDataset reads each document as the
+    tokenizer's ids plus the end-of-document id; --per-input makes one dataset per input; the
+    progress line reports tokens/s."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    tok_path = os.path.join(tiny_data, "tokenizer.model")
+    plain = _jsonl_corpus(str(tmp_path / "web.jsonl"))
+    packed = _jsonl_corpus(str(tmp_path / "books.jsonl.gz"), n=120, gz=True)
+    outs = {}
+    for w in (1, 2):
+        r = run_cli(["msg_megatron.preprocess", "--input", plain, packed, "--output-prefix", str(tmp_path / f"w{w}"),
+                     "--tokenizer", tok_path, "--workers", str(w), "--log-interval", "0"])
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert "tokens/s" in r.stderr and "data.paths=" in r.stderr
+        outs[w] = [open(tmp_path / f"w{w}_text_document{ext}", "rb").read() for ext in (".bin", ".idx")]
+    assert outs[1] == outs[2]
+    tok = Tokenizer(tok_path)
+    ds = IndexedDataset(str(tmp_path / "w1_text_document"))
+    texts = [json.loads(line)["text"] for line in open(plain)]
+    assert len(ds) == 300 + 120
+    for i in (0, 7, 299):
+        assert ds[i].tolist() == tok.encode(texts[i]) + [tok.eod]
+    r = run_cli(["msg_megatron.preprocess", "--input", plain, packed, "--output-prefix", str(tmp_path / "each"),
+                 "--tokenizer", tok_path, "--per-input", "--json-key", "text"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert sorted(res["prefixes"]) == [str(tmp_path / "each_books_text_document"), str(tmp_path / "each_web_text_document")]
+    assert len(IndexedDataset(str(tmp_path / "each_books_text_document"))) == 120
+
+
+@pytest.mark.slow
+def test_preprocess_prepared_dir_is_identical_for_any_workers(tmp_path, tiny_data):
+    tok_path = os.path.join(tiny_data, "tokenizer.model")
+    src = _jsonl_corpus(str(tmp_path / "a.jsonl.gz"), gz=True)
+    for w in (1, 2):
+        r = run_cli(["msg_megatron.preprocess", "--input", src, "--output", str(tmp_path / f"d{w}"), "--tokenizer",
+                     tok_path, "--workers", str(w)])
+        assert r.returncode == 0, r.stderr[-2000:]
+    for name in ("train.bin", "train.idx", "valid.bin", "valid.idx", "tokenizer.model"):
+        assert open(tmp_path / "d1" / name, "rb").read() == open(tmp_path / "d2" / name, "rb").read(), name
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--output-prefix", "P"], ["--output-prefix needs --tokenizer"]),
+    (["--output", "D", "--per-input"], ["--per-input applies to --output-prefix"]),
+    (["--output", "D", "--workers", "0"], ["--workers 0: give at least 1"])])
+def test_preprocess_flags_that_do_not_fit_are_named(tmp_path, args, words):
+    from msg_megatron.cli import USER_ERRORS
+    from msg_megatron.preprocess import _main
+
+    src = _jsonl_corpus(str(tmp_path / "a.jsonl"), n=5)
+    with pytest.raises(USER_ERRORS) as e:
+        _main(["--input", src] + [str(tmp_path / a) if a in ("P", "D") else a for a in args])
+    for w in words:
+        assert w in str(e.value), str(e.value)
+
+
+def test_a_broken_gzip_input_is_named(tmp_path):
+    from msg_megatron.data.corpus import read_user_documents
+
+    bad = tmp_path / "a.jsonl.gz"
+    bad.write_bytes(b"this is not gzip at all\n")
+    with pytest.raises(ValueError, match=r"`.*a.jsonl.gz` is not a readable gzip file .* pass it uncompressed"):
+        list(read_user_documents([str(bad)]))

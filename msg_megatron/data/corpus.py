@@ -78,7 +78,8 @@ def _utf8_problem(path: str, raw: bytes, e: UnicodeDecodeError, first_line: int 
 
 def read_user_documents(paths: Iterable[str], json_key: str = "text", skip_invalid: bool = False,
                         warn=None) -> Iterator[Doc]:
-    """Plain-text files (one document each) and JSONL files (one document per line's `json_key`).
+    """Plain-text files (one document each) and JSONL files (one document per line's `json_key`),
+    either gzip'd (`.gz`); JSONL is streamed line by line.
 
     Text must be UTF-8: an undecodable line (JSONL) or file (text) is an error naming the file and
     line, or with `skip_invalid` is skipped and reported through `warn`; a file with NUL bytes is
@@ -94,34 +95,88 @@ def read_user_documents(paths: Iterable[str], json_key: str = "text", skip_inval
             raise FileNotFoundError(f"input file `{p}` does not exist")
         if os.path.isdir(p):
             raise ValueError(f"input `{p}` is a directory; pass the files in it (e.g. {p}/*.txt)")
-        with open(p, "rb") as f:
+        kind = p[:-3] if p.endswith(".gz") else p
+        with _open(p) as f:
+            if kind.endswith((".jsonl", ".json")):
+                # streamed line by line: a corpus-scale file is never held whole
+                for i, line in enumerate(f):
+                    doc = _json_line(p, i, line.rstrip(b"\n"), json_key, undecodable)
+                    if doc is not None:
+                        yield doc
+                continue
             raw = f.read()
         if b"\0" in raw:
             raise ValueError(f"input file `{p}` holds NUL bytes: a binary file, not text; pass text or .jsonl files")
-        if p.endswith((".jsonl", ".json")):
-            for i, line in enumerate(raw.split(b"\n")):
-                try:
-                    text = line.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    undecodable(_utf8_problem(p, line, e, i + 1), "the line")
-                    continue
-                if not text.strip():
-                    continue
-                try:
-                    obj = json.loads(text)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{p}:{i + 1}: not valid JSON ({e.msg}); each line must be an object") from None
-                if not isinstance(obj, dict):
-                    raise ValueError(f"{p}:{i + 1}: a JSON {type(obj).__name__}, not an object; each line must be "
-                                     f"an object with the text in `{json_key}`")
-                if json_key not in obj or not isinstance(obj[json_key], str):
-                    raise ValueError(f"{p}:{i + 1}: no string field `{json_key}`; pass --json-key with the "
-                                     "name of the text field")
-                yield f"{p}:{i + 1}", obj[json_key]
-        else:
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                undecodable(_utf8_problem(p, raw, e), "the file")
-                continue
-            yield p, text
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            undecodable(_utf8_problem(p, raw, e), "the file")
+            continue
+        yield p, text
+
+
+def _open(path: str):
+    """A file as bytes, gunzipped when it ends in .gz (a truncated or non-gzip file: a clear error)."""
+    if not path.endswith(".gz"):
+        return open(path, "rb")
+    import gzip
+
+    return _GzipLines(gzip.open(path, "rb"), path)
+
+
+class _GzipLines:
+    """gzip.open's file, its errors named with the file."""
+
+    def __init__(self, f, path):
+        self.f, self.path = f, path
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+    def _wrap(self, fn):
+        import gzip
+        import zlib
+
+        try:
+            return fn()
+        except (OSError, EOFError, zlib.error, gzip.BadGzipFile) as e:
+            raise ValueError(f"input file `{self.path}` is not a readable gzip file ({e}); re-compress it or pass it "
+                             "uncompressed") from None
+
+    def __iter__(self):
+        it = iter(self.f)
+        while True:
+            line = self._wrap(lambda: next(it, None))
+            if line is None:
+                return
+            yield line
+
+    def read(self):
+        return self._wrap(self.f.read)
+
+
+def _json_line(p: str, i: int, line: bytes, json_key: str, undecodable):
+    """(name, text) of JSONL line i of `p`, None for a blank or skipped line."""
+    if b"\0" in line:
+        raise ValueError(f"input file `{p}` holds NUL bytes: a binary file, not text; pass text or .jsonl files")
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        undecodable(_utf8_problem(p, line, e, i + 1), "the line")
+        return None
+    if not text.strip():
+        return None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p}:{i + 1}: not valid JSON ({e.msg}); each line must be an object") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{p}:{i + 1}: a JSON {type(obj).__name__}, not an object; each line must be "
+                         f"an object with the text in `{json_key}`")
+    if json_key not in obj or not isinstance(obj[json_key], str):
+        raise ValueError(f"{p}:{i + 1}: no string field `{json_key}`; pass --json-key with the "
+                         "name of the text field")
+    return f"{p}:{i + 1}", obj[json_key]

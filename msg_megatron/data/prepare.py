@@ -19,14 +19,12 @@ import shutil
 import tempfile
 from typing import List, Optional, Tuple
 
-import numpy as np
-import torch
-
 from .. import __version__
 from ..parallel import barrier, is_logging_rank
 from ..permissions import honour_umask
 from .corpus import Doc, embedded_documents, select_documents, split_documents
 from .errors import DataError
+from .tokenize_files import write_indexed
 from .tokenizer import Tokenizer, copy_tokenizer, load_tokenizer, train_tokenizer
 
 
@@ -34,24 +32,11 @@ def default_cache_dir() -> str:
     return os.environ.get("MSG_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "msg-megatron")
 
 
-def _write_split(docs: List[Doc], tok: Tokenizer, prefix: str) -> int:
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
-    dtype = np.uint16 if tok.vocab_size < 65_000 else np.int32
-    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=dtype)
-    n_tokens = 0
-    for _, text in docs:
-        ids = tok.encode(text) + [tok.eod]
-        builder.add_document(torch.tensor(ids, dtype=torch.int64), [len(ids)])
-        n_tokens += len(ids)
-    builder.finalize(prefix + ".idx")
-    return n_tokens
-
-
 def build_prepared_dir(out_dir: str, train_docs: List[Doc], valid_docs: List[Doc], vocab_size: int,
-                       tokenizer_model: str = "", key: Optional[dict] = None, vocab_name: str = "model.vocab_size"
-                       ) -> dict:
-    """Tokenize and write a prepared directory atomically; returns the manifest."""
+                       tokenizer_model: str = "", key: Optional[dict] = None, vocab_name: str = "model.vocab_size",
+                       workers: int = 1, log=None) -> dict:
+    """Tokenize (in `workers` processes: tokenize_files.write_indexed) and write a prepared directory
+    atomically; returns the manifest."""
     parent = os.path.dirname(os.path.abspath(out_dir)) or "."
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
@@ -65,8 +50,8 @@ def build_prepared_dir(out_dir: str, train_docs: List[Doc], valid_docs: List[Doc
         if tok.vocab_size != vocab_size:
             raise DataError(f"tokenizer `{tokenizer_model or tok_path}` has {tok.vocab_size} pieces but "
                             f"model.vocab_size is {vocab_size}; set model.vocab_size={tok.vocab_size}")
-        counts = {"train": _write_split(train_docs, tok, os.path.join(tmp, "train")),
-                  "valid": _write_split(valid_docs, tok, os.path.join(tmp, "valid"))}
+        counts = {split: write_indexed(docs, tok_path, os.path.join(tmp, split), workers, log)["tokens"]
+                  for split, docs in (("train", train_docs), ("valid", valid_docs))}
         if counts["train"] == 0:
             raise DataError("no training tokens: the input documents are empty")
         manifest = {"version": __version__, "key": key or {}, "vocab_size": vocab_size, "tokens": counts,
