@@ -271,3 +271,30 @@ def test_megatron_lm_files_with_a_tokenizers_json_train_and_export(tmp_path):
     assert auto.eos_token == "<|endoftext|>"
     with open(tmp_path / "hf" / "config.json") as f:
         assert json.load(f)["eos_token_id"] == tok.eod
+
+
+def test_a_tokenizer_that_does_not_fit_the_model_is_named(tmp_path, tiny_data, corpora):
+    from msg_megatron.data.sources import open_data
+
+    cfg = load_config(None, BASE + ["growth.stages=[]", "model.vocab_size=1024", f"data.paths={corpora['a']}",
+                                    f"data.tokenizer={tiny_data}/tokenizer.model", f"data.index_cache={tmp_path}/i"])
+    with pytest.raises(DataError, match="has 512 tokens but model.vocab_size is 1024; set model.vocab_size=512"):
+        open_data(cfg, train=False)
+    cfg = load_config(None, BASE + ["growth.stages=[]", f"data.paths={corpora['a']}",
+                                    f"data.tokenizer={tmp_path}/none.json", f"data.index_cache={tmp_path}/i"])
+    with pytest.raises(DataError, match="data.tokenizer `.*none.json` does not exist"):
+        open_data(cfg, train=False)
+
+
+def test_a_tokenizer_json_without_an_end_of_document_token_is_named(tmp_path):
+    from tokenizers import Tokenizer as Fast
+    from tokenizers import models
+
+    from msg_megatron.data.tokenizer import load_tokenizer
+
+    Fast(models.WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]")).save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(DataError, match='names no end-of-document token: put a tokenizer_config.json beside it with '
+                                        '"eos_token"'):
+        load_tokenizer(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text('{"eos_token": "b"}')
+    assert load_tokenizer(str(tmp_path / "tokenizer.json")).eod == 1
