@@ -178,9 +178,9 @@ class HFTokenizer:
 
 def load_tokenizer(path: str):
     """The tokenizer in `path`: a `.json` is a Hugging Face tokenizer.json, anything else a
-    sentencepiece model; a directory, the tokenizer.json or tokenizer.model in it."""
+    sentencepiece model; a directory, the tokenizer.model or tokenizer.json in it."""
     if os.path.isdir(path):
-        for name in (HFTokenizer.file_name, Tokenizer.file_name):
+        for name in (Tokenizer.file_name, HFTokenizer.file_name):
             if os.path.isfile(os.path.join(path, name)):
                 return load_tokenizer(os.path.join(path, name))
         raise DataError(f"`{path}` holds no tokenizer.json or tokenizer.model")
@@ -190,8 +190,10 @@ def load_tokenizer(path: str):
 
 
 def find_tokenizer(folder: str) -> Optional[str]:
-    """The tokenizer file a checkpoint or prepared directory carries (None: none)."""
-    for name in (HFTokenizer.file_name, Tokenizer.file_name):
+    """The tokenizer file a checkpoint, prepared directory or Hugging Face folder carries (None:
+    none). A sentencepiece model first: where both are (our own exports, Llama-2 folders), the
+    tokenizer.json was converted from it."""
+    for name in (Tokenizer.file_name, HFTokenizer.file_name):
         if os.path.isfile(os.path.join(folder, name)):
             return os.path.join(folder, name)
     return None
