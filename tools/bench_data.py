@@ -12,8 +12,9 @@
    consumes on this machine (configs/gpt2_full.yaml's model, one forward+backward of a micro-batch,
    timed): the ratio must be >= 20.
 4. **Dataset memory per rank**: in fresh processes, the anonymous (private) RSS the dataset objects
-   add, opened from the cache with 1000 samples read (the file pages they map are the page cache,
-   shared by the node's ranks, reported apart), against the former loader, `TokenWindows` (a full permutation of every
+   hold, opened from the cache with 1000 samples read, freed heap returned (malloc_trim), against
+   the former loader (the mapped files are page cache, shared by a node's ranks, and RssFile also
+   counts torch's library pages as they fault in, so it is not reported), `TokenWindows` (a full permutation of every
    window in each process, kept below verbatim for this comparison), over the same corpora.
 """
 from __future__ import annotations
@@ -31,6 +32,17 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+
+
+def _trimmed(key: str) -> int:
+    """_status after returning freed heap to the OS (malloc_trim): what is still held."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    return _status(key)
 
 
 def _status(key: str) -> int:
@@ -95,12 +107,12 @@ CHILD = r"""
 import json, os, sys, time
 sys.path.insert(0, sys.argv[1])
 spec = json.loads(sys.argv[2])
-from bench_data import _status
+from bench_data import _status, _trimmed
 import numpy as np
 import torch
 import megatron.core  # (imports first: the figures below are the datasets', not megatron's import)
 from megatron.core.datasets import blended_dataset, gpt_dataset, indexed_dataset  # noqa: F401
-base_rss, base_file = _status("RssAnon"), _status("RssFile")
+base_rss = _trimmed("RssAnon")
 if spec["what"] == "ours":
     import torch
     torch.distributed.init_process_group("gloo", init_method="tcp://127.0.0.1:%d" % spec["port"], rank=0, world_size=1)
@@ -108,7 +120,7 @@ if spec["what"] == "ours":
     from msg_megatron.data.gpt_data import build_samples
     cfg = load_config(None, spec["overrides"])
     torch.ones(1).sum()  # (torch's lazy first-op allocations, before the baseline)
-    base_rss, base_file = _status("RssAnon"), _status("RssFile")
+    base_rss = _trimmed("RssAnon")
     t0 = time.perf_counter()
     train, _, _ = build_samples(cfg, 0, spec["cache"], train=True)
     build_s = time.perf_counter() - t0
@@ -122,19 +134,17 @@ if spec["what"] == "ours":
     for i in range(1000):
         train.window(int(rng.integers(0, train.num_samples)))
     print(json.dumps({"build_s": build_s, "build_peak_rss": peak, "samples": train.num_samples,
-                      "samples_per_s": per_s, "rss_added": _status("RssAnon") - base_rss,
-                      "file_rss_added": _status("RssFile") - base_file}))
+                      "samples_per_s": per_s, "rss_added": _trimmed("RssAnon") - base_rss}))
 elif spec["what"] == "tokenwindows":
     from bench_data import TokenWindows
     torch.ones(1).sum()
-    base_rss, base_file = _status("RssAnon"), _status("RssFile")
+    base_rss = _trimmed("RssAnon")
     ws = [TokenWindows(p, spec["seq"]) for p in spec["prefixes"]]
     rng = np.random.default_rng(0)
     for i in range(1000):
         w = ws[i % len(ws)]
         w.window(int(rng.integers(0, w.num_samples)))
-    print(json.dumps({"rss_added": _status("RssAnon") - base_rss, "file_rss_added": _status("RssFile") - base_file,
-                      "windows": sum(w.num_samples for w in ws)}))
+    print(json.dumps({"rss_added": _trimmed("RssAnon") - base_rss, "windows": sum(w.num_samples for w in ws)}))
 else:  # the GPT-2 preset's consumption: one micro-batch forward + backward
     import torch
     torch.distributed.init_process_group("gloo", init_method="tcp://127.0.0.1:%d" % spec["port"], rank=0, world_size=1)
@@ -225,9 +235,9 @@ def main() -> None:
     print(f"loader: {reopened['samples_per_s']:,.0f} samples/s vs the GPT-2 preset's step consuming "
           f"{gpt2['samples_per_s']:.2f} samples/s ({gpt2['micro_batch']} x {gpt2['seq_length']} in {gpt2['seconds']:.2f} s): "
           f"{res['loader_vs_gpt2']:,.0f}x (>= 20x needed)")
-    print(f"dataset memory per rank (anonymous RSS added, 1000 samples read): {reopened['rss_added'] / mib:.1f} MiB vs "
-          f"TokenWindows {old['rss_added'] / mib:.1f} MiB ({old['windows']:,} windows permuted in memory); mapped file "
-          f"pages touched (shared page cache): {reopened['file_rss_added'] / mib:.1f} vs {old['file_rss_added'] / mib:.1f} MiB")
+    print(f"dataset memory per rank (anonymous RSS held, 1000 samples read): {reopened['rss_added'] / mib:.2f} MiB vs "
+          f"TokenWindows {old['rss_added'] / mib:.2f} MiB ({old['windows']:,} windows permuted in memory, 8 B each: "
+          f"{8 * 300e9 / args.seq / gib:.2f} GiB per rank at 300B tokens)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)

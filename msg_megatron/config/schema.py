@@ -243,7 +243,8 @@ class DataConfig:
     cache_dir: str = ""
     """Where prepared data is cached (default: $MSG_CACHE_DIR or ~/.cache/msg-megatron)."""
     tokenizer_model: str = ""
-    """A sentencepiece model to use instead of training one (must match model.vocab_size)."""
+    """The embedded corpus: a tokenizer to use instead of training one (a sentencepiece .model or a
+    tokenizer.json; its vocabulary must be model.vocab_size). For data.paths, see data.tokenizer."""
     paths: Any = None
     """Prepared corpora as Megatron-LM's --data-path: one prefix (`/data/en_text_document`, its .bin and
     .idx), `[0.7, /data/en_text_document, 0.3, /data/zh_text_document]`, or `[{weight, prefix}, ...]`
@@ -254,8 +255,9 @@ class DataConfig:
     valid_paths: Any = None
     """A separate validation blend (same syntax): `paths` then trains on all of its documents."""
     tokenizer: str = ""
-    """The tokenizer `paths` were prepared with (a sentencepiece .model); its vocabulary must be
-    model.vocab_size and its end-of-document id is the one the corpora use."""
+    """The tokenizer `paths` were prepared with: a sentencepiece .model or a Hugging Face
+    tokenizer.json (its EOD/BOS/PAD from the tokenizer_config.json beside it, else by name). Its
+    vocabulary must be model.vocab_size; checkpoints and HF exports carry it."""
     index_cache: str = ""
     """Where megatron's dataset indices are cached (default: cache_dir/index-cache). Global rank 0
     builds them and every rank memory-maps them, so on a cluster it must be a path every node sees."""

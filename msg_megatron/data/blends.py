@@ -35,7 +35,7 @@ def check_prefix(prefix: str, where: str, vocab_size: int, sample_tokens: int = 
         raise DataError(f"{where}: `{prefix}.idx` has {os.path.getsize(prefix + '.idx')} bytes, fewer than the "
                         f"{expect_idx} its header needs: truncated; rebuild it")
     lengths = np.memmap(prefix + ".idx", dtype=np.int32, mode="r", offset=34, shape=(seqs,)) if seqs else []
-    tokens = int(np.asarray(lengths, dtype=np.int64).sum()) if seqs else 0
+    tokens = int(lengths.sum(dtype=np.int64)) if seqs else 0  # (over the mapped index: no copy)
     size = os.path.getsize(prefix + ".bin")
     if size != tokens * dtype.itemsize:
         raise DataError(f"{where}: `{prefix}.bin` has {size} bytes but its index lists {tokens} tokens of "

@@ -168,7 +168,7 @@ class Segment:
             views = [_Continued(c, s) for c, s in zip(corpora, starts)]
             self.blended = cache.build(lambda path: BlendedDataset(
                 views, weights, size, _config(cfg, path, tok, cfg.train.seed, corpora[0].prefix, corpora[0].split_key)))
-            self.draws = np.bincount(np.asarray(self.blended.dataset_index), minlength=len(corpora)).tolist()
+            self.draws = _counts(self.blended.dataset_index, len(corpora))
 
     def __getitem__(self, i: int) -> np.ndarray:
         if self.blended is None:
@@ -178,6 +178,15 @@ class Segment:
     def source(self, i: int) -> int:
         """Which of the segment's corpora sample i comes from."""
         return 0 if self.blended is None else int(self.blended.dataset_index[i])
+
+
+def _counts(index, n: int, chunk: int = 1 << 22) -> List[int]:
+    """How often each of n values occurs in a mapped index, a chunk at a time (at 300B tokens the
+    index has ~146M entries: a whole-array bincount would hold 1.2 GB of int64 on every rank)."""
+    out = np.zeros(n, dtype=np.int64)
+    for start in range(0, len(index), chunk):
+        out += np.bincount(np.asarray(index[start:start + chunk]), minlength=n)
+    return out.tolist()
 
 
 class Samples:
@@ -203,6 +212,15 @@ class Samples:
     def batch(self, first_sample: int, size: int) -> torch.Tensor:
         """Samples first_sample .. first_sample+size-1 as a [size, seq_length + 1] tensor."""
         return torch.from_numpy(np.stack([self.window(first_sample + k) for k in range(size)]))
+
+    def describe(self) -> str:
+        """One line: samples, segments, and each corpus's epochs."""
+        epochs = {}
+        for _, seg in self.segments:
+            for c in seg.corpora:
+                epochs[c.prefix] = len(c.epochs)
+        return (f"{self.num_samples:,} samples of {self.seq_length + 1} tokens in {len(self.segments)} segment(s); "
+                + ", ".join(f"{os.path.basename(p)}: {e} epoch(s)" for p, e in epochs.items()))
 
     def sequential(self, size: int, max_batches: int):
         """The first batches of the samples in order (validation), at most `max_batches`."""

@@ -39,6 +39,8 @@ def open_data(cfg, log=print, train: bool = True) -> RunData:
             raise DataError(f"data.tokenizer `{d.tokenizer}` has {tok.vocab_size} tokens but model.vocab_size is "
                             f"{cfg.model.vocab_size}; set model.vocab_size={tok.vocab_size}")
         tr, va, why = build_samples(cfg, tok.eod, cache, train=train)
+        if tr is not None:
+            log(f"[data] train: {tr.describe()}")
         return RunData(d.tokenizer, tr, va, why)
     data_dir, _ = resolve_data_dir_all_ranks(d, cfg.model.vocab_size, log)
     tok_path = find_tokenizer(data_dir)
