@@ -63,20 +63,32 @@ class _IndexCache:
         self.path = path
 
     def build(self, make):
-        """make(path_to_cache) on every rank, rank 0 first into a temporary directory; returns the
-        object built from the final cache (memory-mapped)."""
+        """make(path_to_cache, building) on every rank: rank 0 first with building=True into a
+        temporary directory, then every rank with building=False from the final cache (a cache
+        hit: mapped, not held). A rank that finds the files missing was given a cache directory
+        rank 0 does not write to: named, with the fix."""
+        built = None
         if _is_rank0():
             os.makedirs(self.path, exist_ok=True)
             tmp = tempfile.mkdtemp(prefix=".building-", dir=self.path)
             try:
-                make(tmp)
+                built = len(make(tmp, True))
                 names = sorted(os.listdir(tmp), key=lambda n: n.endswith("description.txt"))
                 for name in names:
                     os.replace(os.path.join(tmp, name), os.path.join(self.path, name))
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
         _barrier()
-        return make(self.path)  # (a cache hit on every rank: mapped, not held)
+        try:
+            out = make(self.path, False)
+        except FileNotFoundError as e:
+            raise DataError(f"the dataset index cache `{self.path}` lacks `{os.path.basename(e.filename or '')}`, which "
+                            "global rank 0 built there: data.index_cache must be a directory every node sees (a "
+                            "shared filesystem)") from None
+        if built is not None and len(out) != built:  # (a tripwire: opening what was just renamed must hit)
+            raise DataError(f"the dataset index cache `{self.path}` changed while this run opened it ({len(out)} "
+                            f"samples, {built} built); is another job writing it?")
+        return out
 
 
 def _config(cfg, cache: str, tok: _DatasetTokenizer, seed: int, prefix: str, split: str):
@@ -110,7 +122,7 @@ class Corpus:
             beg, end = int(round(lo * n)), int(round((lo + fractions[which.value]) * n))
         else:
             beg, end = 0, n
-        self.documents = np.arange(beg, end, dtype=np.int32)
+        self.documents = (beg, end)
         self.which = which
         self.epochs: list = []
         self.ensure(1)
@@ -119,9 +131,14 @@ class Corpus:
     def _epoch(self, e: int):
         from megatron.core.datasets.gpt_dataset import GPTDataset
 
-        def make(path):
+        def make(path, building):
             conf = _config(self.cfg, path, self.tok, self.cfg.train.seed + e, self.prefix, self.split_key)
-            return GPTDataset(self.low, self.prefix, self.documents, None, self.which, conf)
+            # megatron reads the document indices only to build; opened from the cache it keeps them
+            # unused: a zero-stride stand-in of the same length (4 B per document per epoch otherwise)
+            beg, end = self.documents
+            docs = (np.arange(beg, end, dtype=np.int32) if building
+                    else np.broadcast_to(np.zeros(1, dtype=np.int32), (end - beg,)))
+            return GPTDataset(self.low, self.prefix, docs, None, self.which, conf)
         return self.cache.build(make)
 
     def ensure(self, epochs: int) -> None:
@@ -166,7 +183,7 @@ class Segment:
             self.blended, self.draws = None, [size]
         else:
             views = [_Continued(c, s) for c, s in zip(corpora, starts)]
-            self.blended = cache.build(lambda path: BlendedDataset(
+            self.blended = cache.build(lambda path, _: BlendedDataset(
                 views, weights, size, _config(cfg, path, tok, cfg.train.seed, corpora[0].prefix, corpora[0].split_key)))
             self.draws = _counts(self.blended.dataset_index, len(corpora))
 
