@@ -93,6 +93,8 @@ def test_blend_settings_that_do_not_go_together_are_refused():
     assert_refused(["data.paths=/d/a", "data.tokenizer=t.model", "data.corpus=synthetic"],
                    ["data.paths is set and data.corpus='synthetic'"])
     assert_refused(["data.valid_paths=/d/v"], ["data.valid_paths is set without data.paths"])
+    assert_refused(["data.tokenizer=t.json"], ["data.tokenizer='t.json' is the tokenizer of data.paths",
+                                               "data.tokenizer_model"])
 
 
 def test_bad_prefixes_are_named_before_any_compute(tmp_path, corpora):

@@ -172,6 +172,9 @@ def _validate_data(cfg: Config) -> None:
         what = "data.valid_paths" if d.valid_paths else f"growth.stages[{staged[0]}].data"
         raise ConfigError(f"{what} is set without data.paths: blends of prepared corpora need data.paths (and "
                           "data.tokenizer) for the training data")
+    if d.tokenizer and not paths:
+        raise ConfigError(f"data.tokenizer={d.tokenizer!r} is the tokenizer of data.paths, which is not set; the "
+                          "embedded corpus takes data.tokenizer_model, and a prepared directory carries its own")
     if paths and not d.tokenizer:
         raise ConfigError("data.paths needs data.tokenizer: the tokenizer the corpora were prepared with (its "
                           "vocabulary is checked against model.vocab_size, and exports and msg-eval use it)")

@@ -245,8 +245,9 @@ def _main(argv) -> int:
     print(f"imported {res['architecture']} {tuple(res['shape'])}, {res['params']:,} params -> {res['saved']}")
     if "max_abs_logit_diff" in res:
         print(f"logits vs transformers: max abs difference {res['max_abs_logit_diff']:.2e}")
-    tok = f" data.tokenizer={res['tokenizer']}" if res["tokenizer"] else (
-        " (no tokenizer.json or tokenizer.model in the folder: set data.tokenizer to one with the same ids)")
+    tok = (f" data.tokenizer_model={res['tokenizer']} (with data.paths: data.tokenizer={res['tokenizer']})"
+           if res["tokenizer"] else " (no tokenizer.model or tokenizer.json in the folder: set data.tokenizer_model, "
+           "or data.tokenizer with data.paths, to one with the same ids)")
     print(f"grow it offline: msg-grow --load {res['saved']} --shape H,F,A,L --save NEW_DIR\n"
           f"or start a growth run from it (growth.stages[0] = {res['shape']}): msg-pretrain CONFIG "
           f"checkpoint.init_from={res['saved']}{tok}")
