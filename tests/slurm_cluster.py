@@ -1,6 +1,8 @@
 """A throwaway one-node SLURM cluster on localhost (Debian's slurm-wlm): slurmctld + slurmd with
 auth/none, all state in a temp dir, SLURM_CONF pointing at its slurm.conf. The daemons run in the
-foreground of child processes and are stopped by their own PIDs."""
+foreground of child processes and are stopped by their own PIDs. Job credentials live 10 s
+(cred_expire; default 120): a requeued job waits that long before it starts again, which is also
+how long its old credential stays revoked on the node (starting it sooner is refused)."""
 from __future__ import annotations
 
 import os
@@ -34,6 +36,7 @@ class LocalSlurm:
             f.write(f"""ClusterName=msgtest
 SlurmctldHost={host}(127.0.0.1)
 AuthType=auth/none
+AuthInfo=cred_expire=10
 CredType=cred/none
 SlurmUser=root
 SlurmdUser=root
@@ -92,21 +95,6 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubsc
         if fields.get("Reason") == "DependencyNeverSatisfied":
             return "DEPENDENCY_NEVER_SATISFIED"
         return fields.get("JobState", "UNKNOWN")
-
-    def start_requeued_now(self, job: str, timeout: float = 300) -> None:
-        """Slurm holds a requeued batch job for 120 s (BeginTime: time for the nodes to clean up);
-        on this one-node test cluster there is nothing to clean, so once the job is back in the
-        queue its start time is set to now (the requeue and the resume are what the tests check)."""
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            r = self.run(["scontrol", "show", "job", job, "-o"], check=False)
-            fields = dict(f.split("=", 1) for f in r.stdout.split() if "=" in f)
-            if fields.get("JobState") == "PENDING" and fields.get("Reason") == "BeginTime":
-                self.run(["scontrol", "update", f"JobId={job}", "StartTime=now"])
-                return
-            if fields.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
-                return  # (not requeued: the caller's assertions say why)
-            time.sleep(0.5)
 
     def wait(self, job: str, timeout: float, states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL",
                                                       "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED",

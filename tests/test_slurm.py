@@ -97,7 +97,6 @@ def test_signal_saves_requeues_and_finishes_with_the_same_losses(cluster, uninte
     else:
         pytest.fail("the job never reached step 15:\n" + _job_log(tmp_path, job))
     cluster.run(["scancel", "--signal=USR1", job])  # what --signal=USR1@300 does before the time limit
-    cluster.start_requeued_now(job)  # (skip Slurm's 120 s hold of a requeued job)
     state = cluster.wait(job, 600, states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL",
                                            "DEPENDENCY_NEVER_SATISFIED"))
     log = _job_log(tmp_path, job)
