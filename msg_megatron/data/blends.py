@@ -9,10 +9,6 @@ import numpy as np
 
 from .errors import DataError
 
-_HEADER = b"MMIDIDX\x00\x00"
-_DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32,
-           8: np.uint16}  # megatron-core's indexed_dataset.DType codes
-
 
 def check_prefix(prefix: str, where: str, vocab_size: int, sample_tokens: int = 1 << 20) -> dict:
     """A prepared corpus usable for a model of `vocab_size`: its .bin and .idx exist, the index reads,
@@ -22,14 +18,16 @@ def check_prefix(prefix: str, where: str, vocab_size: int, sample_tokens: int = 
         if not os.path.isfile(prefix + ext):
             raise DataError(f"{where}: `{prefix}{ext}` does not exist (a prefix names `PREFIX.bin` and `PREFIX.idx`, "
                             "as Megatron-LM's preprocess_data.py and msg-preprocess write them)")
+    from megatron.core.datasets.indexed_dataset import _INDEX_HEADER, DType
+
     with open(prefix + ".idx", "rb") as f:
         head = f.read(34)
-    if len(head) < 34 or head[:9] != _HEADER or struct.unpack("<Q", head[9:17])[0] != 1:
+    if len(head) < 34 or head[:9] != _INDEX_HEADER or struct.unpack("<Q", head[9:17])[0] != 1:
         raise DataError(f"{where}: `{prefix}.idx` is not a megatron indexed-dataset index (bad header); rebuild it")
     code, seqs, docs = head[17], *struct.unpack("<QQ", head[18:34])
-    if code not in _DTYPES:
+    if code not in {d.value for d in DType}:
         raise DataError(f"{where}: `{prefix}.idx` names an unknown token dtype (code {code}); rebuild it")
-    dtype = np.dtype(_DTYPES[code])
+    dtype = np.dtype(DType.dtype_from_code(code))
     expect_idx = 34 + seqs * 4 + seqs * 8 + docs * 8
     if os.path.getsize(prefix + ".idx") < expect_idx:
         raise DataError(f"{where}: `{prefix}.idx` has {os.path.getsize(prefix + '.idx')} bytes, fewer than the "

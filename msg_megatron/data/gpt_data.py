@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from ..config.blend_syntax import Blend, parse_blend, parse_split
+from ..parallel import barrier, is_logging_rank
 from .blends import check_prefix
 from .errors import DataError
 
@@ -43,15 +44,6 @@ class _DatasetTokenizer:
     def __init__(self, eod: int, vocab_size: int):
         self.eod, self.vocab_size = eod, vocab_size
         self.unique_identifiers = {"class": "msg-megatron", "eod": eod, "vocab_size": vocab_size}
-
-
-def _is_rank0() -> bool:
-    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-
-
-def _barrier() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
 
 
 class _IndexCache:
@@ -68,7 +60,7 @@ class _IndexCache:
         hit: mapped, not held). A rank that finds the files missing was given a cache directory
         rank 0 does not write to: named, with the fix."""
         built = None
-        if _is_rank0():
+        if is_logging_rank():  # (global rank 0: where megatron's GPTDataset builds)
             os.makedirs(self.path, exist_ok=True)
             tmp = tempfile.mkdtemp(prefix=".building-", dir=self.path)
             try:
@@ -78,7 +70,7 @@ class _IndexCache:
                     os.replace(os.path.join(tmp, name), os.path.join(self.path, name))
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
-        _barrier()
+        barrier()
         try:
             out = make(self.path, False)
         except FileNotFoundError as e:
@@ -192,10 +184,6 @@ class Segment:
             return self.corpora[0][self.starts[0] + i]
         return self.blended[i]["text"]
 
-    def source(self, i: int) -> int:
-        """Which of the segment's corpora sample i comes from."""
-        return 0 if self.blended is None else int(self.blended.dataset_index[i])
-
 
 def _counts(index, n: int, chunk: int = 1 << 22) -> List[int]:
     """How often each of n values occurs in a mapped index, a chunk at a time (at 300B tokens the
@@ -224,7 +212,7 @@ class Samples:
 
     def window(self, sample: int) -> np.ndarray:
         k, i = self.locate(sample)
-        return self.segments[k][1][i].astype(np.int64)
+        return self.segments[k][1][i]  # (int64 already: megatron's tokens)
 
     def batch(self, first_sample: int, size: int) -> torch.Tensor:
         """Samples first_sample .. first_sample+size-1 as a [size, seq_length + 1] tensor."""
@@ -299,7 +287,7 @@ def build_samples(cfg, eod: int, cache_dir: str, train_prefixes: Optional[Blend]
         valid_blend = parse_blend(d.valid_paths, "data.valid_paths")
         fractions = None if valid_blend else parse_split(d.split)
         if not valid_blend and fractions[1] > 0:
-            valid_blend = blends[0] if cfg.growth.stages and cfg.growth.stages[0].data else parse_blend(d.paths, "data.paths")
+            valid_blend = blends[0]  # (the first stage's: its own data, else data.paths)
             valid_split = fractions
         else:
             valid_split = None
