@@ -251,3 +251,19 @@ def test_distributed_optimizer_save_holds_no_whole_moments(tmp_path):
     moments = 8 * out["params"]
     assert max(out["extra"]) < 0.75 * moments, (out, [e / moments for e in out["extra"]])
     print("save extra RSS / whole fp32 moments:", [round(e / moments, 3) for e in out["extra"]])
+
+
+@pytest.mark.timeout(120)
+def test_one_host_too_small_refuses_on_every_rank():
+    """Multi-node: a host with less memory than the job needs refuses on every rank (agreed, naming
+    that host), not only its own ranks, which would leave the others hanging in the next collective.
+    Two ranks on two "hosts" (each reports its own hostname and free memory): 1.5 GiB needed per
+    process, host nodea has 100 GiB, nodeb 1 GiB."""
+    from test_parallel import torchrun
+
+    r = torchrun(2, ["tests/host_memory_worker.py"], timeout=110)
+    assert r.returncode != 0, r.stdout + r.stderr[-3000:]
+    for rank in (0, 1):
+        assert f"rank {rank} refused: a test run cannot fit in host nodeb's memory" in r.stdout, r.stdout
+    assert "1.5 GiB x 1 process(es) on this machine = 1.5 GiB, and 1.0 GiB is available" in r.stdout
+    assert "passed" not in r.stdout

@@ -89,11 +89,48 @@ def barrier() -> None:
         dist.barrier()
 
 
+_HOSTS = None  # hostnames of the default group's ranks, gathered once (see hosts())
+
+
+def hosts() -> list:
+    """The hostname of every rank of the default process group, in rank order: one all_gather at
+    the first call (every rank must make it), then cached. What the per-host checks count, and what
+    the run prints as its placement (multi-node: which ranks share a machine's memory)."""
+    global _HOSTS
+    if _HOSTS is None:
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            _HOSTS = [socket.gethostname()]
+        else:
+            names = [None] * dist.get_world_size()
+            dist.all_gather_object(names, socket.gethostname())
+            _HOSTS = names
+    return _HOSTS
+
+
+def placement() -> str:
+    """`4 processes on 2 hosts: nodea (ranks 0-1), nodeb (ranks 2-3)`, from hosts()."""
+    names = hosts()
+    ranks = {}
+    for r, h in enumerate(names):
+        ranks.setdefault(h, []).append(r)
+
+    def spans(rs):
+        out, start = [], rs[0]
+        for a, b in zip(rs, rs[1:] + [None]):
+            if b != a + 1:
+                out.append(f"{start}" if start == a else f"{start}-{a}")
+                start = b
+        return ",".join(out)
+
+    return (f"{len(names)} process(es) on {len(ranks)} host(s): "
+            + ", ".join(f"{h} (rank{'s' if len(rs) > 1 else ''} {spans(rs)})" for h, rs in ranks.items()))
+
+
 def destroy_parallel() -> None:
     from megatron.core import parallel_state
 
-    global _SEQUENCE_PARALLEL
-    _SEQUENCE_PARALLEL = False
+    global _SEQUENCE_PARALLEL, _HOSTS
+    _SEQUENCE_PARALLEL, _HOSTS = False, None
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():

@@ -42,13 +42,27 @@ def processes_on_this_host() -> int:
     that report this host's name (exact under torchrun, srun or any other launcher)."""
     import socket
 
+    from ..parallel import hosts
+
+    return hosts().count(socket.gethostname())
+
+
+def _this_machine() -> str:
+    import socket
+
+    from ..parallel import hosts
+
+    return f"host {socket.gethostname()}" if len(set(hosts())) > 1 else "this machine"
+
+
+def _first_refusal(err: Optional[str]) -> Optional[str]:
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return 1
-    names = [None] * dist.get_world_size()
-    dist.all_gather_object(names, socket.gethostname())
-    return names.count(socket.gethostname())
+        return err
+    errs = [None] * dist.get_world_size()
+    dist.all_gather_object(errs, err)
+    return next((e for e in errs if e), None)
 
 
 def available_bytes() -> int:
@@ -68,16 +82,23 @@ def require_host_memory(what: str, params: float, bytes_per_param: float, holds:
 
     if torch.cuda.is_available():
         return None
+    agree = processes is None  # counted from the world: every rank gets the first host's refusal
     processes = processes or processes_on_this_host()
     available = available_bytes() if available is None else available
     per_process = params * bytes_per_param
     need = per_process * processes
+    err = None
     if need > available:
-        raise ConfigError(
-            f"{what} cannot fit in this machine's memory: {int(params):,} parameters per process; {holds} alone "
-            f"take {bytes_per_param:g} bytes each = {per_process / GIB:.1f} GiB x {processes} process(es) on this "
-            f"machine = {need / GIB:.1f} GiB, and {available / GIB:.1f} GiB is available (RAM + free swap). "
-            f"Without this check the kernel would kill it without a message. {fix}")
+        err = (f"{what} cannot fit in {_this_machine()}'s memory: {int(params):,} parameters per process; {holds} "
+               f"alone take {bytes_per_param:g} bytes each = {per_process / GIB:.1f} GiB x {processes} process(es) "
+               f"on this machine = {need / GIB:.1f} GiB, and {available / GIB:.1f} GiB is available (RAM + free "
+               f"swap). Without this check the kernel would kill it without a message. {fix}")
+    if agree:
+        # multi-node: the hosts differ (other jobs, other memory); a rank refusing alone would leave
+        # the others waiting in their next collective, so the outcome is agreed (one all_gather)
+        err = _first_refusal(err)
+    if err:
+        raise ConfigError(err)
     return {"params": int(params), "bytes_per_param": bytes_per_param, "per_process": per_process,
             "processes": processes, "available": available}
 

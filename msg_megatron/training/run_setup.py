@@ -17,7 +17,7 @@ from ..config import Config, ConfigError
 from ..data import validation_problem
 from ..data.sources import open_data
 from ..ops import fused
-from ..parallel import initialize_parallel, is_logging_rank
+from ..parallel import initialize_parallel, is_logging_rank, placement
 from .host_memory import check_host_memory
 from .metrics import MetricsLogger
 from .schedule import LRSchedule
@@ -55,6 +55,9 @@ def build_run(cfg: Config, log_enabled: bool = True) -> RunParts:
     fusion = fused.configure(t.fusion)
     layout = (cfg.parallel.tensor, cfg.parallel.pipeline)
     dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    # which ranks share a machine (one all_gather of hostnames, every rank): printed, and what the
+    # host-memory check counts per host
+    where = placement() if torch.distributed.get_world_size() > 1 else None
     # on a CPU, before data or model exist: an over-large run would otherwise die by SIGKILL
     check_host_memory(cfg, layout, dp)
     # one run per save directory, and a target that takes files, checked before any compute
@@ -62,6 +65,8 @@ def build_run(cfg: Config, log_enabled: bool = True) -> RunParts:
     check_batch_split(cfg, layout, dp)
     metrics = MetricsLogger(cfg.logging.run_dir, cfg.logging.wandb, cfg.logging.project, cfg.logging.name,
                             cfg.to_dict(), enabled=log_enabled and is_logging_rank())
+    if where:
+        metrics.print(f"[launch] {where}")
     if lock is not None and lock.note:
         metrics.print(f"[lock] {cfg.checkpoint.save}: {lock.note}")
     data = open_data(cfg, metrics.print)
