@@ -20,7 +20,6 @@ import os
 import time
 
 import pytest
-
 from conftest import REPO, run_cli
 from slurm_cluster import LocalSlurm, TwoNodeSlurm, available, two_nodes_unavailable
 
