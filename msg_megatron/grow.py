@@ -30,6 +30,7 @@ from .growth.stream_eval import streamed_validation_loss
 from .model import count_parameters
 from .model.gpt import padded_vocab_size
 from .parallel import device, initialize_parallel, is_logging_rank
+from .parallel.agree import differs_from_rank0
 from .training.host_memory import local_params, require_host_memory
 from .training.sizes import msg_grow_peak
 
@@ -111,6 +112,10 @@ def _main(argv) -> int:
     depth_init = g.depth_init
     check_growth(old, shape, g.init, depth_init, tp, pp)  # (grow_model's own checks, before any compute)
     initialize_parallel(tp, pp, cfg.train.seed)
+    # (each rank resolved --load on its own before the process group existed: the same step?)
+    mismatch = differs_from_rank0(meta["path"], f"--load `{args.load}` resolves to different checkpoints")
+    if mismatch:
+        raise CheckpointError(mismatch)
     _check_host_memory(cfg, old, shape, tp, pp)
     lock = hold_save_dir(args.save, "msg-grow", log=lambda m: is_logging_rank() and print(m, file=sys.stderr))
     dev = torch.device("cpu") if args.device == "cpu" else device()

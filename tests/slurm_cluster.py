@@ -271,6 +271,12 @@ class TwoNodeSlurm(LocalSlurm):
         return ["nsenter", f"--net={NETNS_DIR}/{self.netns[node]}", "unshare", "--mount", "--uts", "sh", "-c",
                 'mount --bind "$0" /etc/hosts && hostname "$1" && shift && exec "$@"', self.hosts, node] + argv
 
+    def hide_on(self, node: str, path: str) -> None:
+        """`node` sees an empty directory at `path` from now on (a tmpfs mounted over it in that
+        node's mount namespace): a node that lacks a filesystem the others share."""
+        slurmd = self.procs[1 + self.nodes.index(node)].pid  # (the daemons in start's order)
+        _sh("nsenter", f"--target={slurmd}", "--mount", "mount", "-t", "tmpfs", "tmpfs", str(path))
+
     def node_pids(self, node: str, pattern: str) -> List[int]:
         """PIDs on `node` whose command line contains `pattern`."""
         out = []

@@ -191,6 +191,25 @@ def test_chain_of_stages_changes_the_layout_across_the_nodes(cluster, tmp_path):
 
 
 @two_hosts
+@pytest.mark.timeout(400)
+def test_a_node_that_does_not_see_the_checkpoints_stops_every_rank(cluster, uninterrupted, tmp_path):
+    """nodeb has its own empty directory where the save directory should be shared: every rank
+    exits with the error naming the rank and host, instead of nodea's ranks resuming while nodeb's
+    start fresh (global rank 0 decides which step every rank loads)."""
+    import shutil
+
+    shutil.copytree(uninterrupted[0] / "plain-ck", tmp_path / "unshared-ck")
+    cluster.hide_on("nodeb", tmp_path / "unshared-ck")
+    job = _submit(cluster, tmp_path, "unshared")
+    state = cluster.wait(job, 300)
+    log = _job_log(tmp_path, job)
+    assert state == "FAILED", log + cluster.logs()
+    assert "(seen from rank 2 on host nodeb, though global rank 0 found it: every node must see the checkpoint " \
+           "directory at the same path" in log, log
+    assert "starting fresh" not in log and "[train]" not in log
+
+
+@two_hosts
 def test_the_cluster_has_two_hosts(cluster):
     """The premise of the tests above: two hostnames, two addresses, reachable from each other."""
     r = cluster.run(["srun", "--nodes=2", "--ntasks-per-node=1", "bash", "-c",

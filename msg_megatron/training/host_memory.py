@@ -55,16 +55,6 @@ def _this_machine() -> str:
     return f"host {socket.gethostname()}" if len(set(hosts())) > 1 else "this machine"
 
 
-def _first_refusal(err: Optional[str]) -> Optional[str]:
-    import torch.distributed as dist
-
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return err
-    errs = [None] * dist.get_world_size()
-    dist.all_gather_object(errs, err)
-    return next((e for e in errs if e), None)
-
-
 def available_bytes() -> int:
     """Memory a new allocation can get without the OOM killer: available RAM plus free swap."""
     import psutil
@@ -96,7 +86,9 @@ def require_host_memory(what: str, params: float, bytes_per_param: float, holds:
     if agree:
         # multi-node: the hosts differ (other jobs, other memory); a rank refusing alone would leave
         # the others waiting in their next collective, so the outcome is agreed (one all_gather)
-        err = _first_refusal(err)
+        from ..parallel.agree import first_error
+
+        err = first_error(err)
     if err:
         raise ConfigError(err)
     return {"params": int(params), "bytes_per_param": bytes_per_param, "per_process": per_process,

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 from dataclasses import dataclass, field
+
+import torch.distributed as dist
 
 from ..checkpoint.dist import CheckpointError, load_checkpoint, read_meta
 from ..config import Config, ModelConfig, Shape
@@ -13,6 +16,7 @@ from ..data.gpt_data import data_identity
 from ..model import build_model
 from ..model.masks import ramping
 from ..optim.optimizer import build_optimizer, cast_keeping_masters, cast_params, param_dtype
+from ..parallel.agree import first_error, on_rank0
 
 
 @dataclass
@@ -29,7 +33,9 @@ def start_run(cfg: Config, schedule: list, log) -> Start:
     """checkpoint.load (a path, or `auto`: the save directory's newest if any), else
     checkpoint.init_from, else a fresh model of the first stage's shape."""
     ck = cfg.checkpoint
-    if ck.load == "auto" and os.path.isdir(ck.save) and any(d.startswith("step_") for d in os.listdir(ck.save)):
+    # (global rank 0 looks, for all: see agreed_meta)
+    if ck.load == "auto" and on_rank0(lambda: os.path.isdir(ck.save) and any(d.startswith("step_")
+                                                                           for d in os.listdir(ck.save))):
         return resume(cfg, schedule, ck.save, log, fallback=True)
     if ck.load and ck.load != "auto":
         return resume(cfg, schedule, ck.load, log)
@@ -48,9 +54,37 @@ def model_diff(cfg: Config, saved: dict, ignore=()) -> list:
     return sorted(k for k in mine if k not in ignore and saved.get(k) != mine[k])
 
 
+def agreed_meta(path: str, full: bool = False, fallback: bool = False) -> dict:
+    """read_meta of the step every rank will load. Which step (`latest`, or with `fallback` the
+    newest complete one) is decided on global rank 0 and broadcast: on several nodes each host sees
+    the shared filesystem through its own caches, and ranks resolving `latest` on their own could
+    load different steps. Then every rank reads that step's metadata and checks its files' sizes
+    itself; a rank that cannot (a node without the shared directory, a view that lags) fails every
+    rank, naming itself, instead of leaving the others waiting in the load."""
+    def resolve():
+        meta = read_meta(path, full=full, fallback=fallback)
+        return meta["path"], meta["notes"]
+
+    step_dir, notes = on_rank0(resolve)
+    meta, err = None, None
+    try:
+        meta = read_meta(step_dir)
+    except CheckpointError as e:
+        err = str(e)
+        if dist.is_initialized() and dist.get_rank():
+            err += (f" (seen from rank {dist.get_rank()} on host {socket.gethostname()}, though global rank 0 "
+                    "found it: every node must see the checkpoint directory at the same path, on a shared "
+                    "filesystem)")
+    err = first_error(err)
+    if err:
+        raise CheckpointError(err)
+    meta["notes"] = notes
+    return meta
+
+
 def resume(cfg: Config, schedule: list, path: str, log, fallback: bool = False) -> Start:
     full = cfg.checkpoint.verify == "full"
-    meta = read_meta(path, full=full, fallback=fallback)
+    meta = agreed_meta(path, full=full, fallback=fallback)
     for note in meta["notes"]:
         log(f"[resume] {note}")
     diff = model_diff(cfg, meta["config"]["model"])
@@ -99,7 +133,7 @@ def _check_data(cfg: Config, meta: dict, log) -> None:
 def init_from(cfg: Config, schedule: list, path: str, log) -> Start:
     """A checkpoint's weights at step 0 (checkpoint.init_from): the first stage's model is that
     checkpoint; optimizer, step, data position and RNG start fresh."""
-    meta = read_meta(path, full=cfg.checkpoint.verify == "full")
+    meta = agreed_meta(path, full=cfg.checkpoint.verify == "full")
     saved = ModelConfig(**meta["config"]["model"])
     # the final sizes may differ (the imported model is the first stage); kv_channels as the head dim
     diff = model_diff(cfg, meta["config"]["model"], ignore=("hidden_size", "ffn_hidden_size", "num_attention_heads",

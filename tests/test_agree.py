@@ -1,0 +1,34 @@
+"""parallel/agree.py on 2 gloo processes whose views differ: a decision taken on rank 0 is every
+rank's, an error on one rank is every rank's (no rank left waiting in a collective)."""
+import json
+
+import pytest
+from conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.timeout(200)
+def test_decisions_and_errors_are_agreed(tmp_path):
+    from test_parallel import torchrun
+
+    r = run_cli(["msg_megatron.pretrain", "configs/demo_cpu.yaml", "data.corpus=synthetic", "train.steps=2",
+                 "train.save_interval=2", "train.global_batch_size=2", "train.micro_batch_size=2",
+                 "train.eval_interval=0", "growth.stages=[]", "model.hidden_size=32", "model.ffn_hidden_size=64",
+                 "model.num_attention_heads=2", "model.kv_channels=16", "model.num_layers=2", "model.vocab_size=256",
+                 f"checkpoint.save={tmp_path}/ck", f"logging.run_dir={tmp_path}/run"], timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    # rank 0 sees the save directory, rank 1 does not (as a node without the shared filesystem)
+    r = torchrun(2, ["tests/agree_worker.py", str(tmp_path / "ck")], timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    outs = {o["rank"]: o for o in (json.loads(x[7:]) for x in r.stdout.splitlines() if x.startswith("RESULT "))}
+    assert sorted(outs) == [0, 1], r.stdout
+    for o in outs.values():
+        assert o["on_rank0"] == "seen by rank 0"
+        assert o["raised"] == "division by zero"
+        assert o["first_error"] == "rank 1 failed"
+        assert o["same"] is None
+        assert o["differs"].startswith("latest: rank 1 on host ") and "found 'step_000011', global rank 0 " \
+            "'step_000010'" in o["differs"]
+        assert "seen from rank 1 on host" in o["agreed_meta"] and "though global rank 0 found it" in o["agreed_meta"]
+        assert f"{tmp_path}/ck/step_000002" in o["agreed_meta"]
