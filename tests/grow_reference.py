@@ -16,8 +16,8 @@ def main():
     from msg_megatron.growth.operators import grow_model, growth_seed
     from msg_megatron.growth.optimizer_state import grow_optimizer
     from msg_megatron.model import build_model
-    from msg_megatron.optim.optimizer import build_optimizer
     from msg_megatron.parallel import initialize_parallel
+    from msg_megatron.optim.optimizer import build_optimizer
 
     meta = read_meta(ckpt)
     cfg = config_from_dict(meta["config"])

@@ -11,12 +11,11 @@ import torch
 
 def main():
     out, tp, spec = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
-    from tp_gather import canonical_state_dict
-
     from msg_megatron.config import ModelConfig, Shape
     from msg_megatron.growth.operators import grow_model
     from msg_megatron.model import build_model
     from msg_megatron.parallel import destroy_parallel, initialize_parallel
+    from tp_gather import canonical_state_dict
 
     initialize_parallel(tp, 1)
     from megatron.core import parallel_state as ps

@@ -12,16 +12,16 @@ on the GPU where one is present: tools/gpu_session.sh runs this file).
 """
 import pytest
 import torch
-from conftest import tiny_model_cfg
-from test_train import read_metrics, tiny_cfg
 
+from conftest import tiny_model_cfg
 from msg_megatron.config import ParallelConfig, Shape, TrainConfig
 from msg_megatron.growth.axes import GrowthPlan
 from msg_megatron.growth.operators import grow_model
 from msg_megatron.growth.optimizer_state import grow_optimizer
 from msg_megatron.model import build_model, update_masks
-from msg_megatron.optim.optimizer import build_optimizer, cast_keeping_masters
 from msg_megatron.parallel import device
+from msg_megatron.optim.optimizer import build_optimizer, cast_keeping_masters
+from test_train import read_metrics, tiny_cfg
 
 TOKENS = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(0)).to(device())
 

@@ -231,11 +231,12 @@ def test_megatron_lm_files_with_a_tokenizers_json_train_and_export(tmp_path):
     tokenizer's end-of-document id."""
     import json
 
-    from conftest import run_cli
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-    from tokenizers import Tokenizer as Fast, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as Fast
+    from tokenizers import decoders, models, pre_tokenizers, trainers
     from transformers import AutoTokenizer
 
+    from conftest import run_cli
     from msg_megatron.data.corpus import embedded_documents, select_documents
     from msg_megatron.data.tokenizer import load_tokenizer
 
@@ -288,7 +289,8 @@ def test_a_tokenizer_that_does_not_fit_the_model_is_named(tmp_path, tiny_data, c
 
 
 def test_a_tokenizer_json_without_an_end_of_document_token_is_named(tmp_path):
-    from tokenizers import Tokenizer as Fast, models
+    from tokenizers import Tokenizer as Fast
+    from tokenizers import models
 
     from msg_megatron.data.tokenizer import load_tokenizer
 

@@ -8,11 +8,11 @@ import sys
 import time
 
 import pytest
-from conftest import REPO
-from test_train import TINY, read_metrics, tiny_cfg
 
+from conftest import REPO
 from msg_megatron.checkpoint.dist import CheckpointError, read_meta
 from msg_megatron.config import load_config
+from test_train import TINY, read_metrics, tiny_cfg
 
 pytestmark = pytest.mark.slow  # processes, training runs: the full tier (README); `-m "not slow"` skips it
 

@@ -4,8 +4,8 @@ import os
 
 import numpy as np
 import pytest
-from conftest import run_cli
 
+from conftest import run_cli
 from msg_megatron.data import DataError, Tokenizer, check_prepared_dir
 from msg_megatron.data.corpus import embedded_documents, select_documents, split_documents
 from msg_megatron.data.prepare import prepare_embedded

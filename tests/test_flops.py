@@ -6,9 +6,9 @@ and layer is added by hand. Exact equality: both count 2 FLOPs per multiply-add.
 """
 import pytest
 import torch
-from conftest import tiny_model_cfg
 from torch.utils.flop_counter import FlopCounterMode
 
+from conftest import tiny_model_cfg
 from msg_megatron.config import Shape
 from msg_megatron.model import build_model
 from msg_megatron.training.flops import PEAK_TFLOPS, flops_per_token

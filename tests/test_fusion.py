@@ -8,8 +8,8 @@ per-token losses and gradients within 1e-5; bf16 cross-entropy (megatron's fused
 """
 import pytest
 import torch
-from conftest import rel_err, tiny_model_cfg
 
+from conftest import rel_err, tiny_model_cfg
 from msg_megatron.config import ConfigError, Shape, load_config
 from msg_megatron.growth.operators import grow_model
 from msg_megatron.model import build_model, update_masks

@@ -2,8 +2,8 @@
 import json
 
 import pytest
-from conftest import run_cli
 
+from conftest import run_cli
 from msg_megatron.gridsearch import rates
 
 pytestmark = pytest.mark.slow  # processes, training runs: the full tier (README); `-m "not slow"` skips it

@@ -17,6 +17,7 @@ import sysconfig
 
 import pytest
 import torch
+
 from conftest import run_cli
 from test_parallel import _write_config, torchrun
 

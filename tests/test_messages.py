@@ -5,6 +5,7 @@ import json
 import re
 
 import pytest
+
 from conftest import run_cli
 from test_train import TINY
 

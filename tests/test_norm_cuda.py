@@ -9,8 +9,8 @@ import subprocess
 
 import pytest
 import torch
-from conftest import REPO
 
+from conftest import REPO
 from msg_megatron.ops import masked_norm as mn
 
 

@@ -24,8 +24,8 @@ import sys
 import pytest
 import torch
 import yaml
-from conftest import REPO, run_cli
 
+from conftest import REPO, run_cli
 from msg_megatron.config import load_config
 
 pytestmark = pytest.mark.slow  # processes, training runs: the full tier (README); `-m "not slow"` skips it

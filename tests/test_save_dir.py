@@ -8,8 +8,8 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, run_cli
 
+from conftest import REPO, run_cli
 from msg_megatron.checkpoint import run_lock
 from msg_megatron.checkpoint.run_lock import LOCK, RunLock, SaveDirInUse
 

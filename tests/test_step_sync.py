@@ -15,11 +15,11 @@ import time
 import pytest
 import torch
 import yaml
+
 from conftest import tiny_model_cfg
+from msg_megatron.config import ParallelConfig, TrainConfig, load_config
 from test_checkpoint import _losses
 from test_train import TINY, read_metrics, tiny_cfg
-
-from msg_megatron.config import ParallelConfig, TrainConfig, load_config
 
 
 def _grads_ready(clip):

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+
 from conftest import REPO, run_cli
 from test_parallel import DISTOPT, LLAMA, _write_config, torchrun
 

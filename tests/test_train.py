@@ -3,8 +3,8 @@ import json
 import os
 
 import pytest
-from conftest import run_cli
 
+from conftest import run_cli
 from msg_megatron.config import load_config
 
 pytestmark = pytest.mark.slow  # processes, training runs: the full tier (README); `-m "not slow"` skips it
