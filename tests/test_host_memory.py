@@ -11,8 +11,8 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, run_cli
 
+from conftest import REPO, run_cli
 from msg_megatron.config import ConfigError, load_config
 from msg_megatron.training.host_memory import GIB, check_host_memory, state_bytes_per_param
 
@@ -34,7 +34,6 @@ def test_state_bytes_per_param_are_what_training_allocates(precision, distribute
     """The per-parameter state the host check counts, measured on a real optimizer after a step:
     parameter bytes + megatron's main gradients + AdamW moments (+ fp32 masters under bf16)."""
     from conftest import tiny_model_cfg
-
     from msg_megatron.config import ParallelConfig, TrainConfig
     from msg_megatron.model import build_model
     from msg_megatron.optim.optimizer import build_optimizer, cast_keeping_masters, param_dtype
@@ -114,8 +113,8 @@ def test_offline_grow_refuses_before_loading(tmp_path):
 
     from msg_megatron.config import Shape
     from msg_megatron.model.gpt import padded_vocab_size
-    from msg_megatron.training.host_memory import local_params
     from msg_megatron.training.sizes import msg_grow_peak
+    from msg_megatron.training.host_memory import local_params
 
     per = float(re.search(r"take ([\d.]+) bytes each", r.stderr).group(1))
     from msg_megatron.config import load_config
