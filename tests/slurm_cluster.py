@@ -182,6 +182,19 @@ def two_nodes_unavailable() -> Optional[str]:
     missing = [b for b in ("ip", "nsenter", "unshare", "mount", "hostname") if not shutil.which(b)]
     if missing:
         return f"{', '.join(missing)} not installed (iproute2, util-linux)"
+    # what the nodes need, tried once: a network namespace, and in it a mount and UTS namespace
+    # (a container without CAP_SYS_ADMIN refuses these)
+    ns = f"{PREFIX}{os.getpid()}p"
+    r = _sh("ip", "netns", "add", ns, check=False)
+    if r.returncode:
+        return f"cannot create a network namespace here: {r.stderr.strip()}"
+    try:
+        r = _sh("nsenter", f"--net={NETNS_DIR}/{ns}", "unshare", "--mount", "--uts", "sh", "-c",
+                "mount --bind /etc/hosts /etc/hosts && hostname msg-probe", check=False)
+        if r.returncode:
+            return f"cannot give a namespace its own hostname and /etc/hosts here: {r.stderr.strip()}"
+    finally:
+        _sh("ip", "netns", "del", ns, check=False)
     return None
 
 
