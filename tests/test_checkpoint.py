@@ -140,13 +140,14 @@ def test_kill_9_during_a_save_keeps_the_previous_checkpoint_and_resume_is_exact(
     (checkpoint.load=auto) reproduces the uninterrupted run's losses bitwise from step 6 on."""
     cfg, want = _config_and_reference(tmp_path, "train.save_interval=6")
 
-    run = _pretrain([str(cfg), f"logging.run_dir={tmp_path}/a", f"checkpoint.save={tmp_path}/ck"])
+    run = _pretrain([str(cfg), f"logging.run_dir={tmp_path}/a", f"checkpoint.save={tmp_path}/ck"],
+                    start_new_session=True)
     partial = tmp_path / "ck" / ".tmp-step_000012"
     deadline = time.time() + 240
     while time.time() < deadline and not partial.exists() and run.poll() is None:
         time.sleep(0.01)
     assert partial.exists(), "never saw the step-12 save in progress"
-    run.kill()
+    os.killpg(run.pid, signal.SIGKILL)  # the trainer and its helper processes, as a node's crash or SLURM ends them
     run.wait(timeout=60)
     assert not (tmp_path / "ck" / "step_000012").exists()
     assert (tmp_path / "ck" / "latest").read_text().strip() == "step_000006"

@@ -16,10 +16,13 @@ passes may still be tight, and the message of the check says the numbers either 
 """
 from __future__ import annotations
 
+import socket
 from typing import Optional
 
 from ..config import ConfigError
 from ..model.gpt import padded_vocab_size
+from ..parallel import hosts
+from ..parallel.agree import first_error
 from .phase_memory import phase_peaks
 from .sizes import largest_tensor, params_per_gpu
 
@@ -40,18 +43,10 @@ def local_params(mcfg, shape, tp: int, pp: int) -> float:
 def processes_on_this_host() -> int:
     """Training processes sharing this machine's memory: the ranks of the default process group
     that report this host's name (exact under torchrun, srun or any other launcher)."""
-    import socket
-
-    from ..parallel import hosts
-
     return hosts().count(socket.gethostname())
 
 
 def _this_machine() -> str:
-    import socket
-
-    from ..parallel import hosts
-
     return f"host {socket.gethostname()}" if len(set(hosts())) > 1 else "this machine"
 
 
@@ -86,8 +81,6 @@ def require_host_memory(what: str, params: float, bytes_per_param: float, holds:
     if agree:
         # multi-node: the hosts differ (other jobs, other memory); a rank refusing alone would leave
         # the others waiting in their next collective, so the outcome is agreed (one all_gather)
-        from ..parallel.agree import first_error
-
         err = first_error(err)
     if err:
         raise ConfigError(err)
