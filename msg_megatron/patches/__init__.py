@@ -13,6 +13,7 @@ a load sees it. The replacements themselves live with the code that needs them (
 | `FileSystemWriterAsync` in `dist_checkpointing.strategies.torch` | resolves every tensor of the save before writing | `checkpoint/stream_writer.StreamingWriter`, one msg-grow save | a grown stage is written tensor by tensor, never whole in memory |
 | `torch.serialization` CRC-32 option (`set_crc32_options`) | torch.save checksums every record | off, one save | the manifest already checksums the same bytes; a second pass costs a save's time |
 | `torch.distributed.new_group`, `torch.cuda.current_device` (`meta_world`) | megatron makes gloo groups for the distributed optimizer and allocates buffers on the current device | groups on the default (fake) backend, buffers on `meta`, one msg-plan --dry-run rank | a 192-rank layout is built on a laptop: torch's fake process group has no gloo, and no real memory is used |
+| `helpers.build_mapping` in `megatron.core.datasets` (`one_epoch_mapping`) | a masked (BERT) dataset built for one epoch (`num_samples=None`) passes None as the sample limit, which the C++ helper refuses | None read as no limit, one masked dataset's index build | `data/mlm_data.py` builds corpora one epoch at a time, so sample k never depends on the run's length |
 | warning filters (`quiet_upstream_warnings`, at import) | megatron announces its fallbacks on import; torch's DCP calls its deprecated `load_state_dict` | ignored by message | expected on CPU; not the user's problem |
 """
 from __future__ import annotations
@@ -98,3 +99,16 @@ def meta_world():
 
     with _replaced(dist, "new_group", new_group), _replaced(torch.cuda, "current_device", lambda: "meta"):
         yield
+
+
+def one_epoch_mapping():
+    """megatron's masked datasets (BERT) can be built for one epoch: num_samples=None is passed on
+    to `helpers.build_mapping` as "no limit" (its loop then stops after the one epoch it is given)."""
+    from megatron.core.datasets import helpers
+
+    real = helpers.build_mapping
+
+    def build_mapping(docs, sizes, num_epochs, max_num_samples, *rest):
+        return real(docs, sizes, num_epochs, (1 << 63) - 1 if max_num_samples is None else max_num_samples, *rest)
+
+    return _replaced(helpers, "build_mapping", build_mapping)

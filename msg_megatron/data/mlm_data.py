@@ -1,0 +1,221 @@
+"""Masked-language-model samples for BERT through megatron-core's BERTMaskedWordPieceDataset.
+
+- **Text -> sentences -> tokens**: documents are split into sentences (`split_sentences`: one per
+  line of code, prose at sentence ends) and written as megatron IndexedDataset files in which a
+  sequence is a sentence and a document a run of them (what Megatron-LM's
+  `preprocess_data.py --split-sentences` writes), with a WordPiece tokenizer (`train_wordpiece`:
+  `[PAD] [UNK] [CLS] [SEP] [MASK]`, pieces inside a word marked `##`, as BERT's; saved as a
+  `tokenizer.json` that transformers' AutoTokenizer loads).
+- **Samples** are megatron's: segment A and B from consecutive sentences of one document up to
+  `seq_length - 3` tokens (shorter with short_sequence_probability), `[CLS] A [SEP] B [SEP]`, token
+  types 0/1, then masking: `masking_probability` (15%) of the tokens chosen (whole words with
+  `whole_word`), of those 80% replaced by `[MASK]`, 10% by a random token, 10% kept; labels and
+  a loss mask at the chosen positions. With the sentence-order/NSP head (`pairs`), B is swapped
+  with A half of the time (`is_random`).
+- **Resumable by sample number**: a corpus is a sequence of epochs, epoch e one megatron dataset of
+  one epoch built with seed `seed + e * EPOCH_SEED_STRIDE` (megatron seeds sample i's masking with
+  seed + i, so the stride keeps epochs' masking streams apart); sample k is epoch k // n's
+  sample k % n, whatever the run's length. The sample index is built once by global rank 0 into
+  the shared index cache (atomically, gpt_data._IndexCache) and memory-mapped by every rank.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from ..patches import one_epoch_mapping
+from .errors import DataError
+from .gpt_data import _IndexCache
+
+SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # ids 0..4 of a tokenizer train_wordpiece makes
+EPOCH_SEED_STRIDE = 1 << 24  # (epochs of up to 16M samples draw disjoint masking seeds)
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'(\[])")
+
+
+def split_sentences(text: str) -> List[str]:
+    """A document's sentences: each non-blank line, itself split after `.`, `!` or `?` followed by
+    a space and a capital (prose); code lines stay whole."""
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line:
+            out += [s for s in _SENTENCE_END.split(line) if s]
+    return out
+
+
+def train_wordpiece(texts: Iterable[str], out_dir: str, vocab_size: int, max_lines: int = 300_000) -> str:
+    """Train a BERT WordPiece tokenizer on `texts` (the `tokenizers` library); writes
+    `out_dir/tokenizer.json` and a `tokenizer_config.json` naming the special tokens, atomically.
+    Returns the tokenizer.json path."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    tk = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
+    tk.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=False,
+                                               lowercase=False)
+    tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tk.decoder = decoders.WordPiece(prefix="##")
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS), min_frequency=1,
+                                        continuing_subword_prefix="##", show_progress=False)
+
+    def lines():
+        n = 0
+        for text in texts:
+            for line in text.splitlines():
+                if line.strip():
+                    yield line
+                    n += 1
+                    if n >= max_lines:
+                        return
+
+    tk.train_from_iterator(lines(), trainer=trainer)
+    cls, sep = tk.token_to_id("[CLS]"), tk.token_to_id("[SEP]")
+    tk.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+                                                      special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "tokenizer.json")
+    conf = {"tokenizer_class": "BertTokenizerFast", "do_lower_case": False, "unk_token": "[UNK]",
+            "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]", "mask_token": "[MASK]"}
+    tk.save(path + ".tmp")
+    with open(os.path.join(out_dir, "tokenizer_config.json.tmp"), "w") as f:
+        json.dump(conf, f, indent=1)
+    os.replace(os.path.join(out_dir, "tokenizer_config.json.tmp"), os.path.join(out_dir, "tokenizer_config.json"))
+    os.replace(path + ".tmp", path)
+    return path
+
+
+class MLMTokenizer:
+    """What megatron's masked datasets read of a tokenizer (cls, sep, mask, pad, inv_vocab, vocab_size),
+    from a WordPiece `tokenizer.json` (the special tokens by tokenizer_config.json beside it, else by
+    BERT's names). A tokenizer without them is refused, naming what is missing."""
+
+    NAMES = {"cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]", "pad": "[PAD]"}
+
+    def __init__(self, path: str):
+        from tokenizers import Tokenizer
+
+        try:
+            self.tk = Tokenizer.from_file(path)
+        except Exception as e:  # (the Rust error: one line)
+            raise DataError(f"cannot load the tokenizer `{path}`: {e}") from None
+        self.path = path
+        conf = {}
+        conf_path = os.path.join(os.path.dirname(path), "tokenizer_config.json")
+        if os.path.isfile(conf_path):
+            with open(conf_path, encoding="utf-8") as f:
+                conf = json.load(f)
+        missing = []
+        for attr, default in self.NAMES.items():
+            name = conf.get(f"{attr}_token", default)
+            name = name.get("content") if isinstance(name, dict) else name
+            tid = self.tk.token_to_id(name) if isinstance(name, str) else None
+            if tid is None:
+                missing.append(f"{attr} ({name!r})")
+            setattr(self, attr, tid)
+        if missing:
+            raise DataError(f"the tokenizer `{path}` lacks the special tokens BERT's masked-LM samples need: "
+                            f"{', '.join(missing)}; use a BERT WordPiece tokenizer that has [CLS] [SEP] [MASK] [PAD], or name its "
+                            "tokens in a tokenizer_config.json beside it (cls_token, sep_token, mask_token, pad_token)")
+        vocab = self.tk.get_vocab(with_added_tokens=True)
+        self.vocab_size = len(vocab)
+        self.inv_vocab = {i: t for t, i in sorted(vocab.items(), key=lambda kv: kv[1])}
+        self.unique_identifiers = {"class": "msg-megatron-wordpiece", "vocab_size": self.vocab_size,
+                                   "specials": [self.cls, self.sep, self.mask, self.pad]}
+
+    def encode(self, text: str) -> List[int]:
+        return self.tk.encode(text, add_special_tokens=False).ids
+
+    def word_start(self, tid: int) -> bool:
+        return not self.inv_vocab[tid].startswith("##")
+
+
+def write_sentences(docs: Iterable[Tuple[str, str]], tok: MLMTokenizer, prefix: str) -> dict:
+    """`prefix`.bin/.idx with one sequence per sentence (split_sentences), grouped by document;
+    documents without a token are skipped. Atomic (renamed into place, the index last)."""
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+    bin_tmp, idx_tmp = prefix + ".bin.tmp", prefix + ".idx.tmp"
+    os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+    builder = IndexedDatasetBuilder(bin_tmp, dtype=DType.optimal_dtype(tok.vocab_size))
+    n_docs = n_sent = n_tokens = 0
+    try:
+        for _, text in docs:
+            ids = [tok.encode(s) for s in split_sentences(text)]
+            ids = [x for x in ids if x]
+            if not ids:
+                continue
+            flat = np.concatenate([np.asarray(x, dtype=np.int64) for x in ids])
+            builder.add_document(torch.from_numpy(flat), [len(x) for x in ids])
+            n_docs, n_sent, n_tokens = n_docs + 1, n_sent + len(ids), n_tokens + len(flat)
+        builder.finalize(idx_tmp)
+    except BaseException:
+        for f in (bin_tmp, idx_tmp):
+            if os.path.exists(f):
+                os.remove(f)
+        raise
+    os.replace(bin_tmp, prefix + ".bin")
+    os.replace(idx_tmp, prefix + ".idx")
+    return {"documents": n_docs, "sentences": n_sent, "tokens": n_tokens}
+
+
+class MLMCorpus:
+    """One prefix's documents [beg, end) as epochs of megatron BERTMaskedWordPieceDatasets (module doc)."""
+
+    def __init__(self, prefix: str, tok: MLMTokenizer, seq_length: int, seed: int, cache_dir: str,
+                 documents: Optional[Tuple[int, int]] = None, masking_probability: float = 0.15,
+                 short_sequence_probability: float = 0.1, whole_word: bool = False, max_ngram: int = 1,
+                 pairs: bool = False, split: str = "train"):
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+        from megatron.core.datasets.utils import Split
+
+        self.prefix, self.tok, self.seq_length, self.seed = os.path.realpath(prefix), tok, seq_length, seed
+        self.cache = _IndexCache(cache_dir)
+        self.low = IndexedDataset(self.prefix, mmap=True)
+        n_docs = self.low.document_indices.shape[0] - 1
+        self.documents = documents or (0, n_docs)
+        if self.documents[1] <= self.documents[0]:
+            raise DataError(f"`{prefix}` has no documents in {self.documents} for masked-LM samples")
+        self.options = dict(masking_probability=masking_probability, short_sequence_probability=short_sequence_probability,
+                            masking_max_ngram=max_ngram, masking_do_full_word=whole_word,
+                            masking_do_permutation=False, masking_use_longer_ngrams=False,
+                            masking_use_geometric_distribution=False, classification_head=pairs)
+        self.which = {"train": Split.train, "valid": Split.valid}[split]
+        self.split_key = "1,0,0" if split == "train" else "0,1,0"
+        self.epochs: list = []
+        self.ensure(1)
+        self.n = len(self.epochs[0])
+        if self.n == 0:
+            raise DataError(f"`{prefix}` gives no masked-LM sample of {seq_length} tokens (pairs={pairs}: "
+                            "documents need two sentences); use more text or a shorter model.seq_length")
+
+    def _config(self, path: str, seed: int):
+        from megatron.core.datasets.bert_dataset import BERTMaskedWordPieceDatasetConfig
+
+        return BERTMaskedWordPieceDatasetConfig(
+            random_seed=seed, sequence_length=self.seq_length, blend=([self.prefix], None), split=self.split_key,
+            path_to_cache=path, tokenizer=self.tok, mmap_bin_files=True, **self.options)
+
+    def _epoch(self, e: int):
+        from megatron.core.datasets.bert_dataset import BERTMaskedWordPieceDataset
+
+        def make(path, building):
+            docs = np.arange(*self.documents, dtype=np.int32)
+            with one_epoch_mapping():  # (num_samples=None: one epoch)
+                return BERTMaskedWordPieceDataset(self.low, self.prefix, docs, None, self.which,
+                                                  self._config(path, self.seed + e * EPOCH_SEED_STRIDE))
+        return self.cache.build(make)
+
+    def ensure(self, epochs: int) -> None:
+        while len(self.epochs) < epochs:
+            self.epochs.append(self._epoch(len(self.epochs)))
+
+    def sample(self, k: int) -> Dict[str, np.ndarray]:
+        """Sample k: {text, types, labels, loss_mask, padding_mask (int64 [seq_length]), is_random, truncated}."""
+        e, i = divmod(k, self.n)
+        self.ensure(e + 1)
+        return self.epochs[e][i]

@@ -1,0 +1,143 @@
+"""BERT's masked-LM samples (msg_megatron/data/mlm_data.py, megatron's BERTMaskedWordPieceDataset) on
+the embedded corpus: the WordPiece tokenizer has BERT's special tokens and loads in transformers;
+masking statistics over 10k samples (15% of the tokens chosen; of those 80% [MASK], 10% random,
+10% kept; each within 1 percentage point); whole-word masking; sentence pairs; samples are a
+function of their number only (deterministic, resumable, epochs independent of the run's length)."""
+import os
+
+import numpy as np
+import pytest
+
+from msg_megatron.data.errors import DataError
+from msg_megatron.data.mlm_data import MLMCorpus, MLMTokenizer, split_sentences, train_wordpiece, write_sentences
+
+pytestmark = pytest.mark.slow  # trains a tokenizer, draws ~20k samples (~15 s)
+
+SEQ = 64
+
+
+@pytest.fixture(scope="module")
+def mlm(tmp_path_factory):
+    from msg_megatron.data.corpus import embedded_documents, select_documents
+
+    out = str(tmp_path_factory.mktemp("mlm"))
+    docs = select_documents(embedded_documents(), 1_000_000)
+    tok = MLMTokenizer(train_wordpiece((t for _, t in docs), out, 1024))
+    info = write_sentences(docs, tok, os.path.join(out, "train"))
+    return out, tok, info
+
+
+def _corpus(mlm, **kw):
+    out, tok, _ = mlm
+    return MLMCorpus(os.path.join(out, "train"), tok, SEQ, 1234, os.path.join(out, "cache"), **kw)
+
+
+def test_sentences_split_code_by_line_and_prose_at_sentence_ends():
+    assert split_sentences("def f(x):\n    return x.y\n\nThe end. It works! Does it? yes.\n") == [
+        "def f(x):", "return x.y", "The end.", "It works!", "Does it? yes."]
+
+
+def test_wordpiece_tokenizer_has_berts_special_tokens_and_loads_in_transformers(mlm):
+    from transformers import AutoTokenizer
+
+    out, tok, info = mlm
+    assert (tok.pad, tok.cls, tok.sep, tok.mask) == (0, 2, 3, 4) and tok.vocab_size == 1024
+    assert info["sentences"] > info["documents"] > 10
+    hf = AutoTokenizer.from_pretrained(out)
+    text, other = "The sum of two values: return a + b.", "Another sentence follows."
+    assert hf.encode(text, add_special_tokens=False) == tok.encode(text)
+    assert hf(text, other)["input_ids"] == [tok.cls] + tok.encode(text) + [tok.sep] + tok.encode(other) + [tok.sep]
+    assert hf.mask_token_id == tok.mask and hf.pad_token_id == tok.pad
+    assert any(t.startswith("##") for t in tok.inv_vocab.values())  # pieces inside words, as BERT marks them
+
+
+def test_masking_statistics_over_10k_samples(mlm):
+    """megatron chooses min(15% of the target length, round(15% of the tokens)) positions per
+    sample; over the corpus that is 14-15% of all tokens (specials included)."""
+    c, tok = _corpus(mlm), mlm[1]
+    chosen = tokens = masked = kept = 0
+    for k in range(10_000):
+        s = c.sample(k)
+        tokens += int(s["padding_mask"].sum())
+        pos = np.nonzero(s["loss_mask"])[0]
+        chosen += len(pos)
+        masked += int((s["text"][pos] == tok.mask).sum())
+        kept += int(((s["text"][pos] == s["labels"][pos]) & (s["text"][pos] != tok.mask)).sum())
+    assert abs(chosen / tokens - 0.15) < 0.01, chosen / tokens
+    assert abs(masked / chosen - 0.8) < 0.01, masked / chosen
+    assert abs(kept / chosen - 0.1) < 0.01, kept / chosen  # (a random token equal to the original counts as kept)
+    assert abs(1 - (masked + kept) / chosen - 0.1) < 0.01
+
+
+def _partial_words(c, tok, n):
+    """Masked pieces whose word's other pieces are not all masked, over n samples. A word is a
+    start piece and the `##` pieces after it ([CLS]/[SEP] belong to none; as megatron groups them,
+    a `##` piece that truncation left after a [SEP] continues the word before it)."""
+    bad = 0
+    for k in range(n):
+        s = c.sample(k)
+        length = int(s["padding_mask"].sum())
+        original = np.where(s["loss_mask"] == 1, s["labels"], s["text"])[:length]
+        words = []
+        for i, t in enumerate(original.tolist()):
+            if t in (tok.cls, tok.sep):
+                continue
+            if tok.word_start(t) or not words:
+                words.append([])
+            words[-1].append(i)
+        chosen = s["loss_mask"].astype(bool)
+        bad += sum(int(chosen[w].any() and not chosen[w].all()) for w in words)
+    return bad
+
+
+def test_whole_word_masking_masks_every_piece_of_a_chosen_word(mlm):
+    tok = mlm[1]
+    assert _partial_words(_corpus(mlm, whole_word=True), tok, 2000) == 0
+    assert _partial_words(_corpus(mlm), tok, 2000) > 0  # token-level masking splits words
+
+
+def test_samples_are_berts_sentence_pairs(mlm):
+    c, tok = _corpus(mlm), mlm[1]
+    for k in range(500):
+        s = c.sample(k)
+        n = int(s["padding_mask"].sum())
+        assert 4 <= n <= SEQ and s["text"].shape == (SEQ,)
+        original = np.where(s["loss_mask"] == 1, s["labels"], s["text"])
+        assert original[0] == tok.cls and original[n - 1] == tok.sep
+        types = s["types"][:n]
+        assert (np.diff(types) >= 0).all() and set(types.tolist()) <= {0, 1}  # A then B
+        if types[-1] == 1:  # [CLS] A [SEP] B [SEP]
+            assert original[int(np.argmax(types)) - 1] == tok.sep
+        assert (s["labels"][s["loss_mask"] == 0] == -1).all() and not s["loss_mask"][[0, n - 1]].any()
+        assert not s["padding_mask"][n:].any()
+    # the sentence-order head's pairs: B and A swapped half of the time
+    pairs = _corpus(mlm, pairs=True)
+    swapped = np.mean([pairs.sample(k)["is_random"] for k in range(2000)])
+    assert abs(swapped - 0.5) < 0.04, swapped
+
+
+def test_a_sample_is_a_function_of_its_number(mlm):
+    a = _corpus(mlm)
+    n = a.n
+    picks = [3, n - 1, n + 3, 2 * n + 7]  # epochs 0, 1, 2
+    want = {k: a.sample(k) for k in picks}
+    b = _corpus(mlm)  # another run (from the cache): straight to epoch 2, then back
+    for k in reversed(picks):
+        got = b.sample(k)
+        for key in want[k]:
+            assert np.array_equal(np.asarray(got[key]), np.asarray(want[k][key])), (k, key)
+    assert not np.array_equal(a.sample(3)["text"], a.sample(n + 3)["text"])  # an epoch is a new order and masking
+    other_seed = MLMCorpus(os.path.join(mlm[0], "train"), mlm[1], SEQ, 99, os.path.join(mlm[0], "cache"))
+    assert not np.array_equal(other_seed.sample(3)["text"], want[3]["text"])
+
+
+def test_a_tokenizer_without_berts_special_tokens_is_refused(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tk = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.train_from_iterator(["some words here"] * 10, trainers.WordPieceTrainer(vocab_size=50,
+                                                                               special_tokens=["[UNK]", "[SEP]"]))
+    tk.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(DataError, match=r"lacks the special tokens .*cls \('\[CLS\]'\), mask \('\[MASK\]'\), pad"):
+        MLMTokenizer(str(tmp_path / "tokenizer.json"))
