@@ -37,6 +37,9 @@ MODELS = {
     "gpt2": {"vocab_size": 97, "hidden_size": 48, "ffn_hidden_size": 96, "num_attention_heads": 4, "num_layers": 3,
              "kv_channels": 8, "seq_length": 16, "norm": "layernorm", "activation": "gelu",
              "position_embedding": "learned", "tie_embeddings": False},
+    # BERT's post-LN encoder (bidirectional, token types, MLM head with the vocabulary-parallel decoder bias)
+    "bert": {"family": "bert", "vocab_size": 97, "hidden_size": 48, "ffn_hidden_size": 96, "num_attention_heads": 4,
+             "num_layers": 3, "kv_channels": 8, "seq_length": 16},
 }
 
 
@@ -54,7 +57,7 @@ def torchrun(nproc, args, timeout=300, env=None):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
 def test_tp2_growth_equals_single_rank_growth(tmp_path, arch):
     spec = {"model": MODELS[arch], "old": [32, 64, 2, 2], "new": [48, 96, 4, 3], "init_std": 1.0}
     outs = {}

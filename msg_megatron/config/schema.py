@@ -34,7 +34,11 @@ class Shape:
 @dataclass
 class ModelConfig:
     family: str = "gpt"
-    """Model family; only the decoder-only `gpt` exists so far."""
+    """`gpt` (decoder-only, pre-LN, causal) or `bert` (BERT's bidirectional post-LN encoder with
+    token types and the masked-LM head; needs norm=layernorm, position_embedding=learned and
+    tie_embeddings=true, as BERT has them)."""
+    type_vocab_size: int = 2
+    """BERT: token types (segments A and B)."""
     vocab_size: int = 2048
     """Tokenizer vocabulary size (the embedding is padded to `make_vocab_size_divisible_by`)."""
     make_vocab_size_divisible_by: int = 128

@@ -42,9 +42,10 @@ def rope_cos_sin(seq_len: int, head_dim: int, base: int, dtype=torch.float32):
 class MaskedSelfAttention(MegatronModule):
     PARAMS = "layers.{i}.self_attention."  # this module's rows in model/params.py
 
-    def __init__(self, config, submodules: MaskedAttentionSubmodules, layer_number: int = 1):
+    def __init__(self, config, submodules: MaskedAttentionSubmodules, layer_number: int = 1, causal: bool = True):
         super().__init__(config=config)
         self.layer_number = layer_number
+        self.causal = causal
         self.num_heads = config.num_attention_heads
         self.num_groups = config.num_query_groups or self.num_heads
         self.per_group = self.num_heads // self.num_groups  # query heads per key/value head
@@ -68,10 +69,13 @@ class MaskedSelfAttention(MegatronModule):
         return sharded_state_dict_tp_buffers(self, prefix, sharded_offsets, metadata,
                                              tp_axes(self.PARAMS))
 
-    def _core_attention(self, q, k, v, head_mask):
+    def _core_attention(self, q, k, v, head_mask, attn_mask=None):
         """softmax(QK^T / sqrt(d)) V per query head, q [b, G*q, s, d] against k, v [b, G, s, d] (query
-        head j of group g uses key/value head g), the heads of a masked group zeroed (eq. 23-24)."""
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0 / math.sqrt(self.head_dim),
+        head j of group g uses key/value head g), the heads of a masked group zeroed (eq. 23-24).
+        Causal (GPT), or bidirectional (BERT: `causal=False`) over the keys `attn_mask` [b, 1, 1, s]
+        keeps (the non-padding tokens)."""
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if self.causal else attn_mask,
+                                             is_causal=self.causal, scale=1.0 / math.sqrt(self.head_dim),
                                              enable_gqa=self.per_group > 1)
         if head_mask is not None:  # a masked group contributes an all-zero output
             if self.per_group > 1:
@@ -79,7 +83,8 @@ class MaskedSelfAttention(MegatronModule):
             out = out * head_mask.to(out.dtype)[None, :, None, None]
         return out
 
-    def forward(self, x: torch.Tensor, rope: Optional[tuple] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Optional[tuple] = None,
+                attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         qkv, _ = self.linear_qkv(x)  # [s, b, ...]: under sequence parallelism x is [s/TP, b, h], gathered here
         s, b = qkv.shape[:2]
         d, per = self.head_dim, self.per_group
@@ -94,9 +99,9 @@ class MaskedSelfAttention(MegatronModule):
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
         head_mask = self.mask_head.output()
         if recompute.selective(self.config) and self.training:  # train.recompute=selective
-            out = recompute.checkpoint(self._core_attention, q, k, v, head_mask)
+            out = recompute.checkpoint(self._core_attention, q, k, v, head_mask, attn_mask)
         else:
-            out = self._core_attention(q, k, v, head_mask)
+            out = self._core_attention(q, k, v, head_mask, attn_mask)
         out = out.permute(2, 0, 1, 3).reshape(s, b, heads * self.head_dim)
         out, _ = self.linear_proj(out)
         return out

@@ -11,6 +11,7 @@ import zlib
 from typing import NamedTuple, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from megatron.core.enums import ModelType
 from megatron.core.tensor_parallel import (
     ColumnParallelLinear,
@@ -23,15 +24,15 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from torch import nn
 
-from ..config import ModelConfig, Shape
+from ..config import ConfigError, ModelConfig, Shape
 from ..ops import fused
 from ..parallel.setup import device, sequence_parallel
 from . import recompute
 from .attention import rope_cos_sin
 from .masks import Mask
-from .norms import norm_class
+from .norms import MaskedLayerNorm, _mark_sequence_parallel, norm_class
 from .params import param
-from .spec import masked_layer_spec
+from .spec import masked_layer_spec, masked_post_ln_layer_spec
 
 
 def padded_vocab_size(mcfg: ModelConfig) -> int:
@@ -142,6 +143,12 @@ class MaskedGPT(MegatronModule):
         self.global_layers = tuple(piece.layers)
         self.local_layers = len(self.global_layers)
         self.vocab_padded = padded_vocab_size(mcfg)
+        self.bert = mcfg.family == "bert"  # a bidirectional post-LN encoder with BERT's MLM head
+        if self.bert and (mcfg.norm, mcfg.position_embedding, mcfg.tie_embeddings) != ("layernorm", "learned", True):
+            raise ConfigError("model.family=bert is BERT's encoder: it needs model.norm=layernorm, "
+                              "model.position_embedding=learned and model.tie_embeddings=true (the MLM decoder is "
+                              f"the word embedding); got {mcfg.norm}, {mcfg.position_embedding}, "
+                              f"tie_embeddings={mcfg.tie_embeddings}")
         self.share_embeddings_and_output_weights = mcfg.tie_embeddings
         self.input_tensor = None
         self.model_type = ModelType.encoder_or_decoder  # read by megatron's pipeline schedules
@@ -156,20 +163,31 @@ class MaskedGPT(MegatronModule):
                 self.position_embeddings = nn.Embedding(mcfg.seq_length, shape.hidden)
                 if perform_init:
                     config.init_method(self.position_embeddings.weight)
-        spec = layer_spec or masked_layer_spec(mcfg.norm)
+            if self.bert:  # segment A/B embeddings and the embedding's LayerNorm (post-LN)
+                self.token_type_embeddings = nn.Embedding(mcfg.type_vocab_size, shape.hidden)
+                if perform_init:
+                    config.init_method(self.token_type_embeddings.weight)
+                self.embedding_norm = MaskedLayerNorm(config, shape.hidden, mcfg.norm_epsilon)
+        spec = layer_spec or (masked_post_ln_layer_spec() if self.bert else masked_layer_spec(mcfg.norm))
         layers = []
         for g in self.global_layers:
             _seed_module(seed, f"layer{g}")
             layers.append(build_module(spec, config=config, layer_number=g + 1))
         self.layers = nn.ModuleList(layers)
         if self.post_process:
-            self.final_norm = norm_class(mcfg.norm)(config, shape.hidden, mcfg.norm_epsilon)
+            if self.bert:  # post-LN: the layers' outputs are normalised already; the MLM head's transform
+                _seed_module(seed, "lm_head")
+                self.lm_head = MLMHead(config, shape.hidden, mcfg.norm_epsilon, perform_init)
+            else:
+                self.final_norm = norm_class(mcfg.norm)(config, shape.hidden, mcfg.norm_epsilon)
             tied_here = mcfg.tie_embeddings and self.pre_process
             # the untied output layer, or (tied, PP > 1) the copy of the embedding: same draw as the embedding
             _seed_module(seed, "embedding" if mcfg.tie_embeddings else "output")
             self.output_layer = ColumnParallelLinear(
-                shape.hidden, self.vocab_padded, config=config, init_method=config.init_method, bias=False,
+                shape.hidden, self.vocab_padded, config=config, init_method=config.init_method, bias=self.bert,
                 gather_output=False, skip_weight_param_allocation=tied_here)
+            if self.bert:  # BERT's decoder bias (megatron's ColumnParallelLinear zero-initialises it)
+                self.output_layer.bias.sequence_parallel = False
             if mcfg.tie_embeddings and not tied_here:
                 self.output_layer.weight.shared = True  # a duplicate: not counted in norms/params
         self.mask_hidden = Mask(self, "hidden", shape.hidden)
@@ -201,11 +219,14 @@ class MaskedGPT(MegatronModule):
         return self._rope[0][:seq_len], self._rope[1][:seq_len]
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor = None, chunk: Optional[int] = None,
-                input_tensor: Optional[torch.Tensor] = None) -> torch.Tensor:
+                input_tensor: Optional[torch.Tensor] = None, types: Optional[torch.Tensor] = None,
+                padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """tokens [b, s] -> logits [b, s, vocab_padded], or per-token losses [b, s] given labels; on a
         stage other than the last, the hidden states [s, b, h] for the next stage. `chunk`: run only
         that virtual pipeline stage of this rank (ModelChunk), on `input_tensor` unless it is the
-        first; None: all of the stage's layers in order."""
+        first; None: all of the stage's layers in order. BERT: `types` [b, s] the segment of each
+        token (default 0), `padding_mask` [b, s] 1 on real tokens, 0 on padding (default all 1),
+        which attention does not attend to."""
         if chunk is None and self.chunks > 1:
             raise RuntimeError("an interleaved pipeline stage runs one chunk at a time (its layers are not "
                                "consecutive): go through run_microbatches / chunk_views()")
@@ -227,6 +248,9 @@ class MaskedGPT(MegatronModule):
                 x = x.transpose(0, 1).contiguous()  # [s, b, h]; p2p sends need contiguous
                 if self.mcfg.position_embedding == "learned":
                     x = x + self.position_embeddings(torch.arange(s, device=tokens.device))[:, None, :]
+                if self.bert:
+                    seg = torch.zeros_like(tokens) if types is None else types
+                    x = x + self.token_type_embeddings(seg).transpose(0, 1)
                 if sp:  # this rank's part of the sequence; a copy, so the whole [s, b, h] can be freed
                     x = scatter_to_sequence_parallel_region(x).clone()
         else:
@@ -234,20 +258,25 @@ class MaskedGPT(MegatronModule):
         if hmask is not None:
             # masks stay fp32 buffers (birth steps need the precision); multiply in the activations' dtype
             hmask = hmask.to(x.dtype)
-            if first:
+            if first and not self.bert:
                 x = x * hmask
+        if first and self.bert:  # LN(.; m_h) re-masks its output (eq. 19)
+            x = self.embedding_norm(x, hmask)
+        attn_mask = None
+        if self.bert and padding_mask is not None:  # keys to attend to: [b, 1, 1, s]
+            attn_mask = padding_mask.to(torch.bool)[:, None, None, :]
         rope = self.rope(s, x.dtype)
         cos, sin = rope if rope is not None else (None, None)
         # (per chunk under an interleaved pipeline: megatron recomputes per virtual stage)
         recomputed = recompute.full_layers(self.config, len(layers)) if self.training else 0
         for i, layer in enumerate(layers):
             if i < recomputed:  # train.recompute=full: keep only the layer's input (model/recompute.py)
-                x = recompute.checkpoint(_run_layer(layer), x, hmask, cos, sin)
+                x = recompute.checkpoint(_run_layer(layer), x, hmask, cos, sin, attn_mask)
             else:
-                x = layer(x, hmask, rope)
+                x = layer(x, hmask, rope, attn_mask)
         if not last:
             return x.contiguous()
-        x = self.final_norm(x, hmask)
+        x = self.lm_head(x, hmask) if self.bert else self.final_norm(x, hmask)
         weight = self.embedding.weight if (self.mcfg.tie_embeddings and self.pre_process) else None
         logits, _ = self.output_layer(x, weight=weight)  # [s, b, v / TP] (under SP it gathers the sequence)
         if labels is None:  # full-vocabulary logits on every TP rank
@@ -316,8 +345,10 @@ class ModelChunk(nn.Module):
     def set_input_tensor(self, input_tensor) -> None:
         self.input_tensor = _one_tensor(input_tensor)
 
-    def forward(self, tokens: torch.Tensor, labels: torch.Tensor = None) -> torch.Tensor:
-        return self._gpt(tokens, labels, chunk=self.index, input_tensor=self.input_tensor)
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor = None, types: Optional[torch.Tensor] = None,
+                padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self._gpt(tokens, labels, chunk=self.index, input_tensor=self.input_tensor, types=types,
+                         padding_mask=padding_mask)
 
 
 def _one_tensor(input_tensor):
@@ -327,10 +358,28 @@ def _one_tensor(input_tensor):
 
 def _run_layer(layer):
     """The layer as a function of tensors only (megatron's checkpoint saves its tensor arguments)."""
-    def run(x, hmask, cos, sin):
-        return layer(x, hmask, None if cos is None else (cos, sin))
+    def run(x, hmask, cos, sin, attn_mask):
+        return layer(x, hmask, None if cos is None else (cos, sin), attn_mask)
 
     return run
+
+
+class MLMHead(nn.Module):
+    """BERT's masked-LM transform before the (tied) decoder: LN(gelu(dense(x)); m_h), the dense
+    replicated on every TP rank as megatron's BertLMHead has it. New hidden features: the dense's
+    new rows are any value, LN(.; m_h) leaves them out of its statistics and re-masks them (eq. 16-19)."""
+
+    def __init__(self, config, hidden: int, eps: float, perform_init: bool):
+        super().__init__()
+        self.dense = nn.Linear(hidden, hidden)
+        if perform_init:
+            config.init_method(self.dense.weight)
+            nn.init.zeros_(self.dense.bias)
+        _mark_sequence_parallel(self.dense, config)  # (it runs on this rank's tokens under SP)
+        self.norm = MaskedLayerNorm(config, hidden, eps)
+
+    def forward(self, x: torch.Tensor, hidden_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.norm(F.gelu(self.dense(x), approximate="tanh"), hidden_mask)
 
 
 def _mark_tensor_parallel_weights(model: nn.Module) -> None:

@@ -1,4 +1,5 @@
-"""Every tensor of MaskedGPT, described once: growth, sharding, checkpoints and HF conversion read it.
+"""Every tensor of MaskedGPT (GPT, or BERT with model.family=bert), described once: growth, sharding,
+checkpoints and HF conversion read it.
 
 One row per parameter or buffer (names as in the single-stage state dict; `{i}` is the layer
 number). A row says, per axis, which structural unit the axis is made of (its *role*), what kind
@@ -37,6 +38,7 @@ import torch
 
 LLAMA = "llama"
 GPT2 = "gpt2"
+BERT = "bert"  # transformers' BertForMaskedLM (model.family=bert)
 
 
 @dataclass(frozen=True)
@@ -152,16 +154,29 @@ def _mask(prefix: str, role: str, ids: bool = False) -> List[Param]:
 
 
 L, H = "model.layers.{i}.", "transformer.h.{i}."  # HF layer prefixes: Llama, GPT-2
+B, E, P = "bert.encoder.layer.{i}.", "bert.embeddings.", "cls.predictions."  # BERT: layer, embeddings, MLM head
 
 TABLE: Tuple[Param, ...] = (
     *_mask("hidden", "hidden"),
     Param("embedding.weight", ("vocab", "hidden"), "embedding",
-          {LLAMA: same("model.embed_tokens.weight"), GPT2: same("transformer.wte.weight")}),
-    Param("position_embeddings.weight", ("fixed", "hidden"), "embedding", {GPT2: same("transformer.wpe.weight")}),
+          {LLAMA: same("model.embed_tokens.weight"), GPT2: same("transformer.wte.weight"),
+           BERT: same(E + "word_embeddings.weight")}),
+    Param("position_embeddings.weight", ("fixed", "hidden"), "embedding",
+          {GPT2: same("transformer.wpe.weight"), BERT: same(E + "position_embeddings.weight")}),
     Param("final_norm.weight", ("hidden",), "norm",
           {LLAMA: same("model.norm.weight"), GPT2: same("transformer.ln_f.weight")}),
     Param("final_norm.bias", ("hidden",), "bias", {GPT2: same("transformer.ln_f.bias")}),
-    Param("output_layer.weight", ("vocab", "hidden"), "linear", {LLAMA: same("lm_head.weight"), GPT2: same("lm_head.weight")}),
+    Param("output_layer.weight", ("vocab", "hidden"), "linear",
+          {LLAMA: same("lm_head.weight"), GPT2: same("lm_head.weight"), BERT: same(P + "decoder.weight")}),
+    # ---- BERT (model.family=bert): token types, the embedding's post-LN, the MLM head ----
+    Param("token_type_embeddings.weight", ("fixed", "hidden"), "embedding", {BERT: same(E + "token_type_embeddings.weight")}),
+    Param("embedding_norm.weight", ("hidden",), "norm", {BERT: same(E + "LayerNorm.weight")}),
+    Param("embedding_norm.bias", ("hidden",), "bias", {BERT: same(E + "LayerNorm.bias")}),
+    Param("lm_head.dense.weight", ("hidden", "hidden"), "linear", {BERT: same(P + "transform.dense.weight")}),
+    Param("lm_head.dense.bias", ("hidden",), "bias", {BERT: same(P + "transform.dense.bias")}),
+    Param("lm_head.norm.weight", ("hidden",), "norm", {BERT: same(P + "transform.LayerNorm.weight")}),
+    Param("lm_head.norm.bias", ("hidden",), "bias", {BERT: same(P + "transform.LayerNorm.bias")}),
+    Param("output_layer.bias", ("vocab",), "bias", {BERT: same(P + "bias")}),
     # ---- layer i ----
     *_mask("layers.{i}.depth", "fixed"),
     Param("layers.{i}.input_norm.weight", ("hidden",), "norm",
@@ -170,26 +185,39 @@ TABLE: Tuple[Param, ...] = (
     *_mask("layers.{i}.self_attention.head", "heads", ids=True),
     Param("layers.{i}.self_attention.linear_qkv.weight", ("qkv", "hidden"), "linear",
           {LLAMA: qkv_three(*(L + f"self_attn.{n}_proj.weight" for n in "qkv")),
-           GPT2: qkv_c_attn(H + "attn.c_attn.weight", weight=True)}),
+           GPT2: qkv_c_attn(H + "attn.c_attn.weight", weight=True),
+           BERT: qkv_three(*(B + f"attention.self.{n}.weight" for n in ("query", "key", "value")))}),
     Param("layers.{i}.self_attention.linear_qkv.bias", ("qkv",), "bias",
           {LLAMA: qkv_three(*(L + f"self_attn.{n}_proj.bias" for n in "qkv")),
-           GPT2: qkv_c_attn(H + "attn.c_attn.bias", weight=False)}),
+           GPT2: qkv_c_attn(H + "attn.c_attn.bias", weight=False),
+           BERT: qkv_three(*(B + f"attention.self.{n}.bias" for n in ("query", "key", "value")))}),
     Param("layers.{i}.self_attention.linear_proj.weight", ("hidden", "heads_hd"), "linear",
-          {LLAMA: same(L + "self_attn.o_proj.weight"), GPT2: conv1d(H + "attn.c_proj.weight")}),
+          {LLAMA: same(L + "self_attn.o_proj.weight"), GPT2: conv1d(H + "attn.c_proj.weight"),
+           BERT: same(B + "attention.output.dense.weight")}),
     Param("layers.{i}.self_attention.linear_proj.bias", ("hidden",), "bias",
-          {LLAMA: same(L + "self_attn.o_proj.bias"), GPT2: same(H + "attn.c_proj.bias", always=True)}),
+          {LLAMA: same(L + "self_attn.o_proj.bias"), GPT2: same(H + "attn.c_proj.bias", always=True),
+           BERT: same(B + "attention.output.dense.bias")}),
     Param("layers.{i}.pre_mlp_norm.weight", ("hidden",), "norm",
           {LLAMA: same(L + "post_attention_layernorm.weight"), GPT2: same(H + "ln_2.weight")}),
     Param("layers.{i}.pre_mlp_norm.bias", ("hidden",), "bias", {GPT2: same(H + "ln_2.bias")}),
     *_mask("layers.{i}.mlp.ffn", "ffn", ids=True),
     Param("layers.{i}.mlp.linear_fc1.weight", ("ffn_in", "hidden"), "linear",
-          {LLAMA: gate_up(L + "mlp.gate_proj.weight", L + "mlp.up_proj.weight"), GPT2: conv1d(H + "mlp.c_fc.weight")}),
+          {LLAMA: gate_up(L + "mlp.gate_proj.weight", L + "mlp.up_proj.weight"), GPT2: conv1d(H + "mlp.c_fc.weight"),
+           BERT: same(B + "intermediate.dense.weight")}),
     Param("layers.{i}.mlp.linear_fc1.bias", ("ffn_in",), "bias",
-          {LLAMA: gate_up(L + "mlp.gate_proj.bias", L + "mlp.up_proj.bias"), GPT2: same(H + "mlp.c_fc.bias", always=True)}),
+          {LLAMA: gate_up(L + "mlp.gate_proj.bias", L + "mlp.up_proj.bias"), GPT2: same(H + "mlp.c_fc.bias", always=True),
+           BERT: same(B + "intermediate.dense.bias")}),
     Param("layers.{i}.mlp.linear_fc2.weight", ("hidden", "ffn"), "linear",
-          {LLAMA: same(L + "mlp.down_proj.weight"), GPT2: conv1d(H + "mlp.c_proj.weight")}),
+          {LLAMA: same(L + "mlp.down_proj.weight"), GPT2: conv1d(H + "mlp.c_proj.weight"),
+           BERT: same(B + "output.dense.weight")}),
     Param("layers.{i}.mlp.linear_fc2.bias", ("hidden",), "bias",
-          {LLAMA: same(L + "mlp.down_proj.bias"), GPT2: same(H + "mlp.c_proj.bias", always=True)}),
+          {LLAMA: same(L + "mlp.down_proj.bias"), GPT2: same(H + "mlp.c_proj.bias", always=True),
+           BERT: same(B + "output.dense.bias")}),
+    # BERT's post-LN layer: a norm after each residual add (model/layer.py, MaskedPostLNLayer)
+    Param("layers.{i}.post_attention_norm.weight", ("hidden",), "norm", {BERT: same(B + "attention.output.LayerNorm.weight")}),
+    Param("layers.{i}.post_attention_norm.bias", ("hidden",), "bias", {BERT: same(B + "attention.output.LayerNorm.bias")}),
+    Param("layers.{i}.post_mlp_norm.weight", ("hidden",), "norm", {BERT: same(B + "output.LayerNorm.weight")}),
+    Param("layers.{i}.post_mlp_norm.bias", ("hidden",), "bias", {BERT: same(B + "output.LayerNorm.bias")}),
 )
 
 _COMPILED = [(re.compile(re.escape(p.name).replace(re.escape("{i}"), r"\d+") + "$"), p) for p in TABLE]

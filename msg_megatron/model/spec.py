@@ -10,7 +10,7 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from .attention import MaskedAttentionSubmodules, MaskedSelfAttention
-from .layer import MaskedLayerSubmodules, MaskedTransformerLayer
+from .layer import MaskedLayerSubmodules, MaskedPostLNLayer, MaskedPostLNLayerSubmodules, MaskedTransformerLayer
 from .mlp import MaskedMLP, MaskedMLPSubmodules
 from .norms import norm_class
 
@@ -32,5 +32,23 @@ def masked_layer_spec(norm: str = "layernorm", column_linear=ColumnParallelLinea
                 module=MaskedMLP,
                 submodules=MaskedMLPSubmodules(linear_fc1=column_linear,
                                                linear_fc2=row_linear)),
+        ),
+    )
+
+
+def masked_post_ln_layer_spec(column_linear=ColumnParallelLinear, row_linear=RowParallelLinear) -> ModuleSpec:
+    """BERT's post-LN masked layer (LayerNorm), bidirectional attention, megatron's TP linears."""
+    norm_cls = norm_class("layernorm")
+    return ModuleSpec(
+        module=MaskedPostLNLayer,
+        submodules=MaskedPostLNLayerSubmodules(
+            self_attention=ModuleSpec(
+                module=MaskedSelfAttention, params={"causal": False},
+                submodules=MaskedAttentionSubmodules(linear_qkv=column_linear, linear_proj=row_linear)),
+            post_attention_norm=norm_cls,
+            mlp=ModuleSpec(
+                module=MaskedMLP,
+                submodules=MaskedMLPSubmodules(linear_fc1=column_linear, linear_fc2=row_linear)),
+            post_mlp_norm=norm_cls,
         ),
     )

@@ -1,0 +1,118 @@
+"""BERT (model.family=bert): the post-LN masked encoder and its growth (paper 3.1.2, eq. 16-20).
+
+Function preservation as for GPT (tests/test_growth.py): MLM logits right after growth equal the
+pre-growth logits to <= 1e-5 relative (max-abs error over max-abs logit) in float32, for every
+dimension alone and all at once, any new-weight values (huge random ones included: the masks alone
+must preserve the function), with token types and padding. Net2Net is exact for FFN and head
+growth and breaks under post-LN hidden growth (eq. 7). The encoder is bidirectional and ignores
+padding; the model is refused with a config BERT cannot have.
+"""
+import pytest
+import torch
+from conftest import rel_err
+
+from msg_megatron.config import ConfigError, ModelConfig, Shape
+from msg_megatron.growth.operators import grow_model
+from msg_megatron.model import build_model
+
+OLD = Shape(32, 64, 4, 2)
+SEQ = 16
+TOKENS = torch.randint(0, 97, (2, SEQ), generator=torch.Generator().manual_seed(0))
+TYPES = torch.zeros_like(TOKENS)
+TYPES[:, 9:] = 1  # [A; B]
+PAD = torch.ones_like(TOKENS)
+PAD[1, 12:] = 0  # the second sample is 12 tokens long
+
+
+def bert_cfg(**kw) -> ModelConfig:
+    base = dict(family="bert", vocab_size=97, hidden_size=48, ffn_hidden_size=96, num_attention_heads=6,
+                num_layers=5, kv_channels=8, seq_length=SEQ)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def huge_init(name, shape, gen):
+    return torch.randn(shape, generator=gen) * 100.0
+
+
+def logits(model, tokens=TOKENS, types=TYPES, pad=PAD):
+    model.eval()
+    with torch.no_grad():
+        return model(tokens, types=types, padding_mask=pad)
+
+
+@pytest.mark.parametrize("init", ["normal", "zeros", "copy", huge_init])
+def test_all_dimensions_at_once(init):
+    model = build_model(bert_cfg(), OLD)
+    before = logits(model)
+    grown, _ = grow_model(model, Shape(48, 96, 6, 5), step=3, init=init)
+    assert grown.shape == Shape(48, 96, 6, 5)
+    assert rel_err(before, logits(grown)) <= 1e-5
+
+
+@pytest.mark.parametrize("new", [Shape(40, 64, 4, 2), Shape(32, 100, 4, 2), Shape(32, 64, 7, 2), Shape(32, 64, 4, 3),
+                                 Shape(32, 64, 4, 6), Shape(33, 65, 5, 3)])
+@pytest.mark.parametrize("depth_init", ["interpolate", "stack", "random"])
+def test_each_dimension_alone_any_size(new, depth_init):
+    model = build_model(bert_cfg(), OLD)
+    before = logits(model)
+    grown, _ = grow_model(model, new, step=0, init=huge_init, depth_init=depth_init)
+    assert rel_err(before, logits(grown)) <= 1e-5
+
+
+def test_float64_and_the_masks_do_the_work():
+    """In float64 the grown model equals the old one to 1e-12; opening the masks (the paper's No
+    Mask) changes the function: the preservation is the masks', not an artefact of the new values."""
+    model = build_model(bert_cfg(), OLD).double()
+    before = logits(model)
+    grown, _ = grow_model(model, Shape(48, 96, 6, 3), step=0, init=huge_init)
+    assert rel_err(before, logits(grown.double())) <= 1e-12
+    nomask, _ = grow_model(model, Shape(48, 96, 6, 3), step=0, init="normal", operator="nomask")
+    assert rel_err(before, logits(nomask.double())) > 1e-3
+
+
+def test_net2net_is_exact_for_ffn_and_heads_and_breaks_under_post_ln_hidden_growth():
+    model = build_model(bert_cfg(), OLD)
+    before = logits(model)
+    for new in (Shape(32, 96, 4, 2), Shape(32, 64, 6, 2)):
+        grown, _ = grow_model(model, new, step=5, operator="net2net")
+        assert rel_err(before, logits(grown)) <= 1e-5, new
+    grown, _ = grow_model(model, Shape(48, 64, 4, 2), step=5, operator="net2net")
+    assert rel_err(before, logits(grown)) > 1e-3  # eq. 7: the copied features move LN's mean and variance
+
+
+def test_the_encoder_is_bidirectional_and_ignores_padding():
+    model = build_model(bert_cfg(), OLD)
+    base = logits(model)
+    later = TOKENS.clone()
+    later[0, -1] = (later[0, -1] + 1) % 97
+    assert not torch.allclose(logits(model, later)[0, 0], base[0, 0])  # position 0 sees the last token
+    padded = TOKENS.clone()
+    padded[1, 12:] = (padded[1, 12:] + 5) % 97  # other tokens under the padding
+    assert torch.equal(logits(model, padded)[1, :12], base[1, :12])
+    other_types = TYPES.clone()
+    other_types[0] = 0
+    assert not torch.allclose(logits(model, types=other_types)[0], base[0])  # token types count
+
+
+def test_state_dict_names_are_in_the_table_with_berts_names():
+    from msg_megatron.model.params import BERT, param
+
+    model = build_model(bert_cfg(), OLD)
+    names = [k for k in model.state_dict() if not k.endswith("_extra_state")]
+    for required in ("token_type_embeddings.weight", "embedding_norm.weight", "lm_head.dense.weight",
+                     "lm_head.norm.bias", "output_layer.bias", "layers.1.post_attention_norm.weight",
+                     "layers.1.post_mlp_norm.bias"):
+        assert required in names
+    assert not any("final_norm" in k or "input_norm" in k for k in names)
+    for k in names:  # every tensor is described, and every weight has its BertForMaskedLM name
+        row = param(k)
+        if not row.is_buffer and k != "output_layer.weight":
+            assert BERT in row.hf, k
+
+
+@pytest.mark.parametrize("bad, field", [({"norm": "rmsnorm"}, "rmsnorm"), ({"position_embedding": "rope"}, "rope"),
+                                        ({"tie_embeddings": False}, "tie_embeddings=False")])
+def test_a_config_bert_cannot_have_is_refused(bad, field):
+    with pytest.raises(ConfigError, match=f"model.family=bert is BERT's encoder.*{field}"):
+        build_model(bert_cfg(**bad), OLD)
