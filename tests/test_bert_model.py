@@ -116,3 +116,40 @@ def test_state_dict_names_are_in_the_table_with_berts_names():
 def test_a_config_bert_cannot_have_is_refused(bad, field):
     with pytest.raises(ConfigError, match=f"model.family=bert is BERT's encoder.*{field}"):
         build_model(bert_cfg(**bad), OLD)
+
+
+def test_a_grown_model_after_its_ramp_equals_transformers_bert_for_masked_lm():
+    """Our tensors under BertForMaskedLM's names (the table's rows, hf/layout.py): transformers'
+    logits equal ours within 1e-4 (max abs), padding and token types included, for a model grown
+    in every dimension whose masks have ramped to 1 (a model a run would export)."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    from msg_megatron.hf.layout import architecture, dims, hf_config, to_hf
+    from msg_megatron.model import refresh_active, update_masks
+
+    cfg = bert_cfg(hidden_size=48, num_attention_heads=6, kv_channels=8)
+    model = build_model(cfg, Shape(32, 64, 4, 2))
+    grown, _ = grow_model(model, Shape(48, 96, 6, 3), step=10, init="normal", init_std=0.2)
+    update_masks(grown, 30, 10)  # the ramp is over: every mask at 1, folded away
+    refresh_active(grown)
+    with torch.no_grad():  # norms and biases away from their init, so a swapped name would show
+        for name, p in grown.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.1)
+    shape = grown.shape
+    arch = architecture(cfg, shape)
+    conf = hf_config(arch, cfg, shape, grown.vocab_padded, "float32", None, None)
+    hf = BertForMaskedLM(BertConfig(**{k: v for k, v in conf.items() if k not in ("model_type", "dtype")})).eval()
+    ours = {k: v for k, v in grown.state_dict().items() if not k.endswith("_extra_state")}
+    missing, unexpected = hf.load_state_dict(to_hf(arch, ours, dims(cfg, shape)), strict=False)
+    assert set(missing) <= {"cls.predictions.decoder.weight", "cls.predictions.decoder.bias"} and not unexpected
+    with torch.no_grad():
+        want = hf(input_ids=TOKENS, token_type_ids=TYPES, attention_mask=PAD).logits
+    assert (logits(grown) - want).abs().max() <= 1e-4
+
+
+def test_export_needs_berts_attention_shape():
+    from msg_megatron.hf.layout import UnsupportedArchitecture, architecture
+
+    with pytest.raises(UnsupportedArchitecture, match="BertForMaskedLM needs heads x head_dim == hidden"):
+        architecture(bert_cfg(), Shape(48, 96, 5, 2))

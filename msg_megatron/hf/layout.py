@@ -19,7 +19,7 @@ from typing import Dict, Optional
 import torch
 
 from ..config import ModelConfig, Shape
-from ..model.params import GPT2, LLAMA, TABLE, Dims, param
+from ..model.params import BERT, GPT2, LLAMA, TABLE, Dims, param
 
 _LAYER = re.compile(r"layers\.(\d+)\.")
 
@@ -31,6 +31,13 @@ class UnsupportedArchitecture(ValueError):
 def architecture(mcfg: ModelConfig, shape: Shape) -> str:
     """`llama` or `gpt2`, or an error naming the flags that would make the model exportable."""
     flags = (mcfg.norm, mcfg.activation, mcfg.position_embedding)
+    if mcfg.family == "bert":
+        if shape.heads * mcfg.head_dim != shape.hidden or mcfg.heads_per_group != 1 or mcfg.activation != "gelu":
+            raise UnsupportedArchitecture(
+                f"BertForMaskedLM needs heads x head_dim == hidden, multi-head attention and gelu, but this model has "
+                f"{shape.heads} x {mcfg.head_dim} (hidden {shape.hidden}), {mcfg.groups(shape)} query groups, "
+                f"{mcfg.activation}; export a stage where heads x head_dim == hidden")
+        return BERT
     if flags == ("rmsnorm", "swiglu", "rope"):
         return LLAMA
     if flags == ("layernorm", "gelu", "learned"):
@@ -66,6 +73,13 @@ def hf_config(arch: str, mcfg: ModelConfig, shape: Shape, vocab_padded: int, dty
                     rope_parameters={"rope_type": "default", "rope_theta": float(mcfg.rotary_base)},
                     attention_bias=mcfg.add_bias_linear, mlp_bias=mcfg.add_bias_linear,
                     attention_dropout=0.0, initializer_range=mcfg.init_method_std, pretraining_tp=1)
+    if arch == BERT:  # (the tanh GELU of our MLP and MLM head: transformers' gelu_pytorch_tanh)
+        return dict(common, architectures=["BertForMaskedLM"], model_type="bert", hidden_size=shape.hidden,
+                    intermediate_size=shape.ffn, num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
+                    hidden_act="gelu_pytorch_tanh", max_position_embeddings=mcfg.seq_length,
+                    type_vocab_size=mcfg.type_vocab_size, layer_norm_eps=mcfg.norm_epsilon,
+                    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, position_embedding_type="absolute",
+                    initializer_range=mcfg.init_method_std, pad_token_id=0, is_decoder=False, use_cache=False)
     return dict(common, architectures=["GPT2LMHeadModel"], model_type="gpt2", n_embd=shape.hidden,
                 n_inner=shape.ffn, n_layer=shape.layers, n_head=shape.heads, n_positions=mcfg.seq_length,
                 n_ctx=mcfg.seq_length, activation_function="gelu_new", layer_norm_epsilon=mcfg.norm_epsilon,
