@@ -49,6 +49,17 @@ def run_cli(args, timeout=300, env=None):
                           cwd=REPO, env=full_env)
 
 
+def tiny_checkpoint(tmp_path):
+    """A checkpoint to load (tmp_path/ck): a tiny GPT trained 2 steps on synthetic data (seconds)."""
+    r = run_cli(["msg_megatron.pretrain", "configs/demo_cpu.yaml", "data.corpus=synthetic", "train.steps=2",
+                 "train.save_interval=2", "train.global_batch_size=2", "train.micro_batch_size=2",
+                 "train.eval_interval=0", "growth.stages=[]", "model.hidden_size=32", "model.ffn_hidden_size=64",
+                 "model.num_attention_heads=2", "model.kv_channels=16", "model.num_layers=2", "model.vocab_size=256",
+                 f"checkpoint.save={tmp_path}/ck", f"logging.run_dir={tmp_path}/run"], timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return tmp_path / "ck"
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / a.abs().max().clamp_min(1e-30))
 

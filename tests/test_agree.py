@@ -3,7 +3,7 @@ rank's, an error on one rank is every rank's (no rank left waiting in a collecti
 import json
 
 import pytest
-from conftest import run_cli
+from conftest import tiny_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -12,12 +12,7 @@ pytestmark = pytest.mark.slow
 def test_decisions_and_errors_are_agreed(tmp_path):
     from test_parallel import torchrun
 
-    r = run_cli(["msg_megatron.pretrain", "configs/demo_cpu.yaml", "data.corpus=synthetic", "train.steps=2",
-                 "train.save_interval=2", "train.global_batch_size=2", "train.micro_batch_size=2",
-                 "train.eval_interval=0", "growth.stages=[]", "model.hidden_size=32", "model.ffn_hidden_size=64",
-                 "model.num_attention_heads=2", "model.kv_channels=16", "model.num_layers=2", "model.vocab_size=256",
-                 f"checkpoint.save={tmp_path}/ck", f"logging.run_dir={tmp_path}/run"], timeout=180)
-    assert r.returncode == 0, r.stderr[-3000:]
+    tiny_checkpoint(tmp_path)
     # rank 0 sees the save directory, rank 1 does not (as a node without the shared filesystem)
     r = torchrun(2, ["tests/agree_worker.py", str(tmp_path / "ck")], timeout=180)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, tiny_checkpoint
 from msg_megatron.config import ConfigError, load_config
 from msg_megatron.training.host_memory import GIB, check_host_memory, state_bytes_per_param
 
@@ -97,12 +97,7 @@ def test_pretrain_refuses_before_any_work_counting_the_processes_on_this_host(tm
 @pytest.mark.timeout(180)
 def test_offline_grow_refuses_before_loading(tmp_path):
     """msg-grow: the checkpoint's model + optimizer and the grown ones meet during the growth: counted."""
-    r = run_cli(["msg_megatron.pretrain", "configs/demo_cpu.yaml", "data.corpus=synthetic", "train.steps=2",
-                 "train.save_interval=2", "train.global_batch_size=2", "train.micro_batch_size=2",
-                 "train.eval_interval=0", "growth.stages=[]", "model.hidden_size=32", "model.ffn_hidden_size=64",
-                 "model.num_attention_heads=2", "model.kv_channels=16", "model.num_layers=2", "model.vocab_size=256",
-                 f"checkpoint.save={tmp_path}/ck", f"logging.run_dir={tmp_path}/run"], timeout=180)
-    assert r.returncode == 0, r.stderr[-3000:]
+    tiny_checkpoint(tmp_path)
     r = run_cli(["msg_megatron.grow", "--load", f"{tmp_path}/ck", "--shape", "8192,32768,512,24", "--save",
                  f"{tmp_path}/grown", "--no-verify"], timeout=180)
     assert r.returncode == 2, r.stderr[-3000:]

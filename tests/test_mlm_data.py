@@ -8,8 +8,10 @@ import os
 import numpy as np
 import pytest
 
+from msg_megatron.data.corpus import embedded_documents, select_documents
 from msg_megatron.data.errors import DataError
-from msg_megatron.data.mlm_data import MLMCorpus, MLMTokenizer, split_sentences, train_wordpiece, write_sentences
+from msg_megatron.data.mlm_data import MLMCorpus, MLMTokenizer, split_sentences, train_wordpiece
+from msg_megatron.data.tokenize_files import write_indexed
 
 pytestmark = pytest.mark.slow  # trains a tokenizer, draws ~20k samples (~15 s)
 
@@ -18,12 +20,11 @@ SEQ = 64
 
 @pytest.fixture(scope="module")
 def mlm(tmp_path_factory):
-    from msg_megatron.data.corpus import embedded_documents, select_documents
-
     out = str(tmp_path_factory.mktemp("mlm"))
     docs = select_documents(embedded_documents(), 1_000_000)
-    tok = MLMTokenizer(train_wordpiece((t for _, t in docs), out, 1024))
-    info = write_sentences(docs, tok, os.path.join(out, "train"))
+    path = train_wordpiece((t for _, t in docs), out, 1024)
+    info = write_indexed(docs, path, os.path.join(out, "train"), sentences=True)
+    tok = MLMTokenizer(path)
     return out, tok, info
 
 
@@ -42,7 +43,14 @@ def test_wordpiece_tokenizer_has_berts_special_tokens_and_loads_in_transformers(
 
     out, tok, info = mlm
     assert (tok.pad, tok.cls, tok.sep, tok.mask) == (0, 2, 3, 4) and tok.vocab_size == 1024
-    assert info["sentences"] > info["documents"] > 10
+    assert info["sequences"] > info["documents"] > 10  # sentences, documents
+    # tokenized by 2 worker processes: the same bytes
+    two = os.path.join(out, "two")
+    write_indexed(select_documents(embedded_documents(), 1_000_000), os.path.join(out, "tokenizer.json"), two,
+                  workers=2, sentences=True)
+    for ext in (".bin", ".idx"):
+        with open(os.path.join(out, "train" + ext), "rb") as a, open(two + ext, "rb") as b:
+            assert a.read() == b.read(), ext
     hf = AutoTokenizer.from_pretrained(out)
     text, other = "The sum of two values: return a + b.", "Another sentence follows."
     assert hf.encode(text, add_special_tokens=False) == tok.encode(text)

@@ -2,8 +2,8 @@
 
 - **Text -> sentences -> tokens**: documents are split into sentences (`split_sentences`: one per
   line of code, prose at sentence ends) and written as megatron IndexedDataset files in which a
-  sequence is a sentence and a document a run of them (what Megatron-LM's
-  `preprocess_data.py --split-sentences` writes), with a WordPiece tokenizer (`train_wordpiece`:
+  sequence is a sentence and a document a run of them (tokenize_files.write_indexed with
+  `sentences`: what Megatron-LM's `preprocess_data.py --split-sentences` writes), with a WordPiece tokenizer (`train_wordpiece`:
   `[PAD] [UNK] [CLS] [SEP] [MASK]`, pieces inside a word marked `##`, as BERT's; saved as a
   `tokenizer.json` that transformers' AutoTokenizer loads).
 - **Samples** are megatron's: segment A and B from consecutive sentences of one document up to
@@ -26,11 +26,11 @@ import re
 from typing import Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
-import torch
 
 from ..patches import one_epoch_mapping
 from .errors import DataError
 from .gpt_data import _IndexCache
+from .tokenizer import HFTokenizer
 
 SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # ids 0..4 of a tokenizer train_wordpiece makes
 EPOCH_SEED_STRIDE = 1 << 24  # (epochs of up to 16M samples draw disjoint masking seeds)
@@ -90,77 +90,36 @@ def train_wordpiece(texts: Iterable[str], out_dir: str, vocab_size: int, max_lin
 
 
 class MLMTokenizer:
-    """What megatron's masked datasets read of a tokenizer (cls, sep, mask, pad, inv_vocab, vocab_size),
-    from a WordPiece `tokenizer.json` (the special tokens by tokenizer_config.json beside it, else by
-    BERT's names). A tokenizer without them is refused, naming what is missing."""
-
-    NAMES = {"cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]", "pad": "[PAD]"}
+    """What megatron's masked datasets read of a tokenizer (cls, sep, mask, pad, inv_vocab, vocab_size):
+    a WordPiece `tokenizer.json` (data/tokenizer.HFTokenizer: the special tokens by the
+    tokenizer_config.json beside it, else by BERT's names). One without them is refused, naming
+    what is missing."""
 
     def __init__(self, path: str):
-        from tokenizers import Tokenizer
-
         try:
-            self.tk = Tokenizer.from_file(path)
-        except Exception as e:  # (the Rust error: one line)
-            raise DataError(f"cannot load the tokenizer `{path}`: {e}") from None
+            self.hf = HFTokenizer(path)
+        except ValueError as e:
+            raise DataError(str(e)) from None
         self.path = path
-        conf = {}
-        conf_path = os.path.join(os.path.dirname(path), "tokenizer_config.json")
-        if os.path.isfile(conf_path):
-            with open(conf_path, encoding="utf-8") as f:
-                conf = json.load(f)
-        missing = []
-        for attr, default in self.NAMES.items():
-            name = conf.get(f"{attr}_token", default)
-            name = name.get("content") if isinstance(name, dict) else name
-            tid = self.tk.token_to_id(name) if isinstance(name, str) else None
-            if tid is None:
-                missing.append(f"{attr} ({name!r})")
-            setattr(self, attr, tid)
+        missing = [f"{attr} ({name!r})" for attr, name in (("cls", "[CLS]"), ("sep", "[SEP]"), ("mask", "[MASK]"),
+                                                           ("pad", "[PAD]")) if getattr(self.hf, attr) is None]
         if missing:
             raise DataError(f"the tokenizer `{path}` lacks the special tokens BERT's masked-LM samples need: "
-                            f"{', '.join(missing)}; use a BERT WordPiece tokenizer that has [CLS] [SEP] [MASK] [PAD], or name its "
-                            "tokens in a tokenizer_config.json beside it (cls_token, sep_token, mask_token, pad_token)")
-        vocab = self.tk.get_vocab(with_added_tokens=True)
+                            f"{', '.join(missing)}; use a BERT WordPiece tokenizer that has [CLS] [SEP] [MASK] [PAD], "
+                            "or name its tokens in a tokenizer_config.json beside it (cls_token, sep_token, "
+                            "mask_token, pad_token)")
+        self.cls, self.sep, self.mask, self.pad = self.hf.cls, self.hf.sep, self.hf.mask, self.hf.pad
+        vocab = self.hf.tk.get_vocab(with_added_tokens=True)
         self.vocab_size = len(vocab)
         self.inv_vocab = {i: t for t, i in sorted(vocab.items(), key=lambda kv: kv[1])}
         self.unique_identifiers = {"class": "msg-megatron-wordpiece", "vocab_size": self.vocab_size,
                                    "specials": [self.cls, self.sep, self.mask, self.pad]}
 
     def encode(self, text: str) -> List[int]:
-        return self.tk.encode(text, add_special_tokens=False).ids
+        return self.hf.encode(text)
 
     def word_start(self, tid: int) -> bool:
         return not self.inv_vocab[tid].startswith("##")
-
-
-def write_sentences(docs: Iterable[Tuple[str, str]], tok: MLMTokenizer, prefix: str) -> dict:
-    """`prefix`.bin/.idx with one sequence per sentence (split_sentences), grouped by document;
-    documents without a token are skipped. Atomic (renamed into place, the index last)."""
-    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
-
-    bin_tmp, idx_tmp = prefix + ".bin.tmp", prefix + ".idx.tmp"
-    os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
-    builder = IndexedDatasetBuilder(bin_tmp, dtype=DType.optimal_dtype(tok.vocab_size))
-    n_docs = n_sent = n_tokens = 0
-    try:
-        for _, text in docs:
-            ids = [tok.encode(s) for s in split_sentences(text)]
-            ids = [x for x in ids if x]
-            if not ids:
-                continue
-            flat = np.concatenate([np.asarray(x, dtype=np.int64) for x in ids])
-            builder.add_document(torch.from_numpy(flat), [len(x) for x in ids])
-            n_docs, n_sent, n_tokens = n_docs + 1, n_sent + len(ids), n_tokens + len(flat)
-        builder.finalize(idx_tmp)
-    except BaseException:
-        for f in (bin_tmp, idx_tmp):
-            if os.path.exists(f):
-                os.remove(f)
-        raise
-    os.replace(bin_tmp, prefix + ".bin")
-    os.replace(idx_tmp, prefix + ".idx")
-    return {"documents": n_docs, "sentences": n_sent, "tokens": n_tokens}
 
 
 class MLMCorpus:

@@ -4,7 +4,9 @@ processes, at corpus scale.
 Documents stream through (never a whole corpus in memory); workers tokenize batches of them and the
 writer appends the batches in input order with megatron-core's own IndexedDatasetBuilder, each
 document followed by the tokenizer's end-of-document id (Megatron-LM's preprocess_data.py
---append-eod). The output is therefore byte-identical for any number of workers. It is written
+--append-eod); or, with `sentences` (BERT's masked-LM data), one sequence per sentence
+(mlm_data.split_sentences), a document being its run of sentences, without an end-of-document id
+(Megatron-LM's --split-sentences). The output is therefore byte-identical for any number of workers. It is written
 under temporary names and renamed (.bin, then .idx) when complete: a crash never leaves a dataset
 that looks whole. Progress (documents, tokens, tokens/s) goes to `log` every `log_every` seconds.
 """
@@ -22,17 +24,29 @@ from .tokenizer import load_tokenizer
 
 _BATCH_CHARS = 1 << 20  # text per task sent to a worker (about 1 MB)
 _worker_tok = None
+_worker_sentences = False
 
 
-def _init_worker(path: str) -> None:
-    global _worker_tok
+def _init_worker(path: str, sentences: bool = False) -> None:
+    global _worker_tok, _worker_sentences
     torch.set_num_threads(1)
-    _worker_tok = load_tokenizer(path)
+    _worker_tok, _worker_sentences = load_tokenizer(path), sentences
 
 
-def _encode(texts: List[str]) -> List[np.ndarray]:
-    eod = _worker_tok.eod
-    return [np.asarray(_worker_tok.encode(t) + [eod], dtype=np.int64) for t in texts]
+def _encode(texts: List[str]) -> List[Tuple[np.ndarray, List[int]]]:
+    """Each document's tokens and its sequence lengths (one sequence, or one per sentence)."""
+    if not _worker_sentences:
+        eod = _worker_tok.eod
+        out = [np.asarray(_worker_tok.encode(t) + [eod], dtype=np.int64) for t in texts]
+        return [(ids, [len(ids)]) for ids in out]
+    from .mlm_data import split_sentences
+
+    docs = []
+    for t in texts:
+        ids = [x for x in (_worker_tok.encode(s) for s in split_sentences(t)) if x]
+        flat = np.asarray([i for x in ids for i in x], dtype=np.int64)
+        docs.append((flat, [len(x) for x in ids]))
+    return docs
 
 
 def _batches(docs: Iterable[Tuple[str, str]], chars: int = _BATCH_CHARS) -> Iterator[List[str]]:
@@ -55,8 +69,9 @@ def token_dtype(vocab_size: int):
 
 
 def write_indexed(docs: Iterable[Tuple[str, str]], tokenizer_path: str, prefix: str, workers: int = 1,
-                  log: Optional[Callable[[str], None]] = None, log_every: float = 5.0) -> dict:
-    """Tokenize (name, text) documents into `prefix`.bin/.idx; returns {documents, tokens, seconds}."""
+                  log: Optional[Callable[[str], None]] = None, log_every: float = 5.0, sentences: bool = False) -> dict:
+    """Tokenize (name, text) documents into `prefix`.bin/.idx; returns {documents, tokens, sequences,
+    seconds}. `sentences`: a sequence per sentence (documents without one are skipped)."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     tok = load_tokenizer(tokenizer_path)
@@ -64,22 +79,26 @@ def write_indexed(docs: Iterable[Tuple[str, str]], tokenizer_path: str, prefix: 
     bin_tmp, idx_tmp = prefix + ".bin.tmp", prefix + ".idx.tmp"
     os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
     builder = IndexedDatasetBuilder(bin_tmp, dtype=dtype)
-    n_docs = n_tokens = 0
+    n_docs = n_tokens = n_seq = 0
     start = last = time.perf_counter()
     pool = None
     try:
         if workers > 1:
             # (spawn: the writer's torch and megatron state is not forked into the workers)
-            pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(tokenizer_path,))
+            pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker,
+                                                initargs=(tokenizer_path, sentences))
             encoded = pool.imap(_encode, _batches(docs), chunksize=1)  # (in input order: identical output)
         else:
-            _init_worker(tokenizer_path)
+            _init_worker(tokenizer_path, sentences)
             encoded = map(_encode, _batches(docs))
         for arrays in encoded:
-            for ids in arrays:
-                builder.add_document(torch.from_numpy(ids), [len(ids)])
+            for ids, lengths in arrays:
+                if not lengths:  # (sentences: a document without any)
+                    continue
+                builder.add_document(torch.from_numpy(ids), lengths)
                 n_tokens += len(ids)
-            n_docs += len(arrays)
+                n_docs += 1
+                n_seq += len(lengths)
             now = time.perf_counter()
             if log and now - last >= log_every:
                 log(f"[preprocess] {prefix}: {n_docs:,} documents, {n_tokens:,} tokens, "
@@ -101,4 +120,4 @@ def write_indexed(docs: Iterable[Tuple[str, str]], tokenizer_path: str, prefix: 
     if log:
         log(f"[preprocess] {prefix}: {n_docs:,} documents, {n_tokens:,} tokens in {seconds:.1f} s "
             f"({n_tokens / max(seconds, 1e-9):,.0f} tokens/s)")
-    return {"documents": n_docs, "tokens": n_tokens, "seconds": seconds}
+    return {"documents": n_docs, "tokens": n_tokens, "sequences": n_seq, "seconds": seconds}

@@ -130,6 +130,10 @@ class HFTokenizer:
                             "as a special token")
         self.bos = self._special("bos_token", named, BOS_NAMES)
         self.pad = self._special("pad_token", named, PAD_NAMES)
+        # BERT's (masked-LM samples, data/mlm_data.py); None where the tokenizer has none
+        self.cls = self._special("cls_token", named, ("[CLS]",))
+        self.sep = self._special("sep_token", named, ("[SEP]",))
+        self.mask = self._special("mask_token", named, ("[MASK]",))
 
     def _configured(self) -> dict:
         if not os.path.isfile(self.config_path):
@@ -140,7 +144,7 @@ class HFTokenizer:
         except (OSError, json.JSONDecodeError) as e:
             raise DataError(f"`{self.config_path}` is not readable JSON ({e}); fix or remove it") from None
         out = {}
-        for key in ("eos_token", "bos_token", "pad_token"):
+        for key in ("eos_token", "bos_token", "pad_token", "cls_token", "sep_token", "mask_token"):
             v = conf.get(key)
             v = v.get("content") if isinstance(v, dict) else v
             if isinstance(v, str):
