@@ -84,7 +84,11 @@ def validate(cfg: Config) -> None:
     """Reject bad configs before any compute, naming the field and the fix."""
     m, g, t, p = cfg.model, cfg.growth, cfg.train, cfg.parallel
     _validate_ranges(cfg)
-    _choice(m.family, ["gpt"], "model.family")
+    _choice(m.family, ["gpt", "bert"], "model.family")
+    if m.family == "bert" and (m.norm, m.position_embedding, m.tie_embeddings) != ("layernorm", "learned", True):
+        raise ConfigError("model.family=bert is BERT's encoder: set model.norm=layernorm, "
+                          "model.position_embedding=learned and model.tie_embeddings=true (the MLM decoder is the "
+                          f"word embedding); got {m.norm}, {m.position_embedding}, tie_embeddings={m.tie_embeddings}")
     _choice(m.norm, ["layernorm", "rmsnorm"], "model.norm")
     _choice(m.activation, ["gelu", "swiglu"], "model.activation")
     _choice(m.position_embedding, ["learned", "rope"], "model.position_embedding")

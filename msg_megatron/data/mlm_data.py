@@ -26,6 +26,7 @@ import re
 from typing import Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
+import torch
 
 from ..patches import one_epoch_mapping
 from .errors import DataError
@@ -178,3 +179,32 @@ class MLMCorpus:
         e, i = divmod(k, self.n)
         self.ensure(e + 1)
         return self.epochs[e][i]
+
+
+# the fields of a masked-LM sample, in the order a batch tensor [micro, FIELDS, seq] stacks them
+FIELDS = ("text", "types", "labels", "loss_mask", "padding_mask")
+
+
+class MLMSamples:
+    """Global sample numbers -> masked-LM samples of one corpus (the trainer's data interface:
+    `batch`, `sequential`, `num_samples`, `seq_length`, `describe`). A batch is one int64 tensor
+    [size, 5, seq_length] of FIELDS, so micro-batches travel as GPT's token windows do."""
+
+    def __init__(self, corpus: MLMCorpus, num_samples: int):
+        self.corpus, self.num_samples, self.seq_length = corpus, num_samples, corpus.seq_length
+
+    def sample(self, k: int) -> np.ndarray:
+        s = self.corpus.sample(k)
+        return np.stack([np.asarray(s[f], dtype=np.int64) for f in FIELDS])
+
+    def batch(self, first_sample: int, size: int) -> torch.Tensor:
+        return torch.from_numpy(np.stack([self.sample(first_sample + k) for k in range(size)]))
+
+    def sequential(self, size: int, max_batches: int):
+        """The first batches of the samples in order (validation), at most `max_batches`."""
+        for b in range(min(self.num_samples // size, max_batches)):
+            yield self.batch(b * size, size)
+
+    def describe(self) -> str:
+        return (f"masked-LM samples of {self.seq_length} tokens from {os.path.basename(self.corpus.prefix)} "
+                f"({self.corpus.n:,} per epoch, {len(self.corpus.epochs)} epoch(s) built)")

@@ -5,6 +5,8 @@ Layout of a prepared directory (the embedded corpus's cache, or msg-preprocess o
                            Hugging Face tokenizer given with --tokenizer / data.tokenizer_model)
     train.bin / train.idx  megatron-core IndexedDataset, one document (tokens + EOD) per entry
     valid.bin / valid.idx  held-out documents
+    (BERT, masked-LM data: a WordPiece tokenizer.json + tokenizer_config.json, and one sequence per
+    sentence, a document per run of sentences: manifest "sentences": true)
     manifest.json          what was built, file sizes; a directory without a matching manifest is
                            incomplete or corrupt and is rebuilt (cache) or reported (user data)
 Directories are written under a temporary name and renamed when complete, so a crash never leaves
@@ -24,6 +26,7 @@ from ..parallel import barrier, is_logging_rank
 from ..permissions import honour_umask
 from .corpus import Doc, embedded_documents, select_documents, split_documents
 from .errors import DataError
+from .mlm_data import train_wordpiece
 from .tokenize_files import write_indexed
 from .tokenizer import Tokenizer, copy_tokenizer, load_tokenizer, train_tokenizer
 
@@ -34,15 +37,18 @@ def default_cache_dir() -> str:
 
 def build_prepared_dir(out_dir: str, train_docs: List[Doc], valid_docs: List[Doc], vocab_size: int,
                        tokenizer_model: str = "", key: Optional[dict] = None, vocab_name: str = "model.vocab_size",
-                       workers: int = 1, log=None) -> dict:
+                       workers: int = 1, log=None, sentences: bool = False) -> dict:
     """Tokenize (in `workers` processes: tokenize_files.write_indexed) and write a prepared directory
-    atomically; returns the manifest."""
+    atomically; returns the manifest. `sentences`: BERT's masked-LM data (a WordPiece tokenizer is
+    trained unless one is given; a sequence per sentence)."""
     parent = os.path.dirname(os.path.abspath(out_dir)) or "."
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
     try:
         if tokenizer_model:
             tok_path = copy_tokenizer(tokenizer_model, tmp)
+        elif sentences:
+            tok_path = train_wordpiece((t for _, t in train_docs), tmp, vocab_size)
         else:
             tok_path = os.path.join(tmp, Tokenizer.file_name)
             train_tokenizer((t for _, t in train_docs), tok_path, vocab_size, vocab_name=vocab_name)
@@ -50,11 +56,13 @@ def build_prepared_dir(out_dir: str, train_docs: List[Doc], valid_docs: List[Doc
         if tok.vocab_size != vocab_size:
             raise DataError(f"tokenizer `{tokenizer_model or tok_path}` has {tok.vocab_size} pieces but "
                             f"model.vocab_size is {vocab_size}; set model.vocab_size={tok.vocab_size}")
-        counts = {split: write_indexed(docs, tok_path, os.path.join(tmp, split), workers, log)["tokens"]
+        counts = {split: write_indexed(docs, tok_path, os.path.join(tmp, split), workers, log,
+                                       sentences=sentences)["tokens"]
                   for split, docs in (("train", train_docs), ("valid", valid_docs))}
         if counts["train"] == 0:
             raise DataError("no training tokens: the input documents are empty")
         manifest = {"version": __version__, "key": key or {}, "vocab_size": vocab_size, "tokens": counts,
+                    "sentences": sentences,
                     "documents": {"train": len(train_docs), "valid": len(valid_docs)},
                     "sizes": {f: os.path.getsize(os.path.join(tmp, f)) for f in sorted(os.listdir(tmp))}}
         with open(os.path.join(tmp, "manifest.json"), "w") as f:
@@ -92,10 +100,13 @@ def check_prepared_dir(path: str) -> dict:
 
 
 def prepare_embedded(cache_dir: str, corpus_mb: float, vocab_size: int, valid_fraction: float,
-                     tokenizer_model: str = "", log=print) -> str:
-    """The cached prepared directory of the embedded corpus, built (or rebuilt) when needed."""
+                     tokenizer_model: str = "", log=print, sentences: bool = False) -> str:
+    """The cached prepared directory of the embedded corpus, built (or rebuilt) when needed
+    (`sentences`: BERT's, a directory of its own)."""
     key = {"corpus": "embedded", "corpus_mb": corpus_mb, "vocab_size": vocab_size,
            "valid_fraction": valid_fraction, "tokenizer": _file_digest(tokenizer_model)}
+    if sentences:  # (GPT's key unchanged: existing caches stay valid)
+        key["sentences"] = True
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     out = os.path.join(cache_dir or default_cache_dir(), f"embedded-{digest}")
     if os.path.exists(out):
@@ -107,7 +118,7 @@ def prepare_embedded(cache_dir: str, corpus_mb: float, vocab_size: int, valid_fr
     log(f"[data] building the embedded corpus ({corpus_mb} MB, vocab {vocab_size}) into {out}")
     docs = select_documents(embedded_documents(), int(corpus_mb * 1e6))
     train, valid = split_documents(docs, valid_fraction)
-    manifest = build_prepared_dir(out, train, valid, vocab_size, tokenizer_model, key)
+    manifest = build_prepared_dir(out, train, valid, vocab_size, tokenizer_model, key, sentences=sentences)
     log(f"[data] {manifest['tokens']['train']} train / {manifest['tokens']['valid']} valid tokens")
     return out
 
@@ -121,25 +132,31 @@ def _file_digest(path: str) -> str:
         return hashlib.sha1(f.read()).hexdigest()
 
 
-def resolve_data_dir_all_ranks(dcfg, vocab_size: int, log=print) -> Tuple[str, dict]:
+def resolve_data_dir_all_ranks(dcfg, vocab_size: int, log=print, sentences: bool = False) -> Tuple[str, dict]:
     """resolve_data_dir under torch.distributed: global rank 0 prepares (or validates) the data
     first and logs; the other ranks wait for it, then find the prepared directory ready."""
     if is_logging_rank():
-        out = resolve_data_dir(dcfg, vocab_size, log=log)
+        out = resolve_data_dir(dcfg, vocab_size, log=log, sentences=sentences)
     barrier()
     if not is_logging_rank():
-        out = resolve_data_dir(dcfg, vocab_size, log=lambda *_: None)
+        out = resolve_data_dir(dcfg, vocab_size, log=lambda *_: None, sentences=sentences)
     return out
 
 
-def resolve_data_dir(dcfg, vocab_size: int, log=print) -> Tuple[str, dict]:
-    """(prepared directory, manifest) for a DataConfig; checks the vocabulary matches the model."""
+def resolve_data_dir(dcfg, vocab_size: int, log=print, sentences: bool = False) -> Tuple[str, dict]:
+    """(prepared directory, manifest) for a DataConfig; checks the vocabulary matches the model and
+    that the directory holds the kind of sequences the model trains on (`sentences`: BERT's)."""
     if dcfg.corpus == "embedded":
         path = prepare_embedded(dcfg.cache_dir, dcfg.corpus_mb, vocab_size, dcfg.valid_fraction,
-                                dcfg.tokenizer_model, log)
+                                dcfg.tokenizer_model, log, sentences=sentences)
     else:
         path = dcfg.corpus
     manifest = check_prepared_dir(path)
+    if bool(manifest.get("sentences")) != sentences:
+        have, want = (("sentences (BERT's masked-LM data)", "documents (GPT)") if manifest.get("sentences")
+                      else ("documents (GPT)", "sentences (BERT's masked-LM data)"))
+        raise DataError(f"data `{path}` holds {have}, but model.family={'bert' if sentences else 'gpt'} trains on "
+                        f"{want}; prepare the corpus for this model family")
     if manifest["vocab_size"] != vocab_size:
         raise DataError(f"data `{path}` was tokenized with a vocabulary of {manifest['vocab_size']} but "
                         f"model.vocab_size is {vocab_size}; set model.vocab_size={manifest['vocab_size']}")

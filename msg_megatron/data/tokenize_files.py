@@ -20,6 +20,7 @@ from typing import Callable, Iterable, Iterator, List, Optional, Tuple
 import numpy as np
 import torch
 
+from .mlm_data import split_sentences
 from .tokenizer import load_tokenizer
 
 _BATCH_CHARS = 1 << 20  # text per task sent to a worker (about 1 MB)
@@ -39,8 +40,6 @@ def _encode(texts: List[str]) -> List[Tuple[np.ndarray, List[int]]]:
         eod = _worker_tok.eod
         out = [np.asarray(_worker_tok.encode(t) + [eod], dtype=np.int64) for t in texts]
         return [(ids, [len(ids)]) for ids in out]
-    from .mlm_data import split_sentences
-
     docs = []
     for t in texts:
         ids = [x for x in (_worker_tok.encode(s) for s in split_sentences(t)) if x]

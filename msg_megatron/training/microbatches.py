@@ -6,7 +6,7 @@ PP > 1, and the interleaved 1F1B schedule under parallel.virtual_pipeline > 1, w
 stage's chunks (MaskedGPT.chunk_views) and one data iterator per chunk; activations travel between stages as [seq, batch, hidden] tensors of the parameters' dtype
 (model.config.pipeline_dtype: float32, or bfloat16 under train.precision=bf16, set by cast_params).
 
-The loss of each micro-batch is the mean per-token loss. The schedule divides it by the number of
+The loss of each micro-batch is the mean per-token loss (BERT: over its masked positions). The schedule divides it by the number of
 micro-batches it runs; `loss_scale` rescales so the backward sums to the single-process gradient
 (train step: local micro-batches / micro-batches in the whole global batch). The returned value is
 the sum of the micro-batch mean losses, on every rank (it only exists on the last stage, which
@@ -41,16 +41,26 @@ def run_microbatches(model, batches: List[torch.Tensor], *, forward_only: bool, 
         # a forward-only call with fewer (the growth probe, a short validation): padded with copies of
         # its last batch, whose losses are dropped
         batches = list(batches) + [batches[-1]] * (pp - real % pp)
-    micro, seq_plus_one = batches[0].shape
+    masked_lm = batches[0].dim() == 3  # BERT: [micro, FIELDS, seq] (data/mlm_data.py), else [micro, seq + 1]
+    micro, seq = batches[0].shape[0], batches[0].shape[-1] - (0 if masked_lm else 1)
     dev = device()
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast_bf16)
 
     def forward_step(data_iterator, module):
         batch = next(data_iterator).to(dev, non_blocking=True)
-        out = module(batch[:, :-1], batch[:, 1:])  # per-token losses on the last stage, else hidden
+        if masked_lm:  # every stage gets the types and padding (its attention needs them)
+            text, types, labels, loss_mask, padding = batch.unbind(1)
+            out = module(text, labels.clamp(min=0), types=types, padding_mask=padding)
+        else:
+            loss_mask = None
+            out = module(batch[:, :-1], batch[:, 1:])  # per-token losses on the last stage, else hidden
 
         def loss_func(per_token: torch.Tensor):
-            loss = per_token.float().mean()
+            if loss_mask is None:
+                loss = per_token.float().mean()
+            else:  # the mean over the micro-batch's masked positions (megatron's BERT loss)
+                m = loss_mask.to(torch.float32)
+                loss = (per_token.float() * m).sum() / m.sum().clamp(min=1.0)
             return loss * loss_scale, {"loss": loss.detach()}
 
         return out, loss_func
@@ -66,7 +76,7 @@ def run_microbatches(model, batches: List[torch.Tensor], *, forward_only: bool, 
     with torch.set_grad_enabled(not forward_only), autocast:
         store = get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=data, model=model,
-            num_microbatches=len(batches), seq_length=seq_plus_one - 1, micro_batch_size=micro,
+            num_microbatches=len(batches), seq_length=seq, micro_batch_size=micro,
             forward_only=forward_only)
     total = torch.zeros((), dtype=torch.float64, device=dev)
     if ps.is_pipeline_last_stage():
