@@ -108,6 +108,7 @@ TRAIN = ["model.vocab_size=512", "model.seq_length=32", "model.kv_channels=8", "
          "data.valid_fraction=0.05", "logging.wandb=disabled"]
 
 LLAMA = ["model.norm=rmsnorm", "model.activation=swiglu", "model.position_embedding=rope"]
+BERT = ["model.family=bert"]
 DISTOPT = ["parallel.distributed_optimizer=true"]
 VPP_SP = ["parallel.virtual_pipeline=2", "parallel.sequence_parallel=true"]
 # (tensor, pipeline, data-parallel, architecture, stages): every growth dimension appears, and every
@@ -143,6 +144,9 @@ CASES = {
     "tp2pp2_vpp2_sp": (2, 2, 1, LLAMA, [[32, 64, 2, 4], [48, 128, 4, 8]], VPP_SP),
     "tp2pp2dp2_bf16": (2, 2, 2, LLAMA + ["train.precision=bf16"], [[32, 64, 2, 2], [48, 128, 4, 4]],
                        DISTOPT + ["train.fusion=compile"], 1e-2),
+    # BERT (masked-LM samples of the embedded corpus's sentences): post-LN layers, token types and the
+    # padding mask on every pipeline stage, the MLM head and decoder bias on the last; every dimension
+    "bert_tp2pp2": (2, 2, 1, BERT, [[32, 64, 2, 2], [48, 128, 4, 4]]),
 }
 
 
@@ -226,6 +230,9 @@ RESHARD = {
     # bf16: fp32 masters written and read as slices, parameters rounded and all-gathered from them: bitwise
     "tp2dp2_distopt_bf16_same": ((2, 1, 2), (2, 1, 2), LLAMA + ["train.precision=bf16"],
                                  [[32, 64, 2, 2], [32, 128, 4, 2]], (DISTOPT, DISTOPT)),
+    # BERT mid-ramp: the same layout resumes bitwise (masked-LM samples by number), then on one process
+    "bert_tp2dp2_same": ((2, 1, 2), (2, 1, 2), BERT, [[32, 64, 2, 2], [48, 128, 4, 2]]),
+    "bert_pp2_to_tp1pp1": ((1, 2), (1, 1), BERT, [[32, 64, 2, 2], [48, 128, 4, 4]]),
 }
 
 
