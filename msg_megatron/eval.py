@@ -59,6 +59,9 @@ def _main(argv) -> int:
     model.eval()
     out = {"checkpoint": meta["path"], "step": meta["state"]["step"], "shape": meta["shape"]}
     if args.text:
+        if cfg.model.family == "bert":
+            raise ValueError(f"`{meta['path']}` is a BERT (model.family=bert): --text scores next-token prediction, "
+                             "which a masked-LM encoder does not do; score its masked-LM validation loss (no --text)")
         if not os.path.exists(args.text):
             raise FileNotFoundError(f"--text file `{args.text}` does not exist")
         found = find_tokenizer(meta["path"])

@@ -24,6 +24,14 @@ def test_parameter_count_equals_numel(norm, act, pos, tie, bias):
         assert count_params(cfg, shape, padded_vocab_size(cfg)) == sum(p.numel() for p in model.parameters())
 
 
+@pytest.mark.parametrize("activation, bias", [("gelu", True), ("swiglu", False)])
+def test_bert_parameter_count_equals_numel(activation, bias):
+    cfg = tiny_model_cfg(family="bert", activation=activation, add_bias_linear=bias)
+    for shape in (Shape(32, 64, 4, 2), Shape(48, 96, 6, 5)):
+        model = build_model(cfg, shape)
+        assert count_params(cfg, shape, padded_vocab_size(cfg)) == sum(p.numel() for p in model.parameters())
+
+
 def test_flops_per_token_is_megatrons_formula():
     cfg = tiny_model_cfg(vocab_size=50257, seq_length=1024, kv_channels=64)
     h, n, s, v = 768, 12, 1024, padded_vocab_size(cfg)

@@ -7,7 +7,8 @@ loaded from the checkpoint in fp32, used and freed. Loading is a collective, so 
 take turns: while stage s computes, the other ranks take part in its loads with an empty piece;
 then stage s sends its activations to stage s + 1 (point to point, same TP and DP position). Each
 DP replica evaluates the same batches. Same definition as `training.evaluate.validation_loss`:
-the mean over batches of each batch's mean token loss.
+the mean over batches of each batch's loss (data/batches.py: the mean token loss, BERT's over the
+masked positions).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import Shape
+from ..data.batches import batch_loss, model_inputs, seq_length
 from ..model.gpt import Piece, pp_rank_size, stage_piece
 from .stream import load_piece, read_once
 
@@ -44,7 +46,7 @@ def streamed_validation_loss(path: str, cfg, shape: Shape, windows, micro_batch_
                 load_piece(read, cfg, shape, empty, device, optimizer=False)
             continue
         if stage > 0:
-            acts = [torch.empty(b.shape[1] - 1, b.shape[0], shape.hidden, device=device) for b in batches]
+            acts = [torch.empty(seq_length(b), b.shape[0], shape.hidden, device=device) for b in batches]
             for x in acts:
                 dist.recv(x, src=ps.get_pipeline_model_parallel_prev_rank())
         for piece in pieces:
@@ -52,13 +54,13 @@ def streamed_validation_loss(path: str, cfg, shape: Shape, windows, micro_batch_
             model.eval()
             out = []
             for i, batch in enumerate(batches):
-                batch = batch.to(device)
+                x = model_inputs(batch.to(device))
                 if not piece.pre_process:
                     model.set_input_tensor(acts[i])
                 if piece.post_process:
-                    total += model(batch[:, :-1], batch[:, 1:]).float().mean().double().cpu()
+                    total += batch_loss(model(x.tokens, x.labels, **x.extra), x.loss_mask).double().cpu()
                 else:
-                    out.append(model(batch[:, :-1]))
+                    out.append(model(x.tokens, **x.extra))
             acts = out or acts
             del model
         if stage < pp - 1:

@@ -20,6 +20,7 @@ from typing import List
 import torch
 import torch.distributed as dist
 
+from ..data.batches import batch_loss, model_inputs, seq_length
 from ..parallel import device
 
 
@@ -41,26 +42,16 @@ def run_microbatches(model, batches: List[torch.Tensor], *, forward_only: bool, 
         # a forward-only call with fewer (the growth probe, a short validation): padded with copies of
         # its last batch, whose losses are dropped
         batches = list(batches) + [batches[-1]] * (pp - real % pp)
-    masked_lm = batches[0].dim() == 3  # BERT: [micro, FIELDS, seq] (data/mlm_data.py), else [micro, seq + 1]
-    micro, seq = batches[0].shape[0], batches[0].shape[-1] - (0 if masked_lm else 1)
+    micro, seq = batches[0].shape[0], seq_length(batches[0])
     dev = device()
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast_bf16)
 
     def forward_step(data_iterator, module):
-        batch = next(data_iterator).to(dev, non_blocking=True)
-        if masked_lm:  # every stage gets the types and padding (its attention needs them)
-            text, types, labels, loss_mask, padding = batch.unbind(1)
-            out = module(text, labels.clamp(min=0), types=types, padding_mask=padding)
-        else:
-            loss_mask = None
-            out = module(batch[:, :-1], batch[:, 1:])  # per-token losses on the last stage, else hidden
+        x = model_inputs(next(data_iterator).to(dev, non_blocking=True))
+        out = module(x.tokens, x.labels, **x.extra)  # per-token losses on the last stage, else hidden
 
         def loss_func(per_token: torch.Tensor):
-            if loss_mask is None:
-                loss = per_token.float().mean()
-            else:  # the mean over the micro-batch's masked positions (megatron's BERT loss)
-                m = loss_mask.to(torch.float32)
-                loss = (per_token.float() * m).sum() / m.sum().clamp(min=1.0)
+            loss = batch_loss(per_token, x.loss_mask)
             return loss * loss_scale, {"loss": loss.detach()}
 
         return out, loss_func

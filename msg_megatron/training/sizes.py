@@ -20,11 +20,13 @@ def count_params(mcfg: ModelConfig, shape: Shape, vocab_padded: int) -> int:
     qkv = (a + 2 * g) * d  # query heads + one key and one value head per group
     layer = (2 * norm + qkv * h + a * d * h + f_in * h + f * h
              + (qkv + h + f_in + h if bias else 0))
-    total = n * layer + vocab_padded * h + norm
+    total = n * layer + vocab_padded * h + norm  # (BERT: the embedding's LN in place of the final norm)
     if mcfg.position_embedding == "learned":
         total += mcfg.seq_length * h
     if not mcfg.tie_embeddings:
         total += vocab_padded * h
+    if mcfg.family == "bert":  # token types; the MLM head's dense and LN; the decoder bias
+        total += mcfg.type_vocab_size * h + h * h + h + norm + vocab_padded
     return total
 
 

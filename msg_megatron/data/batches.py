@@ -1,0 +1,38 @@
+"""What a model is called with for a micro-batch, and its loss, for either family's batch tensor.
+
+GPT: token windows [micro, seq + 1] (inputs, and the next tokens as labels). BERT: masked-LM samples
+[micro, 5, seq] (mlm_data.FIELDS: text, types, labels, loss_mask, padding_mask). One place for the
+training schedules, validation and msg-grow's streamed check, so each family's loss has one definition.
+"""
+from __future__ import annotations
+
+from typing import Dict, NamedTuple, Optional
+
+import torch
+
+
+class ModelInputs(NamedTuple):
+    tokens: torch.Tensor  # [micro, seq]
+    labels: torch.Tensor  # [micro, seq]
+    extra: Dict[str, torch.Tensor]  # BERT: types, padding_mask (every pipeline stage needs them)
+    loss_mask: Optional[torch.Tensor]  # BERT: the masked positions; None: every token counts
+
+
+def seq_length(batch: torch.Tensor) -> int:
+    return batch.shape[-1] if batch.dim() == 3 else batch.shape[1] - 1
+
+
+def model_inputs(batch: torch.Tensor) -> ModelInputs:
+    if batch.dim() == 3:  # masked-LM samples
+        text, types, labels, loss_mask, padding = batch.unbind(1)
+        return ModelInputs(text, labels.clamp(min=0), {"types": types, "padding_mask": padding}, loss_mask)
+    return ModelInputs(batch[:, :-1], batch[:, 1:], {}, None)
+
+
+def batch_loss(per_token: torch.Tensor, loss_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """The micro-batch's loss: the mean token loss, or (BERT) the mean over its masked positions
+    (megatron's BERT loss), in fp32."""
+    if loss_mask is None:
+        return per_token.float().mean()
+    m = loss_mask.to(torch.float32)
+    return (per_token.float() * m).sum() / m.sum().clamp(min=1.0)
