@@ -1,0 +1,73 @@
+"""BERT through the CLIs on the embedded corpus (prepared as sentences with a WordPiece tokenizer):
+msg-pretrain grows every dimension with the probe loss unchanged (<= 1e-5 relative) and the MLM
+loss falling; msg-eval reproduces the final validation loss; msg-grow grows the checkpoint offline
+with the validation loss unchanged; the grown checkpoint resumes. Bad inputs are refused first."""
+import json
+
+import pytest
+
+from conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+BERT = ["configs/demo_cpu.yaml", "model.family=bert", "model.vocab_size=1024", "model.seq_length=64",
+        "model.hidden_size=64", "model.ffn_hidden_size=128", "model.num_attention_heads=4", "model.num_layers=3",
+        "model.kv_channels=16", "data.corpus_mb=0.5", "data.valid_fraction=0.05", "train.steps=40",
+        "train.global_batch_size=8", "train.micro_batch_size=8", "train.warmup_steps=4", "train.log_interval=1",
+        "train.eval_interval=20", "train.eval_iters=2", "train.save_interval=20", "growth.ramp_steps=4",
+        "logging.wandb=disabled",
+        "growth.stages=[{step: 0, shape: [32, 64, 2, 2]}, {step: 10, shape: [32, 128, 2, 2]}, "
+        "{step: 20, shape: [64, 128, 2, 3]}, {step: 30, shape: [64, 128, 4, 3]}]"]
+
+
+def _records(path):
+    with open(path) as f:
+        return [json.loads(x) for x in f]
+
+
+@pytest.mark.timeout(900)
+def test_bert_pretrains_grows_evaluates_and_grows_offline(tmp_path, cache_dir):
+    r = run_cli(["msg_megatron.pretrain", *BERT, f"logging.run_dir={tmp_path}/run", f"checkpoint.save={tmp_path}/ck"],
+                timeout=800)
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = _records(tmp_path / "run" / "metrics.jsonl")
+    losses = [x["loss"] for x in recs if "loss" in x]
+    assert len(losses) == 40 and sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3  # ln(1024) = 6.9 at the start
+    growths = [x for x in recs if x.get("event") == "growth"]
+    assert len(growths) == 3
+    assert {i for g in growths for i in range(4) if g["from"][i] != g["to"][i]} == {0, 1, 2, 3}
+    for g in growths:
+        assert abs(g["probe_loss_after"] - g["probe_loss_before"]) <= 1e-5 * g["probe_loss_before"], g
+    final_val = [x["val_loss"] for x in recs if "val_loss" in x][-1]
+
+    r = run_cli(["msg_megatron.eval", "--load", f"{tmp_path}/ck", "--json"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert abs(json.loads(r.stdout.strip().splitlines()[-1])["val_loss"] - final_val) <= 1e-6 * final_val
+
+    # msg-grow of the step-20 checkpoint (taken before the growth at the start of step 20) into the next
+    # stage's shape, then resumed: the same new weights and AdamW state as the online growth, so the same
+    # losses: bitwise through the ramp (steps 20-23), within 1e-5 after it. (After the masks fold the two
+    # runs differ in the last bits from step 26 on; GPT's stay bitwise: to be traced, see the issue note.)
+    r = run_cli(["msg_megatron.grow", "--load", f"{tmp_path}/ck/step_000020", "--shape", "64,128,2,3", "--save",
+                 f"{tmp_path}/grown", "--json"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["verified"] and out["rel_diff"] <= 1e-5 and out["to"] == [64, 128, 2, 3]
+    r = run_cli(["msg_megatron.pretrain", *BERT, f"checkpoint.load={tmp_path}/grown", "checkpoint.save=",
+                 f"logging.run_dir={tmp_path}/run2"], timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = {x["step"]: x["loss"] for x in _records(tmp_path / "run2" / "metrics.jsonl") if "loss" in x}
+    want = {x["step"]: x["loss"] for x in recs if "loss" in x}
+    assert sorted(got) == list(range(20, 40))
+    assert all(got[k] == want[k] for k in range(20, 24)), [(k, got[k], want[k]) for k in range(20, 24)]
+    assert all(abs(got[k] - want[k]) <= 1e-5 * want[k] for k in got)
+
+
+@pytest.mark.parametrize("over, words", [
+    (["data.corpus=synthetic"], "model.family=bert trains on sentence pairs from a prepared corpus of sentences"),
+    (["model.norm=rmsnorm"], "model.family=bert is BERT's encoder: set model.norm=layernorm"),
+])
+def test_bert_bad_inputs_are_refused_before_any_work(tmp_path, over, words):
+    r = run_cli(["msg_megatron.pretrain", *BERT, *over, f"logging.run_dir={tmp_path}/run", "checkpoint.save="])
+    assert r.returncode == 2 and words in r.stderr, r.stderr[-2000:]
+    assert "[train]" not in r.stdout
