@@ -1,5 +1,6 @@
 """torchrun worker for test_agree: each rank's view differs (as two nodes' views of a shared
-filesystem can); prints what every helper of parallel/agree.py returned on this rank as JSON."""
+filesystem can); writes what every helper of parallel/agree.py returned on this rank as JSON to
+OUT_DIR/rank<r>.json (a file per rank: torchrun interleaves the ranks' stdout)."""
 import json
 import os
 import sys
@@ -31,4 +32,5 @@ try:
     agreed_meta(sys.argv[1])
 except CheckpointError as e:
     out["agreed_meta"] = str(e)
-print("RESULT " + json.dumps(out), flush=True)
+with open(os.path.join(sys.argv[2], f"rank{RANK}.json"), "w") as f:
+    json.dump(out, f)

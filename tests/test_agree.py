@@ -14,9 +14,9 @@ def test_decisions_and_errors_are_agreed(tmp_path):
 
     tiny_checkpoint(tmp_path)
     # rank 0 sees the save directory, rank 1 does not (as a node without the shared filesystem)
-    r = torchrun(2, ["tests/agree_worker.py", str(tmp_path / "ck")], timeout=180)
+    r = torchrun(2, ["tests/agree_worker.py", str(tmp_path / "ck"), str(tmp_path)], timeout=180)
     assert r.returncode == 0, r.stderr[-3000:]
-    outs = {o["rank"]: o for o in (json.loads(x[7:]) for x in r.stdout.splitlines() if x.startswith("RESULT "))}
+    outs = {o["rank"]: o for o in (json.loads((tmp_path / f"rank{k}.json").read_text()) for k in (0, 1))}
     assert sorted(outs) == [0, 1], r.stdout
     for o in outs.values():
         assert o["on_rank0"] == "seen by rank 0"
