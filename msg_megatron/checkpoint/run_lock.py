@@ -31,6 +31,7 @@ import time
 import uuid
 from typing import Optional
 
+from ..parallel.agree import first_error
 from .dist import CheckpointError
 
 LOCK = ".msg-run.lock"
@@ -202,10 +203,7 @@ def hold_save_dir(save_dir: str, prog: str, log=None) -> Optional[RunLock]:
                 probe_writable(save_dir, rank)
         except SaveTargetError as e:
             err = str(e)
-        if world > 1:
-            errs = [None] * world
-            dist.all_gather_object(errs, err)
-            err = next((e for e in errs if e), None)
+        err = first_error(err)
     if err:
         if lock is not None:
             lock.release()

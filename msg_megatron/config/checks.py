@@ -80,15 +80,21 @@ def _validate_ranges(cfg: Config) -> None:
             raise ConfigError(f"config field `{path}` is {v!r}; it must be {need}: {what}.")
 
 
+def check_bert(m) -> None:
+    """model.family=bert needs BERT's LayerNorm, learned positions and tied decoder (the config
+    check, and MaskedGPT for a ModelConfig built directly)."""
+    if m.family == "bert" and (m.norm, m.position_embedding, m.tie_embeddings) != ("layernorm", "learned", True):
+        raise ConfigError("model.family=bert is BERT's encoder: set model.norm=layernorm, "
+                          "model.position_embedding=learned and model.tie_embeddings=true (the MLM decoder is the "
+                          f"word embedding); got {m.norm}, {m.position_embedding}, tie_embeddings={m.tie_embeddings}")
+
+
 def validate(cfg: Config) -> None:
     """Reject bad configs before any compute, naming the field and the fix."""
     m, g, t, p = cfg.model, cfg.growth, cfg.train, cfg.parallel
     _validate_ranges(cfg)
     _choice(m.family, ["gpt", "bert"], "model.family")
-    if m.family == "bert" and (m.norm, m.position_embedding, m.tie_embeddings) != ("layernorm", "learned", True):
-        raise ConfigError("model.family=bert is BERT's encoder: set model.norm=layernorm, "
-                          "model.position_embedding=learned and model.tie_embeddings=true (the MLM decoder is the "
-                          f"word embedding); got {m.norm}, {m.position_embedding}, tie_embeddings={m.tie_embeddings}")
+    check_bert(m)
     _choice(m.norm, ["layernorm", "rmsnorm"], "model.norm")
     _choice(m.activation, ["gelu", "swiglu"], "model.activation")
     _choice(m.position_embedding, ["learned", "rope"], "model.position_embedding")

@@ -24,7 +24,8 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from torch import nn
 
-from ..config import ConfigError, ModelConfig, Shape
+from ..config import ModelConfig, Shape
+from ..config.checks import check_bert
 from ..ops import fused
 from ..parallel.setup import device, sequence_parallel
 from . import recompute
@@ -144,11 +145,7 @@ class MaskedGPT(MegatronModule):
         self.local_layers = len(self.global_layers)
         self.vocab_padded = padded_vocab_size(mcfg)
         self.bert = mcfg.family == "bert"  # a bidirectional post-LN encoder with BERT's MLM head
-        if self.bert and (mcfg.norm, mcfg.position_embedding, mcfg.tie_embeddings) != ("layernorm", "learned", True):
-            raise ConfigError("model.family=bert is BERT's encoder: it needs model.norm=layernorm, "
-                              "model.position_embedding=learned and model.tie_embeddings=true (the MLM decoder is "
-                              f"the word embedding); got {mcfg.norm}, {mcfg.position_embedding}, "
-                              f"tie_embeddings={mcfg.tie_embeddings}")
+        check_bert(mcfg)
         self.share_embeddings_and_output_weights = mcfg.tie_embeddings
         self.input_tensor = None
         self.model_type = ModelType.encoder_or_decoder  # read by megatron's pipeline schedules
@@ -186,7 +183,7 @@ class MaskedGPT(MegatronModule):
             self.output_layer = ColumnParallelLinear(
                 shape.hidden, self.vocab_padded, config=config, init_method=config.init_method, bias=self.bert,
                 gather_output=False, skip_weight_param_allocation=tied_here)
-            if self.bert:  # BERT's decoder bias (megatron's ColumnParallelLinear zero-initialises it)
+            if self.bert:  # the decoder bias: split by vocabulary rows, each rank's gradient complete (no SP sum)
                 self.output_layer.bias.sequence_parallel = False
             if mcfg.tie_embeddings and not tied_here:
                 self.output_layer.weight.shared = True  # a duplicate: not counted in norms/params
