@@ -41,9 +41,10 @@ def logits(model, tokens=TOKENS, types=TYPES, pad=PAD):
         return model(tokens, types=types, padding_mask=pad)
 
 
+@pytest.mark.parametrize("activation", ["gelu", "gelu_erf"])
 @pytest.mark.parametrize("init", ["normal", "zeros", "copy", huge_init])
-def test_all_dimensions_at_once(init):
-    model = build_model(bert_cfg(), OLD)
+def test_all_dimensions_at_once(init, activation):
+    model = build_model(bert_cfg(activation=activation), OLD)
     before = logits(model)
     grown, _ = grow_model(model, Shape(48, 96, 6, 5), step=3, init=init)
     assert grown.shape == Shape(48, 96, 6, 5)
@@ -153,3 +154,19 @@ def test_export_needs_berts_attention_shape():
 
     with pytest.raises(UnsupportedArchitecture, match="BertForMaskedLM needs heads x head_dim == hidden"):
         architecture(bert_cfg(), Shape(48, 96, 5, 2))
+
+
+def test_gelu_erf_is_the_exact_gelu_in_the_mlp_and_the_mlm_head():
+    """model.activation=gelu_erf (Google's BERT, transformers' `gelu`) is F.gelu without the tanh
+    approximation in both places a BERT applies a GELU; `gelu` is the tanh form (GPT-2's)."""
+    import torch.nn.functional as F
+
+    model = build_model(bert_cfg(activation="gelu_erf"), OLD).eval()
+    x = torch.randn(5, 1, OLD.hidden) * 3
+    assert torch.equal(model.lm_head(x), model.lm_head.norm(F.gelu(model.lm_head.dense(x))))
+    mlp = model.layers[0].mlp
+    h = F.linear(x, mlp.linear_fc1.weight, mlp.linear_fc1.bias)
+    want = F.linear(F.gelu(h), mlp.linear_fc2.weight, mlp.linear_fc2.bias)
+    torch.testing.assert_close(mlp(x), want, rtol=0, atol=1e-6)
+    tanh = build_model(bert_cfg(), OLD).eval()
+    assert not torch.equal(tanh.lm_head(x), tanh.lm_head.norm(F.gelu(tanh.lm_head.dense(x))))

@@ -220,8 +220,8 @@ def test_unsupported_architectures_are_named():
              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 3}
     with pytest.raises(UnsupportedArchitecture, match="num_attention_heads=4 is not a multiple of num_key_value_heads=3"):
         model_config_from_hf(llama)  # (grouped-query attention itself imports: tests/test_gqa.py)
-    with pytest.raises(UnsupportedArchitecture, match="model_type `bert`"):
-        model_config_from_hf({"model_type": "bert"})
+    with pytest.raises(UnsupportedArchitecture, match="model_type `t5` is not supported"):
+        model_config_from_hf({"model_type": "t5"})
 
 
 def test_exports_and_prepared_data_follow_the_umask(grown, tiny_data):

@@ -96,7 +96,7 @@ def validate(cfg: Config) -> None:
     _choice(m.family, ["gpt", "bert"], "model.family")
     check_bert(m)
     _choice(m.norm, ["layernorm", "rmsnorm"], "model.norm")
-    _choice(m.activation, ["gelu", "swiglu"], "model.activation")
+    _choice(m.activation, ["gelu", "gelu_erf", "swiglu"], "model.activation")
     _choice(m.position_embedding, ["learned", "rope"], "model.position_embedding")
     _choice(g.operator, ["msg", "nomask", "net2net"], "growth.operator")
     _choice(g.init, ["normal", "zeros", "copy"], "growth.init")

@@ -69,7 +69,8 @@ class ModelConfig:
     norm_epsilon: float = 1e-5
     """Epsilon of every norm."""
     activation: str = "gelu"
-    """`gelu` (tanh approximation, as GPT-2) or `swiglu`."""
+    """`gelu` (tanh approximation, as GPT-2), `gelu_erf` (the exact erf GELU, as Google's BERT and
+    megatron's default: what `msg-import-hf` gives a BERT with hidden_act=gelu) or `swiglu`."""
     position_embedding: str = "learned"
     """`learned` absolute positions or `rope`."""
     rotary_base: int = 10000

@@ -3,8 +3,8 @@
 Reads a checkpoint of any TP/PP layout one layer at a time (the canonical unit order restored from
 the saved unit ids), writes sharded safetensors, config.json, generation_config.json and the
 tokenizer (tokenizer.json for AutoTokenizer + the sentencepiece model). The folder loads with
-`AutoModelForCausalLM.from_pretrained(DIR)` and `AutoTokenizer.from_pretrained(DIR)`, no custom
-code. A checkpoint whose masks are still ramping is refused: exporting it would change the function.
+`AutoModelForCausalLM.from_pretrained(DIR)` (a BERT, model.family=bert: `AutoModelForMaskedLM`, with
+its WordPiece tokenizer.json) and `AutoTokenizer.from_pretrained(DIR)`, no custom code. A checkpoint whose masks are still ramping is refused: exporting it would change the function.
 The folder is written under DIR.tmp-* and renamed when complete, so a killed export leaves no
 folder that looks finished.
 """
@@ -25,7 +25,7 @@ from ..data.tokenizer import find_tokenizer
 from ..model.gpt import padded_vocab_size
 from ..model.params import outer_rows
 from ..permissions import honour_umask
-from .layout import architecture, dims, hf_config, to_hf
+from .layout import BERT, architecture, dims, hf_config, to_hf
 from .tokenizer import special_ids, write_tokenizer
 
 DTYPES = {"fp32": (torch.float32, "float32"), "bf16": (torch.bfloat16, "bfloat16"), "fp16": (torch.float16, "float16")}
@@ -122,15 +122,16 @@ def export(load: str, out: str, dtype: str = "fp32", max_shard_size: int = 5 << 
             writer.add(cast(to_hf(arch, layer, d, layer=i)))
         files = writer.finish()
         tok = find_tokenizer(reader.path)
-        ids = special_ids(tok) if tok else {"bos": 1, "eos": 2}
-        config = hf_config(arch, mcfg, shape, padded_vocab_size(mcfg), dtype_name, ids["bos"], ids["eos"])
+        ids = special_ids(tok) if tok else {"bos": 1, "eos": 2, "pad": 0}
+        config = hf_config(arch, mcfg, shape, padded_vocab_size(mcfg), dtype_name, ids["bos"], ids["eos"], ids["pad"])
         # how to get back (msg-import-hf reads it: the exact model config, the vocabulary before padding)
         config["msg_megatron"] = {"model": reader.meta["config"]["model"], "shape": list(shape.as_tuple()),
                                   "step": reader.step, "version": reader.meta.get("version")}
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config, f, indent=1)
-        with open(os.path.join(tmp, "generation_config.json"), "w") as f:
-            json.dump({"bos_token_id": ids["bos"], "eos_token_id": ids["eos"]}, f, indent=1)
+        if arch != BERT:  # (an encoder does not generate)
+            with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+                json.dump({"bos_token_id": ids["bos"], "eos_token_id": ids["eos"]}, f, indent=1)
         if tok:
             write_tokenizer(tok, tmp, mcfg.seq_length)
         else:

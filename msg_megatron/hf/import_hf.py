@@ -1,7 +1,9 @@
 """msg-import-hf --hf DIR --save CKPT [--tensor T --pipeline P]: a local `transformers` model as a checkpoint.
 
 Supported: LlamaForCausalLM (multi-head or grouped-query attention: num_key_value_heads becomes
-model.num_query_groups; default RoPE, SiLU) and GPT2LMHeadModel (tanh GELU), stored as safetensors. Every rank reads only
+model.num_query_groups; default RoPE, SiLU), GPT2LMHeadModel (tanh or erf GELU) and BERT
+(BertForMaskedLM or BertForPreTraining: the encoder and MLM head, model.family=bert; the pooler and
+next-sentence head are not read), stored as safetensors. Every rank reads only
 the tensors its shards need, one at a time from the memory-mapped files, so under torchrun with
 T x P processes no rank holds more than its shards plus one full tensor. Run in one process, the
 model is built unsharded: a dist checkpoint reloads under any layout, and --tensor/--pipeline are
@@ -32,7 +34,7 @@ from ..model.masks import tp_rank_size
 from ..model.tp_layout import tp_shard
 from ..parallel import initialize_parallel, is_logging_rank
 from ..training.host_memory import local_params, require_host_memory
-from .layout import GPT2, LLAMA, UnsupportedArchitecture, check_absent_are_zero, dims, from_hf
+from .layout import BERT, GPT2, LLAMA, UnsupportedArchitecture, check_absent_are_zero, dims, from_hf
 
 
 class HFWeights:
@@ -60,8 +62,9 @@ class HFWeights:
         self.folder = folder
 
     def __call__(self, name: str) -> torch.Tensor:
-        if name not in self.where and name.startswith("transformer."):
-            name = name[len("transformer."):]  # GPT-2 checkpoints saved from GPT2Model lack the prefix
+        for prefix in ("transformer.", "bert."):  # saved from GPT2Model / BertModel: no prefix
+            if name not in self.where and name.startswith(prefix):
+                name = name[len(prefix):]
         if name not in self.where:
             raise UnsupportedArchitecture(f"`{self.folder}` has no weight `{name}`")
         return self.where[name].get_tensor(name).to(torch.float32)
@@ -85,7 +88,7 @@ def model_config_from_hf(hf: dict, tokenizer_vocab=None, seq_length=None):
     if "msg_megatron" in hf:  # our own export: the exact config (vocabulary before padding, init std, ...)
         mine = hf["msg_megatron"]
         mcfg = ModelConfig(**mine["model"])
-        return (LLAMA if mtype == "llama" else GPT2), mcfg, Shape(*mine["shape"])
+        return {"llama": LLAMA, "bert": BERT}.get(mtype, GPT2), mcfg, Shape(*mine["shape"])
     if mtype == "llama":
         heads = hf["num_attention_heads"]
         kv = hf.get("num_key_value_heads") or heads
@@ -114,8 +117,9 @@ def model_config_from_hf(hf: dict, tokenizer_vocab=None, seq_length=None):
         arch = LLAMA
     elif mtype == "gpt2":
         act = hf.get("activation_function", "gelu_new")
-        if act not in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
-            raise UnsupportedArchitecture(f"activation_function={act}: only the tanh GELU (gelu_new) is supported")
+        if act not in TANH_GELU + ("gelu",):
+            raise UnsupportedArchitecture(f"activation_function={act}: only GELU (gelu_new: tanh; gelu: erf) is "
+                                          "supported")
         if hf.get("scale_attn_by_inverse_layer_idx") or not hf.get("scale_attn_weights", True):
             raise UnsupportedArchitecture("GPT-2 attention scaling other than 1/sqrt(head_dim) is not supported")
         hidden, heads = hf["n_embd"], hf["n_head"]
@@ -126,14 +130,47 @@ def model_config_from_hf(hf: dict, tokenizer_vocab=None, seq_length=None):
         fields = dict(norm="layernorm", activation="gelu", position_embedding="learned", seq_length=n_pos,
                       norm_epsilon=hf.get("layer_norm_epsilon", 1e-5), add_bias_linear=True,
                       tie_embeddings=bool(hf.get("tie_word_embeddings", True)), kv_channels=hidden // heads)
+        if act == "gelu":
+            fields["activation"] = "gelu_erf"
         arch = GPT2
+    elif mtype == "bert":
+        fields, shape = _bert_fields(hf, seq_length), Shape(hf["hidden_size"], hf["intermediate_size"],
+                                                            hf["num_attention_heads"], hf["num_hidden_layers"])
+        arch = BERT
     else:
         raise UnsupportedArchitecture(f"model_type `{mtype}` is not supported; msg-import-hf reads llama "
-                                      "(LlamaForCausalLM) and gpt2 (GPT2LMHeadModel)")
+                                      "(LlamaForCausalLM), gpt2 (GPT2LMHeadModel) and bert (BertForMaskedLM)")
     fields.update(_vocab_fields(hf["vocab_size"], tokenizer_vocab))
     mcfg = ModelConfig(hidden_size=shape.hidden, ffn_hidden_size=shape.ffn, num_attention_heads=shape.heads,
                        num_layers=shape.layers, init_method_std=hf.get("initializer_range", 0.02), **fields)
     return arch, mcfg, shape
+
+
+TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # transformers' names of the tanh form
+
+
+def _bert_fields(hf: dict, seq_length) -> dict:
+    """ModelConfig fields of a BERT config.json, or an error naming what has no counterpart."""
+    act = hf.get("hidden_act", "gelu")
+    if act not in TANH_GELU + ("gelu",):
+        raise UnsupportedArchitecture(f"hidden_act={act}: only GELU (gelu: erf; gelu_new: tanh) is supported")
+    if hf.get("position_embedding_type", "absolute") != "absolute":
+        raise UnsupportedArchitecture(f"position_embedding_type={hf['position_embedding_type']}: only absolute "
+                                      "(learned) positions are supported")
+    if hf.get("is_decoder") or hf.get("add_cross_attention"):
+        raise UnsupportedArchitecture("a BERT decoder (is_decoder / add_cross_attention) is not supported: "
+                                      "model.family=bert is the bidirectional encoder")
+    hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
+    if hidden % heads:
+        raise UnsupportedArchitecture(f"hidden_size={hidden} is not a multiple of num_attention_heads={heads}")
+    n_pos = hf.get("max_position_embeddings", 512)
+    if seq_length not in (None, n_pos):
+        raise UnsupportedArchitecture(f"this BERT has {n_pos} learned positions; --seq-length must be {n_pos} "
+                                      "(shorter samples are padded: data.seq_length need not be the maximum)")
+    return dict(family="bert", norm="layernorm", activation="gelu_erf" if act == "gelu" else "gelu",
+                position_embedding="learned", seq_length=n_pos, norm_epsilon=hf.get("layer_norm_eps", 1e-12),
+                add_bias_linear=True, tie_embeddings=True, kv_channels=hidden // heads,
+                type_vocab_size=hf.get("type_vocab_size", 2))
 
 
 def fill_model(model, arch: str, get) -> None:
@@ -213,14 +250,26 @@ def import_hf(folder: str, save: str, tensor: int = 1, pipeline: int = 1, seq_le
 
 @torch.no_grad()
 def _compare_logits(folder: str, model) -> float:
-    from transformers import AutoModelForCausalLM
+    """Max abs difference of the logits on random tokens (BERT: two segments, the second sample padded)."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
     model.eval()
-    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    bert = model.mcfg.family == "bert"
+    ref = (AutoModelForMaskedLM if bert else AutoModelForCausalLM).from_pretrained(folder, dtype=torch.float32)
     ref.eval()
     gen = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, model.mcfg.vocab_size, (2, min(model.mcfg.seq_length, 64)), generator=gen)
-    return float((model(tokens) - ref(tokens).logits).abs().max())
+    seq = min(model.mcfg.seq_length, 64)
+    tokens = torch.randint(0, model.mcfg.vocab_size, (2, seq), generator=gen)
+    if not bert:
+        return float((model(tokens) - ref(tokens).logits).abs().max())
+    types = torch.zeros_like(tokens)
+    types[:, seq // 2:] = 1
+    keep = torch.ones_like(tokens)
+    keep[1, 3 * seq // 4:] = 0
+    ours = model(tokens, types=types, padding_mask=keep)
+    theirs = ref(input_ids=tokens, token_type_ids=types, attention_mask=keep).logits
+    # (logits at padded positions are not a function either model promises: compare the real tokens)
+    return float((ours - theirs).abs()[keep.bool()].max())
 
 
 def _main(argv) -> int:

@@ -1,11 +1,15 @@
 """Our canonical tensors <-> Hugging Face `transformers` tensors, per architecture.
 
-Two families map without custom code:
+Three families map without custom code:
 - `llama` (LlamaForCausalLM): RMSNorm + SwiGLU + RoPE. MSG keeps the head dim fixed while hidden
   and heads grow, so `head_dim` is written explicitly (heads x head_dim need not equal hidden).
   Grouped-query attention is Llama's num_key_value_heads (= our query groups).
 - `gpt2` (GPT2LMHeadModel): LayerNorm + tanh-GELU + learned positions, heads x head_dim == hidden,
   multi-head attention only.
+- `bert` (BertForMaskedLM, model.family=bert): post-LN encoder with token types and the MLM head
+  (tied decoder + its bias); heads x head_dim == hidden, multi-head attention.
+GELU: our `gelu` is the tanh form (GPT-2's gelu_new, transformers' gelu_pytorch_tanh), `gelu_erf` the
+exact one (transformers' `gelu`, Google's BERT).
 
 The names and layout transforms of every tensor are rows of model/params.py (fused QKV per head
 [q_g..; k_g; v_g] per query group -> q/k/v or GPT-2's c_attn, SwiGLU's [gate; up], GPT-2's transposed Conv1D). The embedding keeps its padded rows: the HF vocabulary is the padded size,
@@ -29,18 +33,19 @@ class UnsupportedArchitecture(ValueError):
 
 
 def architecture(mcfg: ModelConfig, shape: Shape) -> str:
-    """`llama` or `gpt2`, or an error naming the flags that would make the model exportable."""
+    """`llama`, `gpt2` or `bert`, or an error naming the flags that would make the model exportable."""
     flags = (mcfg.norm, mcfg.activation, mcfg.position_embedding)
     if mcfg.family == "bert":
-        if shape.heads * mcfg.head_dim != shape.hidden or mcfg.heads_per_group != 1 or mcfg.activation != "gelu":
+        if (shape.heads * mcfg.head_dim != shape.hidden or mcfg.heads_per_group != 1
+                or mcfg.activation not in ("gelu", "gelu_erf")):
             raise UnsupportedArchitecture(
-                f"BertForMaskedLM needs heads x head_dim == hidden, multi-head attention and gelu, but this model has "
+                f"BertForMaskedLM needs heads x head_dim == hidden, multi-head attention and a GELU, but this model has "
                 f"{shape.heads} x {mcfg.head_dim} (hidden {shape.hidden}), {mcfg.groups(shape)} query groups, "
                 f"{mcfg.activation}; export a stage where heads x head_dim == hidden")
         return BERT
     if flags == ("rmsnorm", "swiglu", "rope"):
         return LLAMA
-    if flags == ("layernorm", "gelu", "learned"):
+    if flags in (("layernorm", "gelu", "learned"), ("layernorm", "gelu_erf", "learned")):
         if shape.heads * mcfg.head_dim != shape.hidden:
             raise UnsupportedArchitecture(
                 f"GPT-2 needs heads x head_dim == hidden, but this model has {shape.heads} x {mcfg.head_dim} != "
@@ -55,13 +60,14 @@ def architecture(mcfg: ModelConfig, shape: Shape) -> str:
     raise UnsupportedArchitecture(
         f"model.norm={mcfg.norm} model.activation={mcfg.activation} model.position_embedding="
         f"{mcfg.position_embedding} has no transformers architecture; exportable are "
-        "(rmsnorm, swiglu, rope) -> LlamaForCausalLM and (layernorm, gelu, learned) -> GPT2LMHeadModel")
+        "(rmsnorm, swiglu, rope) -> LlamaForCausalLM and (layernorm, gelu or gelu_erf, learned) -> GPT2LMHeadModel")
 
 
 def hf_config(arch: str, mcfg: ModelConfig, shape: Shape, vocab_padded: int, dtype: str, bos: Optional[int] = 1,
-              eos: Optional[int] = 2) -> dict:
-    """config.json contents (plain keys understood by transformers 4.4x and 5.x); `bos`, `eos`: the
-    tokenizer's ids (our sentencepiece models': 1 and 2)."""
+              eos: Optional[int] = 2, pad: Optional[int] = 0) -> dict:
+    """config.json contents (plain keys understood by transformers 4.4x and 5.x); `bos`, `eos`, `pad`:
+    the tokenizer's ids (our sentencepiece models': 1 and 2; BERT's WordPiece: [PAD] = 0)."""
+    gelu = {"gelu": "gelu_pytorch_tanh", "gelu_erf": "gelu"}.get(mcfg.activation)  # (transformers' names)
     common = {"vocab_size": vocab_padded, "tie_word_embeddings": mcfg.tie_embeddings, "torch_dtype": dtype,
               "dtype": dtype, "bos_token_id": bos, "eos_token_id": eos, "use_cache": True}
     if arch == LLAMA:
@@ -73,16 +79,16 @@ def hf_config(arch: str, mcfg: ModelConfig, shape: Shape, vocab_padded: int, dty
                     rope_parameters={"rope_type": "default", "rope_theta": float(mcfg.rotary_base)},
                     attention_bias=mcfg.add_bias_linear, mlp_bias=mcfg.add_bias_linear,
                     attention_dropout=0.0, initializer_range=mcfg.init_method_std, pretraining_tp=1)
-    if arch == BERT:  # (the tanh GELU of our MLP and MLM head: transformers' gelu_pytorch_tanh)
+    if arch == BERT:  # (our MLP's and MLM head's GELU)
         return dict(common, architectures=["BertForMaskedLM"], model_type="bert", hidden_size=shape.hidden,
                     intermediate_size=shape.ffn, num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
-                    hidden_act="gelu_pytorch_tanh", max_position_embeddings=mcfg.seq_length,
+                    hidden_act=gelu, max_position_embeddings=mcfg.seq_length,
                     type_vocab_size=mcfg.type_vocab_size, layer_norm_eps=mcfg.norm_epsilon,
                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, position_embedding_type="absolute",
-                    initializer_range=mcfg.init_method_std, pad_token_id=0, is_decoder=False, use_cache=False)
+                    initializer_range=mcfg.init_method_std, pad_token_id=pad, is_decoder=False, use_cache=False)
     return dict(common, architectures=["GPT2LMHeadModel"], model_type="gpt2", n_embd=shape.hidden,
                 n_inner=shape.ffn, n_layer=shape.layers, n_head=shape.heads, n_positions=mcfg.seq_length,
-                n_ctx=mcfg.seq_length, activation_function="gelu_new", layer_norm_epsilon=mcfg.norm_epsilon,
+                n_ctx=mcfg.seq_length, activation_function="gelu_new" if gelu == "gelu_pytorch_tanh" else "gelu", layer_norm_epsilon=mcfg.norm_epsilon,
                 resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, scale_attn_weights=True,
                 initializer_range=mcfg.init_method_std)
 

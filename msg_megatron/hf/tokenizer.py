@@ -76,8 +76,9 @@ def write_hf_tokenizer(path: str, out_dir: str, model_max_length: int) -> None:
     if os.path.isfile(tok.config_path):
         with open(tok.config_path, encoding="utf-8") as f:
             config = json.load(f)
-    special = {k: tok.token_name(v) for k, v in (("bos_token", tok.bos), ("eos_token", tok.eod), ("pad_token", tok.pad))
-               if v is not None}
+    special = {k: tok.token_name(v) for k, v in (("bos_token", tok.bos), ("eos_token", tok.eod), ("pad_token", tok.pad),
+                                                 ("cls_token", tok.cls), ("sep_token", tok.sep),
+                                                 ("mask_token", tok.mask)) if v is not None}
     config.update(special, model_max_length=model_max_length)
     config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
     config.setdefault("clean_up_tokenization_spaces", False)

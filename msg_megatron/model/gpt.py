@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from functools import partial
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -102,6 +103,8 @@ def transformer_config(mcfg: ModelConfig, shape: Shape, perform_init: bool = Tru
         num_attention_heads=shape.heads, kv_channels=mcfg.head_dim, num_query_groups=mcfg.groups(shape),
         normalization="RMSNorm" if mcfg.norm == "rmsnorm" else "LayerNorm",
         layernorm_epsilon=mcfg.norm_epsilon, gated_linear_unit=mcfg.activation == "swiglu",
+        # (read by our MLP and MLM head, which apply it with the FFN mask: ops/fused.py)
+        activation_func=F.gelu if mcfg.activation == "gelu_erf" else partial(F.gelu, approximate="tanh"),
         add_bias_linear=mcfg.add_bias_linear, init_method_std=std,
         init_method=lambda w: nn.init.normal_(w, 0.0, std),
         # GPT-2 style scaled init of the residual-output projections (megatron's default)
@@ -374,9 +377,10 @@ class MLMHead(nn.Module):
             nn.init.zeros_(self.dense.bias)
         _mark_sequence_parallel(self.dense, config)  # (it runs on this rank's tokens under SP)
         self.norm = MaskedLayerNorm(config, hidden, eps)
+        self.exact_gelu = config.activation_func is F.gelu  # model.activation=gelu_erf
 
     def forward(self, x: torch.Tensor, hidden_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return self.norm(F.gelu(self.dense(x), approximate="tanh"), hidden_mask)
+        return self.norm(fused.gelu(self.dense(x), self.exact_gelu), hidden_mask)
 
 
 def _mark_tensor_parallel_weights(model: nn.Module) -> None:

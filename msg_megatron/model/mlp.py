@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from typing import Union
 
 import torch
+import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
@@ -51,6 +52,7 @@ class MaskedMLP(MegatronModule):
     def __init__(self, config, submodules: MaskedMLPSubmodules, layer_number: int = 1):
         super().__init__(config=config)
         self.gated = config.gated_linear_unit
+        self.exact_gelu = config.activation_func is F.gelu  # model.activation=gelu_erf (model/gpt.py)
         ffn = config.ffn_hidden_size
         rank, tp = tp_rank_size()
         fc1_init = _gated_master_init(config.init_method, ffn, tp) if self.gated else config.init_method
@@ -84,6 +86,6 @@ class MaskedMLP(MegatronModule):
         ffn_mask = self.mask_ffn.output()  # eq. 12: new neurons' outputs are masked to 0
         if ffn_mask is not None:
             ffn_mask = ffn_mask.to(h.dtype)
-        h = fused.swiglu_masked(h, ffn_mask) if self.gated else fused.gelu_masked(h, ffn_mask)
+        h = fused.swiglu_masked(h, ffn_mask) if self.gated else fused.gelu_masked(h, ffn_mask, self.exact_gelu)
         out, _ = self.linear_fc2(h)
         return out

@@ -68,6 +68,11 @@ def _gelu_masked(h, mask: Optional[torch.Tensor]):
     return out if mask is None else out * mask
 
 
+def _gelu_erf_masked(h, mask: Optional[torch.Tensor]):
+    out = F.gelu(h)
+    return out if mask is None else out * mask
+
+
 _compiled = {}
 
 
@@ -103,8 +108,13 @@ def swiglu_masked(h: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor
     return _call(_swiglu_masked, h, mask)
 
 
-def gelu_masked(h: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-    return _call(_gelu_masked, h, mask)
+def gelu_masked(h: torch.Tensor, mask: Optional[torch.Tensor], exact: bool = False) -> torch.Tensor:
+    """GELU (tanh approximation; `exact`: the erf form), then the FFN mask (eq. 12)."""
+    return _call(_gelu_erf_masked if exact else _gelu_masked, h, mask)
+
+
+def gelu(h: torch.Tensor, exact: bool = False) -> torch.Tensor:
+    return gelu_masked(h, None, exact)
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

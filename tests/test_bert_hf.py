@@ -1,0 +1,159 @@
+"""BERT (model.family=bert) to and from Hugging Face `transformers`, checked against transformers itself.
+
+- A BERT grown in every dimension at TP=2 and trained past the end of its ramp exports to a folder
+  that AutoModelForMaskedLM loads with no custom code: its MLM logits equal ours (loaded on one
+  process) within 1e-4 absolute (observed ~1e-6: fp32 reduction order), token types and padding
+  included; AutoTokenizer loads the WordPiece tokenizer.json and gives our ids with [CLS]/[SEP].
+- import -> export is bit-identical.
+- BertForMaskedLM and BertForPreTraining folders written by transformers (erf GELU, Google's
+  hidden_act=gelu; and the tanh form) import (the first under TP=2 x PP=2) and export back to the
+  same tensors bitwise; imported on one process, their logits equal transformers' within 1e-5.
+"""
+import json
+
+import pytest
+import torch
+
+from conftest import run_cli
+from test_bert_train import BERT
+from test_hf import _assert_same_tensors, _our_model, _quiet
+from test_parallel import torchrun
+
+pytestmark = pytest.mark.slow
+
+transformers = pytest.importorskip("transformers")
+
+# grown in every dimension by step 8, ramp over by step 11, saved at step 12 (masks at 1)
+RUN = [a for a in BERT if not a.startswith(("growth.stages=", "train.steps=", "train.save_interval=",
+                                            "train.eval_interval="))] + [
+    "train.steps=12", "train.save_interval=12", "train.eval_interval=0", "growth.ramp_steps=3",
+    "growth.stages=[{step: 0, shape: [32, 64, 2, 2]}, {step: 8, shape: [64, 128, 4, 3]}]"]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, cache_dir):
+    tmp = tmp_path_factory.mktemp("bert-hf")
+    r = torchrun(2, ["-m", "msg_megatron.pretrain", *RUN, "parallel.tensor=2", f"logging.run_dir={tmp}/run",
+                     f"checkpoint.save={tmp}/ck"], timeout=500)
+    assert r.returncode == 0, _quiet(r.stderr)
+    r = run_cli(["msg_megatron.hf.export", "--load", str(tmp / "ck"), "--out", str(tmp / "hf"), "--json"])
+    assert r.returncode == 0, _quiet(r.stderr)
+    return tmp, json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _inputs(vocab: int, seq: int, seed: int = 1):
+    tokens = torch.randint(5, vocab, (3, seq), generator=torch.Generator().manual_seed(seed))
+    types = torch.zeros_like(tokens)
+    types[:, seq // 2:] = 1
+    keep = torch.ones_like(tokens)
+    keep[1, seq - 9:] = 0  # the second sample is shorter: its last 9 positions are padding
+    tokens[1, seq - 9:] = 0
+    return tokens, types, keep
+
+
+@pytest.mark.timeout(900)
+def test_exported_bert_has_our_mlm_logits(exported):
+    tmp, res = exported
+    assert res["architecture"] == "BertForMaskedLM" and res["shape"] == [64, 128, 4, 3] and res["tokenizer"]
+    model, cfg = _our_model(tmp / "ck")
+    hf = transformers.AutoModelForMaskedLM.from_pretrained(str(tmp / "hf"), dtype=torch.float32).eval()
+    assert type(hf).__name__ == "BertForMaskedLM"
+    tokens, types, keep = _inputs(cfg.model.vocab_size, cfg.model.seq_length)
+    with torch.no_grad():
+        ours = model(tokens, types=types, padding_mask=keep)
+        theirs = hf(input_ids=tokens, token_type_ids=types, attention_mask=keep).logits
+    assert ours.shape == theirs.shape and ours.abs().max() > 0.5  # a trained model, not zeros
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
+    conf = json.load(open(tmp / "hf" / "config.json"))
+    assert conf["hidden_act"] == "gelu_pytorch_tanh" and conf["pad_token_id"] == 0
+    assert not (tmp / "hf" / "generation_config.json").exists()
+
+
+@pytest.mark.timeout(900)
+def test_exported_wordpiece_tokenizer_loads_in_auto_tokenizer(exported):
+    from msg_megatron.data.mlm_data import MLMTokenizer
+
+    tmp, _ = exported
+    ours = MLMTokenizer(str(tmp / "hf" / "tokenizer.json"))
+    tok = transformers.AutoTokenizer.from_pretrained(str(tmp / "hf"))
+    assert (tok.cls_token_id, tok.sep_token_id, tok.mask_token_id, tok.pad_token_id) == \
+        (ours.cls, ours.sep, ours.mask, ours.pad)
+    a, b = "The quick brown fox jumps over the lazy dog.", "It was not amused, and said so."
+    assert tok(a).input_ids == [ours.cls] + ours.hf.encode(a) + [ours.sep]
+    pair = tok(a, b)
+    assert pair.input_ids == [ours.cls] + ours.hf.encode(a) + [ours.sep] + ours.hf.encode(b) + [ours.sep]
+    assert pair.token_type_ids == [0] * (len(ours.hf.encode(a)) + 2) + [1] * (len(ours.hf.encode(b)) + 1)
+
+
+@pytest.mark.timeout(900)
+def test_bert_import_then_export_is_bit_identical(exported, tmp_path):
+    tmp, _ = exported
+    r = run_cli(["msg_megatron.hf.import_hf", "--hf", str(tmp / "hf"), "--save", str(tmp_path / "ck"), "--json"])
+    assert r.returncode == 0, _quiet(r.stderr)
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["architecture"] == "BertForMaskedLM" and res["max_abs_logit_diff"] <= 1e-4
+    r = run_cli(["msg_megatron.hf.export", "--load", str(tmp_path / "ck"), "--out", str(tmp_path / "hf")])
+    assert r.returncode == 0, _quiet(r.stderr)
+    _assert_same_tensors(tmp / "hf", tmp_path / "hf")
+    a, b = (json.load(open(d / "config.json")) for d in (tmp / "hf", tmp_path / "hf"))
+    a["msg_megatron"].pop("step"), b["msg_megatron"].pop("step")
+    assert a == b
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("head, act", [("BertForMaskedLM", "gelu"), ("BertForPreTraining", "gelu_new")])
+def test_transformers_bert_imports_sharded_and_round_trips(tmp_path, head, act):
+    """A BERT written by transformers (no msg-megatron metadata) imports (under TP=2 x PP=2) and exports
+    back to the same encoder and MLM tensors; on one process its logits equal transformers' (1e-5).
+    BertForPreTraining's pooler and next-sentence head are not part of a masked LM: not imported."""
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=200, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=64, hidden_act=act, type_vocab_size=3)
+    model = getattr(transformers, head)(cfg)
+    with torch.no_grad():  # norms and biases away from their init (1 and 0), so a swapped name shows
+        for name, p in model.named_parameters():
+            if "LayerNorm" in name or name.endswith("bias"):
+                p.add_(torch.randn(p.shape) * 0.1)
+    model.save_pretrained(str(tmp_path / "src"))
+    if head == "BertForMaskedLM":  # (the sharded read once: the other head reads the same tensors)
+        r = torchrun(4, ["-m", "msg_megatron.hf.import_hf", "--hf", str(tmp_path / "src"), "--save",
+                         str(tmp_path / "ck4"), "--tensor", "2", "--pipeline", "2", "--json"])
+    else:
+        r = run_cli(["msg_megatron.hf.import_hf", "--hf", str(tmp_path / "src"), "--save", str(tmp_path / "ck4"),
+                     "--no-verify"])
+    assert r.returncode == 0, _quiet(r.stderr)
+    r = run_cli(["msg_megatron.hf.export", "--load", str(tmp_path / "ck4"), "--out", str(tmp_path / "back")])
+    assert r.returncode == 0, _quiet(r.stderr)
+    if head == "BertForMaskedLM":
+        _assert_same_tensors(tmp_path / "src", tmp_path / "back")
+    else:
+        from safetensors.torch import load_file
+
+        src, back = load_file(tmp_path / "src" / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
+        assert sorted(back) == sorted(k for k in src if "pooler" not in k and "seq_relationship" not in k)
+        assert all(torch.equal(src[k], back[k]) for k in back)
+    back = json.load(open(tmp_path / "back" / "config.json"))
+    assert back["hidden_act"] == {"gelu": "gelu", "gelu_new": "gelu_pytorch_tanh"}[act]
+    assert back["type_vocab_size"] == 3 and back["layer_norm_eps"] == 1e-12
+    r = run_cli(["msg_megatron.hf.import_hf", "--hf", str(tmp_path / "src"), "--save", str(tmp_path / "ck1"), "--json"])
+    assert r.returncode == 0, _quiet(r.stderr)
+    assert json.loads(r.stdout.strip().splitlines()[-1])["max_abs_logit_diff"] <= 1e-5
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"hidden_act": "relu"}, "hidden_act=relu: only GELU"),
+    ({"position_embedding_type": "relative_key"}, "position_embedding_type=relative_key"),
+    ({"is_decoder": True}, "a BERT decoder"),
+    ({"num_attention_heads": 5}, "not a multiple of num_attention_heads=5"),
+])
+def test_bert_configs_without_a_counterpart_are_named(change, words):
+    from msg_megatron.hf.import_hf import model_config_from_hf
+    from msg_megatron.hf.layout import UnsupportedArchitecture
+
+    conf = dict({"model_type": "bert", "vocab_size": 100, "hidden_size": 32, "intermediate_size": 64,
+                 "num_hidden_layers": 2, "num_attention_heads": 4}, **change)
+    with pytest.raises(UnsupportedArchitecture, match=words):
+        model_config_from_hf(conf)
+    with pytest.raises(UnsupportedArchitecture, match="--seq-length must be 512"):
+        model_config_from_hf(dict(conf, **{"hidden_act": "gelu", "num_attention_heads": 4, "is_decoder": False,
+                                           "position_embedding_type": "absolute"}), seq_length=128)
