@@ -77,7 +77,7 @@ def plan(cfg: Config, mfu: float, gpu: str, distributed_optimizer: bool = True) 
     cap = GPU_MEMORY_GIB.get(gpu)
     over = [f"stage {st['stage']}: {ph} needs {v:.1f} GiB per GPU, more than the {gpu}'s {cap} GiB"
             for st in stages for ph, v in st["phase_peak_gib"].items() if cap and v > cap]
-    return {"gpu": gpu, "gpu_memory_gib": cap, "over_memory": over,
+    return {"gpu": gpu, "gpu_memory_gib": cap, "over_memory": over, "family": cfg.model.family,
             "sequence_parallel": cfg.parallel.sequence_parallel, "recompute": cfg.train.recompute,
             "peak_tflops": peak, "mfu": mfu, "distributed_optimizer": distributed_optimizer,
             "stages": stages, "tokens": tokens, "flops": total, "gpu_hours": sum(s["gpu_hours"] for s in stages),
@@ -137,9 +137,10 @@ def table(res: dict) -> str:
         p = s["phase_peak_gib"]
         grow = f"{p['grow']:.1f} ({s['growth']})" if "grow" in p else "-"
         lines.append(f"| {s['stage']} | {p['train']:.1f} | {p['save']:.1f} | {p['load']:.1f} | {grow} |")
-    lines.append("\ninference KV cache per sequence of model.seq_length tokens (bf16): " + ", ".join(
-        f"stage {s['stage']} {s['kv_cache_gib_per_sequence']:.2f} GiB ({s['query_groups']} key/value heads)"
-        for s in res["stages"]))
+    if res.get("family") != "bert":  # (an encoder keeps no KV cache)
+        lines.append("\ninference KV cache per sequence of model.seq_length tokens (bf16): " + ", ".join(
+            f"stage {s['stage']} {s['kv_cache_gib_per_sequence']:.2f} GiB ({s['query_groups']} key/value heads)"
+            for s in res["stages"]))
     for msg in res["over_memory"]:
         lines.append(f"WARNING {msg}: raise tensor/pipeline parallelism or parallel.gpus for that stage, use "
                      "parallel.distributed_optimizer=true, lower train.micro_batch_size, or recompute activations "

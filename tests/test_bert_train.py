@@ -65,7 +65,7 @@ def test_bert_pretrains_grows_evaluates_and_grows_offline(tmp_path, cache_dir):
 
 
 @pytest.mark.parametrize("over, words", [
-    (["data.corpus=synthetic"], "model.family=bert trains on sentence pairs from a prepared corpus of sentences"),
+    (["data.corpus=synthetic"], "model.family=bert trains on sentence pairs from a corpus of sentences"),
     (["model.norm=rmsnorm"], "model.family=bert is BERT's encoder: set model.norm=layernorm"),
 ])
 def test_bert_bad_inputs_are_refused_before_any_work(tmp_path, over, words):

@@ -95,6 +95,10 @@ def validate(cfg: Config) -> None:
     _validate_ranges(cfg)
     _choice(m.family, ["gpt", "bert"], "model.family")
     check_bert(m)
+    if m.family == "bert" and cfg.data.corpus == "synthetic" and not cfg.data.paths:
+        raise ConfigError("model.family=bert trains on sentence pairs from a corpus of sentences; data.corpus=synthetic "
+                          "is GPT's (random tokens have none); use data.corpus=embedded, a directory "
+                          "`msg-preprocess --sentences --output` wrote, or data.paths (`--sentences --output-prefix`)")
     _choice(m.norm, ["layernorm", "rmsnorm"], "model.norm")
     _choice(m.activation, ["gelu", "gelu_erf", "swiglu"], "model.activation")
     _choice(m.position_embedding, ["learned", "rope"], "model.position_embedding")

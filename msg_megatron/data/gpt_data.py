@@ -83,6 +83,22 @@ class _IndexCache:
         return out
 
 
+def split_range(n: int, fractions: Optional[List[float]], which) -> Tuple[int, int]:
+    """Documents [beg, end) of split `which` (megatron's Split) under data.split `fractions` with
+    megatron's rounding (blended_megatron_dataset_builder); None: the whole file."""
+    if not fractions:
+        return 0, n
+    lo = sum(fractions[:which.value])
+    return int(round(lo * n)), int(round((lo + fractions[which.value]) * n))
+
+
+def split_key(fractions: Optional[List[float]], split: str) -> str:
+    """The split string megatron's cache key holds (a whole file as its split: the key says which;
+    the document range is what counts)."""
+    return (",".join(f"{f:.6g}" for f in fractions) if fractions
+            else "1,0,0" if split == "train" else "0,1,0")
+
+
 def _config(cfg, cache: str, tok: _DatasetTokenizer, seed: int, prefix: str, split: str):
     """megatron's dataset config for one prefix; `split` (train,valid,test) is part of the cache key."""
     from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
@@ -102,20 +118,11 @@ class Corpus:
         from megatron.core.datasets.utils import Split
 
         self.prefix, self.split, self.cfg, self.cache, self.tok = os.path.realpath(prefix), split, cfg, cache, tok
-        # (a whole file as its split: the key says which; the document range below is what counts)
-        self.split_key = (",".join(f"{f:.6g}" for f in fractions) if fractions
-                          else "1,0,0" if split == "train" else "0,1,0")
+        self.split_key = split_key(fractions, split)
         conf = _config(cfg, cache.path, tok, cfg.train.seed, self.prefix, self.split_key)
         self.low = GPTDataset.build_low_level_dataset(self.prefix, conf)  # the IndexedDataset, memory-mapped
-        n = self.low.sequence_lengths.shape[0]
-        which = {"train": Split.train, "valid": Split.valid}[split]
-        if fractions:  # megatron's rounding of a split (blended_megatron_dataset_builder)
-            lo = sum(fractions[:which.value])
-            beg, end = int(round(lo * n)), int(round((lo + fractions[which.value]) * n))
-        else:
-            beg, end = 0, n
-        self.documents = (beg, end)
-        self.which = which
+        self.which = {"train": Split.train, "valid": Split.valid}[split]
+        self.documents = split_range(self.low.sequence_lengths.shape[0], fractions, self.which)
         self.epochs: list = []
         self.ensure(1)
         self.n = len(self.epochs[0])
@@ -196,10 +203,12 @@ def _counts(index, n: int, chunk: int = 1 << 22) -> List[int]:
 
 class Samples:
     """Global sample numbers -> token windows [seq_length + 1] over segments (the trainer's interface:
-    `batch`, `sequential`, `num_samples`)."""
+    `batch`, `sequential`, `num_samples`); `masked` (BERT): masked-LM samples [5, seq_length]
+    (mlm_data.FIELDS)."""
 
-    def __init__(self, segments: List[Tuple[int, Segment]], seq_length: int, num_samples: int):
-        self.segments, self.seq_length, self.num_samples = segments, seq_length, num_samples
+    def __init__(self, segments: List[Tuple[int, Segment]], seq_length: int, num_samples: int,
+                 masked: bool = False):
+        self.segments, self.seq_length, self.num_samples, self.masked = segments, seq_length, num_samples, masked
         self._firsts = [first for first, _ in segments]
 
     def locate(self, sample: int) -> Tuple[int, int]:
@@ -215,7 +224,8 @@ class Samples:
         return self.segments[k][1][i]  # (int64 already: megatron's tokens)
 
     def batch(self, first_sample: int, size: int) -> torch.Tensor:
-        """Samples first_sample .. first_sample+size-1 as a [size, seq_length + 1] tensor."""
+        """Samples first_sample .. first_sample+size-1 as a [size, seq_length + 1] tensor (masked:
+        [size, 5, seq_length])."""
         return torch.from_numpy(np.stack([self.window(first_sample + k) for k in range(size)]))
 
     def describe(self) -> str:
@@ -224,7 +234,8 @@ class Samples:
         for _, seg in self.segments:
             for c in seg.corpora:
                 epochs[c.prefix] = len(c.epochs)
-        return (f"{self.num_samples:,} samples of {self.seq_length + 1} tokens in {len(self.segments)} segment(s); "
+        what = f"masked-LM samples of {self.seq_length}" if self.masked else f"samples of {self.seq_length + 1}"
+        return (f"{self.num_samples:,} {what} tokens in {len(self.segments)} segment(s); "
                 + ", ".join(f"{os.path.basename(p)}: {e} epoch(s)" for p, e in epochs.items()))
 
     def sequential(self, size: int, max_batches: int):
@@ -271,14 +282,16 @@ def data_identity(config: dict) -> dict:
 
 
 def build_samples(cfg, eod: int, cache_dir: str, train_prefixes: Optional[Blend] = None,
-                  valid_prefixes: Optional[Blend] = None, train: bool = True
+                  valid_prefixes: Optional[Blend] = None, train: bool = True, mlm=None
                   ) -> Tuple[Optional[Samples], Optional[Samples], Optional[str]]:
     """(training samples over the whole schedule or None when not `train`, validation samples or
     None, why there are none).
 
     With data.paths: the stages' blends, split by data.split (or validation from data.valid_paths).
     Otherwise `train_prefixes` / `valid_prefixes` (a prepared directory's train and valid files),
-    each used whole."""
+    each used whole. `mlm` (BERT: an mlm_data.MLMTokenizer): each corpus gives masked-LM samples
+    (mlm_data.MLMCorpus, the same interface) from sentence-level files; blends, splits, per-stage
+    data and resumption are the same."""
     d = cfg.data
     cache = _IndexCache(d.index_cache or os.path.join(cache_dir, "index-cache"))
     tok = _DatasetTokenizer(eod, cfg.model.vocab_size)
@@ -307,7 +320,13 @@ def build_samples(cfg, eod: int, cache_dir: str, train_prefixes: Optional[Blend]
             if not checked[prefix]["tokens"]:  # (numpy cannot map an empty file)
                 raise DataError(f"`{prefix}.bin` holds no tokens (an empty split: the corpus has too few documents "
                                 "to hold some out); use a larger corpus")
-            c = Corpus(prefix, split, fractions, cfg, cache, tok)
+            if mlm is not None:
+                from .mlm_data import MLMCorpus
+
+                c = MLMCorpus(prefix, mlm, cfg.model.seq_length, cfg.train.seed, cache, fractions=fractions,
+                              split=split)
+            else:
+                c = Corpus(prefix, split, fractions, cfg, cache, tok)
             if c.n < 1:
                 raise DataError(f"`{prefix}` ({split} split{'' if fractions is None else f' of data.split={d.split}'}) "
                                 f"holds fewer tokens than one sample of model.seq_length + 1 = {cfg.model.seq_length + 1}"
@@ -315,7 +334,7 @@ def build_samples(cfg, eod: int, cache_dir: str, train_prefixes: Optional[Blend]
             corpora[key] = c
         return corpora[key]
 
-    samples = _train_samples(cfg, blends, train_split, corpus, cache, tok) if train else None
+    samples = _train_samples(cfg, blends, train_split, corpus, cache, tok, mlm is not None) if train else None
     if not valid_blend:
         return samples, None, "there is no validation split"
     try:
@@ -324,12 +343,13 @@ def build_samples(cfg, eod: int, cache_dir: str, train_prefixes: Optional[Blend]
         return samples, None, str(e)
     weights = [w for w, _ in valid_blend]
     size = min(int(c.n / w) for c, w in zip(vs, weights))  # one pass: no validation sample drawn twice
-    valid = Samples([(0, Segment(vs, weights, [0] * len(vs), size, cfg, cache, tok))], cfg.model.seq_length, size)
+    valid = Samples([(0, Segment(vs, weights, [0] * len(vs), size, cfg, cache, tok))], cfg.model.seq_length, size,
+                    masked=mlm is not None)
     return samples, valid, None
 
 
 def _train_samples(cfg, blends: List[Blend], train_split, corpus, cache: _IndexCache,
-                   tok: _DatasetTokenizer) -> Samples:
+                   tok: _DatasetTokenizer, masked: bool) -> Samples:
     """The schedule's training samples: segments of stages with equal blends (see the module doc)."""
     bounds = stage_sample_starts(cfg)
     groups: List[Tuple[int, int, Blend]] = []  # (first sample, end sample, blend) of consecutive equal blends
@@ -350,4 +370,4 @@ def _train_samples(cfg, blends: List[Blend], train_split, corpus, cache: _IndexC
             drawn[k] = drawn.get(k, 0) + n
             c.ensure(math.ceil(drawn[k] / c.n))
         segments.append((first, seg))
-    return Samples(segments, cfg.model.seq_length, bounds[-1])
+    return Samples(segments, cfg.model.seq_length, bounds[-1], masked)

@@ -26,11 +26,10 @@ import re
 from typing import Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
-import torch
 
 from ..patches import one_epoch_mapping
 from .errors import DataError
-from .gpt_data import _IndexCache
+from .gpt_data import _IndexCache, split_key, split_range
 from .tokenizer import HFTokenizer
 
 SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # ids 0..4 of a tokenizer train_wordpiece makes
@@ -97,6 +96,9 @@ class MLMTokenizer:
     what is missing."""
 
     def __init__(self, path: str):
+        if not str(path).endswith(".json"):
+            raise DataError(f"`{path}` is not a tokenizer.json: BERT's masked-LM data needs a WordPiece tokenizer.json "
+                            "with [CLS] [SEP] [MASK] [PAD] (msg-preprocess --sentences --output trains one)")
         try:
             self.hf = HFTokenizer(path)
         except ValueError as e:
@@ -124,28 +126,35 @@ class MLMTokenizer:
 
 
 class MLMCorpus:
-    """One prefix's documents [beg, end) as epochs of megatron BERTMaskedWordPieceDatasets (module doc)."""
+    """One prefix's documents of one split as epochs of megatron BERTMaskedWordPieceDatasets (module
+    doc): gpt_data.Corpus's interface (n, ensure, [k], identity), so gpt_data.build_samples blends,
+    splits and resumes BERT's corpora as GPT's. `cache`: a gpt_data._IndexCache or its directory;
+    `fractions`: data.split (None: the whole file; `documents` gives a range directly)."""
 
-    def __init__(self, prefix: str, tok: MLMTokenizer, seq_length: int, seed: int, cache_dir: str,
+    def __init__(self, prefix: str, tok: MLMTokenizer, seq_length: int, seed: int, cache,
                  documents: Optional[Tuple[int, int]] = None, masking_probability: float = 0.15,
                  short_sequence_probability: float = 0.1, whole_word: bool = False, max_ngram: int = 1,
-                 pairs: bool = False, split: str = "train"):
+                 pairs: bool = False, split: str = "train", fractions: Optional[List[float]] = None):
         from megatron.core.datasets.indexed_dataset import IndexedDataset
         from megatron.core.datasets.utils import Split
 
         self.prefix, self.tok, self.seq_length, self.seed = os.path.realpath(prefix), tok, seq_length, seed
-        self.cache = _IndexCache(cache_dir)
+        self.cache = cache if isinstance(cache, _IndexCache) else _IndexCache(cache)
         self.low = IndexedDataset(self.prefix, mmap=True)
         n_docs = self.low.document_indices.shape[0] - 1
-        self.documents = documents or (0, n_docs)
+        if n_docs > 1 and self.low.sequence_lengths.shape[0] == n_docs:
+            raise DataError(f"`{prefix}` holds one sequence per document (GPT's documents); BERT's masked-LM samples "
+                            "are built from sentences: tokenize it with `msg-preprocess --sentences` (Megatron-LM: "
+                            "preprocess_data.py --split-sentences)")
+        self.split, self.which = split, {"train": Split.train, "valid": Split.valid}[split]
+        self.documents = documents or split_range(n_docs, fractions, self.which)
         if self.documents[1] <= self.documents[0]:
             raise DataError(f"`{prefix}` has no documents in {self.documents} for masked-LM samples")
         self.options = dict(masking_probability=masking_probability, short_sequence_probability=short_sequence_probability,
                             masking_max_ngram=max_ngram, masking_do_full_word=whole_word,
                             masking_do_permutation=False, masking_use_longer_ngrams=False,
                             masking_use_geometric_distribution=False, classification_head=pairs)
-        self.which = {"train": Split.train, "valid": Split.valid}[split]
-        self.split_key = "1,0,0" if split == "train" else "0,1,0"
+        self.split_key = split_key(fractions, split)
         self.epochs: list = []
         self.ensure(1)
         self.n = len(self.epochs[0])
@@ -176,35 +185,21 @@ class MLMCorpus:
 
     def sample(self, k: int) -> Dict[str, np.ndarray]:
         """Sample k: {text, types, labels, loss_mask, padding_mask (int64 [seq_length]), is_random, truncated}."""
-        e, i = divmod(k, self.n)
+        e, i = divmod(int(k), self.n)
         self.ensure(e + 1)
         return self.epochs[e][i]
+
+    def __getitem__(self, k: int) -> np.ndarray:
+        """Sample k as one int64 array [5, seq_length] of FIELDS (a batch stacks them: [micro, 5, seq],
+        so micro-batches travel through the schedules as GPT's token windows do)."""
+        s = self.sample(k)
+        return np.stack([np.asarray(s[f], dtype=np.int64) for f in FIELDS])
+
+    @property
+    def identity(self) -> dict:
+        return {"prefix": self.prefix, "split": self.split, "range": self.split_key, "kind": "masked-lm"}
 
 
 # the fields of a masked-LM sample, in the order a batch tensor [micro, FIELDS, seq] stacks them
 FIELDS = ("text", "types", "labels", "loss_mask", "padding_mask")
 
-
-class MLMSamples:
-    """Global sample numbers -> masked-LM samples of one corpus (the trainer's data interface:
-    `batch`, `sequential`, `num_samples`, `seq_length`, `describe`). A batch is one int64 tensor
-    [size, 5, seq_length] of FIELDS, so micro-batches travel as GPT's token windows do."""
-
-    def __init__(self, corpus: MLMCorpus, num_samples: int):
-        self.corpus, self.num_samples, self.seq_length = corpus, num_samples, corpus.seq_length
-
-    def sample(self, k: int) -> np.ndarray:
-        s = self.corpus.sample(k)
-        return np.stack([np.asarray(s[f], dtype=np.int64) for f in FIELDS])
-
-    def batch(self, first_sample: int, size: int) -> torch.Tensor:
-        return torch.from_numpy(np.stack([self.sample(first_sample + k) for k in range(size)]))
-
-    def sequential(self, size: int, max_batches: int):
-        """The first batches of the samples in order (validation), at most `max_batches`."""
-        for b in range(min(self.num_samples // size, max_batches)):
-            yield self.batch(b * size, size)
-
-    def describe(self) -> str:
-        return (f"masked-LM samples of {self.seq_length} tokens from {os.path.basename(self.corpus.prefix)} "
-                f"({self.corpus.n:,} per epoch, {len(self.corpus.epochs)} epoch(s) built)")

@@ -10,7 +10,7 @@ from typing import Optional
 from .errors import DataError
 from .gpt_data import build_samples
 from .loader import SyntheticWindows
-from .mlm_data import MLMCorpus, MLMSamples, MLMTokenizer
+from .mlm_data import MLMTokenizer
 from .prepare import default_cache_dir, resolve_data_dir_all_ranks
 from .tokenizer import find_tokenizer, load_tokenizer
 
@@ -56,27 +56,28 @@ def open_data(cfg, log=print, train: bool = True) -> RunData:
 
 
 def _masked_lm_data(cfg, log, train: bool) -> RunData:
-    """BERT: masked-LM samples (mlm_data.py) of a prepared directory of sentences (the embedded
-    corpus's, or msg-preprocess output): train from its train split, validation from its valid split."""
+    """BERT: masked-LM samples (mlm_data.MLMCorpus) of sentence-level files through the same blends,
+    splits and resumption as GPT's (gpt_data.build_samples): `data.paths` prefixes written with
+    `msg-preprocess --sentences --output-prefix` and their WordPiece `data.tokenizer`, or a prepared
+    directory of sentences (the embedded corpus's, or `msg-preprocess --sentences --output`)."""
     d = cfg.data
-    if d.corpus == "synthetic" or d.paths:
-        what = "data.corpus=synthetic" if d.corpus == "synthetic" else "data.paths"
-        raise DataError(f"model.family=bert trains on sentence pairs from a prepared corpus of sentences; {what} "
-                        "is GPT's; use data.corpus=embedded (or a directory msg-preprocess wrote for BERT)")
-    data_dir, _ = resolve_data_dir_all_ranks(d, cfg.model.vocab_size, log, sentences=True)
-    tok_path = os.path.join(data_dir, "tokenizer.json")
-    tok = MLMTokenizer(tok_path)
-    cache = os.path.join(d.cache_dir or default_cache_dir(), "mlm-index")
-    kw = dict(seq_length=cfg.model.seq_length, seed=cfg.train.seed, cache_dir=cache)
-    tr = None
-    if train:
-        corpus = MLMCorpus(os.path.join(data_dir, "train"), tok, split="train", **kw)
-        tr = MLMSamples(corpus, 1 << 62)  # (epochs without end: sample k depends on k only)
+    cache = d.cache_dir or default_cache_dir()
+    if d.paths:
+        tok_path = d.tokenizer
+        if not os.path.isfile(tok_path):
+            raise DataError(f"data.tokenizer `{tok_path}` does not exist; give the WordPiece tokenizer.json the corpora "
+                            "in data.paths were prepared with (msg-preprocess --sentences --tokenizer)")
+        tok = MLMTokenizer(tok_path)
+        if tok.vocab_size != cfg.model.vocab_size:
+            raise DataError(f"data.tokenizer `{tok_path}` has {tok.vocab_size} tokens but model.vocab_size is "
+                            f"{cfg.model.vocab_size}; set model.vocab_size={tok.vocab_size}")
+        tr, va, why = build_samples(cfg, tok.sep, cache, train=train, mlm=tok)
+    else:
+        data_dir, _ = resolve_data_dir_all_ranks(d, cfg.model.vocab_size, log, sentences=True)
+        tok_path = os.path.join(data_dir, "tokenizer.json")
+        tok = MLMTokenizer(tok_path)
+        tr, va, why = build_samples(cfg, tok.sep, cache, [(1.0, os.path.join(data_dir, "train"))],
+                                    [(1.0, os.path.join(data_dir, "valid"))], train=train, mlm=tok)
+    if tr is not None:
         log(f"[data] train: {tr.describe()}")
-    va, why = None, None
-    try:
-        valid = MLMCorpus(os.path.join(data_dir, "valid"), tok, split="valid", **kw)
-        va = MLMSamples(valid, valid.n)
-    except DataError as e:
-        why = f"the validation split gives no masked-LM samples ({e})"
     return RunData(tok_path, tr, va, why)
