@@ -3,6 +3,7 @@ msg-pretrain grows every dimension with the probe loss unchanged (<= 1e-5 relati
 loss falling; msg-eval reproduces the final validation loss; msg-grow grows the checkpoint offline
 with the validation loss unchanged; the grown checkpoint resumes. Bad inputs are refused first."""
 import json
+import os
 
 import pytest
 
@@ -72,3 +73,59 @@ def test_bert_bad_inputs_are_refused_before_any_work(tmp_path, over, words):
     r = run_cli(["msg_megatron.pretrain", *BERT, *over, f"logging.run_dir={tmp_path}/run", "checkpoint.save="])
     assert r.returncode == 2 and words in r.stderr, r.stderr[-2000:]
     assert "[train]" not in r.stdout
+
+
+def _stdlib_texts(tmp_path, pattern, n):
+    import glob
+    import shutil
+    import sysconfig
+
+    out = tmp_path / pattern.strip("*.")
+    out.mkdir()
+    for f in sorted(glob.glob(f"{sysconfig.get_paths()['stdlib']}/{pattern}"))[:n]:
+        shutil.copy(f, out / (os.path.basename(f) + ".txt"))
+    return sorted(str(p) for p in out.iterdir())
+
+
+@pytest.mark.timeout(900)
+def test_bert_trains_on_preprocessed_sentences_blended_split_and_resumes_bitwise(tmp_path, cache_dir, tiny_data):
+    """msg-preprocess --sentences: a prepared directory (its WordPiece tokenizer trained) and
+    Megatron-LM `_text_sentence` prefixes encoded with that tokenizer; BERT trains on a blend of a
+    prefix and the directory's train split, validation from data.split, through a growth; resumed
+    at step 12 its losses equal the uninterrupted run's bitwise. GPT's document files and a
+    sentencepiece tokenizer are refused before training, naming the fix."""
+    r = run_cli(["msg_megatron.preprocess", "--sentences", "--input", *_stdlib_texts(tmp_path, "[a-c]*.py", 30),
+                 "--output", str(tmp_path / "dir"), "--vocab-size", "1024"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "model.family=bert" in r.stderr
+    tok = str(tmp_path / "dir" / "tokenizer.json")
+    r = run_cli(["msg_megatron.preprocess", "--sentences", "--input", *_stdlib_texts(tmp_path, "[d-f]*.py", 20),
+                 "--output-prefix", str(tmp_path / "px"), "--tokenizer", tok])
+    assert r.returncode == 0, r.stderr[-2000:]
+    prefix = str(tmp_path / "px_text_sentence")
+    assert os.path.isfile(prefix + ".idx")
+    data = [f"data.paths=[0.6, {prefix}, 0.4, {tmp_path}/dir/train]", f"data.tokenizer={tok}", "data.split=90,10,0"]
+    args = ["msg_megatron.pretrain", *BERT, *data, "train.steps=24", "train.save_interval=12", "train.eval_interval=12",
+            "growth.stages=[{step: 0, shape: [32, 64, 2, 2]}, {step: 8, shape: [64, 128, 4, 3]}]"]
+    r = run_cli(args + [f"logging.run_dir={tmp_path}/run", f"checkpoint.save={tmp_path}/ck"], timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "masked-LM samples of 64 tokens" in r.stdout and "px_text_sentence" in r.stdout
+    recs = _records(tmp_path / "run" / "metrics.jsonl")
+    assert len([x for x in recs if "val_loss" in x]) == 2
+    r = run_cli(args + [f"logging.run_dir={tmp_path}/run2", f"checkpoint.load={tmp_path}/ck/step_000012",
+                        "checkpoint.save="], timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    want = {x["step"]: x["loss"] for x in recs if "loss" in x}
+    got = {x["step"]: x["loss"] for x in _records(tmp_path / "run2" / "metrics.jsonl") if "loss" in x}
+    assert sorted(got) == list(range(12, 24)) and all(got[k] == want[k] for k in got)
+
+    r = run_cli(["msg_megatron.preprocess", "--input", *_stdlib_texts(tmp_path, "g*.py", 5), "--output-prefix",
+                 str(tmp_path / "gpt"), "--tokenizer", tok])  # (no --sentences: GPT's documents)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for over, words in [([f"data.paths={tmp_path}/gpt_text_document", f"data.tokenizer={tok}"],
+                         "holds one sequence per document (GPT's documents); BERT's masked-LM samples are built "
+                         "from sentences: tokenize it with `msg-preprocess --sentences`"),
+                        ([f"data.paths={prefix}", f"data.tokenizer={tiny_data}/tokenizer.model"], "is not a tokenizer.json")]:
+        r = run_cli(["msg_megatron.pretrain", *BERT, *over, f"logging.run_dir={tmp_path}/bad", "checkpoint.save="])
+        assert r.returncode == 2 and words in r.stderr, r.stderr[-2000:]
+        assert "[train]" not in r.stdout
