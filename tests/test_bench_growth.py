@@ -1,6 +1,8 @@
-"""tools/bench_growth.py --quick end to end (about 40 s): every method runs, the report, JSON and
-plot are written, and the growth records say what the paper says: MSG's probe loss is unchanged at
-every growth (<= 1e-5 relative), Net2Net's changes at the hidden growth under LayerNorm (eq. 7)."""
+"""tools/bench_growth.py --quick end to end for both families (about 40 s each): every method runs,
+the report, JSON and plot are written, the full-size run continues past its budget (its figures at
+the budget taken from the same run) and every speed-up is a measured ratio or a stated bound, and
+the growth records say what the paper says: MSG's probe loss is unchanged at every growth (<= 1e-5
+relative), Net2Net's changes at the hidden growth under LayerNorm (eq. 7; BERT's post-LN too)."""
 import json
 import subprocess
 import sys
@@ -13,14 +15,23 @@ pytestmark = pytest.mark.slow  # processes, training runs: the full tier (README
 
 
 @pytest.mark.timeout(600)
-def test_bench_growth_quick(tmp_path, cache_dir):
-    r = subprocess.run([sys.executable, "tools/bench_growth.py", "--quick", "--json", "--out-dir", str(tmp_path),
-                        "--work-dir", str(tmp_path / "runs")], capture_output=True, text=True, timeout=540, cwd=REPO)
+@pytest.mark.parametrize("family, stem", [("gpt", "growth_cpu_quick"), ("bert", "growth_cpu_bert_quick")])
+def test_bench_growth_quick(tmp_path, cache_dir, family, stem):
+    r = subprocess.run([sys.executable, "tools/bench_growth.py", "--family", family, "--quick", "--json", "--out-dir",
+                        str(tmp_path), "--work-dir", str(tmp_path / "runs")], capture_output=True, text=True,
+                       timeout=540, cwd=REPO)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
-    for stem in ("json", "md", "png"):
-        assert (tmp_path / f"growth_cpu_quick.{stem}").stat().st_size > 0
+    for ext in ("json", "md", "png"):
+        assert (tmp_path / f"{stem}.{ext}").stat().st_size > 0
+    assert res["family"] == family and res["budget_steps"] == 60 and res["cap_steps"] == 180
     m = res["methods"]
+    full = m["full"]
+    assert res["budget_steps"] <= full["ext_steps"] <= res["cap_steps"] and full["val_steps"][-1] == 60
+    target = min(m[n]["final_val_loss"] for n in ("msg", "nomask", "net2net"))
+    assert (full["ext_steps"] == res["cap_steps"]) == (min(v for _, v in full["val_curve_ext"]) > target)
+    for name in ("msg", "nomask", "net2net"):  # a ratio where the full run got there, else a bound
+        assert (m[name]["speedup"] is None) != (m[name]["speedup_bound"] is None)
     assert sorted(m) == ["full", "msg", "net2net", "nomask"]
     assert m["full"]["train_flops"] > m["msg"]["train_flops"]  # the growth schedule costs fewer FLOPs
     assert len(m["msg"]["growths"]) == 4 and not m["full"]["growths"]
@@ -29,4 +40,4 @@ def test_bench_growth_quick(tmp_path, cache_dir):
     hidden = next(g for g in m["net2net"]["growths"] if g["step"] == 30)  # (64, ...) -> (96, ...)
     assert abs(hidden["probe_after"] - hidden["probe_before"]) > 1e-3 * hidden["probe_before"]
     assert [x["ramp_steps"] for x in res["ramp_study"]] == [2, 5]
-    assert "wall-time speed-up" in (tmp_path / "growth_cpu_quick.md").read_text()
+    assert "wall-time speed-up" in (tmp_path / f"{stem}.md").read_text()

@@ -1,15 +1,21 @@
 """Full-size training vs MSG vs No-Mask vs Net2Net on the same token budget and schedule (paper
 Tables 4/5, Figures 3/5, at a scale this machine runs), plus the mask-strength study (Table 3).
 
-    python tools/bench_growth.py [--quick] [--json] [--out-dir docs/benchmarks]
+    python tools/bench_growth.py [--family gpt|bert] [--quick] [--cap 3] [--json] [--out-dir docs/benchmarks]
 
-Every method trains the same steps x batch on the embedded corpus, one run after another in child
-processes (so each has the machine to itself). Reported per method: training wall time (steps and
-growth, evaluation excluded), model FLOPs, final validation loss, the training loss right before and
-right after each growth with the step-to-step noise before it, and the wall-time speed-up
-    (time the full-size run needs to reach the method's final validation loss) / (the method's time),
-interpolating the full run's validation curve. Writes growth_cpu.json/.md/.png (growth_cpu_quick.*
-with --quick) into --out-dir.
+Every method trains the same steps x batch on the embedded corpus (GPT: configs/demo_cpu.yaml; BERT:
+configs/bert_demo_cpu.yaml, masked-LM loss), one run after another in child processes (so each has
+the machine to itself). The full-size run goes last and **continues past the budget**: the same run
+(its learning rate decays over the budget, train.decay_steps, then stays at min_lr, as the paper's
+GPT baseline continued), stopped once its validation loss reaches the lowest final loss of the
+growth methods, or at --cap x the budget. Its first `budget` steps are exactly the budget run (same
+data order, same LR), so the table reports it at the budget; the continuation measures
+    speed-up = (time the full-size run needs to reach the method's final validation loss) / (the method's time)
+as a ratio (interpolating the full run's validation curve), or, where the full run does not get
+there within the cap, "> cap time / method time" (stated as a bound, with the cap). The same in model
+FLOPs. Also per method: training wall time (steps and growth, evaluation excluded), the training
+loss right before and right after each growth with the step-to-step noise before it. Writes
+growth_cpu[_bert][_quick].json/.md/.png into --out-dir.
 """
 from __future__ import annotations
 
@@ -26,26 +32,28 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from msg_megatron.config import load_config  # noqa: E402
 from msg_megatron.training.runs import evals, growths, read_metrics, run_pretrain, steps  # noqa: E402
 
-CONFIG = os.path.join(REPO, "configs", "demo_cpu.yaml")
 COMMON = ["checkpoint.save=", "checkpoint.load=", "train.log_interval=1"]
-FULL = {"name": "full", "over": ["growth.stages=[]"]}
-METHODS = [FULL, {"name": "msg", "over": ["growth.operator=msg"]},
-           {"name": "nomask", "over": ["growth.operator=nomask"]},
-           {"name": "net2net", "over": ["growth.operator=net2net"]}]
-SETTINGS = {
-    # the demo: (128, 256, 4, 2) grows one dimension per stage to (192, 768, 6, 4) in 480 steps
-    "full": {"over": ["train.eval_interval=40"], "ramps": [5, 20, 80], "ramp": 40},
-    # CI: the same story at 1/8 of the steps on a smaller model
-    "quick": {"over": ["model.hidden_size=96", "model.ffn_hidden_size=384", "model.num_attention_heads=6",
-                       "model.kv_channels=16", "model.vocab_size=512", "model.seq_length=64", "train.steps=60",
-                       "train.global_batch_size=8", "train.micro_batch_size=8", "train.warmup_steps=5",
-                       "train.eval_interval=10", "train.eval_iters=2", "data.corpus_mb=0.5", "growth.ramp_steps=5",
-                       "growth.stages=[{step: 0, shape: [64, 128, 4, 2]}, {step: 10, shape: [64, 384, 4, 2]}, "
-                       "{step: 20, shape: [64, 384, 4, 4]}, {step: 30, shape: [96, 384, 4, 4]}, "
-                       "{step: 40, shape: [96, 384, 6, 4]}]"],
-              "ramps": [2], "ramp": 5},
+GROWN = [{"name": "msg", "over": ["growth.operator=msg"]}, {"name": "nomask", "over": ["growth.operator=nomask"]},
+         {"name": "net2net", "over": ["growth.operator=net2net"]}]
+_QUICK_SHAPES = ["growth.stages=[{step: 0, shape: [64, 128, 4, 2]}, {step: 10, shape: [64, 384, 4, 2]}, "
+                 "{step: 20, shape: [64, 384, 4, 4]}, {step: 30, shape: [96, 384, 4, 4]}, "
+                 "{step: 40, shape: [96, 384, 6, 4]}]"]
+_QUICK = ["model.hidden_size=96", "model.ffn_hidden_size=384", "model.num_attention_heads=6", "model.kv_channels=16",
+          "model.vocab_size=512", "model.seq_length=64", "train.steps=60", "train.global_batch_size=8",
+          "train.micro_batch_size=8", "train.warmup_steps=5", "train.eval_interval=10", "train.eval_iters=2",
+          "data.corpus_mb=0.5", "growth.ramp_steps=5"] + _QUICK_SHAPES
+FAMILIES = {
+    # the demos: (128, 256, 4, 2) grows one dimension per stage to (192, 768, 6, 4) in 480 steps;
+    # quick (CI): the same story at 1/8 of the steps on a smaller model
+    "gpt": {"config": "demo_cpu.yaml", "stem": "growth_cpu",
+            "full": {"over": ["train.eval_interval=40"], "ramps": [5, 20, 80], "ramp": 40},
+            "quick": {"over": _QUICK, "ramps": [2], "ramp": 5}},
+    "bert": {"config": "bert_demo_cpu.yaml", "stem": "growth_cpu_bert",
+             "full": {"over": ["train.eval_interval=40"], "ramps": [5], "ramp": 40},
+             "quick": {"over": _QUICK + ["data.corpus_mb=1"], "ramps": [2], "ramp": 5}},
 }
 
 
@@ -78,9 +86,19 @@ def jumps(step_recs, growth_recs):
     return out
 
 
-def summarise(name, recs):
+def summarise(name, recs, budget=None):
+    """A run's figures; `budget` (the full-size run): those of its first `budget` steps, and its
+    whole validation curve, past the budget, as `val_curve_ext` / `val_flops_curve_ext`."""
+    ext = evals(recs)
+    if budget is not None:
+        recs = [r for r in recs if r.get("step", 0) < budget or ("val_loss" in r and r["step"] == budget)]
     st, ev = steps(recs), evals(recs)
-    return {"method": name, "train_time_s": st[-1]["train_time"], "train_flops": st[-1]["train_flops"],
+    out = {}
+    if budget is not None:
+        out = {"budget_steps": budget, "val_curve_ext": [(e["train_time"], e["val_loss"]) for e in ext],
+               "val_flops_curve_ext": [(e["train_flops"], e["val_loss"]) for e in ext],
+               "ext_steps": ext[-1]["step"], "ext_time_s": ext[-1]["train_time"], "ext_flops": ext[-1]["train_flops"]}
+    return {**out, "method": name, "train_time_s": st[-1]["train_time"], "train_flops": st[-1]["train_flops"],
             "final_val_loss": ev[-1]["val_loss"], "final_train_loss": st[-1]["loss"],
             "val_curve": [(e["train_time"], e["val_loss"]) for e in ev],
             "val_flops_curve": [(e["train_flops"], e["val_loss"]) for e in ev],
@@ -90,27 +108,27 @@ def summarise(name, recs):
 
 
 def speedups(results: dict) -> None:
-    """Wall-time speed-up at equal validation loss, per method against the full-size run:
-    `speedup` = (time the full run needs to reach the method's final loss) / (the method's time);
-    when the full run never gets that low on the same budget, `speedup_at_full_loss` = (the full
-    run's time) / (time the method needs to reach the full run's final loss), a lower bound of the
-    first (the full run would need more than its whole budget)."""
+    """Speed-up at equal validation loss, per method against the full-size run, as a measured ratio:
+    `speedup` = (time the full run, continued past the budget, needs to reach the method's final
+    loss) / (the method's time); where it does not within the cap, `speedup_bound` = (the full run's
+    time at the cap) / (the method's time), a lower bound. `flops_speedup` (`flops_bound`): the same
+    in model FLOPs (deterministic; wall time on a shared VM varies ~10%). `speedup_at_full_loss`:
+    the budget run's time over the method's time to reach the budget run's final loss."""
     full = results["full"]
     for name, r in results.items():
         if name == "full":
             continue
-        t_full = time_to_reach(full["val_curve"], r["final_val_loss"])
+        t_full = time_to_reach(full["val_curve_ext"], r["final_val_loss"])
         r["full_time_to_same_loss_s"] = t_full
         r["speedup"] = t_full / r["train_time_s"] if t_full is not None else None
+        r["speedup_bound"] = full["ext_time_s"] / r["train_time_s"] if t_full is None else None
         t_method = time_to_reach(r["val_curve"], full["final_val_loss"])
         r["time_to_full_loss_s"] = t_method
         r["speedup_at_full_loss"] = full["train_time_s"] / t_method if t_method else None
         r["flops_ratio"] = full["train_flops"] / r["train_flops"]
-        # the same at equal loss in model FLOPs (deterministic; wall time on a shared VM varies ~10%)
-        f_full = time_to_reach(full["val_flops_curve"], r["final_val_loss"])
-        f_method = time_to_reach(r["val_flops_curve"], full["final_val_loss"])
-        r["flops_speedup"] = (f_full / r["train_flops"] if f_full is not None
-                              else (full["train_flops"] / f_method if f_method else None))
+        f_full = time_to_reach(full["val_flops_curve_ext"], r["final_val_loss"])
+        r["flops_speedup"] = f_full / r["train_flops"] if f_full is not None else None
+        r["flops_bound"] = full["ext_flops"] / r["train_flops"] if f_full is None else None
         # the loss change at each growth minus the full run's on the same two batches (same data order)
         full_loss = dict(full["loss_curve"])
         for g in r["growths"]:
@@ -127,26 +145,55 @@ def commit() -> str:
         return "unknown"
 
 
-def _run(overrides, run_dir, reuse):
-    """A run's records: re-read when `reuse` and the run finished (its final evaluation is logged)."""
+def _run(config, overrides, run_dir, reuse, stop=None):
+    """A run's records: re-read when `reuse` and the run finished (its final evaluation is logged,
+    or, for a run with `stop`, the records say it stopped)."""
     if reuse and os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
         recs = read_metrics(run_dir)
-        if recs and "val_loss" in recs[-1]:
+        if recs and "val_loss" in recs[-1] and (stop is None or stop(recs) or _at_end(recs, overrides)):
             return recs
-    return run_pretrain(CONFIG, overrides, run_dir)
+    return run_pretrain(config, overrides, run_dir, stop=stop)
 
 
-def run_all(mode: str, work: str, log, reuse: bool = False) -> dict:
-    setting = SETTINGS[mode]
+def _at_end(recs, overrides) -> bool:
+    last = [o for o in overrides if o.startswith("train.steps=")][-1]
+    return evals(recs)[-1]["step"] >= int(last.split("=")[1])
+
+
+def run_all(family: str, mode: str, work: str, log, reuse: bool = False, cap: float = 3.0) -> dict:
+    fam = FAMILIES[family]
+    config = os.path.join(REPO, "configs", fam["config"])
+    setting = fam[mode]
     base = COMMON + setting["over"]
+    budget = load_config(config, base).train.steps
     results = {}
-    for m in METHODS:
+
+    def report(name, t0):
+        r = results[name]
+        log(f"[bench] {name}: {r['train_time_s']:.1f} s training ({time.time() - t0:.0f} s with evaluation), "
+            f"val loss {r['final_val_loss']:.4f}")
+
+    for m in GROWN:
         log(f"[bench] {m['name']} ...")
         t0 = time.time()
-        recs = _run(base + m["over"], os.path.join(work, m["name"]), reuse)
-        results[m["name"]] = summarise(m["name"], recs)
-        log(f"[bench] {m['name']}: {results[m['name']]['train_time_s']:.1f} s training "
-            f"({time.time() - t0:.0f} s with evaluation), val loss {results[m['name']]['final_val_loss']:.4f}")
+        results[m["name"]] = summarise(m["name"], _run(config, base + m["over"], os.path.join(work, m["name"]), reuse))
+        report(m["name"], t0)
+    # the full-size run last: continued past the budget until it reaches every method's final loss
+    target = min(r["final_val_loss"] for r in results.values())
+    cap_steps = int(round(cap * budget))
+    log(f"[bench] full ... (continued past {budget} steps until val loss <= {target:.4f}, at most {cap_steps})")
+    t0 = time.time()
+    def reached(recs):  # (never before the budget: the budget's own figures come from the same run)
+        ev = evals(recs)
+        return bool(ev) and ev[-1]["step"] >= budget and any(e["val_loss"] <= target for e in ev)
+
+    recs = _run(config, base + ["growth.stages=[]", f"train.steps={cap_steps}", f"train.decay_steps={budget}"],
+                os.path.join(work, "full"), reuse, stop=reached)
+    results["full"] = summarise("full", recs, budget)
+    report("full", t0)
+    f = results["full"]
+    log(f"[bench] full continued to step {f['ext_steps']} ({f['ext_time_s']:.1f} s): "
+        + ("reached" if reached(recs) else f"did not reach {target:.4f} within the cap"))
     speedups(results)
     ramps = []
     for ramp in sorted(set(setting["ramps"] + [setting["ramp"]])):
@@ -154,38 +201,44 @@ def run_all(mode: str, work: str, log, reuse: bool = False) -> dict:
             r = results["msg"]
         else:
             log(f"[bench] msg with ramp_steps={ramp} ...")
-            r = summarise("msg", _run(base + ["growth.operator=msg", f"growth.ramp_steps={ramp}"],
+            r = summarise("msg", _run(config, base + ["growth.operator=msg", f"growth.ramp_steps={ramp}"],
                                       os.path.join(work, f"ramp{ramp}"), reuse))
         ramps.append({"ramp_steps": ramp, "final_val_loss": r["final_val_loss"], "train_time_s": r["train_time_s"]})
-    return {"mode": mode, "config": os.path.relpath(CONFIG, REPO), "overrides": base, "methods": results,
+    return {"family": family, "mode": mode, "config": os.path.relpath(config, REPO), "overrides": base,
+            "budget_steps": budget, "cap_steps": cap_steps, "methods": results,
             "ramp_study": ramps, "date": time.strftime("%Y-%m-%d"), "commit": commit(),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.python_version()}"}
 
 
 def markdown(res: dict) -> str:
     m = res["methods"]
-    lines = [f"# Growth benchmark ({res['mode']}): full vs MSG vs No-Mask vs Net2Net",
+    f = m["full"]
+    lines = [f"# Growth benchmark ({res.get('family', 'gpt')}, {res['mode']}): full vs MSG vs No-Mask vs Net2Net",
              "", f"{res['date']}, commit {res['commit']}, {res['machine']}; config `{res['config']}` with "
              f"`{' '.join(res['overrides'])}`.", "",
+             f"The full-size run is reported at the budget ({res['budget_steps']} steps) and was continued past it "
+             f"(learning rate at min_lr after the budget) to step {f['ext_steps']} ({f['ext_time_s']:.1f} s of training; "
+             f"cap {res['cap_steps']} steps), until its validation loss reached the growth methods' lowest final loss "
+             f"({min(m[n]['final_val_loss'] for n in ('msg', 'nomask', 'net2net')):.4f}) or the cap.", "",
              "| method | training time (s) | model FLOPs | final val loss | full-size time to that loss (s) | "
-             "time to the full run's final loss (s) | wall-time speed-up at equal loss | FLOPs speed-up at equal loss | "
-             "FLOPs saved (same budget) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "wall-time speed-up at equal loss | FLOPs speed-up at equal loss | FLOPs saved (same budget) | "
+             "time to the full budget run's loss (s) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     fmt = lambda v, f: "never" if v is None else format(v, f)  # noqa: E731
     for name in ("full", "msg", "nomask", "net2net"):
         r = m[name]
         if name == "full":
-            lines.append(f"| full | {r['train_time_s']:.1f} | {r['train_flops']:.3g} | {r['final_val_loss']:.4f} | "
-                         f" | {r['train_time_s']:.1f} | 1.00x | 1.00x | |")
+            lines.append(f"| full (at the budget) | {r['train_time_s']:.1f} | {r['train_flops']:.3g} | "
+                         f"{r['final_val_loss']:.4f} | {r['train_time_s']:.1f} | 1.00x | 1.00x | | {r['train_time_s']:.1f} |")
             continue
         if r.get("speedup") is not None:
-            sp = f"{r['speedup']:.2f}x"
-        elif r.get("speedup_at_full_loss") is not None:
-            sp = f">= {r['speedup_at_full_loss']:.2f}x (full never reaches it)"
+            sp = f"**{r['speedup']:.2f}x**"
         else:
-            sp = "< 1 (never reaches the full run's loss)"
+            sp = f"> {r['speedup_bound']:.2f}x (full did not reach it by step {f['ext_steps']})"
+        fsp = (f"{r['flops_speedup']:.2f}x" if r.get("flops_speedup") is not None
+               else f"> {r['flops_bound']:.2f}x")
         lines.append(f"| {name} | {r['train_time_s']:.1f} | {r['train_flops']:.3g} | {r['final_val_loss']:.4f} | "
-                     f"{fmt(r.get('full_time_to_same_loss_s'), '.1f')} | {fmt(r.get('time_to_full_loss_s'), '.1f')} | "
-                     f"{sp} | {fmt(r.get('flops_speedup'), '.2f')}x | {r['flops_ratio']:.2f}x |")
+                     f"{fmt(r.get('full_time_to_same_loss_s'), '.1f')} | {sp} | {fsp} | {r['flops_ratio']:.2f}x | "
+                     f"{fmt(r.get('time_to_full_loss_s'), '.1f')} |")
     lines += ["", "Loss at each growth (training loss at the step before and the step after; noise = std of the "
               "step-to-step change over the 10 steps before; excess = jump minus the full-size run's change between the "
               "same two batches, which removes the batches' own difficulty; probe = loss on one fixed batch just "
@@ -216,7 +269,7 @@ def plot(res: dict, path: str) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     colors = {"full": "k", "msg": "tab:blue", "nomask": "tab:orange", "net2net": "tab:green"}
     for name, r in res["methods"].items():
-        ts, vs = zip(*r["val_curve"])
+        ts, vs = zip(*r.get("val_curve_ext", r["val_curve"]))  # (the full run past its budget too)
         ax1.plot(ts, vs, "o-", color=colors[name], label=name, markersize=3)
         st, ls = zip(*r["loss_curve"])
         k = max(1, len(ls) // 60)  # light smoothing for readability
@@ -228,7 +281,9 @@ def plot(res: dict, path: str) -> None:
         ax1.axvline(t, color="gray", linestyle=":", linewidth=0.8)
     ax1.set_xlabel("training wall time (s)")
     ax1.set_ylabel("validation loss")
-    ax1.set_title("validation loss vs wall time (dotted: MSG growths)")
+    if "budget_steps" in res:
+        ax1.axvline(res["methods"]["full"]["train_time_s"], color="k", linestyle="--", linewidth=0.8)
+    ax1.set_title("validation loss vs wall time (dotted: MSG growths; dashed: full run's budget)")
     ax2.set_xlabel("step")
     ax2.set_ylabel("training loss (smoothed)")
     ax2.set_title("training loss vs step (dotted: growths)")
@@ -240,7 +295,10 @@ def plot(res: dict, path: str) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--family", default="gpt", choices=sorted(FAMILIES), help="the demo to grow (default gpt)")
     ap.add_argument("--quick", action="store_true", help="a small model and 60 steps (CI, ~2 min)")
+    ap.add_argument("--cap", type=float, default=3.0,
+                    help="the full-size run continues to at most CAP x the budget's steps (default 3)")
     ap.add_argument("--json", action="store_true", help="print the JSON result")
     ap.add_argument("--out-dir", default=os.path.join(REPO, "docs", "benchmarks"))
     ap.add_argument("--work-dir", default="", help="where the runs go (default: a temp dir)")
@@ -248,15 +306,18 @@ def main(argv=None) -> int:
     ap.add_argument("--from-json", default="", help="re-derive the report and plot from a saved result")
     args = ap.parse_args(argv)
     mode = "quick" if args.quick else "full"
+    if args.cap < 1:
+        ap.error(f"--cap {args.cap}: the full-size run needs at least its budget (1)")
     log = (lambda *_: None) if args.json else print
     if args.from_json:
         with open(args.from_json) as f:
             res = json.load(f)
         speedups(res["methods"])
     else:
-        res = run_all(mode, args.work_dir or tempfile.mkdtemp(prefix="msg-bench-growth-"), log, args.reuse)
+        res = run_all(args.family, mode, args.work_dir or tempfile.mkdtemp(prefix="msg-bench-growth-"), log,
+                      args.reuse, args.cap)
     os.makedirs(args.out_dir, exist_ok=True)
-    stem = os.path.join(args.out_dir, "growth_cpu" + ("_quick" if args.quick else ""))
+    stem = os.path.join(args.out_dir, FAMILIES[res.get("family", "gpt")]["stem"] + ("_quick" if res["mode"] == "quick" else ""))
     with open(stem + ".json", "w") as f:
         json.dump(res, f, indent=1)
     with open(stem + ".md", "w") as f:

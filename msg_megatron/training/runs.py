@@ -7,7 +7,8 @@ import json
 import os
 import subprocess
 import sys
-from typing import List, Optional
+import time
+from typing import Callable, List, Optional
 
 
 class RunFailed(RuntimeError):
@@ -22,8 +23,11 @@ def read_metrics(run_dir: str) -> List[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def run_pretrain(config: str, overrides: List[str], run_dir: str, timeout: Optional[float] = None) -> List[dict]:
-    """Train `config` with `overrides` into a fresh `run_dir`; return its metrics records."""
+def run_pretrain(config: str, overrides: List[str], run_dir: str, timeout: Optional[float] = None,
+                 stop: Optional[Callable[[List[dict]], bool]] = None) -> List[dict]:
+    """Train `config` with `overrides` into a fresh `run_dir`; return its metrics records. `stop`:
+    called with the records so far whenever the run logs more (polled each second); when it returns
+    True the run is killed and the records up to then are returned (a run that reached a target)."""
     os.makedirs(run_dir, exist_ok=True)
     path = os.path.join(run_dir, "metrics.jsonl")
     if os.path.exists(path):
@@ -33,14 +37,27 @@ def run_pretrain(config: str, overrides: List[str], run_dir: str, timeout: Optio
     env = dict(os.environ, WANDB_MODE="disabled")
     log_path = os.path.join(run_dir, "stdout.log")
     with open(log_path, "w") as log:
+        child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        start, seen = time.time(), 0
         try:
-            r = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout, env=env)
-        except subprocess.TimeoutExpired:
-            raise RunFailed(f"run `{run_dir}` exceeded {timeout:.0f} s; see {log_path}") from None
-    if r.returncode != 0:
+            while child.poll() is None:
+                if timeout is not None and time.time() - start > timeout:
+                    raise RunFailed(f"run `{run_dir}` exceeded {timeout:.0f} s; see {log_path}")
+                time.sleep(1.0)
+                if stop is not None and os.path.exists(path) and os.path.getsize(path) > seen:
+                    seen = os.path.getsize(path)
+                    with open(path) as f:  # (complete lines only: the child may be mid-write)
+                        recs = [json.loads(line) for line in f.read().splitlines(True) if line.endswith("\n")]
+                    if stop(recs):
+                        return recs
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+    if child.returncode != 0:
         with open(log_path) as f:
             tail = f.read()[-2000:]
-        raise RunFailed(f"run `{run_dir}` failed with status {r.returncode}; last output:\n{tail}")
+        raise RunFailed(f"run `{run_dir}` failed with status {child.returncode}; last output:\n{tail}")
     return read_metrics(run_dir)
 
 
