@@ -1,4 +1,5 @@
-"""msg-gridsearch CONFIG --candidates H,F,A,L [H,F,A,L ...] [--steps N] [overrides...]: pick intermediate shapes.
+"""msg-gridsearch CONFIG --candidates H,F,A,L [H,F,A,L ...] | --schedule H,F,A,L [--steps N] [overrides...]:
+pick intermediate shapes, or build a whole growth schedule from them.
 
 The paper's schedule construction (section 3.2.1): train each candidate structure briefly with the
 config's other settings (same data, batch, LR schedule: its warmup and decay length are kept, so a
@@ -7,6 +8,14 @@ short run sees the schedule's early part) and compare the pre-training rate
 measured by least squares over the second half of each run (training loss against training wall
 time). A small model has the better tau, a large one the better alpha; the table shows both, so a
 schedule can start from the structure that learns fastest per second and grow when it slows down.
+
+--schedule START builds a one-dimension-per-stage schedule (the paper's Sch1 form) from START to
+the config's model shape: in each round every dimension not yet at its final size is tried grown to
+it (one candidate each, trained as above), and the candidate with the best gamma becomes the next
+stage, until the final shape. This is section 3.2.1's procedure made mechanical: it finds its rules
+(i)-(iii) rather than assuming them (a deeper model costs tau: it comes late). Stage durations split
+train.steps equally, the remainder to the first stage (the paper: "roughly equal ... slightly
+emphasizing the early stages"). Prints the growth.stages block to paste into the config.
 """
 from __future__ import annotations
 
@@ -18,7 +27,7 @@ import tempfile
 from typing import List
 
 from .cli import run_cli
-from .config import load_config
+from .config import Shape, load_config
 from .grow import parse_shape
 from .training.runs import run_pretrain, steps as step_records
 
@@ -70,12 +79,49 @@ def search(config: str, candidates, steps: int, overrides: List[str], out_dir: s
     return results
 
 
+def build_schedule(config: str, start: Shape, steps: int, overrides: List[str], out_dir: str, log=print) -> dict:
+    """{rounds: [the candidates' results of each round, the chosen one marked], stages: [(step, shape)]}."""
+    cfg = load_config(config, overrides)
+    final = Shape(cfg.model.hidden_size, cfg.model.ffn_hidden_size, cfg.model.num_attention_heads,
+                  cfg.model.num_layers)
+    if any(s > f for s, f in zip(start.as_tuple(), final.as_tuple())):
+        raise ValueError(f"--schedule {start} is larger than the config's model shape {final} in some dimension; the "
+                         "model section is the final shape a schedule grows to")
+    if start == final:
+        raise ValueError(f"--schedule {start} is the config's model shape: there is nothing to grow")
+    shapes, rounds, current = [start], [], start
+    while current != final:
+        todo = [i for i in range(4) if current.as_tuple()[i] != final.as_tuple()[i]]
+        grown = [Shape(*(final.as_tuple()[i] if j == i else v for j, v in enumerate(current.as_tuple())))
+                 for i in todo]
+        if len(grown) == 1:  # the last dimension: nothing to choose
+            current = grown[0]
+        else:
+            results = search(config, grown, steps, overrides, out_dir, log)
+            best = max(results, key=lambda r: r["gamma"])
+            best["chosen"] = True
+            rounds.append(results)
+            current = Shape(*best["shape"])
+            log(f"[gridsearch] round {len(rounds)}: grow to {current} (best gamma)")
+        shapes.append(current)
+    total = cfg.train.steps
+    span = total // len(shapes)
+    first = total - span * (len(shapes) - 1)
+    stages = [(0 if i == 0 else first + span * (i - 1), s) for i, s in enumerate(shapes)]
+    return {"rounds": rounds, "stages": [(st, list(s.as_tuple())) for st, s in stages]}
+
+
+def stages_yaml(stages) -> str:
+    return "growth:\n  stages:\n" + "\n".join(f"    - {{step: {st}, shape: [{', '.join(map(str, sh))}]}}"
+                                              for st, sh in stages)
+
+
 def table(results: List[dict]) -> str:
     lines = ["| shape (h, f, a, L) | params | tok/s | alpha (loss/step) | tau (step/s) | gamma (loss/s) | loss at end |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     best = max(r["gamma"] for r in results)
     for r in sorted(results, key=lambda r: -r["gamma"]):
-        mark = " **best**" if r["gamma"] == best else ""
+        mark = " **chosen**" if r.get("chosen") else " **best**" if r["gamma"] == best else ""
         lines.append(f"| {tuple(r['shape'])}{mark} | {r['params'] / 1e6:.2f}M | {r['tokens_per_s']:.0f} | "
                      f"{r['alpha']:.5f} | {r['tau']:.2f} | {r['gamma']:.4f} | {r['final_loss']:.3f} |")
     return "\n".join(lines)
@@ -86,15 +132,26 @@ def _main(argv) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("config")
     ap.add_argument("overrides", nargs="*", help="section.field=value, applied to every candidate")
-    ap.add_argument("--candidates", nargs="+", required=True, help="shapes hidden,ffn,heads,layers")
+    what = ap.add_mutually_exclusive_group(required=True)
+    what.add_argument("--candidates", nargs="+", help="shapes hidden,ffn,heads,layers")
+    what.add_argument("--schedule", default="", help="START shape: build a schedule from it to the config's model shape")
     ap.add_argument("--steps", type=int, default=100, help="training steps per candidate (default 100)")
     ap.add_argument("--out", default="", help="directory for the candidates' runs (default: a temp dir)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    candidates = [parse_shape(c, "--candidates entry") for c in args.candidates]
     out = args.out or tempfile.mkdtemp(prefix="msg-gridsearch-")
-    results = search(args.config, candidates, args.steps, args.overrides, out,
-                     log=(lambda *_: None) if args.json else print)
+    log = (lambda *_: None) if args.json else print
+    if args.schedule:
+        res = build_schedule(args.config, parse_shape(args.schedule, "--schedule"), args.steps, args.overrides, out, log)
+        if args.json:
+            print(json.dumps(res))
+        else:
+            for i, results in enumerate(res["rounds"]):
+                print(f"\nround {i + 1}:\n{table(results)}")
+            print(f"\n{stages_yaml(res['stages'])}")
+        return 0
+    candidates = [parse_shape(c, "--candidates entry") for c in args.candidates]
+    results = search(args.config, candidates, args.steps, args.overrides, out, log)
     print(json.dumps(results) if args.json else table(results))
     return 0
 

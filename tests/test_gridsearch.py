@@ -36,3 +36,36 @@ def test_gridsearch_cli(tmp_path, tiny_data):
             assert len([1 for line in f if '"loss"' in line]) == 12
     r = run_cli(["msg_megatron.gridsearch", "configs/demo_cpu.yaml", "--candidates", "64,128,2"])
     assert r.returncode == 2 and "four positive integers" in r.stderr
+
+
+@pytest.mark.timeout(600)
+def test_gridsearch_builds_a_schedule_one_dimension_per_stage_by_best_gamma(tmp_path, tiny_data):
+    """--schedule: each round tries every dimension not yet final, grown to its final size, and the
+    best gamma is the next stage; stages split train.steps equally (remainder first); the printed
+    block is a config's growth.stages."""
+    over = ["model.vocab_size=512", "model.seq_length=32", "data.corpus_mb=0.3", "data.valid_fraction=0.05",
+            "train.global_batch_size=4", "train.micro_batch_size=4", "checkpoint.save=", "model.hidden_size=96",
+            "model.ffn_hidden_size=256", "model.num_attention_heads=2", "model.num_layers=2", "model.kv_channels=32",
+            "train.steps=50", "growth.stages=[]"]
+    r = run_cli(["msg_megatron.gridsearch", "configs/demo_cpu.yaml", *over, "--steps", "8", "--json",
+                 "--out", str(tmp_path), "--schedule", "64,128,2,1"], timeout=500)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert [len(x) for x in res["rounds"]] == [3, 2]  # heads are final already; the last dimension is forced
+    shapes = [s for _, s in res["stages"]]
+    assert shapes[0] == [64, 128, 2, 1] and shapes[-1] == [96, 256, 2, 2] and len(shapes) == 4
+    for a, b in zip(shapes, shapes[1:]):  # one dimension per stage
+        assert sum(x != y for x, y in zip(a, b)) == 1
+    for results, nxt in zip(res["rounds"], shapes[1:]):
+        best = max(results, key=lambda x: x["gamma"])
+        assert best["shape"] == nxt and best.get("chosen")
+    assert [st for st, _ in res["stages"]] == [0, 14, 26, 38]  # 50 = 14 + 3 x 12
+    from msg_megatron.config import load_config
+    from msg_megatron.gridsearch import stages_yaml
+
+    cfg = tmp_path / "grown.yaml"
+    cfg.write_text(stages_yaml(res["stages"]) + "\n")
+    loaded = load_config(str(cfg), [o for o in over if not o.startswith("growth.")])
+    assert [list(s.shape) for s in loaded.growth.stages] == shapes
+    r = run_cli(["msg_megatron.gridsearch", "configs/demo_cpu.yaml", "--schedule", "256,256,4,2"])
+    assert r.returncode == 2 and "larger than the config's model shape" in r.stderr
