@@ -45,11 +45,17 @@ _QUICK = ["model.hidden_size=96", "model.ffn_hidden_size=384", "model.num_attent
           "model.vocab_size=512", "model.seq_length=64", "train.steps=60", "train.global_batch_size=8",
           "train.micro_batch_size=8", "train.warmup_steps=5", "train.eval_interval=10", "train.eval_iters=2",
           "data.corpus_mb=0.5", "growth.ramp_steps=5"] + _QUICK_SHAPES
+# GPT's stages chosen by msg-gridsearch, not by hand (2026-12-02, docs/benchmarks.md "Choosing stages"):
+#   msg-gridsearch configs/demo_cpu.yaml checkpoint.save= --schedule 128,256,4,2 --steps 100
+# each round grows the dimension whose grown model has the best gamma (eq. 21): heads, ffn, hidden, then layers
+GPT_STAGES = ("growth.stages=[{step: 0, shape: [128, 256, 4, 2]}, {step: 96, shape: [128, 256, 6, 2]}, "
+              "{step: 192, shape: [128, 768, 6, 2]}, {step: 288, shape: [192, 768, 6, 2]}, "
+              "{step: 384, shape: [192, 768, 6, 4]}]")
 FAMILIES = {
     # the demos: (128, 256, 4, 2) grows one dimension per stage to (192, 768, 6, 4) in 480 steps;
     # quick (CI): the same story at 1/8 of the steps on a smaller model
     "gpt": {"config": "demo_cpu.yaml", "stem": "growth_cpu",
-            "full": {"over": ["train.eval_interval=40"], "ramps": [5, 20, 80], "ramp": 40},
+            "full": {"over": ["train.eval_interval=40", GPT_STAGES], "ramps": [5, 20, 80], "ramp": 40},
             "quick": {"over": _QUICK, "ramps": [2], "ramp": 5}},
     "bert": {"config": "bert_demo_cpu.yaml", "stem": "growth_cpu_bert",
              "full": {"over": ["train.eval_interval=40"], "ramps": [5], "ramp": 40},
