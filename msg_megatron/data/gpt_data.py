@@ -289,8 +289,8 @@ def build_samples(cfg, eod: int, cache_dir: str, train_prefixes: Optional[Blend]
 
     With data.paths: the stages' blends, split by data.split (or validation from data.valid_paths).
     Otherwise `train_prefixes` / `valid_prefixes` (a prepared directory's train and valid files),
-    each used whole. `mlm` (BERT: an mlm_data.MLMTokenizer): each corpus gives masked-LM samples
-    (mlm_data.MLMCorpus, the same interface) from sentence-level files; blends, splits, per-stage
+    each used whole. `mlm` (BERT: sources._mlm_corpora's factory, (prefix, split, fractions, index cache) -> an
+    mlm_data.MLMCorpus, Corpus's interface): each corpus gives masked-LM samples from sentence-level files; blends, splits, per-stage
     data and resumption are the same."""
     d = cfg.data
     cache = _IndexCache(d.index_cache or os.path.join(cache_dir, "index-cache"))
@@ -321,10 +321,7 @@ def build_samples(cfg, eod: int, cache_dir: str, train_prefixes: Optional[Blend]
                 raise DataError(f"`{prefix}.bin` holds no tokens (an empty split: the corpus has too few documents "
                                 "to hold some out); use a larger corpus")
             if mlm is not None:
-                from .mlm_data import MLMCorpus
-
-                c = MLMCorpus(prefix, mlm, cfg.model.seq_length, cfg.train.seed, cache, fractions=fractions,
-                              split=split)
+                c = mlm(prefix, split, fractions, cache)
             else:
                 c = Corpus(prefix, split, fractions, cfg, cache, tok)
             if c.n < 1:

@@ -10,7 +10,7 @@ from typing import Optional
 from .errors import DataError
 from .gpt_data import build_samples
 from .loader import SyntheticWindows
-from .mlm_data import MLMTokenizer
+from .mlm_data import MLMCorpus, MLMTokenizer
 from .prepare import default_cache_dir, resolve_data_dir_all_ranks
 from .tokenizer import find_tokenizer, load_tokenizer
 
@@ -71,13 +71,22 @@ def _masked_lm_data(cfg, log, train: bool) -> RunData:
         if tok.vocab_size != cfg.model.vocab_size:
             raise DataError(f"data.tokenizer `{tok_path}` has {tok.vocab_size} tokens but model.vocab_size is "
                             f"{cfg.model.vocab_size}; set model.vocab_size={tok.vocab_size}")
-        tr, va, why = build_samples(cfg, tok.sep, cache, train=train, mlm=tok)
+        tr, va, why = build_samples(cfg, tok.sep, cache, train=train, mlm=_mlm_corpora(cfg, tok))
     else:
         data_dir, _ = resolve_data_dir_all_ranks(d, cfg.model.vocab_size, log, sentences=True)
         tok_path = os.path.join(data_dir, "tokenizer.json")
         tok = MLMTokenizer(tok_path)
         tr, va, why = build_samples(cfg, tok.sep, cache, [(1.0, os.path.join(data_dir, "train"))],
-                                    [(1.0, os.path.join(data_dir, "valid"))], train=train, mlm=tok)
+                                    [(1.0, os.path.join(data_dir, "valid"))], train=train,
+                                    mlm=_mlm_corpora(cfg, tok))
     if tr is not None:
         log(f"[data] train: {tr.describe()}")
     return RunData(tok_path, tr, va, why)
+
+
+def _mlm_corpora(cfg, tok: MLMTokenizer):
+    """build_samples' corpus factory for BERT: (prefix, split, fractions, index cache) -> MLMCorpus. Passed in so
+    that gpt_data, which mlm_data builds on, need not import mlm_data."""
+    def make(prefix: str, split: str, fractions, cache):
+        return MLMCorpus(prefix, tok, cfg.model.seq_length, cfg.train.seed, cache, fractions=fractions, split=split)
+    return make
