@@ -7,7 +7,8 @@
 - import -> export is bit-identical.
 - BertForMaskedLM and BertForPreTraining folders written by transformers (erf GELU, Google's
   hidden_act=gelu; and the tanh form) import (the first under TP=2 x PP=2) and export back to the
-  same tensors bitwise; imported on one process, their logits equal transformers' within 1e-5.
+  same tensors bitwise (BertForPreTraining's pooler and NSP classifier as model.binary_head's
+  sentence-order head); imported on one process, their logits equal transformers' within 1e-5.
 """
 import json
 
@@ -104,8 +105,9 @@ def test_bert_import_then_export_is_bit_identical(exported, tmp_path):
 @pytest.mark.parametrize("head, act", [("BertForMaskedLM", "gelu"), ("BertForPreTraining", "gelu_new")])
 def test_transformers_bert_imports_sharded_and_round_trips(tmp_path, head, act):
     """A BERT written by transformers (no msg-megatron metadata) imports (under TP=2 x PP=2) and exports
-    back to the same encoder and MLM tensors; on one process its logits equal transformers' (1e-5).
-    BertForPreTraining's pooler and next-sentence head are not part of a masked LM: not imported."""
+    back to the same tensors bitwise; on one process its logits equal transformers' (1e-5).
+    BertForPreTraining's pooler and next-sentence classifier become the sentence-order head
+    (model.binary_head): its logits are compared too."""
     torch.manual_seed(0)
     cfg = transformers.BertConfig(vocab_size=200, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                   intermediate_size=64, max_position_embeddings=64, hidden_act=act, type_vocab_size=3)
@@ -124,15 +126,9 @@ def test_transformers_bert_imports_sharded_and_round_trips(tmp_path, head, act):
     assert r.returncode == 0, _quiet(r.stderr)
     r = run_cli(["msg_megatron.hf.export", "--load", str(tmp_path / "ck4"), "--out", str(tmp_path / "back")])
     assert r.returncode == 0, _quiet(r.stderr)
-    if head == "BertForMaskedLM":
-        _assert_same_tensors(tmp_path / "src", tmp_path / "back")
-    else:
-        from safetensors.torch import load_file
-
-        src, back = load_file(tmp_path / "src" / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
-        assert sorted(back) == sorted(k for k in src if "pooler" not in k and "seq_relationship" not in k)
-        assert all(torch.equal(src[k], back[k]) for k in back)
+    _assert_same_tensors(tmp_path / "src", tmp_path / "back")
     back = json.load(open(tmp_path / "back" / "config.json"))
+    assert back["architectures"] == [head] and back["msg_megatron"]["model"]["binary_head"] == (head != "BertForMaskedLM")
     assert back["hidden_act"] == {"gelu": "gelu", "gelu_new": "gelu_pytorch_tanh"}[act]
     assert back["type_vocab_size"] == 3 and back["layer_norm_eps"] == 1e-12
     r = run_cli(["msg_megatron.hf.import_hf", "--hf", str(tmp_path / "src"), "--save", str(tmp_path / "ck1"), "--json"])

@@ -170,3 +170,72 @@ def test_gelu_erf_is_the_exact_gelu_in_the_mlp_and_the_mlm_head():
     torch.testing.assert_close(mlp(x), want, rtol=0, atol=1e-6)
     tanh = build_model(bert_cfg(), OLD).eval()
     assert not torch.equal(tanh.lm_head(x), tanh.lm_head.norm(F.gelu(tanh.lm_head.dense(x))))
+
+
+# ---- the sentence-order head (model.binary_head): pooler + 2-way classifier -------------------------
+ORDER = torch.tensor([0, 1])  # the second pair's segments swapped
+
+
+@pytest.mark.parametrize("new", [Shape(48, 96, 6, 5), Shape(40, 64, 4, 2), Shape(32, 64, 4, 3)])
+@pytest.mark.parametrize("init", ["normal", huge_init])
+def test_sentence_order_head_growth_preserves_both_outputs(new, init):
+    """MLM logits and order logits right after growth equal the old ones to <= 1e-5 relative, for
+    any new-weight values (the pooled output's new features are masked); with the masks open (No
+    Mask) the order logits change."""
+    model = build_model(bert_cfg(binary_head=True), OLD)
+    mlm, order = logits(model)
+    assert order.shape == (2, 2)
+    grown, _ = grow_model(model, new, step=3, init=init)
+    mlm2, order2 = logits(grown)
+    assert rel_err(mlm, mlm2) <= 1e-5 and rel_err(order, order2) <= 1e-5
+    if new.hidden != OLD.hidden:
+        nomask, _ = grow_model(model, new, step=3, init="normal", operator="nomask")
+        assert rel_err(order, logits(nomask)[1]) > 1e-3
+
+
+def test_sentence_order_head_equals_transformers_bert_for_pretraining():
+    """A grown model with the head, masks ramped to 1, under BertForPreTraining's names: its MLM and
+    order logits equal transformers' within 1e-4 (max abs), and our loss (data/batches.batch_loss:
+    mean MLM loss over the masked positions + mean order loss) equals BertForPreTraining's loss with
+    the same labels (unmasked positions -100) within 1e-5."""
+    from transformers import BertConfig, BertForPreTraining
+
+    from msg_megatron.data.batches import batch_loss
+    from msg_megatron.hf.layout import architecture, dims, hf_config, to_hf
+    from msg_megatron.model import refresh_active, update_masks
+
+    cfg = bert_cfg(binary_head=True)
+    grown, _ = grow_model(build_model(cfg, OLD), Shape(48, 96, 6, 3), step=10, init="normal", init_std=0.2)
+    update_masks(grown, 30, 10)
+    refresh_active(grown)
+    with torch.no_grad():
+        for name, p in grown.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.1)
+    shape, arch = grown.shape, architecture(cfg, grown.shape)
+    conf = hf_config(arch, cfg, shape, grown.vocab_padded, "float32", None, None)
+    assert conf["architectures"] == ["BertForPreTraining"]
+    hf = BertForPreTraining(BertConfig(**{k: v for k, v in conf.items() if k not in ("model_type", "dtype")})).eval()
+    ours = {k: v for k, v in grown.state_dict().items() if not k.endswith("_extra_state")}
+    missing, unexpected = hf.load_state_dict(to_hf(arch, ours, dims(cfg, shape)), strict=False)
+    assert set(missing) <= {"cls.predictions.decoder.weight", "cls.predictions.decoder.bias"} and not unexpected
+    mlm, order = logits(grown)
+    labels = torch.randint(0, 97, TOKENS.shape, generator=torch.Generator().manual_seed(1))
+    chosen = torch.zeros_like(TOKENS)
+    chosen[:, [2, 5, 10]] = 1
+    with torch.no_grad():
+        want = hf(input_ids=TOKENS, token_type_ids=TYPES, attention_mask=PAD,
+                  labels=torch.where(chosen.bool(), labels, -100), next_sentence_label=ORDER)
+        loss = batch_loss(grown(TOKENS, labels, types=TYPES, padding_mask=PAD, sentence_order=ORDER), chosen)
+    assert (mlm - want.prediction_logits).abs().max() <= 1e-4
+    assert (order - want.seq_relationship_logits).abs().max() <= 1e-4
+    assert abs(float(loss) - float(want.loss)) <= 1e-5 * float(want.loss)
+
+
+def test_sentence_order_head_needs_bert_and_its_labels():
+    with pytest.raises(ConfigError, match="model.binary_head is BERT's sentence-order head"):
+        build_model(ModelConfig(binary_head=True, vocab_size=97, hidden_size=32, ffn_hidden_size=64,
+                                num_attention_heads=4, num_layers=2), OLD)
+    model = build_model(bert_cfg(binary_head=True), OLD)
+    with pytest.raises(ValueError, match="sentence-order labels"):
+        model(TOKENS, TOKENS, types=TYPES, padding_mask=PAD)

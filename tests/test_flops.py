@@ -32,15 +32,21 @@ def test_peak_table_has_the_cluster_gpus():
 
 
 @pytest.mark.parametrize("shape", [Shape(48, 96, 6, 5), Shape(32, 64, 2, 2)])
-def test_bert_flops_per_token_count_the_mlm_head(shape):
-    """BERT (bidirectional, padded keys, the MLM head's dense before the logits): the same count."""
-    cfg = tiny_model_cfg(family="bert")
+@pytest.mark.parametrize("binary_head", [False, True])
+def test_bert_flops_per_token_count_the_mlm_head(shape, binary_head):
+    """BERT (bidirectional, padded keys, the MLM head's dense before the logits; the sentence-order
+    head's pooler and classifier on [CLS]): the same count."""
+    from msg_megatron.data.batches import batch_loss
+
+    cfg = tiny_model_cfg(family="bert", binary_head=binary_head)
     model = build_model(cfg, shape)
     b, s = 2, cfg.seq_length
     tokens = torch.randint(0, cfg.vocab_size, (b, s), generator=torch.Generator().manual_seed(0))
     keep = torch.ones_like(tokens)
     keep[1, s // 2:] = 0
     with FlopCounterMode(display=False) as counter:
-        model(tokens, tokens, types=torch.zeros_like(tokens), padding_mask=keep).mean().backward()
+        out = model(tokens, tokens, types=torch.zeros_like(tokens), padding_mask=keep,
+                    sentence_order=torch.tensor([0, 1]))
+        batch_loss(out, keep).backward()
     attention = 3 * 2 * 2 * s * shape.heads * cfg.head_dim * shape.layers  # per token, fwd + bwd
     assert counter.get_total_flops() == (flops_per_token(cfg, shape, model.vocab_padded) - attention) * b * s

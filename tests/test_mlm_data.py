@@ -10,7 +10,7 @@ import pytest
 
 from msg_megatron.data.corpus import embedded_documents, select_documents
 from msg_megatron.data.errors import DataError
-from msg_megatron.data.mlm_data import MLMCorpus, MLMTokenizer, split_sentences, train_wordpiece
+from msg_megatron.data.mlm_data import FIELDS, MLMCorpus, MLMTokenizer, split_sentences, train_wordpiece
 from msg_megatron.data.tokenize_files import write_indexed
 
 pytestmark = pytest.mark.slow  # trains a tokenizer, draws ~20k samples (~15 s)
@@ -26,6 +26,21 @@ def mlm(tmp_path_factory):
     info = write_indexed(docs, path, os.path.join(out, "train"), sentences=True)
     tok = MLMTokenizer(path)
     return out, tok, info
+
+
+def test_tokenizing_in_process_leaves_torchs_threads_alone(mlm, tmp_path):
+    """workers=1 tokenizes in the calling process (the trainer preparing the embedded corpus): it
+    must not set torch's threads, which made the training after it 1.5x slower on 2 cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        write_indexed(select_documents(embedded_documents(), 20_000), os.path.join(mlm[0], "tokenizer.json"),
+                      str(tmp_path / "t"), sentences=True)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def _corpus(mlm, **kw):
@@ -122,6 +137,13 @@ def test_samples_are_berts_sentence_pairs(mlm):
     pairs = _corpus(mlm, pairs=True)
     swapped = np.mean([pairs.sample(k)["is_random"] for k in range(2000)])
     assert abs(swapped - 0.5) < 0.04, swapped
+    # a batch row (FIELDS): the label fills the last row; without pairs it is 0
+    rows = [pairs[k] for k in range(50)]
+    assert all(r.shape == (len(FIELDS), SEQ) and (r[-1] == int(pairs.sample(k)["is_random"])).all()
+               for k, r in enumerate(rows))
+    plain = _corpus(mlm)
+    assert not any(plain[k][-1].any() for k in range(50))
+    assert pairs.identity != _corpus(mlm).identity  # another sample stream: resuming across it is a data change
 
 
 def test_a_sample_is_a_function_of_its_number(mlm):

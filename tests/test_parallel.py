@@ -145,8 +145,10 @@ CASES = {
     "tp2pp2dp2_bf16": (2, 2, 2, LLAMA + ["train.precision=bf16"], [[32, 64, 2, 2], [48, 128, 4, 4]],
                        DISTOPT + ["train.fusion=compile"], 1e-2),
     # BERT (masked-LM samples of the embedded corpus's sentences): post-LN layers, token types and the
-    # padding mask on every pipeline stage, the MLM head and decoder bias on the last; every dimension
-    "bert_tp2pp2": (2, 2, 1, BERT, [[32, 64, 2, 2], [48, 128, 4, 4]]),
+    # padding mask on every pipeline stage, the MLM head and decoder bias on the last; every dimension;
+    # the sentence-order head (model.binary_head) under sequence parallelism ([CLS] on the first TP rank)
+    "bert_tp2pp2_sop_sp": (2, 2, 1, BERT + ["model.binary_head=true"], [[32, 64, 2, 2], [48, 128, 4, 4]],
+                           ["parallel.sequence_parallel=true"]),
 }
 
 

@@ -24,9 +24,9 @@ def test_parameter_count_equals_numel(norm, act, pos, tie, bias):
         assert count_params(cfg, shape, padded_vocab_size(cfg)) == sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.parametrize("activation, bias", [("gelu", True), ("swiglu", False)])
-def test_bert_parameter_count_equals_numel(activation, bias):
-    cfg = tiny_model_cfg(family="bert", activation=activation, add_bias_linear=bias)
+@pytest.mark.parametrize("activation, bias, binary_head", [("gelu", True, True), ("swiglu", False, False)])
+def test_bert_parameter_count_equals_numel(activation, bias, binary_head):
+    cfg = tiny_model_cfg(family="bert", activation=activation, add_bias_linear=bias, binary_head=binary_head)
     for shape in (Shape(32, 64, 4, 2), Shape(48, 96, 6, 5)):
         model = build_model(cfg, shape)
         assert count_params(cfg, shape, padded_vocab_size(cfg)) == sum(p.numel() for p in model.parameters())

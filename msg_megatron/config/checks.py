@@ -61,6 +61,8 @@ RANGES = [
     ("train.threads", 0, True, None, "torch's CPU threads (0: torch's default)"),
     ("train.recompute_num_layers", 0, True, None, "layers per stage recomputed under recompute=full (0: all)"),
     ("data.corpus_mb", 0, False, None, "megabytes of embedded text"),
+    ("data.mask_prob", 0, False, 1, "the share of tokens the masked-LM loss is on (e.g. 0.15)"),
+    ("data.short_seq_prob", 0, True, 1, "the share of shortened masked-LM samples (e.g. 0.1)"),
     ("checkpoint.keep", 1, True, None, "how many checkpoints to keep (at least 1: the newest)"),
     ("parallel.gpus", 0, True, None, "the GPUs msg-plan plans for (0: tensor x pipeline)"),
 ]
@@ -87,6 +89,9 @@ def check_bert(m) -> None:
         raise ConfigError("model.family=bert is BERT's encoder: set model.norm=layernorm, "
                           "model.position_embedding=learned and model.tie_embeddings=true (the MLM decoder is the "
                           f"word embedding); got {m.norm}, {m.position_embedding}, tie_embeddings={m.tie_embeddings}")
+    if m.binary_head and m.family != "bert":
+        raise ConfigError("model.binary_head is BERT's sentence-order head; set model.family=bert or "
+                          "model.binary_head=false")
 
 
 def validate(cfg: Config) -> None:

@@ -39,6 +39,11 @@ class ModelConfig:
     tie_embeddings=true, as BERT has them)."""
     type_vocab_size: int = 2
     """BERT: token types (segments A and B)."""
+    binary_head: bool = False
+    """BERT: the sentence-order head (Megatron-LM's --bert-binary-head; ALBERT's SOP): a pooler,
+    tanh(dense(h of [CLS])), and a 2-way classifier of whether segment B was swapped with A (half
+    the samples are); its cross-entropy is added to the masked-LM loss. Off by default (the paper's
+    BERT trains on MLM alone)."""
     vocab_size: int = 2048
     """Tokenizer vocabulary size (the embedding is padded to `make_vocab_size_divisible_by`)."""
     make_vocab_size_divisible_by: int = 128
@@ -266,6 +271,13 @@ class DataConfig:
     index_cache: str = ""
     """Where megatron's dataset indices are cached (default: cache_dir/index-cache). Global rank 0
     builds them and every rank memory-maps them, so on a cluster it must be a path every node sees."""
+    mask_prob: float = 0.15
+    """BERT: the share of tokens chosen for the masked-LM loss (80% of them replaced by [MASK], 10% by
+    a random token, 10% kept; Megatron-LM's --mask-prob)."""
+    short_seq_prob: float = 0.1
+    """BERT: the share of samples cut to a random shorter length (Megatron-LM's --short-seq-prob)."""
+    whole_word_masking: bool = False
+    """BERT: choose whole words (a piece and the `##` pieces after it) rather than single pieces."""
     allow_blend_change: bool = False
     """Resume even though the data (paths, split, valid_paths, a stage's data, seq_length, seed) differs
     from the checkpoint's: the sample order from the resumed step on is then the new data's (logged)."""

@@ -203,7 +203,7 @@ def _counts(index, n: int, chunk: int = 1 << 22) -> List[int]:
 
 class Samples:
     """Global sample numbers -> token windows [seq_length + 1] over segments (the trainer's interface:
-    `batch`, `sequential`, `num_samples`); `masked` (BERT): masked-LM samples [5, seq_length]
+    `batch`, `sequential`, `num_samples`); `masked` (BERT): masked-LM samples [6, seq_length]
     (mlm_data.FIELDS)."""
 
     def __init__(self, segments: List[Tuple[int, Segment]], seq_length: int, num_samples: int,
@@ -225,7 +225,7 @@ class Samples:
 
     def batch(self, first_sample: int, size: int) -> torch.Tensor:
         """Samples first_sample .. first_sample+size-1 as a [size, seq_length + 1] tensor (masked:
-        [size, 5, seq_length])."""
+        [size, 6, seq_length])."""
         return torch.from_numpy(np.stack([self.window(first_sample + k) for k in range(size)]))
 
     def describe(self) -> str:

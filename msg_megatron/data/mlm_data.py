@@ -190,16 +190,21 @@ class MLMCorpus:
         return self.epochs[e][i]
 
     def __getitem__(self, k: int) -> np.ndarray:
-        """Sample k as one int64 array [5, seq_length] of FIELDS (a batch stacks them: [micro, 5, seq],
-        so micro-batches travel through the schedules as GPT's token windows do)."""
+        """Sample k as one int64 array [6, seq_length] of FIELDS (a batch stacks them: [micro, 6, seq],
+        so micro-batches travel through the schedules as GPT's token windows do); `is_random` (1:
+        segments swapped, the sentence-order label; 0 without `pairs`) fills its row."""
         s = self.sample(k)
-        return np.stack([np.asarray(s[f], dtype=np.int64) for f in FIELDS])
+        rows = [np.asarray(s[f], dtype=np.int64) for f in FIELDS[:-1]]
+        return np.stack(rows + [np.full(self.seq_length, int(s["is_random"]), dtype=np.int64)])
 
     @property
     def identity(self) -> dict:
-        return {"prefix": self.prefix, "split": self.split, "range": self.split_key, "kind": "masked-lm"}
+        o = self.options  # (another masking is another sample order: resuming across it is a data change)
+        return {"prefix": self.prefix, "split": self.split, "range": self.split_key, "kind": "masked-lm",
+                "masking": [o["masking_probability"], o["short_sequence_probability"], o["masking_do_full_word"],
+                            o["masking_max_ngram"], o["classification_head"]]}
 
 
 # the fields of a masked-LM sample, in the order a batch tensor [micro, FIELDS, seq] stacks them
-FIELDS = ("text", "types", "labels", "loss_mask", "padding_mask")
+FIELDS = ("text", "types", "labels", "loss_mask", "padding_mask", "is_random")
 

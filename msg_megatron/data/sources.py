@@ -88,5 +88,9 @@ def _mlm_corpora(cfg, tok: MLMTokenizer):
     """build_samples' corpus factory for BERT: (prefix, split, fractions, index cache) -> MLMCorpus. Passed in so
     that gpt_data, which mlm_data builds on, need not import mlm_data."""
     def make(prefix: str, split: str, fractions, cache):
-        return MLMCorpus(prefix, tok, cfg.model.seq_length, cfg.train.seed, cache, fractions=fractions, split=split)
+        d = cfg.data
+        return MLMCorpus(prefix, tok, cfg.model.seq_length, cfg.train.seed, cache, fractions=fractions, split=split,
+                         masking_probability=d.mask_prob, short_sequence_probability=d.short_seq_prob,
+                         whole_word=d.whole_word_masking,
+                         pairs=cfg.model.binary_head)  # (half the pairs swapped: the sentence-order labels)
     return make

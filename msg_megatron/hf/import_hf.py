@@ -2,8 +2,8 @@
 
 Supported: LlamaForCausalLM (multi-head or grouped-query attention: num_key_value_heads becomes
 model.num_query_groups; default RoPE, SiLU), GPT2LMHeadModel (tanh or erf GELU) and BERT
-(BertForMaskedLM or BertForPreTraining: the encoder and MLM head, model.family=bert; the pooler and
-next-sentence head are not read), stored as safetensors. Every rank reads only
+(BertForMaskedLM: the encoder and MLM head, model.family=bert; BertForPreTraining: also its pooler and
+next-sentence classifier, as model.binary_head's sentence-order head), stored as safetensors. Every rank reads only
 the tensors its shards need, one at a time from the memory-mapped files, so under torchrun with
 T x P processes no rank holds more than its shards plus one full tensor. Run in one process, the
 model is built unsharded: a dist checkpoint reloads under any layout, and --tensor/--pipeline are
@@ -170,7 +170,8 @@ def _bert_fields(hf: dict, seq_length) -> dict:
     return dict(family="bert", norm="layernorm", activation="gelu_erf" if act == "gelu" else "gelu",
                 position_embedding="learned", seq_length=n_pos, norm_epsilon=hf.get("layer_norm_eps", 1e-12),
                 add_bias_linear=True, tie_embeddings=True, kv_channels=hidden // heads,
-                type_vocab_size=hf.get("type_vocab_size", 2))
+                type_vocab_size=hf.get("type_vocab_size", 2),
+                binary_head="BertForPreTraining" in (hf.get("architectures") or []))
 
 
 def fill_model(model, arch: str, get) -> None:
@@ -250,12 +251,14 @@ def import_hf(folder: str, save: str, tensor: int = 1, pipeline: int = 1, seq_le
 
 @torch.no_grad()
 def _compare_logits(folder: str, model) -> float:
-    """Max abs difference of the logits on random tokens (BERT: two segments, the second sample padded)."""
-    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+    """Max abs difference of the logits on random tokens (BERT: two segments, the second sample
+    padded; with the sentence-order head, BertForPreTraining's two outputs)."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForPreTraining
 
     model.eval()
-    bert = model.mcfg.family == "bert"
-    ref = (AutoModelForMaskedLM if bert else AutoModelForCausalLM).from_pretrained(folder, dtype=torch.float32)
+    bert, pairs = model.mcfg.family == "bert", model.mcfg.binary_head
+    auto = AutoModelForPreTraining if pairs else AutoModelForMaskedLM if bert else AutoModelForCausalLM
+    ref = auto.from_pretrained(folder, dtype=torch.float32)
     ref.eval()
     gen = torch.Generator().manual_seed(0)
     seq = min(model.mcfg.seq_length, 64)
@@ -267,9 +270,12 @@ def _compare_logits(folder: str, model) -> float:
     keep = torch.ones_like(tokens)
     keep[1, 3 * seq // 4:] = 0
     ours = model(tokens, types=types, padding_mask=keep)
-    theirs = ref(input_ids=tokens, token_type_ids=types, attention_mask=keep).logits
+    theirs = ref(input_ids=tokens, token_type_ids=types, attention_mask=keep)
     # (logits at padded positions are not a function either model promises: compare the real tokens)
-    return float((ours - theirs).abs()[keep.bool()].max())
+    if not pairs:
+        return float((ours - theirs.logits).abs()[keep.bool()].max())
+    return max(float((ours[0] - theirs.prediction_logits).abs()[keep.bool()].max()),
+               float((ours[1] - theirs.seq_relationship_logits).abs().max()))
 
 
 def _main(argv) -> int:

@@ -80,7 +80,9 @@ def hf_config(arch: str, mcfg: ModelConfig, shape: Shape, vocab_padded: int, dty
                     attention_bias=mcfg.add_bias_linear, mlp_bias=mcfg.add_bias_linear,
                     attention_dropout=0.0, initializer_range=mcfg.init_method_std, pretraining_tp=1)
     if arch == BERT:  # (our MLP's and MLM head's GELU)
-        return dict(common, architectures=["BertForMaskedLM"], model_type="bert", hidden_size=shape.hidden,
+        # (with the sentence-order head, model.binary_head: BertForPreTraining, its pooler and NSP classifier)
+        head = "BertForPreTraining" if mcfg.binary_head else "BertForMaskedLM"
+        return dict(common, architectures=[head], model_type="bert", hidden_size=shape.hidden,
                     intermediate_size=shape.ffn, num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
                     hidden_act=gelu, max_position_embeddings=mcfg.seq_length,
                     type_vocab_size=mcfg.type_vocab_size, layer_norm_eps=mcfg.norm_epsilon,

@@ -31,8 +31,9 @@ from ..ops import fused
 from ..parallel.setup import device, sequence_parallel
 from . import recompute
 from .attention import rope_cos_sin
+from .bert_heads import MLMHead, SentenceOrderHead
 from .masks import Mask
-from .norms import MaskedLayerNorm, _mark_sequence_parallel, norm_class
+from .norms import MaskedLayerNorm, norm_class
 from .params import param
 from .spec import masked_layer_spec, masked_post_ln_layer_spec
 
@@ -178,6 +179,9 @@ class MaskedGPT(MegatronModule):
             if self.bert:  # post-LN: the layers' outputs are normalised already; the MLM head's transform
                 _seed_module(seed, "lm_head")
                 self.lm_head = MLMHead(config, shape.hidden, mcfg.norm_epsilon, perform_init)
+                if mcfg.binary_head:
+                    _seed_module(seed, "sentence_order")
+                    self.sentence_order = SentenceOrderHead(config, shape.hidden, perform_init)
             else:
                 self.final_norm = norm_class(mcfg.norm)(config, shape.hidden, mcfg.norm_epsilon)
             tied_here = mcfg.tie_embeddings and self.pre_process
@@ -220,13 +224,15 @@ class MaskedGPT(MegatronModule):
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor = None, chunk: Optional[int] = None,
                 input_tensor: Optional[torch.Tensor] = None, types: Optional[torch.Tensor] = None,
-                padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                padding_mask: Optional[torch.Tensor] = None, sentence_order: Optional[torch.Tensor] = None):
         """tokens [b, s] -> logits [b, s, vocab_padded], or per-token losses [b, s] given labels; on a
         stage other than the last, the hidden states [s, b, h] for the next stage. `chunk`: run only
         that virtual pipeline stage of this rank (ModelChunk), on `input_tensor` unless it is the
         first; None: all of the stage's layers in order. BERT: `types` [b, s] the segment of each
         token (default 0), `padding_mask` [b, s] 1 on real tokens, 0 on padding (default all 1),
-        which attention does not attend to."""
+        which attention does not attend to. With model.binary_head also the sentence-order logits
+        [b, 2] (a pair: (logits, order logits)), or given labels and `sentence_order` [b] (1: segments
+        swapped) the pair (per-token losses, per-sample order losses [b])."""
         if chunk is None and self.chunks > 1:
             raise RuntimeError("an interleaved pipeline stage runs one chunk at a time (its layers are not "
                                "consecutive): go through run_microbatches / chunk_views()")
@@ -276,13 +282,20 @@ class MaskedGPT(MegatronModule):
                 x = layer(x, hmask, rope, attn_mask)
         if not last:
             return x.contiguous()
+        order = self.sentence_order(x, hmask) if self.mcfg.binary_head else None  # [b, 2]
         x = self.lm_head(x, hmask) if self.bert else self.final_norm(x, hmask)
         weight = self.embedding.weight if (self.mcfg.tie_embeddings and self.pre_process) else None
         logits, _ = self.output_layer(x, weight=weight)  # [s, b, v / TP] (under SP it gathers the sequence)
         if labels is None:  # full-vocabulary logits on every TP rank
-            return gather_from_tensor_model_parallel_region(logits).transpose(0, 1)
-        loss = fused.vocab_parallel_cross_entropy(logits, labels.transpose(0, 1).contiguous())
-        return loss.transpose(0, 1)
+            logits = gather_from_tensor_model_parallel_region(logits).transpose(0, 1)
+            return logits if order is None else (logits, order)
+        loss = fused.vocab_parallel_cross_entropy(logits, labels.transpose(0, 1).contiguous()).transpose(0, 1)
+        if order is None:
+            return loss
+        if sentence_order is None:
+            raise ValueError("model.binary_head: the sentence-order labels (`sentence_order`, [b]) are needed with "
+                             "`labels`")
+        return loss, F.cross_entropy(order.float(), sentence_order, reduction="none")
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         """megatron's default, plus: layers under their global numbers, the hidden mask saved by the
@@ -346,9 +359,9 @@ class ModelChunk(nn.Module):
         self.input_tensor = _one_tensor(input_tensor)
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor = None, types: Optional[torch.Tensor] = None,
-                padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                padding_mask: Optional[torch.Tensor] = None, sentence_order: Optional[torch.Tensor] = None):
         return self._gpt(tokens, labels, chunk=self.index, input_tensor=self.input_tensor, types=types,
-                         padding_mask=padding_mask)
+                         padding_mask=padding_mask, sentence_order=sentence_order)
 
 
 def _one_tensor(input_tensor):
@@ -362,25 +375,6 @@ def _run_layer(layer):
         return layer(x, hmask, None if cos is None else (cos, sin), attn_mask)
 
     return run
-
-
-class MLMHead(nn.Module):
-    """BERT's masked-LM transform before the (tied) decoder: LN(gelu(dense(x)); m_h), the dense
-    replicated on every TP rank as megatron's BertLMHead has it. New hidden features: the dense's
-    new rows are any value, LN(.; m_h) leaves them out of its statistics and re-masks them (eq. 16-19)."""
-
-    def __init__(self, config, hidden: int, eps: float, perform_init: bool):
-        super().__init__()
-        self.dense = nn.Linear(hidden, hidden)
-        if perform_init:
-            config.init_method(self.dense.weight)
-            nn.init.zeros_(self.dense.bias)
-        _mark_sequence_parallel(self.dense, config)  # (it runs on this rank's tokens under SP)
-        self.norm = MaskedLayerNorm(config, hidden, eps)
-        self.exact_gelu = config.activation_func is F.gelu  # model.activation=gelu_erf
-
-    def forward(self, x: torch.Tensor, hidden_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return self.norm(fused.gelu(self.dense(x), self.exact_gelu), hidden_mask)
 
 
 def _mark_tensor_parallel_weights(model: nn.Module) -> None:

@@ -177,6 +177,11 @@ TABLE: Tuple[Param, ...] = (
     Param("lm_head.norm.weight", ("hidden",), "norm", {BERT: same(P + "transform.LayerNorm.weight")}),
     Param("lm_head.norm.bias", ("hidden",), "bias", {BERT: same(P + "transform.LayerNorm.bias")}),
     Param("output_layer.bias", ("vocab",), "bias", {BERT: same(P + "bias")}),
+    # BERT's sentence-order head (model.binary_head; model/bert_heads.py): BertForPreTraining's pooler and NSP head
+    Param("sentence_order.dense.weight", ("hidden", "hidden"), "linear", {BERT: same("bert.pooler.dense.weight")}),
+    Param("sentence_order.dense.bias", ("hidden",), "bias", {BERT: same("bert.pooler.dense.bias")}),
+    Param("sentence_order.classifier.weight", ("fixed", "hidden"), "linear", {BERT: same("cls.seq_relationship.weight")}),
+    Param("sentence_order.classifier.bias", ("fixed",), "bias", {BERT: same("cls.seq_relationship.bias")}),
     # ---- layer i ----
     *_mask("layers.{i}.depth", "fixed"),
     Param("layers.{i}.input_norm.weight", ("hidden",), "norm",

@@ -27,6 +27,8 @@ def count_params(mcfg: ModelConfig, shape: Shape, vocab_padded: int) -> int:
         total += vocab_padded * h
     if mcfg.family == "bert":  # token types; the MLM head's dense and LN; the decoder bias
         total += mcfg.type_vocab_size * h + h * h + h + norm + vocab_padded
+    if mcfg.binary_head:  # the sentence-order head: pooler dense, 2-way classifier
+        total += h * h + h + 2 * h + 2
     return total
 
 
