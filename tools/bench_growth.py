@@ -51,6 +51,11 @@ _QUICK = ["model.hidden_size=96", "model.ffn_hidden_size=384", "model.num_attent
 GPT_STAGES = ("growth.stages=[{step: 0, shape: [128, 256, 4, 2]}, {step: 96, shape: [128, 256, 6, 2]}, "
               "{step: 192, shape: [128, 768, 6, 2]}, {step: 288, shape: [192, 768, 6, 2]}, "
               "{step: 384, shape: [192, 768, 6, 4]}]")
+# BERT's likewise (2026-12-02): msg-gridsearch configs/bert_demo_cpu.yaml checkpoint.save= --schedule 128,256,4,2
+#   --steps 100 grows heads, hidden, ffn, then layers (the demo config keeps its hand-written order)
+BERT_STAGES = ("growth.stages=[{step: 0, shape: [128, 256, 4, 2]}, {step: 96, shape: [128, 256, 6, 2]}, "
+               "{step: 192, shape: [192, 256, 6, 2]}, {step: 288, shape: [192, 768, 6, 2]}, "
+               "{step: 384, shape: [192, 768, 6, 4]}]")
 FAMILIES = {
     # the demos: (128, 256, 4, 2) grows one dimension per stage to (192, 768, 6, 4) in 480 steps;
     # quick (CI): the same story at 1/8 of the steps on a smaller model
@@ -58,7 +63,7 @@ FAMILIES = {
             "full": {"over": ["train.eval_interval=40", GPT_STAGES], "ramps": [5, 20, 80], "ramp": 40},
             "quick": {"over": _QUICK, "ramps": [2], "ramp": 5}},
     "bert": {"config": "bert_demo_cpu.yaml", "stem": "growth_cpu_bert",
-             "full": {"over": ["train.eval_interval=40"], "ramps": [5], "ramp": 40},
+             "full": {"over": ["train.eval_interval=40", BERT_STAGES], "ramps": [5], "ramp": 40},
              "quick": {"over": _QUICK + ["data.corpus_mb=1"], "ramps": [2], "ramp": 5}},
 }
 
