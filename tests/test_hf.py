@@ -164,20 +164,18 @@ def test_transformers_model_imports_sharded_and_round_trips(tmp_path, arch):
 def test_mid_ramp_export_is_refused(tmp_path, tiny_data):
     cfg = tmp_path / "cfg.yaml"
     _write_config(cfg, ["growth.ramp_steps=20"], [[32, 64, 2, 2], [32, 128, 4, 2]])
-    r = run_cli(["msg_megatron.pretrain", str(cfg), f"logging.run_dir={tmp_path}/run", f"checkpoint.save={tmp_path}/ck"])
+    # grown at step 4 with a 20-step ramp: masks at 1 from step 24 on, in the checkpoint saved after
+    # step 24, i.e. step_000025; saved after 8, 16, 24 steps and at the end (25)
+    r = run_cli(["msg_megatron.pretrain", str(cfg), "train.steps=25", "train.save_interval=8", "checkpoint.keep=4",
+                 f"logging.run_dir={tmp_path}/run", f"checkpoint.save={tmp_path}/ck"])
     assert r.returncode == 0, _quiet(r.stderr)
-    r = run_cli(["msg_megatron.hf.export", "--load", str(tmp_path / "ck"), "--out", str(tmp_path / "hf")])
-    # grown at step 4 with a 20-step ramp (masks at 1 from step 24 on, in the checkpoint saved after
-    # step 24, i.e. step_000025), saved at step 8: 17 more steps
+    r = run_cli(["msg_megatron.hf.export", "--load", str(tmp_path / "ck" / "step_000008"), "--out", str(tmp_path / "hf")])
     assert r.returncode == 2 and "mid-ramp" in r.stderr and "Train 17 more steps (to step 25" in r.stderr, r.stderr
     assert not (tmp_path / "hf").exists() and not glob.glob(str(tmp_path / "hf.tmp-*"))
     # the count is right: step 24's checkpoint is still refused (1 more step), step 25's exports
-    r = run_cli(["msg_megatron.pretrain", str(cfg), "train.steps=26", "train.save_interval=1", "checkpoint.keep=3",
-                 f"logging.run_dir={tmp_path}/run2", f"checkpoint.save={tmp_path}/ck2"])
-    assert r.returncode == 0, _quiet(r.stderr)
-    r = run_cli(["msg_megatron.hf.export", "--load", str(tmp_path / "ck2" / "step_000024"), "--out", str(tmp_path / "a")])
+    r = run_cli(["msg_megatron.hf.export", "--load", str(tmp_path / "ck" / "step_000024"), "--out", str(tmp_path / "a")])
     assert r.returncode == 2 and "Train 1 more step (to step 25" in r.stderr, r.stderr
-    r = run_cli(["msg_megatron.hf.export", "--load", str(tmp_path / "ck2" / "step_000025"), "--out", str(tmp_path / "b")])
+    r = run_cli(["msg_megatron.hf.export", "--load", str(tmp_path / "ck" / "step_000025"), "--out", str(tmp_path / "b")])
     assert r.returncode == 0, _quiet(r.stderr)
 
 
