@@ -63,7 +63,9 @@ FAMILIES = {
             "full": {"over": ["train.eval_interval=40", GPT_STAGES], "ramps": [5, 20, 80], "ramp": 40},
             "quick": {"over": _QUICK, "ramps": [2], "ramp": 5}},
     "bert": {"config": "bert_demo_cpu.yaml", "stem": "growth_cpu_bert",
-             "full": {"over": ["train.eval_interval=40", BERT_STAGES], "ramps": [5], "ramp": 40},
+             # appendix D: BERT's grown runs reset the LR to its peak at the 1st and 2nd growth
+             "full": {"over": ["train.eval_interval=40", BERT_STAGES], "grown": ["growth.lr_reset_stages=[1, 2]"],
+                      "ramps": [5], "ramp": 40},
              "quick": {"over": _QUICK + ["data.corpus_mb=1"], "ramps": [2], "ramp": 5}},
 }
 
@@ -176,6 +178,7 @@ def run_all(family: str, mode: str, work: str, log, reuse: bool = False, cap: fl
     config = os.path.join(REPO, "configs", fam["config"])
     setting = fam[mode]
     base = COMMON + setting["over"]
+    grown = setting.get("grown", [])  # settings of the growth runs only (BERT: appendix D's LR resets)
     budget = load_config(config, base).train.steps
     results = {}
 
@@ -187,7 +190,8 @@ def run_all(family: str, mode: str, work: str, log, reuse: bool = False, cap: fl
     for m in GROWN:
         log(f"[bench] {m['name']} ...")
         t0 = time.time()
-        results[m["name"]] = summarise(m["name"], _run(config, base + m["over"], os.path.join(work, m["name"]), reuse))
+        results[m["name"]] = summarise(m["name"], _run(config, base + grown + m["over"], os.path.join(work, m["name"]),
+                                                       reuse))
         report(m["name"], t0)
     # the full-size run last: continued past the budget until it reaches every method's final loss
     target = min(r["final_val_loss"] for r in results.values())
@@ -212,7 +216,7 @@ def run_all(family: str, mode: str, work: str, log, reuse: bool = False, cap: fl
             r = results["msg"]
         else:
             log(f"[bench] msg with ramp_steps={ramp} ...")
-            r = summarise("msg", _run(config, base + ["growth.operator=msg", f"growth.ramp_steps={ramp}"],
+            r = summarise("msg", _run(config, base + grown + ["growth.operator=msg", f"growth.ramp_steps={ramp}"],
                                       os.path.join(work, f"ramp{ramp}"), reuse))
         ramps.append({"ramp_steps": ramp, "final_val_loss": r["final_val_loss"], "train_time_s": r["train_time_s"]})
     return {"family": family, "mode": mode, "config": os.path.relpath(config, REPO), "overrides": base,
