@@ -67,6 +67,7 @@ def test_bert_pretrains_grows_evaluates_and_grows_offline(tmp_path, cache_dir):
 @pytest.mark.parametrize("over, words", [
     (["data.corpus=synthetic"], "model.family=bert trains on sentence pairs from a corpus of sentences"),
     (["model.norm=rmsnorm"], "model.family=bert is BERT's encoder: set model.norm=layernorm"),
+    (["data.mask_prob=1.5"], "config field `data.mask_prob` is 1.5; it must be > 0 and < 1"),
 ])
 def test_bert_bad_inputs_are_refused_before_any_work(tmp_path, over, words):
     r = run_cli(["msg_megatron.pretrain", *BERT, *over, f"logging.run_dir={tmp_path}/run", "checkpoint.save="])

@@ -43,6 +43,24 @@ def test_tokenizing_in_process_leaves_torchs_threads_alone(mlm, tmp_path):
         torch.set_num_threads(before)
 
 
+def test_the_configs_masking_reaches_the_corpus(mlm):
+    """data.mask_prob / short_seq_prob / whole_word_masking and model.binary_head are what the
+    training's corpora (sources._mlm_corpora) are built with: the same samples as MLMCorpus given
+    them directly, and other samples than the defaults'."""
+    from msg_megatron.config import load_config
+    from msg_megatron.data.sources import _mlm_corpora
+
+    cfg = load_config("configs/bert_demo_cpu.yaml", [f"model.seq_length={SEQ}", "train.seed=1234", "data.mask_prob=0.3",
+                                                     "data.short_seq_prob=0.0", "data.whole_word_masking=true",
+                                                     "model.binary_head=true"])
+    made = _mlm_corpora(cfg, mlm[1])(os.path.join(mlm[0], "train"), "train", None, os.path.join(mlm[0], "cache"))
+    direct = _corpus(mlm, masking_probability=0.3, short_sequence_probability=0.0, whole_word=True, pairs=True)
+    assert made.identity == direct.identity and all(np.array_equal(made[k], direct[k]) for k in range(20))
+    assert made.identity != _corpus(mlm).identity
+    chosen = np.mean([made[k][3].sum() / made[k][4].sum() for k in range(200)])
+    assert 0.25 < chosen <= 0.3, chosen  # twice the default 15% (megatron floors per sample)
+
+
 def _corpus(mlm, **kw):
     out, tok, _ = mlm
     return MLMCorpus(os.path.join(out, "train"), tok, SEQ, 1234, os.path.join(out, "cache"), **kw)

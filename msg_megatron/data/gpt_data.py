@@ -289,9 +289,9 @@ def build_samples(cfg, eod: int, cache_dir: str, train_prefixes: Optional[Blend]
 
     With data.paths: the stages' blends, split by data.split (or validation from data.valid_paths).
     Otherwise `train_prefixes` / `valid_prefixes` (a prepared directory's train and valid files),
-    each used whole. `mlm` (BERT: sources._mlm_corpora's factory, (prefix, split, fractions, index cache) -> an
-    mlm_data.MLMCorpus, Corpus's interface): each corpus gives masked-LM samples from sentence-level files; blends, splits, per-stage
-    data and resumption are the same."""
+    each used whole. `mlm` (BERT: sources._mlm_corpora's factory, (prefix, split, fractions, index
+    cache) -> an mlm_data.MLMCorpus, Corpus's interface): each corpus gives masked-LM samples from
+    sentence-level files; blends, splits, per-stage data and resumption are the same."""
     d = cfg.data
     cache = _IndexCache(d.index_cache or os.path.join(cache_dir, "index-cache"))
     tok = _DatasetTokenizer(eod, cfg.model.vocab_size)

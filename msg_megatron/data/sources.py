@@ -85,8 +85,9 @@ def _masked_lm_data(cfg, log, train: bool) -> RunData:
 
 
 def _mlm_corpora(cfg, tok: MLMTokenizer):
-    """build_samples' corpus factory for BERT: (prefix, split, fractions, index cache) -> MLMCorpus. Passed in so
-    that gpt_data, which mlm_data builds on, need not import mlm_data."""
+    """build_samples' corpus factory for BERT: (prefix, split, fractions, index cache) -> MLMCorpus with
+    the config's masking and sentence-order pairs. Passed in so that gpt_data, which mlm_data builds
+    on, need not import mlm_data."""
     def make(prefix: str, split: str, fractions, cache):
         d = cfg.data
         return MLMCorpus(prefix, tok, cfg.model.seq_length, cfg.train.seed, cache, fractions=fractions, split=split,
