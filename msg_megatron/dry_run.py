@@ -114,7 +114,8 @@ def fake_rank(world: int, rank: int, tp: int, pp: int, seed: int, sequence_paral
             with torch.device("meta"):
                 yield
         finally:
-            destroy_parallel()
+            destroy_parallel()  # (megatron's state; the fake world is this block's own to destroy)
+            dist.destroy_process_group()
             sys.excepthook = hook
 
 

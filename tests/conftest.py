@@ -1,10 +1,14 @@
-"""Shared fixtures: one single-process gloo world for in-process tests, a tiny prepared corpus."""
+"""Shared fixtures: one single-process gloo world for in-process tests, a tiny prepared corpus, and
+the ways a test runs a tool: in this process (`run_cli`), as the ranks of a persistent gloo pool
+(`launch`, `pooled`), or, where the process itself is what is tested, in a new one (`process=True`)."""
 import os
 import sys
 
 import pytest
 import torch
 
+from gloo_pool import pool
+from in_process import Result, run_tool
 from msg_megatron.config import ModelConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -12,9 +16,27 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="session", autouse=True)
 def parallel_world():
+    """A gloo world of one that this session owns: the tools run in process (run_cli) set up and tear
+    down megatron's parallel state in it, and never destroy it (parallel/setup.py: not theirs)."""
+    import torch.distributed as dist
+    from msg_megatron.parallel import initialize_parallel
+    from msg_megatron.parallel.setup import _free_port
+
+    if not dist.is_initialized():
+        store = dist.TCPStore("127.0.0.1", _free_port(), 1, is_master=True)
+        dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    initialize_parallel(1, 1)
+    yield
+
+
+@pytest.fixture(autouse=True)
+def megatron_state():
+    """Every test starts with megatron's parallel state at (1, 1), whatever the previous one left."""
+    from megatron.core import parallel_state as ps
     from msg_megatron.parallel import initialize_parallel
 
-    initialize_parallel(1, 1)
+    if not ps.model_parallel_is_initialized():
+        initialize_parallel(1, 1)
     yield
 
 
@@ -40,13 +62,52 @@ def tiny_model_cfg(**kw) -> ModelConfig:
     return ModelConfig(**base)
 
 
-def run_cli(args, timeout=300, env=None):
-    """Run `python -m msg_megatron.<tool> ...` in a subprocess with a timeout."""
+def run_cli(args, timeout=300, env=None, process=False):
+    """`python -m <args>`: in this process (the same main, exit status and output), or with
+    `process=True` in a new interpreter with a timeout (a signal, the process's RSS, its own world)."""
     import subprocess
 
+    if not process:
+        return run_tool(args, env)
     full_env = dict(os.environ, WANDB_MODE="disabled", **(env or {}))
     return subprocess.run([sys.executable, "-m"] + args, capture_output=True, text=True, timeout=timeout,
                           cwd=REPO, env=full_env)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(nproc, args, timeout=300, env=None):
+    """A real `torchrun --nproc_per_node nproc ARGS`: for what the launch itself is (its agent,
+    its signals, a world of a size no pool has); everything else runs on the pool (`launch`)."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+           str(free_port())] + args
+    full_env = dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS="1", **(env or {}))
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=full_env)
+
+
+def launch(nproc, args, timeout=300, env=None):
+    """What `torchrun --nproc_per_node nproc -m <args>` does, on the session's gloo pool of `nproc`
+    ranks: one Result whose status is the first failing rank's (else 0), stdout every rank's output
+    with rank 0's last (where a tool's JSON line is), stderr every rank's."""
+    ranks = pool(nproc).run(run_tool, args, env, timeout=timeout)
+    results = [value for value, _, _ in ranks]
+    code = next((r.returncode for r in results if r.returncode), 0)
+    stdout = "".join(r.stdout for r in results[1:]) + results[0].stdout
+    return Result(code, stdout, "".join(r.stderr for r in results))
+
+
+def pooled(nproc, fn, *args, layout=None, timeout=300, **kwargs):
+    """`fn(*args, **kwargs)` on each of `nproc` pooled ranks (inside initialize_parallel(*layout)
+    when given); its return values by rank."""
+    return [value for value, _, _ in pool(nproc).run(fn, *args, layout=layout, timeout=timeout, **kwargs)]
 
 
 def tiny_checkpoint(tmp_path):

@@ -90,14 +90,28 @@ def test_a_requeued_slurm_job_takes_over_its_own_lock(tmp_path, monkeypatch):
 
 @pytest.mark.timeout(300)
 def test_msg_grow_and_import_refuse_a_save_directory_in_use(tmp_path):
+    """A save directory locked by a live process on this host (not this one: the tools run in it)
+    is refused by msg-grow and by msg-import-hf, and nothing but the lock is in it afterwards."""
+    transformers = pytest.importorskip("transformers")
     r = run_cli(_pretrain(tmp_path, "a", "train.steps=2", "train.save_interval=2", f"checkpoint.save={tmp_path}/ck"))
     assert r.returncode == 0, r.stderr[-2000:]
-    busy = str(tmp_path / "busy")
-    _write_lock(busy, host=os.uname().nodename, pid=os.getpid())  # this test process: alive
-    r = run_cli(["msg_megatron.grow", "--load", f"{tmp_path}/ck", "--shape", "32,64,2,2", "--save", busy,
-                 "--no-verify"])
-    assert r.returncode == 2 and "is in use by another run" in r.stderr and f"pid {os.getpid()}" in r.stderr, r.stderr
-    assert os.listdir(busy) == [LOCK]
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2,
+                                                              n_positions=32))
+    hf.save_pretrained(str(tmp_path / "hf"))
+    holder = subprocess.Popen(["sleep", "600"])
+    try:
+        busy = str(tmp_path / "busy")
+        _write_lock(busy, host=os.uname().nodename, pid=holder.pid)  # alive, on this host
+        for tool in (["msg_megatron.grow", "--load", f"{tmp_path}/ck", "--shape", "32,64,2,2", "--save", busy,
+                      "--no-verify"],
+                     ["msg_megatron.hf.import_hf", "--hf", str(tmp_path / "hf"), "--save", busy, "--no-verify"]):
+            r = run_cli(tool)
+            assert r.returncode == 2 and "is in use by another run" in r.stderr, (tool[0], r.stderr[-2000:])
+            assert f"pid {holder.pid}" in r.stderr, r.stderr[-2000:]
+            assert os.listdir(busy) == [LOCK]
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def _unwritable(tmp_path) -> str:

@@ -23,6 +23,10 @@ def _free_port() -> int:
 
 
 _SEQUENCE_PARALLEL = False  # parallel.sequence_parallel of this process's run (see sequence_parallel())
+# Whether initialize_parallel created the default process group (then destroy_parallel destroys it).
+# A process whose world someone else set up (a program embedding the trainer, the test suite's worker
+# pool that runs many jobs in one world) keeps it: destroy_parallel tears down only what was built here.
+_OWNS_WORLD = False
 
 
 def initialize_parallel(tensor: int = 1, pipeline: int = 1, seed: int = 1234,
@@ -33,7 +37,7 @@ def initialize_parallel(tensor: int = 1, pipeline: int = 1, seed: int = 1234,
     along the sequence between TP regions."""
     from megatron.core import parallel_state, tensor_parallel
 
-    global _SEQUENCE_PARALLEL
+    global _SEQUENCE_PARALLEL, _OWNS_WORLD
     if sequence_parallel and tensor <= 1:
         raise ConfigError(f"parallel.sequence_parallel=true needs parallel.tensor > 1 (it is {tensor}): it splits "
                           "the activations between tensor-parallel regions over the TP ranks; set "
@@ -53,6 +57,7 @@ def initialize_parallel(tensor: int = 1, pipeline: int = 1, seed: int = 1234,
         else:
             store = dist.TCPStore("127.0.0.1", _free_port(), 1, is_master=True)
             dist.init_process_group(backend, store=store, rank=0, world_size=1)
+        _OWNS_WORLD = True
     if not parallel_state.model_parallel_is_initialized():
         world = dist.get_world_size()
         if world % (tensor * pipeline):
@@ -127,11 +132,14 @@ def placement() -> str:
 
 
 def destroy_parallel() -> None:
+    """Undo initialize_parallel: megatron's parallel state always; the default process group only
+    if initialize_parallel created it (a world set up by the caller stays, for its next job)."""
     from megatron.core import parallel_state
 
-    global _SEQUENCE_PARALLEL, _HOSTS
+    global _SEQUENCE_PARALLEL, _HOSTS, _OWNS_WORLD
     _SEQUENCE_PARALLEL, _HOSTS = False, None
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    if dist.is_initialized():
+    if dist.is_initialized() and _OWNS_WORLD:
         dist.destroy_process_group()
+    _OWNS_WORLD = False
