@@ -55,6 +55,20 @@ def tiny_data(cache_dir):
     return prepare_embedded(cache_dir, 0.3, 512, 0.05, log=lambda *_: None)
 
 
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_data):
+    """test_train's TINY run (40 steps, growths at steps 12 and 24, every step logged) trained once
+    in this process in fp32, saving every 8 steps (keep 5: steps 8-40): the run that test_train,
+    test_checkpoint, test_bf16, test_step_sync and test_recompute compare against and resume.
+    Returns its directory (run/metrics.jsonl, ck/); tests only read it (or copy it)."""
+    from msg_megatron.training.trainer import Trainer
+    from test_train import tiny_cfg
+
+    tmp = tmp_path_factory.mktemp("tiny-run")
+    Trainer(tiny_cfg(tmp, "train.save_interval=8", "checkpoint.keep=5")).run()
+    return tmp
+
+
 def tiny_model_cfg(**kw) -> ModelConfig:
     base = dict(vocab_size=97, hidden_size=48, ffn_hidden_size=96, num_attention_heads=6, num_layers=5,
                 kv_channels=8, seq_length=16)
@@ -123,6 +137,14 @@ def tiny_checkpoint(tmp_path):
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / a.abs().max().clamp_min(1e-30))
+
+
+def ulps(got: torch.Tensor, want: torch.Tensor, dtype) -> torch.Tensor:
+    """|got - want| in units of `dtype`'s spacing at `want` (a float64 reference): one rounding of
+    an exactly computed result to `dtype` is at most 0.5."""
+    w = want.abs().to(dtype)
+    spacing = torch.nextafter(w, torch.full_like(w, float("inf"))).double() - w.double()
+    return (got.double() - want.double()).abs() / spacing
 
 
 def assert_refused(overrides, words, make=None):

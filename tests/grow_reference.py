@@ -1,14 +1,10 @@
 """The whole-model offline growth msg-grow did before it streamed, as the reference its streamed
 result must equal tensor for tensor: load the whole model and optimizer at the target layout, grow
-both in process (grow_model + grow_optimizer, as Trainer.grow), save.
-
-    [torchrun --nproc_per_node N] tests/grow_reference.py CKPT H,F,A,L OUT TP PP DEPTH_INIT
-"""
-import sys
+both in process (grow_model + grow_optimizer, as Trainer.grow), save. Runs on every rank of a layout
+(tests/test_stream_grow.py: in the test's process for one rank, on the gloo pool for more)."""
 
 
-def main():
-    ckpt, shape_text, out, tp, pp, depth_init = sys.argv[1:7]
+def grow_whole_model(ckpt: str, shape_text: str, out: str, tp: int, pp: int, depth_init: str) -> None:
     from msg_megatron.checkpoint.dist import load_checkpoint, read_meta, save_checkpoint
     from msg_megatron.config import Shape, config_from_dict
     from msg_megatron.grow import parse_shape
@@ -16,12 +12,12 @@ def main():
     from msg_megatron.growth.operators import grow_model, growth_seed
     from msg_megatron.growth.optimizer_state import grow_optimizer
     from msg_megatron.model import build_model
-    from msg_megatron.parallel import initialize_parallel
     from msg_megatron.optim.optimizer import build_optimizer
+    from msg_megatron.parallel import initialize_parallel
 
     meta = read_meta(ckpt)
     cfg = config_from_dict(meta["config"])
-    tp, pp, shape = int(tp), int(pp), parse_shape(shape_text)
+    shape = parse_shape(shape_text)
     initialize_parallel(tp, pp, cfg.train.seed)
     old = Shape(*meta["shape"])
     model = build_model(cfg.model, old, perform_init=False)
@@ -37,7 +33,3 @@ def main():
     state = dict(meta["state"], stage=meta["state"]["stage"] + 1)
     saved_cfg = dict(meta["config"], parallel=dict(meta["config"]["parallel"], tensor=tp, pipeline=pp))
     save_checkpoint(out, new_model, new_opt, state, saved_cfg)
-
-
-if __name__ == "__main__":
-    main()

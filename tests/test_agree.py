@@ -1,23 +1,19 @@
 """parallel/agree.py on 2 gloo processes whose views differ: a decision taken on rank 0 is every
 rank's, an error on one rank is every rank's (no rank left waiting in a collective)."""
-import json
-
 import pytest
-from conftest import tiny_checkpoint
+
+from agree_views import agree_views
+from conftest import pooled, tiny_checkpoint
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.mark.timeout(200)
 def test_decisions_and_errors_are_agreed(tmp_path):
-    from test_parallel import torchrun
-
     tiny_checkpoint(tmp_path)
     # rank 0 sees the save directory, rank 1 does not (as a node without the shared filesystem)
-    r = torchrun(2, ["tests/agree_worker.py", str(tmp_path / "ck"), str(tmp_path)], timeout=180)
-    assert r.returncode == 0, r.stderr[-3000:]
-    outs = {o["rank"]: o for o in (json.loads((tmp_path / f"rank{k}.json").read_text()) for k in (0, 1))}
-    assert sorted(outs) == [0, 1], r.stdout
+    outs = {o["rank"]: o for o in pooled(2, agree_views, str(tmp_path / "ck"), layout=(1, 1), timeout=180)}
+    assert sorted(outs) == [0, 1]
     for o in outs.values():
         assert o["on_rank0"] == "seen by rank 0"
         assert o["raised"] == "division by zero"

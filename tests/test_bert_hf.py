@@ -15,10 +15,9 @@ import json
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import launch, run_cli
 from test_bert_train import BERT
 from test_hf import _assert_same_tensors, _our_model, _quiet, import_then_export
-from test_parallel import torchrun
 
 pytestmark = pytest.mark.slow
 
@@ -34,8 +33,8 @@ RUN = [a for a in BERT if not a.startswith(("growth.stages=", "train.steps=", "t
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, cache_dir):
     tmp = tmp_path_factory.mktemp("bert-hf")
-    r = torchrun(2, ["-m", "msg_megatron.pretrain", *RUN, "parallel.tensor=2", f"logging.run_dir={tmp}/run",
-                     f"checkpoint.save={tmp}/ck"], timeout=500)
+    r = launch(2, ["msg_megatron.pretrain", *RUN, "parallel.tensor=2", f"logging.run_dir={tmp}/run",
+                   f"checkpoint.save={tmp}/ck"], timeout=500)
     assert r.returncode == 0, _quiet(r.stderr)
     r = run_cli(["msg_megatron.hf.export", "--load", str(tmp / "ck"), "--out", str(tmp / "hf"), "--json"])
     assert r.returncode == 0, _quiet(r.stderr)
@@ -109,8 +108,8 @@ def test_transformers_bert_imports_sharded_and_round_trips(tmp_path, head, act):
                 p.add_(torch.randn(p.shape) * 0.1)
     model.save_pretrained(str(tmp_path / "src"))
     if head == "BertForMaskedLM":  # (the sharded read once: the other head reads the same tensors)
-        r = torchrun(4, ["-m", "msg_megatron.hf.import_hf", "--hf", str(tmp_path / "src"), "--save",
-                         str(tmp_path / "ck4"), "--tensor", "2", "--pipeline", "2", "--json"])
+        r = launch(4, ["msg_megatron.hf.import_hf", "--hf", str(tmp_path / "src"), "--save",
+                       str(tmp_path / "ck4"), "--tensor", "2", "--pipeline", "2", "--json"])
     else:
         r = run_cli(["msg_megatron.hf.import_hf", "--hf", str(tmp_path / "src"), "--save", str(tmp_path / "ck4"),
                      "--no-verify"])

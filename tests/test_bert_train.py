@@ -5,6 +5,7 @@ with the validation loss unchanged; the grown checkpoint resumes. Bad inputs are
 import json
 import os
 
+import numpy as np
 import pytest
 
 from conftest import run_cli
@@ -112,6 +113,17 @@ def test_bert_trains_on_preprocessed_sentences_blended_split_and_resumes_bitwise
     assert "masked-LM samples of 64 tokens" in r.stdout and "px_text_sentence" in r.stdout
     recs = _records(tmp_path / "run" / "metrics.jsonl")
     assert len([x for x in recs if "val_loss" in x]) == 2
+    # the 0.6 / 0.4 blend: the run's 192 training samples (24 steps x 8) drawn from the prefix and the
+    # directory's train split as megatron blends, each within one sample of its share after every sample
+    from msg_megatron.config import load_config
+    from msg_megatron.data.sources import open_data
+
+    train = open_data(load_config(args[1], args[2:] + [f"logging.run_dir={tmp_path}/x"]), log=lambda *_: None).train
+    (first, segment), = train.segments
+    assert [os.path.basename(c.prefix) for c in segment.corpora] == ["px_text_sentence", "train"]
+    drawn = np.asarray(segment.blended.dataset_index[:24 * 8])
+    for k, w in enumerate((0.6, 0.4)):
+        assert np.abs(np.cumsum(drawn == k) - w * np.arange(1, len(drawn) + 1)).max() <= 1, (k, drawn)
     r = run_cli(args + [f"logging.run_dir={tmp_path}/run2", f"checkpoint.load={tmp_path}/ck/step_000012",
                         "checkpoint.save="], timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

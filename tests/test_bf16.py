@@ -5,8 +5,9 @@ on the GPU where one is present: tools/gpu_session.sh runs this file).
   entries equal the old masters bitwise, and the bf16 parameters equal the masters rounded.
 - Function preservation at every growth inside the training loop (bf16 forward: 1e-3 relative,
   about a quarter of one bf16 ulp of the loss).
-- Checkpoints hold the fp32 masters: resume is bitwise (CPU, same layout), and a bf16 checkpoint
-  resumes in an fp32 run (and the other way round) with the same weights.
+- Checkpoints hold the fp32 masters: resume is bitwise (CPU, same layout); a bf16 checkpoint loads
+  into an fp32 run as its masters bitwise (not their bf16 rounding), and an fp32 checkpoint into a
+  bf16 run as its masters bitwise, its parameters their rounding.
 - Against an fp32 run of the same config the per-step losses stay within 2e-2 relative (bf16
   activations; the reference is the plain fp32 run).
 """
@@ -60,7 +61,20 @@ def test_growth_grows_the_fp32_masters():
     _step(new_opt)  # trains on
 
 
-def test_bf16_training_growth_resume_and_fp32_interchange(tmp_path, tiny_data):
+def _loaded(tmp_path, precision, ck):
+    """A trainer of TINY at `precision` that loaded the checkpoint `ck` (no step taken): its
+    parameters and, in bf16, the fp32 masters its optimizer holds, by name."""
+    from msg_megatron.training.trainer import Trainer
+
+    t = Trainer(tiny_cfg(tmp_path / precision, f"train.precision={precision}", f"checkpoint.load={ck}"))
+    t.lock.release()
+    params = dict(t.model.named_parameters())
+    masters = {n: t.optimizer.master_of(p) for n, p in params.items()} if precision == "bf16" else None
+    return params, masters
+
+
+@pytest.mark.slow
+def test_bf16_training_growth_resume_and_fp32_interchange(tmp_path, tiny_run):
     from msg_megatron.training.trainer import Trainer
 
     Trainer(tiny_cfg(tmp_path / "a", "train.precision=bf16", "train.save_interval=16")).run()
@@ -86,17 +100,28 @@ def test_bf16_training_growth_resume_and_fp32_interchange(tmp_path, tiny_data):
     for step in got:
         assert got[step] == want[step], (step, got[step], want[step])
 
-    # an fp32 run of the same config: losses close to the bf16 run's
-    Trainer(tiny_cfg(tmp_path / "c")).run()
-    ref = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "c" / "run" / "metrics.jsonl") if "loss" in r}
+    # an fp32 run of the same config (the session's tiny_run): losses close to the bf16 run's
+    ref = {r["step"]: r["loss"] for r in read_metrics(tiny_run / "run" / "metrics.jsonl") if "loss" in r}
     for step in range(40):
         assert abs(ref[step] - want[step]) <= 2e-2 * ref[step], (step, ref[step], want[step])
 
-    # a bf16 checkpoint resumes in fp32: the first loss equals a bf16-weights forward in fp32,
-    # i.e. close to the bf16 run's loss at that step
-    Trainer(tiny_cfg(tmp_path / "d", f"checkpoint.load={ck}")).run()
-    d = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "d" / "run" / "metrics.jsonl") if "loss" in r}
-    assert abs(d[16] - want[16]) <= 2e-2 * want[16]
+    # bf16 checkpoint -> fp32 run: the weights are the fp32 masters bitwise (not their bf16 rounding,
+    # which differs: checked), as the bf16 run that loads the same checkpoint holds them
+    params32, _ = _loaded(tmp_path, "fp32", ck)
+    params16, masters = _loaded(tmp_path, "bf16", ck)
+    assert sorted(params32) == sorted(masters)
+    assert any(not torch.equal(m, m.to(torch.bfloat16).float()) for m in masters.values())
+    for name, m in masters.items():
+        assert params32[name].dtype == torch.float32 and torch.equal(params32[name], m), name
+        assert torch.equal(params16[name], m.to(torch.bfloat16)), name
+
+    # fp32 checkpoint -> bf16 run: its masters are the fp32 weights bitwise, its parameters their rounding
+    fp32_ck = tiny_run / "ck" / "step_000016"
+    params32, _ = _loaded(tmp_path / "back", "fp32", fp32_ck)
+    params16, masters = _loaded(tmp_path / "back", "bf16", fp32_ck)
+    for name, p in params32.items():
+        assert torch.equal(masters[name], p), name
+        assert params16[name].dtype == torch.bfloat16 and torch.equal(params16[name], p.to(torch.bfloat16)), name
 
 
 def test_growing_bf16_parameters_without_their_masters_is_refused():

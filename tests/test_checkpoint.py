@@ -22,13 +22,9 @@ def _losses(run_dir):
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory, tiny_data):
-    """A short run saving at steps 8, 16, 24 (and 28 at the end)."""
-    from msg_megatron.training.trainer import Trainer
-
-    tmp = tmp_path_factory.mktemp("ck")
-    Trainer(tiny_cfg(tmp, "train.steps=28", "train.save_interval=8", "checkpoint.keep=5")).run()
-    return tmp / "ck"
+def saved(tiny_run):
+    """The session's TINY run (conftest.tiny_run): saved at steps 8, 16, 24, 32 and 40."""
+    return tiny_run / "ck"
 
 
 def _copy(saved, tmp_path):
@@ -39,30 +35,30 @@ def _copy(saved, tmp_path):
 
 def test_complete_checkpoints_verify(saved):
     meta = read_meta(str(saved), full=True)
-    assert meta["path"].endswith("step_000028") and meta["notes"] == []
+    assert meta["path"].endswith("step_000040") and meta["notes"] == []
     assert os.path.exists(os.path.join(meta["path"], "manifest.json"))
 
 
 def test_truncated_file_is_named_and_auto_falls_back(saved, tmp_path):
     ck = _copy(saved, tmp_path)
-    victim = next(p for p in sorted((ck / "step_000028").iterdir()) if p.suffix == ".distcp")
+    victim = next(p for p in sorted((ck / "step_000040").iterdir()) if p.suffix == ".distcp")
     with open(victim, "r+b") as f:
         f.truncate(victim.stat().st_size // 2)
     with pytest.raises(CheckpointError) as e:
         read_meta(str(ck))
     assert victim.name in str(e.value) and "truncated" in str(e.value) and "checkpoint.load=auto" in str(e.value)
     meta = read_meta(str(ck), fallback=True)
-    assert meta["path"].endswith("step_000024")
+    assert meta["path"].endswith("step_000032")
     assert any("falling back" in n for n in meta["notes"])
 
 
 def test_flipped_byte_needs_full_verification(saved, tmp_path):
     ck = _copy(saved, tmp_path)
-    victim = next(p for p in sorted((ck / "step_000028").iterdir()) if p.suffix == ".distcp")
+    victim = next(p for p in sorted((ck / "step_000040").iterdir()) if p.suffix == ".distcp")
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0xFF
     victim.write_bytes(bytes(data))
-    assert read_meta(str(ck))["path"].endswith("step_000028")  # sizes alone cannot see it
+    assert read_meta(str(ck))["path"].endswith("step_000040")  # sizes alone cannot see it
     with pytest.raises(CheckpointError, match="CRC-32"):
         read_meta(str(ck), full=True)
 
@@ -71,17 +67,17 @@ def test_unfinished_save_is_never_taken(saved, tmp_path):
     """A newer step directory without a manifest (a save killed before its end), with and without
     the `latest` marker pointing at it."""
     ck = _copy(saved, tmp_path)
-    shutil.copytree(ck / "step_000028", ck / "step_000032")
-    os.remove(ck / "step_000032" / "manifest.json")
-    (ck / "latest").write_text("step_000032")
+    shutil.copytree(ck / "step_000040", ck / "step_000048")
+    os.remove(ck / "step_000048" / "manifest.json")
+    (ck / "latest").write_text("step_000048")
     with pytest.raises(CheckpointError, match="save did not finish"):
         read_meta(str(ck))
-    assert read_meta(str(ck), fallback=True)["path"].endswith("step_000028")
+    assert read_meta(str(ck), fallback=True)["path"].endswith("step_000040")
     os.remove(ck / "latest")
     with pytest.raises(CheckpointError, match="no `latest` marker"):
         read_meta(str(ck))
     meta = read_meta(str(ck), fallback=True)
-    assert meta["path"].endswith("step_000028") and any("step_000032" in n for n in meta["notes"])
+    assert meta["path"].endswith("step_000040") and any("step_000048" in n for n in meta["notes"])
 
 
 def test_load_auto_without_checkpoints_starts_fresh(tmp_path, tiny_data):
@@ -97,20 +93,19 @@ def _pretrain(args, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
-def _config_and_reference(tmp_path, *extra):
-    """The 30-step TINY config written to a file, and the per-step losses of an uninterrupted run."""
+def _config(tmp_path, *extra):
+    """The TINY config written to a file (every step logged); its uninterrupted losses are the
+    session's tiny_run's (checkpoint intervals do not change them)."""
     import yaml
 
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump(load_config(None, TINY + ["train.steps=30", "train.log_interval=1", *extra]).to_dict()))
-    ref = _pretrain([str(cfg), f"logging.run_dir={tmp_path}/ref", "checkpoint.save="])
-    assert ref.wait(timeout=300) == 0, ref.stderr.read()[-2000:]
-    return cfg, _losses(tmp_path / "ref")
+    cfg.write_text(yaml.safe_dump(load_config(None, TINY + ["train.log_interval=1", *extra]).to_dict()))
+    return cfg
 
 
 @pytest.mark.timeout(600)
-def test_sigterm_saves_exits_75_and_resume_is_exact(tmp_path, tiny_data):
-    cfg, want = _config_and_reference(tmp_path)
+def test_sigterm_saves_exits_75_and_resume_is_exact(tmp_path, tiny_run):
+    cfg, want = _config(tmp_path), _losses(tiny_run / "run")
 
     run = _pretrain([str(cfg), f"logging.run_dir={tmp_path}/a", f"checkpoint.save={tmp_path}/ck"])
     metrics = tmp_path / "a" / "metrics.jsonl"
@@ -128,17 +123,17 @@ def test_sigterm_saves_exits_75_and_resume_is_exact(tmp_path, tiny_data):
     again = _pretrain([str(cfg), f"logging.run_dir={tmp_path}/b", f"checkpoint.save={tmp_path}/ck", "checkpoint.load=auto"])
     assert again.wait(timeout=300) == 0, again.stderr.read()[-2000:]
     got = _losses(tmp_path / "b")
-    assert sorted(got) == list(range(stopped + 1, 30))
+    assert sorted(got) == list(range(stopped + 1, 40))
     for step, loss in got.items():  # bitwise on CPU, same layout
         assert loss == want[step], step
 
 
 @pytest.mark.timeout(600)
-def test_kill_9_during_a_save_keeps_the_previous_checkpoint_and_resume_is_exact(tmp_path, tiny_data):
+def test_kill_9_during_a_save_keeps_the_previous_checkpoint_and_resume_is_exact(tmp_path, tiny_run):
     """SIGKILL while step 12's checkpoint is being written (mid-ramp, right at a growth): the
     half-written `.tmp-step_000012` is never taken, `latest` still names step 6, and a resumed run
     (checkpoint.load=auto) reproduces the uninterrupted run's losses bitwise from step 6 on."""
-    cfg, want = _config_and_reference(tmp_path, "train.save_interval=6")
+    cfg, want = _config(tmp_path, "train.save_interval=6"), _losses(tiny_run / "run")
 
     run = _pretrain([str(cfg), f"logging.run_dir={tmp_path}/a", f"checkpoint.save={tmp_path}/ck"],
                     start_new_session=True)
@@ -157,10 +152,10 @@ def test_kill_9_during_a_save_keeps_the_previous_checkpoint_and_resume_is_exact(
     again = _pretrain([str(cfg), f"logging.run_dir={tmp_path}/b", f"checkpoint.save={tmp_path}/ck", "checkpoint.load=auto"])
     assert again.wait(timeout=300) == 0, again.stderr.read()[-2000:]
     got = _losses(tmp_path / "b")
-    assert sorted(got) == list(range(6, 30))
+    assert sorted(got) == list(range(6, 40))
     for step, loss in got.items():
         assert loss == want[step], step
-    assert (tmp_path / "ck" / "latest").read_text().strip() == "step_000030"
+    assert (tmp_path / "ck" / "latest").read_text().strip() == "step_000040"
     # the killed run's lock was taken over (its pid is gone), and once this run's first save
     # completed, the killed save's leftover directory was removed
     assert "took over the lock" in again.stdout.read() and not partial.exists()
@@ -176,7 +171,7 @@ def test_crafted_metadata_is_not_unpickled(saved, tmp_path):
     from msg_megatron.checkpoint.reader import CheckpointReader
 
     ck = _copy(saved, tmp_path)
-    step = ck / "step_000028"
+    step = ck / "step_000040"
     assert CheckpointReader(str(step)).names()  # the genuine metadata passes the restricted unpickler
     marker = tmp_path / "pwned"
 
@@ -236,9 +231,9 @@ def test_step_directories_order_by_number_past_a_million(saved, tmp_path):
 
     ck = tmp_path / "ck"
     ck.mkdir()
-    shutil.copytree(saved / "step_000028", ck / "step_999999")  # a complete checkpoint, relabelled
+    shutil.copytree(saved / "step_000040", ck / "step_999999")  # a complete checkpoint, relabelled
     (ck / "latest").write_text("step_999999")
-    t = Trainer(tiny_cfg(tmp_path, "checkpoint.keep=1", f"checkpoint.load={saved / 'step_000028'}"))
+    t = Trainer(tiny_cfg(tmp_path, "checkpoint.keep=1", f"checkpoint.load={saved / 'step_000040'}"))
     t.step = 1_000_000
     path = t.save()
     assert os.path.basename(path) == "step_1000000"
@@ -246,7 +241,7 @@ def test_step_directories_order_by_number_past_a_million(saved, tmp_path):
     assert (ck / "latest").read_text() == "step_1000000"
     assert resolve_checkpoint(str(ck), fallback=True) == path
     # without the marker, the fallback takes the highest number, not the last name in text order
-    shutil.copytree(saved / "step_000028", ck / "step_999999")
+    shutil.copytree(saved / "step_000040", ck / "step_999999")
     (ck / "latest").unlink()
     notes = []
     assert resolve_checkpoint(str(ck), fallback=True, notes=notes) == path, notes

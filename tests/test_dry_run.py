@@ -27,7 +27,8 @@ SMALL = ["model.vocab_size=512", "model.hidden_size=64", "model.ffn_hidden_size=
 
 
 def test_small_schedule_at_world_32_builds_covers_and_counts():
-    r = run_cli(["msg_megatron.plan", "configs/demo_cpu.yaml"] + SMALL + ["--dry-run", "--ranks", "all", "--json"])
+    r = run_cli(["msg_megatron.plan", "configs/demo_cpu.yaml"] + SMALL + ["--dry-run", "--ranks", "all", "--json"],
+                process=True)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert [s["layout"] for s in res["stages"]] == [[2, 2, 8], [4, 2, 4]]
@@ -94,7 +95,7 @@ def test_a_stage_over_the_gpus_memory_is_reported():
     big = [o for o in SMALL if not o.startswith(("model.vocab_size", "parallel.gpus"))] + [
         "model.vocab_size=200000000", "parallel.gpus=4"]  # 200M vocabulary rows on 4 GPUs: stage 1 needs ~115 GiB
     big = [o.replace("tensor: 4", "tensor: 2") for o in big]
-    r = run_cli(["msg_megatron.plan", "configs/demo_cpu.yaml"] + big + ["--dry-run", "--gpu", "A800"])
+    r = run_cli(["msg_megatron.plan", "configs/demo_cpu.yaml"] + big + ["--dry-run", "--gpu", "A800"], process=True)
     assert r.returncode == 3, r.stderr[-2000:]
     assert "stage 1 (64, 128, 8, 8), rank" in r.stderr and "more than the GPU's 80 GiB" in r.stderr, r.stderr[-2000:]
 
@@ -141,7 +142,8 @@ def test_real_tensors_over_the_gpu_while_the_formula_fits():
     assert r.returncode == 0, r.stderr[-2000:]
     plan = json.loads(r.stdout)
     assert not plan["over_memory"] and plan["stages"][0]["phase_peak_gib"]["train"] < 80  # the formula: fits
-    r = run_cli(["msg_megatron.plan", "configs/demo_cpu.yaml"] + cfg + ["--dry-run", "--gpu", "A800", "--ranks", "0"])
+    r = run_cli(["msg_megatron.plan", "configs/demo_cpu.yaml"] + cfg + ["--dry-run", "--gpu", "A800", "--ranks", "0"],
+                process=True)
     assert r.returncode == 3, r.stderr[-2000:]
     assert "stage 0 (16384, 65536, 128, 8), rank 0" in r.stderr and "80 GiB" in r.stderr, r.stderr[-2000:]
 
@@ -179,13 +181,11 @@ def test_memory_and_pieces_equal_the_real_trainers_on_gloo(tmp_path):
     tensors, and write exactly the same checkpoint pieces."""
     import subprocess
 
-    from conftest import REPO
-    from test_parallel import torchrun
+    from conftest import REPO, pooled
+    from dry_run_ranks import step_grow_step
 
-    r = torchrun(8, ["tests/dry_run_worker.py", "configs/demo_cpu.yaml"] + REAL +
-                 [f"logging.run_dir={tmp_path}/run", f"checkpoint.save={tmp_path}/ck"], timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    real = json.loads(r.stdout.strip().splitlines()[-1])
+    real = pooled(8, step_grow_step, ["configs/demo_cpu.yaml"] + REAL +
+                  [f"logging.run_dir={tmp_path}/run", f"checkpoint.save={tmp_path}/ck"], timeout=300)[0]
     d = subprocess.run([sys.executable, "-c", OBSERVE] + REAL, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert d.returncode == 0, d.stderr[-3000:]
     dry = json.loads(d.stdout.strip().splitlines()[-1])
@@ -206,7 +206,7 @@ def test_the_flm_preset_dry_runs():
     phase fits an 80 GiB A800 with the formula's activations, and the dry run stays under 4 GiB of RSS.
     (Its time, printed, was 68 s on this 2-core machine: the issue's bound is 3 minutes.)"""
     r = run_cli(["msg_megatron.plan", "configs/flm_101b_a800.yaml", "--dry-run", "--json", "--gpu", "A800"],
-                timeout=600)
+                timeout=600, process=True)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert [s["layout"] for s in res["stages"]] == [[2, 1, 96], [4, 2, 24], [4, 4, 12]]

@@ -18,8 +18,8 @@ import sysconfig
 import pytest
 import torch
 
-from conftest import run_cli
-from test_parallel import _write_config, torchrun
+from conftest import launch, run_cli
+from train_runs import write_config
 
 pytestmark = pytest.mark.slow  # processes, training runs: the full tier (README); `-m "not slow"` skips it
 
@@ -43,9 +43,9 @@ def grown(request, tmp_path_factory, tiny_data):
     tmp = tmp_path_factory.mktemp(f"hf-{arch}")
     extra, stages = ARCHS[arch]
     cfg = tmp / "cfg.yaml"
-    _write_config(cfg, extra + ["train.steps=10"], stages)
-    r = torchrun(4, ["-m", "msg_megatron.pretrain", str(cfg), "parallel.tensor=2", "parallel.pipeline=2",
-                     f"logging.run_dir={tmp}/run", f"checkpoint.save={tmp}/ck"], timeout=400)
+    write_config(cfg, extra + ["train.steps=10"], stages)
+    r = launch(4, ["msg_megatron.pretrain", str(cfg), "parallel.tensor=2", "parallel.pipeline=2",
+                   f"logging.run_dir={tmp}/run", f"checkpoint.save={tmp}/ck"], timeout=400)
     assert r.returncode == 0, _quiet(r.stderr)
     r = run_cli(["msg_megatron.hf.export", "--load", str(tmp / "ck"), "--out", str(tmp / "hf"), "--json"])
     assert r.returncode == 0, _quiet(r.stderr)
@@ -156,8 +156,8 @@ def test_transformers_model_imports_sharded_and_round_trips(tmp_path, arch):
                                       bos_token_id=1, eos_token_id=2)
         model = transformers.GPT2LMHeadModel(cfg)
     model.save_pretrained(str(tmp_path / "src"))
-    r = torchrun(4, ["-m", "msg_megatron.hf.import_hf", "--hf", str(tmp_path / "src"), "--save",
-                     str(tmp_path / "ck4"), "--tensor", "2", "--pipeline", "2", "--json"])
+    r = launch(4, ["msg_megatron.hf.import_hf", "--hf", str(tmp_path / "src"), "--save",
+                   str(tmp_path / "ck4"), "--tensor", "2", "--pipeline", "2", "--json"])
     assert r.returncode == 0, _quiet(r.stderr)
     r = run_cli(["msg_megatron.hf.export", "--load", str(tmp_path / "ck4"), "--out", str(tmp_path / "back")])
     assert r.returncode == 0, _quiet(r.stderr)
@@ -170,7 +170,7 @@ def test_transformers_model_imports_sharded_and_round_trips(tmp_path, arch):
 @pytest.mark.timeout(300)
 def test_mid_ramp_export_is_refused(tmp_path, tiny_data):
     cfg = tmp_path / "cfg.yaml"
-    _write_config(cfg, ["growth.ramp_steps=20"], [[32, 64, 2, 2], [32, 128, 4, 2]])
+    write_config(cfg, ["growth.ramp_steps=20"], [[32, 64, 2, 2], [32, 128, 4, 2]])
     # grown at step 4 with a 20-step ramp: masks at 1 from step 24 on, in the checkpoint saved after
     # step 24, i.e. step_000025; saved after 8, 16, 24 steps and at the end (25)
     r = run_cli(["msg_megatron.pretrain", str(cfg), "train.steps=25", "train.save_interval=8", "checkpoint.keep=4",
@@ -196,7 +196,7 @@ def test_growth_run_starts_from_an_imported_model(grown, tmp_path):
     extra, _ = ARCHS[arch]
     h, f, a, n = res["shape"]
     cfg = tmp_path / "cfg.yaml"
-    _write_config(cfg, extra + ["train.steps=6"], [[h, f, a, n], [h, 2 * f, a, n]])
+    write_config(cfg, extra + ["train.steps=6"], [[h, f, a, n], [h, 2 * f, a, n]])
     tok = str(tmp_path / "imp" / "step_000000" / "tokenizer.model")
     args = ["msg_megatron.pretrain", str(cfg), f"checkpoint.init_from={tmp_path}/imp", f"data.tokenizer_model={tok}"]
     r = run_cli(args + [f"logging.run_dir={tmp_path}/run"])

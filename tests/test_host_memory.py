@@ -12,7 +12,8 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, run_cli, tiny_checkpoint
+from conftest import REPO, launch, pooled, run_cli, tiny_checkpoint, torchrun
+from host_memory_views import host_memory_outcome
 from msg_megatron.config import ConfigError, load_config
 from msg_megatron.training.host_memory import GIB, check_host_memory, state_bytes_per_param
 
@@ -82,12 +83,10 @@ def test_check_names_the_largest_stage_and_the_numbers():
 
 @pytest.mark.timeout(180)
 def test_pretrain_refuses_before_any_work_counting_the_processes_on_this_host(tmp_path):
-    """msg-pretrain under torchrun: both ranks refuse before the data is looked at (the corpus path
-    does not exist) or a model is built, with the stage that would not fit and 2 processes counted."""
-    from test_parallel import torchrun
-
-    r = torchrun(2, ["-m", "msg_megatron.pretrain", "configs/demo_cpu.yaml", "parallel.tensor=2"] + BASE + SHAPE
-                 + [STAGES], timeout=180)
+    """msg-pretrain on two ranks: both refuse before the data is looked at (the corpus path does not
+    exist) or a model is built, with the stage that would not fit and 2 processes counted."""
+    r = launch(2, ["msg_megatron.pretrain", "configs/demo_cpu.yaml", "parallel.tensor=2"] + BASE + SHAPE
+               + [STAGES], timeout=180)
     assert r.returncode != 0
     assert f"this run (stage 1, shape {tuple(HUGE)}, at TP=2, PP=1, DP=1) cannot fit" in r.stderr, r.stderr[-3000:]
     assert "x 2 process(es) on this machine" in r.stderr and "nonexistent-corpus" not in r.stderr
@@ -230,9 +229,8 @@ def test_distributed_optimizer_save_holds_no_whole_moments(tmp_path):
     """DP=2 with the distributed optimizer, ~29M parameters: a save adds less than 0.75x the whole
     model's fp32 moments (8 B/param) to any rank's peak RSS. Each rank writes its slices from the
     optimizer's own tensors; the former save assembled every parameter's whole moments on each rank
-    (+8 B/param and more). Measured when written: see the assertion message."""
-    from test_parallel import torchrun
-
+    (+8 B/param and more). Measured when written: see the assertion message. (A real torchrun: the
+    ranks' own peak RSS is what is measured.)"""
     args = ["model.vocab_size=8192", "model.hidden_size=512", "model.ffn_hidden_size=1536",
             "model.num_attention_heads=8", "model.kv_channels=64", "model.num_layers=6", "model.seq_length=32",
             "model.tie_embeddings=false", "growth.stages=[]", "data.corpus=synthetic", "train.global_batch_size=2",
@@ -254,11 +252,7 @@ def test_one_host_too_small_refuses_on_every_rank():
     that host), not only its own ranks, which would leave the others hanging in the next collective.
     Two ranks on two "hosts" (each reports its own hostname and free memory): 1.5 GiB needed per
     process, host nodea has 100 GiB, nodeb 1 GiB."""
-    from test_parallel import torchrun
-
-    r = torchrun(2, ["tests/host_memory_worker.py"], timeout=110)
-    assert r.returncode != 0, r.stdout + r.stderr[-3000:]
-    for rank in (0, 1):
-        assert f"rank {rank} refused: a test run cannot fit in host nodeb's memory" in r.stdout, r.stdout
-    assert "1.5 GiB x 1 process(es) on this machine = 1.5 GiB, and 1.0 GiB is available" in r.stdout
-    assert "passed" not in r.stdout
+    outcomes = pooled(2, host_memory_outcome, layout=(1, 1), timeout=110)
+    for rank, out in enumerate(outcomes):
+        assert out.startswith(f"rank {rank} refused: a test run cannot fit in host nodeb's memory"), outcomes
+        assert "1.5 GiB x 1 process(es) on this machine = 1.5 GiB, and 1.0 GiB is available" in out, out

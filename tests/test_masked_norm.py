@@ -69,13 +69,24 @@ def test_gradcheck_float64():
 
 
 def test_bf16_input_keeps_fp32_statistics():
-    x = torch.randn(4, 64)
-    m = torch.cat([torch.ones(40), torch.zeros(24)])
-    w, b = torch.ones(64), torch.zeros(64)
-    y = masked_layer_norm(x.bfloat16(), m, w, b, 1e-5)
+    """bf16 in, bf16 out, statistics in fp32: the output is the exact norm of the bf16 input rounded
+    once to bf16 (<= 0.5 ulp, plus fp32's own error: 0.6). Statistics taken in bf16 miss that by
+    hundreds of ulps (computed here: the check can fail)."""
+    from conftest import ulps
+
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(8, 256, generator=gen) * 3 + 1).bfloat16()
+    m = torch.cat([torch.ones(200), torch.zeros(56)])
+    w, b = torch.randn(256, generator=gen), torch.randn(256, generator=gen)
+    y = masked_layer_norm(x, m, w, b, 1e-5)
     assert y.dtype == torch.bfloat16
-    torch.testing.assert_close(y.float(), ref_layer_norm(x.bfloat16().float(), m, w, b, 1e-5).float(),
-                               rtol=2e-2, atol=2e-2)
+    want = ref_layer_norm(x, m, w, b, 1e-5)
+    assert ulps(y, want, torch.bfloat16).max() <= 0.6
+    mb = m.bfloat16()
+    mu = (x * mb).sum(-1, keepdim=True) / mb.sum()
+    var = ((x - mu) ** 2 * mb).sum(-1, keepdim=True) / mb.sum()
+    in_bf16 = ((x - mu) / torch.sqrt(var + 1e-5) * w.bfloat16() + b.bfloat16()) * mb
+    assert ulps(in_bf16, want, torch.bfloat16).max() > 10
 
 
 def test_an_unbuilt_kernel_is_said_once_at_first_use_with_the_fix(monkeypatch):

@@ -55,15 +55,31 @@ def test_flm_101b_plan():
     assert [s["bubble"] for s in st] == [0.0, 1 / 97, 3 / 183]
     assert 0.6 < res["flops_saving"] < 0.8
     r = run_cli(["msg_megatron.plan", "configs/flm_101b_a800.yaml"])
-    assert "schedule saves" in r.stdout and "4 x 4 x 12" in r.stdout
+    assert r.returncode == 0 and "schedule saves" in r.stdout and "4 x 4 x 12" in r.stdout
 
 
 @pytest.mark.parametrize("config", ["configs/gpt2_sch1g.yaml", "configs/gpt2_sch_new.yaml", "configs/demo_cpu.yaml"])
 def test_every_paper_schedule_plans(config):
+    """Each stage of the plan is the config's stage (steps, shape, batch), and the FLOPs saving is
+    1 - sum over stages of tokens x FLOPs/token at the stage's shape / (all tokens x the final
+    shape's), recomputed here from the config (within 1e-12)."""
+    from msg_megatron.config import load_config
+
     r = run_cli(["msg_megatron.plan", config, "--json", "--gpu", "A100"])
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(r.stdout)
-    assert res["flops_saving"] > 0 and len(res["stages"]) >= 2
+    cfg = load_config(config, [])
+    sched, vocab = cfg.schedule(), padded_vocab_size(cfg.model)
+    ends = [step for step, _ in sched[1:]] + [cfg.train.steps]
+    assert len(res["stages"]) == len(sched) >= 2
+    total = tokens = 0
+    for i, ((start, shape), end, st) in enumerate(zip(sched, ends, res["stages"])):
+        assert st["steps"] == [start, end] and st["shape"] == list(shape.as_tuple()), (i, st["steps"], st["shape"])
+        n = (end - start) * cfg.batch_size(i) * cfg.model.seq_length
+        assert st["tokens"] == n
+        total, tokens = total + n * flops_per_token(cfg.model, shape, vocab), tokens + n
+    want = 1 - total / (tokens * flops_per_token(cfg.model, sched[-1][1], vocab))
+    assert 0 < want and res["flops_saving"] == pytest.approx(want, rel=1e-12)
 
 
 def test_bad_plan_arguments():

@@ -70,19 +70,18 @@ def test_bad_recompute_settings_are_refused(overrides, words):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["selective", "full"])
-def test_training_through_growth_has_the_same_losses(tmp_path, tiny_data, mode):
-    """A growth run (two growths, ramps) with recomputation logs bitwise the losses of one without."""
+def test_training_through_growth_has_the_same_losses(tmp_path, tiny_run, mode):
+    """A growth run (two growths, ramps) with recomputation logs bitwise the losses of one without
+    (the session's tiny_run)."""
     from test_train import read_metrics, tiny_cfg
 
     from msg_megatron.training.trainer import Trainer
 
-    extra = ["train.steps=30", "train.log_interval=1", "checkpoint.save="]
-    Trainer(tiny_cfg(tmp_path / "plain", *extra)).run()
-    Trainer(tiny_cfg(tmp_path / mode, *extra, f"train.recompute={mode}")).run()
+    Trainer(tiny_cfg(tmp_path / mode, "checkpoint.save=", f"train.recompute={mode}")).run()
     plain, rec = (
-        {r["step"]: r["loss"] for r in read_metrics(tmp_path / d / "run" / "metrics.jsonl") if "loss" in r}
-        for d in ("plain", mode))
-    assert len(plain) == 30 and rec == plain
+        {r["step"]: r["loss"] for r in read_metrics(d / "run" / "metrics.jsonl") if "loss" in r}
+        for d in (tiny_run, tmp_path / mode))
+    assert len(plain) == 40 and rec == plain
 
 
 def _peak_saved_bytes(model, tokens) -> int:

@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, run_cli
-from test_parallel import DISTOPT, LLAMA, _write_config, torchrun
+from conftest import REPO, launch, pooled, run_cli
+from train_runs import DISTOPT, LLAMA, write_config
 
 pytestmark = pytest.mark.slow  # processes, training runs: the full tier (README); `-m "not slow"` skips it
 
@@ -45,25 +45,29 @@ def assert_same_checkpoints(got_dir, want_dir):
 
 def _train(tmp_path, extra, stages, nproc=1, layout=()):
     cfg = tmp_path / "cfg.yaml"
-    _write_config(cfg, extra, stages)
-    args = ["-m", "msg_megatron.pretrain", str(cfg), f"logging.run_dir={tmp_path}/a",
-            f"checkpoint.save={tmp_path}/ck", *layout]
-    r = torchrun(nproc, args) if nproc > 1 else run_cli(args[1:])
+    write_config(cfg, extra, stages)
+    args = ["msg_megatron.pretrain", str(cfg), f"logging.run_dir={tmp_path}/a", f"checkpoint.save={tmp_path}/ck",
+            *layout]
+    r = launch(nproc, args) if nproc > 1 else run_cli(args)
     assert r.returncode == 0, r.stderr[-3000:]
     return tmp_path / "ck"
 
 
 def _grow(nproc, args):
-    r = torchrun(nproc, ["-m", "msg_megatron.grow"] + args) if nproc > 1 else run_cli(["msg_megatron.grow"] + args)
+    r = launch(nproc, ["msg_megatron.grow"] + args) if nproc > 1 else run_cli(["msg_megatron.grow"] + args)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 
 
 def _reference(ckpt, shape, out, tp, pp, depth_init="interpolate"):
-    args = [os.path.join(REPO, "tests", "grow_reference.py"), str(ckpt), shape, str(out), str(tp), str(pp), depth_init]
-    r = torchrun(tp * pp, args) if tp * pp > 1 else subprocess.run([sys.executable] + args, capture_output=True,
-                                                                    text=True, timeout=300, cwd=REPO)
-    assert r.returncode == 0, r.stderr[-3000:]
+    """The whole-model growth (tests/grow_reference.py) at TP x PP: in this process, or on the pool."""
+    from grow_reference import grow_whole_model
+
+    args = (str(ckpt), shape, str(out), tp, pp, depth_init)
+    if tp * pp == 1:
+        grow_whole_model(*args)
+    else:
+        pooled(tp * pp, grow_whole_model, *args)
 
 
 @pytest.fixture(scope="module")
@@ -163,14 +167,20 @@ def test_msg_grow_refuses_a_non_empty_save_directory_unless_overwrite(tmp_path, 
 def test_msg_grow_says_when_it_could_not_verify(tmp_path, tiny_data):
     """A validation split smaller than one micro-batch (94 windows of 512 tokens, micro-batch 128):
     the growth is written, and msg-grow says the function was not verified and why."""
-    ck = _train(tmp_path, ["model.seq_length=512", "train.micro_batch_size=128", "train.global_batch_size=128",
-                           "train.eval_interval=0"], [[32, 64, 2, 2], [32, 128, 4, 2]])
-    r = run_cli(["msg_megatron.grow", "--load", str(ck), "--shape", "32,128,4,3", "--save", str(tmp_path / "g"),
+    from test_train import TINY
+
+    ck = tmp_path / "ck"  # (two steps of one stage: what the check needs is the validation split)
+    r = run_cli(["msg_megatron.pretrain", "configs/demo_cpu.yaml"] + TINY + [
+        "train.steps=2", "train.save_interval=2", "growth.stages=[]", "model.seq_length=512",
+        "train.micro_batch_size=128", "train.global_batch_size=128", "train.eval_interval=0",
+        f"checkpoint.save={ck}", f"logging.run_dir={tmp_path}/run"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_cli(["msg_megatron.grow", "--load", str(ck), "--shape", "64,128,4,4", "--save", str(tmp_path / "g"),
                  "--json"])
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["verified"] is False and "fewer than one micro-batch" in out["not_verified_because"], out
     assert "function preservation NOT verified" in r.stderr
-    r = run_cli(["msg_megatron.grow", "--load", str(ck), "--shape", "32,128,4,3", "--save", str(tmp_path / "g2"),
+    r = run_cli(["msg_megatron.grow", "--load", str(ck), "--shape", "64,128,4,4", "--save", str(tmp_path / "g2"),
                  "--no-verify"])
     assert r.returncode == 0 and "NOT verified: --no-verify" in r.stderr, r.stderr[-2000:]

@@ -28,14 +28,15 @@ def read_metrics(path):
         return [json.loads(line) for line in f]
 
 
-def test_growth_training_logs_and_preserves_function(tmp_path, tiny_data):
-    from msg_megatron.training.trainer import Trainer
+def losses_of(run_dir) -> dict:
+    return {r["step"]: r["loss"] for r in read_metrics(os.path.join(run_dir, "metrics.jsonl")) if "loss" in r}
 
-    result = Trainer(tiny_cfg(tmp_path)).run()
-    assert result["shape"] == [64, 128, 4, 3] and result["step"] == 40
-    recs = read_metrics(tmp_path / "run" / "metrics.jsonl")
+
+def test_growth_training_logs_and_preserves_function(tiny_run):
+    recs = read_metrics(tiny_run / "run" / "metrics.jsonl")
     steps = [r for r in recs if "loss" in r]
     assert [r["step"] for r in steps] == list(range(40))
+    assert steps[-1]["shape"] == [64, 128, 4, 3]
     assert all(k in steps[0] for k in ("step", "loss", "lr", "stage", "tokens_per_s"))
     growths = [r for r in recs if r.get("event") == "growth"]
     assert [g["step"] for g in growths] == [12, 24]
@@ -43,29 +44,26 @@ def test_growth_training_logs_and_preserves_function(tmp_path, tiny_data):
         assert abs(g["probe_loss_after"] - g["probe_loss_before"]) <= 1e-5 * g["probe_loss_before"]
     assert any("val_loss" in r for r in recs)
     assert steps[-1]["loss"] < steps[0]["loss"] - 1.0
-    assert os.path.exists(tmp_path / "ck" / "latest")
+    assert (tiny_run / "ck" / "latest").read_text().strip() == "step_000040"
 
 
-def test_resume_continues_identically(tmp_path, tiny_data):
+def test_resume_continues_identically(tmp_path, tiny_run):
     from msg_megatron.training.trainer import Trainer
 
-    Trainer(tiny_cfg(tmp_path / "a", "train.save_interval=16")).run()
-    full = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "a" / "run" / "metrics.jsonl") if "loss" in r}
-    ck = tmp_path / "a" / "ck" / "step_000016"  # mid-stage, masks mid-ramp from the step-12 growth
+    ck = tiny_run / "ck" / "step_000016"  # mid-stage, masks mid-ramp from the step-12 growth
     Trainer(tiny_cfg(tmp_path / "b", f"checkpoint.load={ck}")).run()
-    resumed = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "b" / "run" / "metrics.jsonl") if "loss" in r}
+    full, resumed = losses_of(tiny_run / "run"), losses_of(tmp_path / "b" / "run")
     assert sorted(resumed) == list(range(16, 40))
     for s in resumed:  # bitwise on CPU, same layout
         assert resumed[s] == full[s], s
 
 
-def test_resume_with_wrong_model_is_refused(tmp_path, tiny_data):
+def test_resume_with_wrong_model_is_refused(tmp_path, tiny_run):
     from msg_megatron.checkpoint.dist import CheckpointError
     from msg_megatron.training.trainer import Trainer
 
-    Trainer(tiny_cfg(tmp_path / "a", "train.steps=30")).run()
     with pytest.raises(CheckpointError, match="model.norm"):
-        Trainer(tiny_cfg(tmp_path / "b", f"checkpoint.load={tmp_path}/a/ck", "model.norm=rmsnorm"))
+        Trainer(tiny_cfg(tmp_path / "b", f"checkpoint.load={tiny_run}/ck", "model.norm=rmsnorm"))
 
 
 def test_demo_cli_end_to_end(tmp_path):
