@@ -30,9 +30,8 @@ import contextlib
 import math
 import re
 import resource
-import sys
 import time
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import torch
 
@@ -43,8 +42,7 @@ from .growth.stream import stage_groups
 from .meta_memory import PeakMetaBytes
 from .model.gpt import MaskedGPT, padded_vocab_size, stage_piece, virtual_size
 from .optim.optimizer import MOMENTS, build_optimizer, cast_params, param_dtype
-from .parallel import destroy_parallel, initialize_parallel
-from .patches import apply_cpu_patches, meta_world
+from .dry_run_ranks import fake_rank, rank_coordinates, ranks_to_build, select_ranks
 from .training.phase_memory import phase_peaks, streamed_growth_peak
 from .training.run_setup import check_batch_split
 from .training.sizes import activation_settings, stage_memory
@@ -52,71 +50,6 @@ from .training.sizes import activation_settings, stage_memory
 
 class DryRunError(RuntimeError):
     """A stage that would fail on the cluster: the message names the stage, the rank and why."""
-
-
-def rank_coordinates(rank: int, tp: int, pp: int, dp: int) -> tuple:
-    """(tp rank, dp rank, pp rank) of a global rank in megatron's default order (tp-cp-ep-dp-pp:
-    TP fastest, PP slowest); checked against megatron's own parallel state when each rank is built."""
-    return rank % tp, (rank // tp) % dp, rank // (tp * dp)
-
-
-def select_ranks(spec: str, tp: int, pp: int, dp: int) -> List[int]:
-    """`edges`: the first and last rank of every coordinate (TP, PP and DP); `all`; or `R1,R2,...`."""
-    world = tp * pp * dp
-    if spec == "all":
-        return list(range(world))
-    if spec == "edges":
-        ends = lambda n: sorted({0, n - 1})  # noqa: E731
-        return sorted(t + tp * (d + dp * p) for t in ends(tp) for d in ends(dp) for p in ends(pp))
-    try:
-        ranks = sorted({int(r) for r in spec.split(",")})
-    except ValueError:
-        raise ValueError(f"--ranks {spec!r}: use edges, all or a comma-separated list of ranks") from None
-    bad = [r for r in ranks if not 0 <= r < world]
-    if bad:
-        raise ValueError(f"--ranks {spec}: rank(s) {bad} are outside the world of {world} ranks")
-    return ranks
-
-
-def ranks_to_build(spec: str, tp: int, pp: int, dp: int) -> tuple:
-    """(ranks to build, their TP x PP coordinates whose every DP rank is built, whether that is every rank).
-
-    `all`: every rank, and the checkpoint coverage is checked over the whole world. Otherwise: one DP
-    replica (every TP x PP rank at DP rank 0: the model tensors), every DP rank of the first and the
-    last pipeline stage's first TP coordinate (their optimizer slices: the ends differ by stage, TP
-    ranks only by offsets), and the ranks whose memory is reported."""
-    world = tp * pp * dp
-    if spec == "all":
-        return list(range(world)), [(0, p) for p in range(pp)], True
-    coords = sorted({(0, 0), (0, pp - 1)})
-    built = {t + tp * dp * p for t in range(tp) for p in range(pp)}
-    built |= {t + tp * (d + dp * p) for t, p in coords for d in range(dp)}
-    built |= set(select_ranks(spec, tp, pp, dp))
-    return sorted(built), coords, len(built) == world
-
-
-@contextlib.contextmanager
-def fake_rank(world: int, rank: int, tp: int, pp: int, seed: int, sequence_parallel: bool, virtual_pipeline: int):
-    """This process as global rank `rank` of `world` on torch's fake process group, megatron's
-    parallel state set up for it, new tensors on `meta`."""
-    import torch.distributed as dist
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-
-    if dist.is_initialized():
-        raise RuntimeError("the dry run needs a process without torch.distributed (msg-plan runs it in its own)")
-    apply_cpu_patches()  # (first: meta_world then replaces its current_device for the block)
-    hook = sys.excepthook  # (each init wraps it to prefix "[rank N]:"; one prefix per rank built otherwise)
-    with meta_world():
-        dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
-        try:
-            initialize_parallel(tp, pp, seed, sequence_parallel, virtual_pipeline)
-            with torch.device("meta"):
-                yield
-        finally:
-            destroy_parallel()  # (megatron's state; the fake world is this block's own to destroy)
-            dist.destroy_process_group()
-            sys.excepthook = hook
 
 
 def build_rank(cfg, shape, measure_save: bool = False):

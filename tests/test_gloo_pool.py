@@ -10,6 +10,8 @@ import pytest
 from conftest import pooled
 from gloo_pool import PoolTaskFailed, pool
 
+pytestmark = pytest.mark.slow  # (worker processes: the full tier)
+
 
 def change_everything(tmp_path):
     import tempfile

@@ -38,11 +38,25 @@ def test_gridsearch_cli(tmp_path, tiny_data):
     assert r.returncode == 2 and "four positive integers" in r.stderr
 
 
+def _pretrain_in_process(config, overrides, run_dir, timeout=None, stop=None):
+    """runs.run_pretrain without the child process (test_gridsearch_cli runs the real children)."""
+    from conftest import run_cli
+    from msg_megatron.training.runs import RunFailed, read_metrics
+
+    r = run_cli(["msg_megatron.pretrain", config, *overrides, f"logging.run_dir={run_dir}", "logging.wandb=disabled"])
+    if r.returncode:
+        raise RunFailed(r.stderr[-2000:])
+    return read_metrics(run_dir)
+
+
 @pytest.mark.timeout(600)
-def test_gridsearch_builds_a_schedule_one_dimension_per_stage_by_best_gamma(tmp_path, tiny_data):
+def test_gridsearch_builds_a_schedule_one_dimension_per_stage_by_best_gamma(tmp_path, tiny_data, monkeypatch):
     """--schedule: each round tries every dimension not yet final, grown to its final size, and the
     best gamma is the next stage; stages split train.steps equally (remainder first); the printed
-    block is a config's growth.stages."""
+    block is a config's growth.stages. (Its five candidate runs in this process.)"""
+    from msg_megatron import gridsearch
+
+    monkeypatch.setattr(gridsearch, "run_pretrain", _pretrain_in_process)
     over = ["model.vocab_size=512", "model.seq_length=32", "data.corpus_mb=0.3", "data.valid_fraction=0.05",
             "train.global_batch_size=4", "train.micro_batch_size=4", "checkpoint.save=", "model.hidden_size=96",
             "model.ffn_hidden_size=256", "model.num_attention_heads=2", "model.num_layers=2", "model.kv_channels=32",

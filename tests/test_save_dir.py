@@ -135,32 +135,25 @@ def test_an_unwritable_save_directory_is_refused_before_any_work(tmp_path):
     assert "nonexistent-corpus" not in r.stderr  # refused before the data was looked at
 
 
-# ENOSPC injected into the checkpoint writer for the step-4 save only (the writer processes are
-# forked from this one and inherit the patch); the rest is the real msg-pretrain command. (The
-# guard matters: megatron's writer starts a spawn-context manager, which imports __main__.)
-_FULL_DISK = """
-import errno, sys
-from msg_megatron.checkpoint import crc_writer
-real = crc_writer._CrcFile.write
-def write(self, data):
-    if "step_000004" in self._path:
-        raise OSError(errno.ENOSPC, "No space left on device")
-    return real(self, data)
-crc_writer._CrcFile.write = write
-if __name__ == "__main__":
-    from msg_megatron.pretrain import main
-    main(sys.argv[1:])
-"""
-
-
 @pytest.mark.timeout(300)
-def test_a_full_disk_during_a_save_is_one_line_exit_74_and_keeps_the_previous_checkpoint(tmp_path):
+def test_a_full_disk_during_a_save_is_one_line_exit_74_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """ENOSPC injected into the checkpoint writer for the step-4 save only (megatron's writer
+    processes are forked from this one and inherit the patch); the rest is the real msg-pretrain."""
+    import errno
+
+    from msg_megatron.checkpoint import crc_writer
     from msg_megatron.checkpoint.dist import read_meta
 
+    real = crc_writer._CrcFile.write
+
+    def write(self, data):
+        if "step_000004" in self._path:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, data)
+
+    monkeypatch.setattr(crc_writer._CrcFile, "write", write)
     ck = tmp_path / "ck"
-    args = _pretrain(tmp_path, "a", "train.steps=6", "train.save_interval=2", f"checkpoint.save={ck}")[1:]
-    r = subprocess.run([sys.executable, "-c", _FULL_DISK] + args, capture_output=True, text=True, timeout=300,
-                       cwd=REPO, env=dict(os.environ, WANDB_MODE="disabled"))
+    r = run_cli(_pretrain(tmp_path, "a", "train.steps=6", "train.save_interval=2", f"checkpoint.save={ck}"))
     assert r.returncode == 74, r.stderr[-3000:]
     err = [line for line in r.stderr.splitlines() if line.startswith("msg-pretrain: error:")]
     assert len(err) == 1 and "no space left on device" in err[0] and "step_000002` is intact" in err[0], r.stderr
