@@ -186,6 +186,7 @@ def test_memory_and_pieces_equal_the_real_trainers_on_gloo(tmp_path):
 
     real = pooled(8, step_grow_step, ["configs/demo_cpu.yaml"] + REAL +
                   [f"logging.run_dir={tmp_path}/run", f"checkpoint.save={tmp_path}/ck"], timeout=300)[0]
+    real = json.loads(json.dumps(real))  # (the pieces as the dry run's JSON gives them: lists)
     d = subprocess.run([sys.executable, "-c", OBSERVE] + REAL, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert d.returncode == 0, d.stderr[-3000:]
     dry = json.loads(d.stdout.strip().splitlines()[-1])
