@@ -12,8 +12,8 @@ shared by the cases that compare against it (tests/train_runs.py).
   in bf16 (fp32 masters in the distributed optimizer's slices) at (2,2,2) within 1e-2; megatron's
   sequence parallelism at TP4, its interleaved pipeline at TP2 x PP2 x V2 (with SP, layers
   doubled inside each chunk), grouped-query attention at TP2 growing by groups, recomputation.
-- Bad layouts fail fast under a real torchrun with a message naming the numbers; launch/local.sh
-  runs and resumes. (Resume under another layout and offline growth: tests/test_parallel_resume.py.)
+- Bad layouts fail fast on every rank with a message naming the numbers; launch/local.sh (a real
+  torchrun) runs and resumes. (Resume under another layout and offline growth: tests/test_parallel_resume.py.)
 """
 import os
 import subprocess
@@ -22,7 +22,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, pooled, torchrun
+from conftest import REPO, pooled
 from growth_on_ranks import grow_and_gather
 from train_runs import BERT, DISTOPT, LLAMA, VPP_SP, losses, pretrain, trained, write_config
 
@@ -152,12 +152,14 @@ def test_training_matches_single_process(tmp_path, tiny_data, case):
 
 @pytest.mark.timeout(300)
 def test_world_size_not_a_multiple_of_layout_fails_fast(tmp_path, tiny_data):
-    """A real torchrun of 3 ranks (the launch is what is tested: its error, every rank exiting)."""
+    """Two ranks asked for TP=4: every rank exits 2 with the numbers, before any collective (a real
+    torchrun of the tools: test_local_launcher_runs_and_resumes)."""
     cfg = tmp_path / "cfg.yaml"
     write_config(cfg, [], [[32, 64, 2, 2], [32, 128, 4, 2]])
-    r = torchrun(3, ["-m", "msg_megatron.pretrain", str(cfg), "parallel.tensor=2"])
-    assert r.returncode != 0
-    assert "world size 3" in r.stderr and "parallel.tensor x parallel.pipeline = 2 x 1" in r.stderr, r.stderr[-2000:]
+    r = pretrain(2, cfg, "parallel.tensor=4")
+    assert r.returncode == 2
+    assert r.stderr.count("world size 2 is not a multiple of parallel.tensor x parallel.pipeline = 4 x 1") == 2, \
+        r.stderr[-2000:]
 
 
 @pytest.mark.timeout(300)
