@@ -25,8 +25,12 @@ def _free_port() -> int:
 _SEQUENCE_PARALLEL = False  # parallel.sequence_parallel of this process's run (see sequence_parallel())
 # Whether initialize_parallel created the default process group (then destroy_parallel destroys it).
 # A process whose world someone else set up (a program embedding the trainer, the test suite's worker
-# pool that runs many jobs in one world) keeps it: destroy_parallel tears down only what was built here.
+# pool that runs many jobs in one world) keeps it: destroy_parallel tears down only what was built here,
+# including megatron's groups (_GROUPS), which megatron's destroy_model_parallel forgets without
+# destroying: each gloo group keeps threads and sockets, and a process that sets up its parallel state
+# many times piled them up (hundreds of busy gloo threads).
 _OWNS_WORLD = False
+_GROUPS: list = []
 
 
 def initialize_parallel(tensor: int = 1, pipeline: int = 1, seed: int = 1234,
@@ -65,8 +69,10 @@ def initialize_parallel(tensor: int = 1, pipeline: int = 1, seed: int = 1234,
                 f"world size {world} is not a multiple of parallel.tensor x parallel.pipeline = {tensor} x "
                 f"{pipeline} = {tensor * pipeline}; launch a multiple of {tensor * pipeline} processes "
                 f"(the rest is data parallelism) or change the layout.")
+        before = set(_all_groups())
         parallel_state.initialize_model_parallel(
             tensor, pipeline, virtual_pipeline_model_parallel_size=virtual_pipeline if virtual_pipeline > 1 else None)
+        _GROUPS.extend(g for g in _all_groups() if g not in before)
     if torch.cuda.is_available():
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
@@ -141,5 +147,18 @@ def destroy_parallel() -> None:
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized() and _OWNS_WORLD:
-        dist.destroy_process_group()
+        dist.destroy_process_group()  # (every group with it)
+    elif dist.is_initialized():
+        alive = _all_groups()
+        for group in _GROUPS:
+            if group in alive:
+                dist.destroy_process_group(group)
+    _GROUPS.clear()
     _OWNS_WORLD = False
+
+
+def _all_groups() -> list:
+    """Every process group of this process but the world (torch keeps them in its group map)."""
+    from torch.distributed import distributed_c10d as c10d
+
+    return [g for g in c10d._world.pg_map if g is not c10d.GroupMember.WORLD]
