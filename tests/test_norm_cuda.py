@@ -17,8 +17,10 @@ from msg_megatron.ops import masked_norm as mn
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
 @pytest.mark.parametrize("source", sorted(glob.glob(os.path.join(REPO, "csrc", "*.cu"))))
 def test_cuda_sources_compile(source, tmp_path):
+    # one architecture (sm_80: A100/A800, the lowest the kernels target): what is checked is that the
+    # sources compile; a second -gencode doubled the time of the slowest unit of the suite's CPU work
     r = subprocess.run(["nvcc", "-std=c++17", "-O3", "-gencode", "arch=compute_80,code=sm_80",
-                        "-gencode", "arch=compute_90,code=sm_90", "-c", source, "-o", str(tmp_path / "k.o")],
+                        "-c", source, "-o", str(tmp_path / "k.o")],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]
 

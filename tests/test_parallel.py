@@ -155,7 +155,7 @@ def test_world_size_not_a_multiple_of_layout_fails_fast(tmp_path, tiny_data):
     """Two ranks asked for TP=4: every rank exits 2 with the numbers, before any collective (a real
     torchrun of the tools: test_local_launcher_runs_and_resumes)."""
     cfg = tmp_path / "cfg.yaml"
-    write_config(cfg, [], [[32, 64, 2, 2], [32, 128, 4, 2]])
+    write_config(cfg, [], [[32, 64, 4, 2], [32, 128, 4, 2]])
     r = pretrain(2, cfg, "parallel.tensor=4")
     assert r.returncode == 2
     assert r.stderr.count("world size 2 is not a multiple of parallel.tensor x parallel.pipeline = 4 x 1") == 2, \
