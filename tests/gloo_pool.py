@@ -62,7 +62,7 @@ class GlooPool:
 
     def _start(self):
         key = secrets.token_bytes(16)
-        listener = Listener(("127.0.0.1", 0), authkey=key)
+        listener = Listener(("127.0.0.1", 0), backlog=max(8, self.world), authkey=key)
         host, port = listener.address
         master = _free_port()
         env = dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
