@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
 import torch
 
 from .checkpoint.dist import load_checkpoint, read_meta
+from .checkpoint.verify import verify_checksums
 from .cli import run_cli
 from .config import Shape, config_from_dict
 from .data import validation_problem
@@ -19,11 +21,14 @@ from .parallel import initialize_parallel
 from .training.evaluate import validation_loss
 
 
-def load_model_from_checkpoint(path: str):
-    """(model, config, meta) built at the checkpoint's shape, masks as saved."""
+def load_model_from_checkpoint(path: str, verify: bool = True):
+    """(model, config, meta) built at the checkpoint's shape, masks as saved; `verify`: the files'
+    CRC-32s checked first."""
     meta = read_meta(path)
     cfg = config_from_dict(meta["config"])
     initialize_parallel(1, 1, cfg.train.seed)
+    if verify:
+        verify_checksums(meta["path"])
     model = build_model(cfg.model, Shape(*meta["shape"]), perform_init=False)
     load_checkpoint(meta["path"], model)
     return model, cfg, meta
@@ -50,12 +55,13 @@ def _main(argv) -> int:
     ap.add_argument("--load", required=True, help="checkpoint step directory or save directory")
     ap.add_argument("--text", help="score this text file instead of the validation split")
     ap.add_argument("--iters", type=int, default=None, help="validation batches (default: train.eval_iters)")
+    ap.add_argument("--no-verify", action="store_true", help="skip the CRC-32 check of the checkpoint's files")
     ap.add_argument("--json", action="store_true", help="print one JSON line")
     args = ap.parse_args(argv)
     if args.iters is not None and args.iters < 1:
         raise ValueError(f"--iters {args.iters}: give at least 1 validation batch (default: train.eval_iters)")
 
-    model, cfg, meta = load_model_from_checkpoint(args.load)
+    model, cfg, meta = load_model_from_checkpoint(args.load, verify=not args.no_verify)
     model.eval()
     out = {"checkpoint": meta["path"], "step": meta["state"]["step"], "shape": meta["shape"]}
     if args.text:
@@ -80,10 +86,13 @@ def _main(argv) -> int:
         if problem:
             raise ValueError(f"no validation loss for `{meta['path']}`: {problem} (or score a file with --text)")
         out["val_loss"] = validation_loss(model, valid, cfg.train.micro_batch_size, iters)
+    key = "loss" if args.text else "val_loss"
+    if not math.isfinite(out[key]):  # a score no one can use: an error, never exit 0
+        raise ValueError(f"`{meta['path']}` scores {key} = {out[key]}: the model's outputs are not finite (a diverged "
+                         "run, or damaged weights: msg-eval without --no-verify checks the files); use another step")
     if args.json:
         print(json.dumps(out))
     else:
-        key = "loss" if args.text else "val_loss"
         print(f"{meta['path']} (step {out['step']}, shape {tuple(out['shape'])}): {key} = {out[key]:.6f}")
     return 0
 

@@ -19,11 +19,13 @@ import sys
 
 from .checkpoint.dist import CheckpointError, _rng_sharded, read_meta, save_checkpoint
 from .checkpoint.run_lock import hold_save_dir
+from .checkpoint.verify import verify_checksums
 from .cli import run_cli
 from .config import Shape, config_from_dict
 from .data import DataError, validation_problem
 from .data.sources import open_data
 from .data.tokenizer import find_tokenizer
+from .growth.off_schedule import grown_config
 from .growth.operators import check_growth
 from .growth.stream import GrowthSource, set_writers, skeleton, stage_groups
 from .growth.stream_eval import streamed_validation_loss
@@ -71,7 +73,11 @@ def _main(argv) -> int:
     ap.add_argument("--pipeline", type=int, default=None, help="target pipeline degree (default: the saved one)")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu"],
                     help="where the growth runs: this process's GPU when there is one (auto), or host memory")
-    ap.add_argument("--no-verify", action="store_true", help="skip the before/after validation loss")
+    ap.add_argument("--no-verify", action="store_true",
+                    help="skip the CRC-32 check of the checkpoint's files and the before/after validation loss")
+    ap.add_argument("overrides", nargs="*",
+                    help="section.field=value over the config the grown checkpoint records: for a --shape off its "
+                         "schedule, the schedule to continue on (growth.stages=[...], train.steps=N)")
     ap.add_argument("--overwrite", action="store_true", help="write into a --save directory that is not empty")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
@@ -95,6 +101,10 @@ def _main(argv) -> int:
     g = cfg.growth
     tp = args.tensor or cfg.parallel.tensor
     pp = args.pipeline or cfg.parallel.pipeline
+    # the layout this checkpoint is written at (a record: checkpoints keep global layer numbers, so
+    # any layout resumes them); the saved interleaving degree where it still applies
+    v = cfg.parallel.virtual_pipeline
+    v = v if pp > 1 and shape.layers % (pp * v) == 0 else 1
     old = Shape(*meta["shape"])
     q = cfg.model.heads_per_group
     for what, s in (("the checkpoint's shape", old), ("--shape", shape)):
@@ -104,6 +114,9 @@ def _main(argv) -> int:
         if (s.heads // q) % tp or s.ffn % tp or s.layers % pp:
             raise ValueError(f"{what} {s} does not fit --tensor {tp} --pipeline {pp}: query groups ({s.heads // q}) "
                              f"and ffn must divide by the tensor degree and layers by the pipeline degree")
+    # the schedule the grown checkpoint continues on: refused here, before any compute, if there is none
+    saved_cfg = grown_config(meta["config"], meta["state"]["stage"], meta["state"]["step"], shape, args.overrides,
+                             dict(tensor=tp, pipeline=pp, virtual_pipeline=v))
     # the growth settings: the config's, with this command's flags over them
     g = dataclasses.replace(g, init=args.init or g.init, depth_init=args.depth_init or g.depth_init,
                             init_std=g.init_std if args.init_std is None else args.init_std,
@@ -116,6 +129,8 @@ def _main(argv) -> int:
     mismatch = differs_from_rank0(meta["path"], f"--load `{args.load}` resolves to different checkpoints")
     if mismatch:
         raise CheckpointError(mismatch)
+    if not args.no_verify:  # (the ranks share the reading; a damaged source would grow into a damaged checkpoint)
+        verify_checksums(meta["path"])
     _check_host_memory(cfg, old, shape, tp, pp)
     lock = hold_save_dir(args.save, "msg-grow", log=lambda m: is_logging_rank() and print(m, file=sys.stderr))
     dev = torch.device("cpu") if args.device == "cpu" else device()
@@ -150,12 +165,6 @@ def _main(argv) -> int:
 
     state = dict(meta["state"], stage=meta["state"]["stage"] + 1)
     tok = find_tokenizer(path)
-    # the layout this checkpoint is written at (a record: checkpoints keep global layer numbers, so
-    # any layout resumes them); the saved interleaving degree where it still applies
-    v = cfg.parallel.virtual_pipeline
-    v = v if pp > 1 and shape.layers % (pp * v) == 0 else 1
-    saved_cfg = dict(meta["config"], parallel=dict(meta["config"]["parallel"], tensor=tp, pipeline=pp,
-                                                   virtual_pipeline=v))
     saved = save_checkpoint(args.save, new_model, None, state, saved_cfg, tok or "",
                             streamed=(sd, source, bool(meta.get("optimizer"))))
     if lock is not None:

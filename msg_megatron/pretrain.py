@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .cli import run_cli
@@ -40,8 +41,20 @@ def _main(argv) -> int:
     return RELAYOUT_EXIT if result.get("relayout") else 0
 
 
+def report_exit_status(code: int) -> None:
+    """With MSG_EXIT_STATUS_DIR set (launch/local.sh), write this rank's exit status there: torchrun
+    itself exits 1 when it was signalled or a worker failed, so the launcher reads the workers' own
+    status (75: saved after SIGTERM/SIGUSR1, 76: re-layout) from these files."""
+    where = os.environ.get("MSG_EXIT_STATUS_DIR")
+    if where and os.path.isdir(where):
+        with open(os.path.join(where, f"rank{os.environ.get('RANK', '0')}"), "w") as f:
+            f.write(f"{code}\n")
+
+
 def main(argv=None) -> None:
-    sys.exit(run_cli("msg-pretrain", _main, argv))
+    code = run_cli("msg-pretrain", _main, argv)
+    report_exit_status(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":  # the guard matters: dist_checkpointing's writer spawns processes

@@ -135,6 +135,17 @@ def tiny_checkpoint(tmp_path):
     return tmp_path / "ck"
 
 
+def off_schedule(ck, shape_text: str) -> list:
+    """msg-grow's overrides to grow checkpoint `ck` to a shape off its schedule: its stages so far,
+    then that shape from its step (growth/off_schedule.py; what the refusal without them suggests)."""
+    from msg_megatron.checkpoint.dist import read_meta
+    from msg_megatron.grow import parse_shape
+    from msg_megatron.growth.off_schedule import continuing_overrides
+
+    meta = read_meta(str(ck))
+    return continuing_overrides(meta["config"], meta["state"]["stage"], meta["state"]["step"], parse_shape(shape_text))
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / a.abs().max().clamp_min(1e-30))
 

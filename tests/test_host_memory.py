@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, launch, pooled, run_cli, tiny_checkpoint, torchrun
+from conftest import REPO, launch, off_schedule, pooled, run_cli, tiny_checkpoint, torchrun
 from host_memory_views import host_memory_outcome
 from msg_megatron.config import ConfigError, load_config
 from msg_megatron.training.host_memory import GIB, check_host_memory, state_bytes_per_param
@@ -96,9 +96,9 @@ def test_pretrain_refuses_before_any_work_counting_the_processes_on_this_host(tm
 @pytest.mark.timeout(180)
 def test_offline_grow_refuses_before_loading(tmp_path):
     """msg-grow: the checkpoint's model + optimizer and the grown ones meet during the growth: counted."""
-    tiny_checkpoint(tmp_path)
+    ck = tiny_checkpoint(tmp_path)
     r = run_cli(["msg_megatron.grow", "--load", f"{tmp_path}/ck", "--shape", "8192,32768,512,24", "--save",
-                 f"{tmp_path}/grown", "--no-verify"], timeout=180)
+                 f"{tmp_path}/grown", "--no-verify", *off_schedule(ck, "8192,32768,512,24")], timeout=180)
     assert r.returncode == 2, r.stderr[-3000:]
     assert "growing (32, 64, 2, 2) -> (8192, 32768, 512, 24) at TP=1, PP=1 cannot fit" in r.stderr, r.stderr
     # streamed: the ends, one old layer and the 12 new layers grown from it (phase_memory), per

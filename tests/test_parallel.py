@@ -16,6 +16,7 @@ shared by the cases that compare against it (tests/train_runs.py).
   torchrun) runs and resumes. (Resume under another layout and offline growth: tests/test_parallel_resume.py.)
 """
 import os
+import signal
 import subprocess
 import sys
 
@@ -163,18 +164,38 @@ def test_world_size_not_a_multiple_of_layout_fails_fast(tmp_path, tiny_data):
 
 
 @pytest.mark.timeout(300)
-def test_local_launcher_runs_and_resumes(tmp_path, tiny_data):
-    """launch/local.sh: torchrun on one machine, checkpoint.load=auto added (a second call resumes)."""
+def test_local_launcher_saves_on_sigterm_exits_75_and_resumes(tmp_path, tiny_data):
+    """launch/local.sh: torchrun on one machine, checkpoint.load=auto added (a second call resumes).
+    SIGTERM to it after a periodic save (megatron's writers then have their results server, which
+    the signal to the process group used to kill: BrokenPipeError, exit 1, no checkpoint): every
+    worker saves at the step boundary, and the script exits 75 as one process does."""
     cfg = tmp_path / "cfg.yaml"
-    write_config(cfg, [f"checkpoint.save={tmp_path}/ck", f"logging.run_dir={tmp_path}/run"],
+    write_config(cfg, [f"checkpoint.save={tmp_path}/ck", f"logging.run_dir={tmp_path}/run", "train.steps=100000",
+                       "train.decay_steps=8", "train.save_interval=2", "train.log_interval=1", "train.eval_interval=0"],
                  [[32, 64, 2, 2], [32, 128, 4, 2]])
     env = dict(os.environ, WANDB_MODE="disabled", MSG_PYTHON=sys.executable)
     cmd = [os.path.join(REPO, "launch", "local.sh"), "2", str(cfg), "parallel.tensor=2"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=REPO, env=env)
+    with open(tmp_path / "err", "w") as err:
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, cwd=REPO, env=env)
+        out = []
+        try:
+            for line in p.stdout:  # (the test's timeout bounds a run that never saves)
+                out.append(line)
+                if line.startswith("[save] step 2 "):
+                    p.send_signal(signal.SIGTERM)
+                    break
+            out += p.stdout.readlines()
+            p.wait(timeout=120)
+        finally:
+            p.kill()
+    out, stderr = "".join(out), (tmp_path / "err").read_text()
+    assert p.returncode == 75, stderr[-3000:]
+    assert "no checkpoint in" in out and "[preempt] SIGTERM" in out and "BrokenPipeError" not in stderr
+    stopped = int((tmp_path / "ck" / "latest").read_text().strip()[len("step_"):])
+    assert f"[save] step {stopped} -> " in out and stopped >= 3
+    r = subprocess.run(cmd + [f"train.steps={stopped + 2}"], capture_output=True, text=True, timeout=240, cwd=REPO,
+                       env=env)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "no checkpoint in" in r.stdout
-    r = subprocess.run(cmd + ["train.steps=10"], capture_output=True, text=True, timeout=240, cwd=REPO, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "[resume]" in r.stdout and "step_000008" in r.stdout
+    assert "[resume]" in r.stdout and f"step_{stopped:06d}" in r.stdout
     got, _ = losses(tmp_path / "run")
-    assert sorted(got) == list(range(10))
+    assert sorted(got) == list(range(stopped + 2))

@@ -13,7 +13,7 @@ import math
 
 import pytest
 
-from conftest import launch, run_cli
+from conftest import launch, off_schedule, run_cli
 from train_runs import BERT, DISTOPT, LLAMA, VPP_SP, layout_args, losses, pretrain, trained, write_config
 
 pytestmark = pytest.mark.slow  # training runs: the full tier (README); `-m "not slow"` skips it
@@ -83,7 +83,8 @@ def test_offline_growth_onto_a_new_layout(tmp_path, tiny_data):
     with open(a / "run" / "metrics.jsonl") as f:
         source_val = [json.loads(x) for x in f if "val_loss" in x][-1]["val_loss"]
     r = launch(2, ["msg_megatron.grow", "--load", str(a / "ck"), "--shape", "48,192,6,4",
-                   "--save", str(tmp_path / "grown"), "--tensor", "1", "--pipeline", "2", "--json"])
+                   "--save", str(tmp_path / "grown"), "--tensor", "1", "--pipeline", "2", "--json",
+                   *off_schedule(a / "ck", "48,192,6,4")])
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["layout"] == {"tensor": 1, "pipeline": 2} and out["to"] == [48, 192, 6, 4]
@@ -142,15 +143,19 @@ def test_offline_growth_draws_what_online_growth_draws(tmp_path, tiny_data):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("shape", ["32,128,4,2", "48,192,6,3"])  # unchanged; every dimension
-def test_offline_growth_of_a_mid_ramp_checkpoint_preserves_the_function(tmp_path, tiny_data, shape):
+def test_offline_growth_of_a_mid_ramp_checkpoint_preserves_the_function(tmp_path, tiny_data):
     """The checkpoint of step 6 is mid-ramp (grown at step 4, ramp 3): msg-grow keeps the old masks
-    at their saved values (it used to reset them to step 6's, changing the function by ~2e-3 even at
-    an unchanged shape) and adds new ones at 0: validation loss equal within 1e-6. (Both shapes grow
-    one checkpoint, trained once.)"""
+    at their saved values (it used to reset them to step 6's, changing the function by ~2e-3) and
+    adds new ones at 0: validation loss equal within 1e-6. Its own shape is refused (nothing to grow;
+    it once passed silently as a no-op)."""
     a = trained((1, 1), LLAMA + ["train.eval_iters=2"], [[32, 64, 2, 2], [32, 128, 4, 2]], save_at=6)
-    r = run_cli(["msg_megatron.grow", "--load", str(a / "ck" / "step_000006"), "--shape", shape,
-                 "--save", str(tmp_path / "g"), "--json"])
+    ck = a / "ck" / "step_000006"
+    r = run_cli(["msg_megatron.grow", "--load", str(ck), "--shape", "32,128,4,2", "--save", str(tmp_path / "g")])
+    assert r.returncode == 2 and "is the checkpoint's own shape (stage 1): nothing to grow" in r.stderr, r.stderr
+    assert not (tmp_path / "g").exists()
+    shape = "48,192,6,3"
+    r = run_cli(["msg_megatron.grow", "--load", str(ck), "--shape", shape, "--save", str(tmp_path / "g"), "--json",
+                 *off_schedule(ck, shape)])
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["rel_diff"] <= 1e-6, out

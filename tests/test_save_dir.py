@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import REPO, run_cli
+from conftest import REPO, off_schedule, run_cli
 from msg_megatron.checkpoint import run_lock
 from msg_megatron.checkpoint.run_lock import LOCK, RunLock, SaveDirInUse
 
@@ -103,7 +103,7 @@ def test_msg_grow_and_import_refuse_a_save_directory_in_use(tmp_path):
         busy = str(tmp_path / "busy")
         _write_lock(busy, host=os.uname().nodename, pid=holder.pid)  # alive, on this host
         for tool in (["msg_megatron.grow", "--load", f"{tmp_path}/ck", "--shape", "32,64,2,2", "--save", busy,
-                      "--no-verify"],
+                      "--no-verify", *off_schedule(tmp_path / "ck", "32,64,2,2")],
                      ["msg_megatron.hf.import_hf", "--hf", str(tmp_path / "hf"), "--save", busy, "--no-verify"]):
             r = run_cli(tool)
             assert r.returncode == 2 and "is in use by another run" in r.stderr, (tool[0], r.stderr[-2000:])
@@ -112,6 +112,42 @@ def test_msg_grow_and_import_refuse_a_save_directory_in_use(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+@pytest.mark.timeout(300)
+def test_export_force_replaces_only_an_earlier_export(tmp_path):
+    """msg-export-hf --force once deleted whatever --out was: the checkpoint it read, or a live run's
+    save directory. It now replaces an earlier export and refuses anything else, which stays intact."""
+    ck = tmp_path / "ck"
+    r = run_cli(_pretrain(tmp_path, "a", "train.steps=2", "train.save_interval=2", f"checkpoint.save={ck}"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    other = tmp_path / "other"  # another run's save directory
+    (other / "step_000002").mkdir(parents=True)
+    mine = tmp_path / "notes"
+    mine.mkdir()
+    (mine / "todo.txt").write_text("mine")
+    locked = tmp_path / "locked"
+    _write_lock(locked)
+    export = ["msg_megatron.hf.export", "--load", str(ck), "--force", "--out"]
+    for out, why in ((ck, "holds the checkpoint being exported"),
+                     (ck / "step_000002", "holds the checkpoint being exported"),
+                     (ck / "step_000002" / "sub", "lies inside the checkpoint being exported"),
+                     (other, "holds checkpoints"), (locked, "holds a run lock"),
+                     (mine, "is not an earlier export"), (mine / "todo.txt", "is a file")):
+        if out.name == "sub":
+            out.mkdir()
+            (out / "x").write_text("x")
+        before = sorted(os.listdir(out)) if out.is_dir() else out.read_text()
+        r = run_cli(export + [str(out)])
+        assert r.returncode == 2 and why in r.stderr and "--force replaces only an earlier export" in r.stderr, \
+            (out, r.stderr[-2000:])
+        assert (sorted(os.listdir(out)) if out.is_dir() else out.read_text()) == before
+    r = run_cli(export[:-2] + ["--out", str(tmp_path / "hf")])
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_cli(export[:-2] + ["--out", str(tmp_path / "hf")])
+    assert r.returncode == 2 and "pass --force to replace an earlier export" in r.stderr
+    r = run_cli(export + [str(tmp_path / "hf")])
+    assert r.returncode == 0, r.stderr[-2000:]
 
 
 def _unwritable(tmp_path) -> str:

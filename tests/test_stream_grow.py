@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, launch, pooled, run_cli
+from conftest import REPO, launch, off_schedule, pooled, run_cli
 from train_runs import DISTOPT, LLAMA, write_config
 
 pytestmark = pytest.mark.slow  # processes, training runs: the full tier (README); `-m "not slow"` skips it
@@ -63,7 +63,7 @@ def _reference(ckpt, shape, out, tp, pp, depth_init="interpolate"):
     """The whole-model growth (tests/grow_reference.py) at TP x PP: in this process, or on the pool."""
     from grow_reference import grow_whole_model
 
-    args = (str(ckpt), shape, str(out), tp, pp, depth_init)
+    args = (str(ckpt), shape, str(out), tp, pp, depth_init, tuple(off_schedule(ckpt, shape)))
     if tp * pp == 1:
         grow_whole_model(*args)
     else:
@@ -84,7 +84,7 @@ def test_streamed_growth_writes_what_whole_model_growth_writes(tmp_path, llama_c
     ck = llama_ck
     shape = "48,192,6,5"
     r = _grow(1, ["--load", str(ck), "--shape", shape, "--save", str(tmp_path / "g"), "--depth-init", depth_init,
-                  "--json"])
+                  "--json", *off_schedule(ck, shape)])
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["rel_diff"] <= 1e-6, out
     _reference(ck, shape, tmp_path / "ref", 1, 1, depth_init)
@@ -103,7 +103,7 @@ def test_streamed_growth_under_torchrun_equals_whole_model_growth(tmp_path, tiny
     tp, pp = layout
     shape = "48,192,6,6"
     r = _grow(nproc, ["--load", str(ck), "--shape", shape, "--save", str(tmp_path / "g"), "--tensor", tp,
-                      "--pipeline", pp, "--json"])
+                      "--pipeline", pp, "--json", *off_schedule(ck, shape)])
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["layout"] == {"tensor": int(tp), "pipeline": int(pp)} and out["rel_diff"] <= 1e-6, out
     _reference(ck, shape, tmp_path / "ref", int(tp), int(pp))
@@ -138,8 +138,9 @@ def test_msg_grow_peak_does_not_grow_with_depth(tmp_path):
                      f"model.num_layers={layers}", f"model.vocab_size={vocab}", "model.seq_length=16",
                      f"checkpoint.save={ck}", f"logging.run_dir={tmp_path}/run{layers}"], timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
-        peaks[layers] = _peak_kib_of_msg_grow(["--load", str(ck), "--shape", f"{h},{f},{a},{2 * layers}",
-                                               "--save", str(tmp_path / f"g{layers}")])
+        grown = f"{h},{f},{a},{2 * layers}"
+        peaks[layers] = _peak_kib_of_msg_grow(["--load", str(ck), "--shape", grown, "--save",
+                                               str(tmp_path / f"g{layers}"), *off_schedule(ck, grown)])
     layer = 4 * h * h + 2 * h * f + 2 * h  # parameters of one layer (GPT-2 style: ungated MLP, no biases)
     whole_model_extra = 12 * (4 + 8) * layer  # 4 more old layers + 8 more new ones, weights and moments
     extra = (peaks[8] - peaks[4]) * 1024
@@ -154,11 +155,12 @@ def test_msg_grow_refuses_a_non_empty_save_directory_unless_overwrite(tmp_path, 
     other = tmp_path / "other"
     (other / "step_000008").mkdir(parents=True)
     (other / "step_000008" / "msg_meta.json").write_text("{}")  # someone else's checkpoint
-    r = run_cli(["msg_megatron.grow", "--load", str(ck), "--shape", "32,128,4,3", "--save", str(other)])
+    more = off_schedule(ck, "32,128,4,3")
+    r = run_cli(["msg_megatron.grow", "--load", str(ck), "--shape", "32,128,4,3", "--save", str(other), *more])
     assert r.returncode == 2 and "exists and is not empty" in r.stderr and "--overwrite" in r.stderr, r.stderr[-2000:]
     assert (other / "step_000008" / "msg_meta.json").read_text() == "{}"  # untouched
     r = run_cli(["msg_megatron.grow", "--load", str(ck), "--shape", "32,128,4,3", "--save", str(other), "--overwrite",
-                 "--json"])
+                 "--json", *more])
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(r.stdout.strip().splitlines()[-1])["verified"] is True
 
@@ -175,12 +177,13 @@ def test_msg_grow_says_when_it_could_not_verify(tmp_path, tiny_data):
         "train.micro_batch_size=128", "train.global_batch_size=128", "train.eval_interval=0",
         f"checkpoint.save={ck}", f"logging.run_dir={tmp_path}/run"])
     assert r.returncode == 0, r.stderr[-2000:]
+    more = off_schedule(ck, "64,128,4,4")
     r = run_cli(["msg_megatron.grow", "--load", str(ck), "--shape", "64,128,4,4", "--save", str(tmp_path / "g"),
-                 "--json"])
+                 "--json", *more])
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["verified"] is False and "fewer than one micro-batch" in out["not_verified_because"], out
     assert "function preservation NOT verified" in r.stderr
     r = run_cli(["msg_megatron.grow", "--load", str(ck), "--shape", "64,128,4,4", "--save", str(tmp_path / "g2"),
-                 "--no-verify"])
+                 "--no-verify", *more])
     assert r.returncode == 0 and "NOT verified: --no-verify" in r.stderr, r.stderr[-2000:]

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from conftest import run_cli
+from conftest import off_schedule, run_cli
 from msg_megatron.config import load_config
 
 pytestmark = pytest.mark.slow  # processes, training runs: the full tier (README); `-m "not slow"` skips it
@@ -100,8 +100,13 @@ def test_demo_cli_end_to_end(tmp_path):
     r = run_cli(["msg_megatron.eval", "--load", f"{tmp_path}/ck", "--text", str(text), "--json"], env=env)
     assert r.returncode == 0 and json.loads(r.stdout.strip().splitlines()[-1])["loss"] > 0
 
+    # off the demo's schedule (its last stage is the model's shape): refused, naming the way out; with the
+    # schedule to continue on, grown
+    r = run_cli(["msg_megatron.grow", "--load", f"{tmp_path}/ck", "--shape", "256,1024,8,6", "--save",
+                 f"{tmp_path}/grown"], env=env)
+    assert r.returncode == 2 and "is not the next stage of the checkpoint's schedule" in r.stderr, r.stderr[-2000:]
     r = run_cli(["msg_megatron.grow", "--load", f"{tmp_path}/ck", "--shape", "256,1024,8,6",
-                 "--save", f"{tmp_path}/grown", "--json"], env=env)
+                 "--save", f"{tmp_path}/grown", "--json", *off_schedule(tmp_path / "ck", "256,1024,8,6")], env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["to"] == [256, 1024, 8, 6] and out["rel_diff"] <= 1e-5

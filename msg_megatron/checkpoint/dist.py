@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from .. import __version__, patches
+from ..patches.writer_queue import install_writer_queue
 from ..config import Shape
 from ..data.tokenizer import copy_tokenizer
 from ..model.masks import refresh_active
@@ -265,6 +266,7 @@ def _write_step(save_dir, name, final, tmp, rank0, model, optimizer, state, conf
         os.makedirs(tmp)
     if dist.is_initialized():
         dist.barrier()
+    install_writer_queue()  # (before the first save: its server must outlive a SIGTERM to the process group)
     if streamed is None:
         sd, _ = _sharded(model, optimizer)
         sd["rng_state"] = _rng_sharded(torch.get_rng_state())

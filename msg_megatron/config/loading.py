@@ -112,6 +112,14 @@ def _apply_override(data: dict, path: List[str], value):
         node[last] = value
 
 
+def apply_overrides(data: dict, overrides: Optional[List[str]]) -> dict:
+    """`section.field=value` overrides applied to a config's dict, in order (in place; returned)."""
+    for ov in overrides or []:
+        keys, value = parse_override(ov)
+        _apply_override(data, keys, value)
+    return data
+
+
 def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None) -> Config:
     """Read YAML (optional), apply `section.field=value` overrides, validate."""
     data: dict = {}
@@ -129,9 +137,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
                 raise ConfigError(f"config file `{path}` is not valid YAML: {e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file `{path}` must hold a mapping of sections (model:, train:, ...).")
-    for ov in overrides or []:
-        keys, value = parse_override(ov)
-        _apply_override(data, keys, value)
+    apply_overrides(data, overrides)
     cfg = _build(Config, data)
     if path and not cfg.logging.name:
         cfg.logging.name = os.path.splitext(os.path.basename(path))[0]
@@ -139,7 +145,10 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
     return cfg
 
 
-def config_from_dict(data: dict) -> Config:
+def config_from_dict(data: dict, check: bool = True) -> Config:
+    """A Config from its to_dict(); `check=False` for a checkpoint's own record (what it was trained
+    with, read as it is: its data paths need not exist here)."""
     cfg = _build(Config, data)
-    validate(cfg)
+    if check:
+        validate(cfg)
     return cfg

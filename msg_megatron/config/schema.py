@@ -143,6 +143,9 @@ class GrowthConfig:
     """New layers: `interpolate` (copy each layer above itself), `stack` (repeat the stack), `random`."""
     lr_reset_stages: List[int] = field(default_factory=list)
     """Stage indices (1 = first growth) at which the learning rate resets to its peak."""
+    allow_ramp_change: bool = False
+    """Resume with a growth.ramp_steps that sets the masks of already grown units to other values than
+    the checkpoint's (the function changes at the resume step; logged). Refused without it."""
     stages: List[StageConfig] = field(default_factory=list)
     """The schedule; empty trains a fixed-size model. The first stage is at step 0, the last is the model shape."""
 
@@ -215,6 +218,10 @@ class TrainConfig:
     """`cosine`, `linear` or `constant` decay after warmup."""
     decay_steps: Optional[int] = None
     """Step at which the decay reaches min_lr (default: steps)."""
+    allow_lr_schedule_change: bool = False
+    """Resume with a learning-rate schedule (lr, min_lr, warmup, decay, train.steps when decay_steps is
+    unset, growth.lr_reset_stages) that gives another rate from the resume step on than the
+    checkpoint's (Megatron-LM's --override-opt_param-scheduler; logged). Refused without it."""
     weight_decay: float = 0.01
     """AdamW weight decay (not applied to norms and biases)."""
     adam_beta1: float = 0.9

@@ -15,11 +15,14 @@ import json
 import os
 import shutil
 import sys
+from typing import Optional
 
 import torch
 
-from ..checkpoint.dist import CheckpointError
+from ..checkpoint.dist import META, CheckpointError
 from ..checkpoint.reader import CheckpointReader
+from ..checkpoint.run_lock import LOCK
+from ..checkpoint.verify import verify_checksums
 from ..cli import run_cli
 from ..data.tokenizer import find_tokenizer
 from ..model.gpt import padded_vocab_size
@@ -90,13 +93,47 @@ class ShardWriter:
         return sorted(final.values())
 
 
+def not_an_export(out: str, source: str) -> Optional[str]:
+    """Why --force may not delete `out`, or None when it holds an earlier export and nothing else of
+    value: it must not be (or hold, or lie inside) the checkpoint being read, a checkpoint or save
+    directory, a live run's lock, or anything but an export's files."""
+    real_out, real_src = os.path.realpath(out), os.path.realpath(source)
+    if real_src == real_out or real_src.startswith(real_out + os.sep):
+        return "holds the checkpoint being exported (--load)"
+    if real_out.startswith(real_src + os.sep):
+        return "lies inside the checkpoint being exported (--load)"
+    if not os.path.isdir(out):
+        return "is a file, not an earlier export"
+    names = os.listdir(out)
+    if LOCK in names:
+        return f"holds a run lock ({LOCK}): it is a save directory"
+    if META in names or "latest" in names or any(n.startswith("step_") for n in names):
+        return "holds checkpoints (msg_meta.json, step_* or latest)"
+    try:
+        with open(os.path.join(out, "config.json")) as f:
+            exported = "msg_megatron" in json.load(f)
+    except (OSError, ValueError):
+        exported = False
+    if not exported:
+        return "is not an earlier export (no config.json written by msg-export-hf)"
+    return None
+
+
 def export(load: str, out: str, dtype: str = "fp32", max_shard_size: int = 5 << 30, force: bool = False,
-           log=print) -> dict:
+           log=print, verify: bool = True) -> dict:
     if dtype not in DTYPES:
         raise ValueError(f"--dtype `{dtype}` must be one of {', '.join(DTYPES)}")
-    if os.path.exists(out) and os.listdir(out) and not force:
-        raise ValueError(f"--out `{out}` exists and is not empty; choose a new folder or pass --force to replace it")
     reader = CheckpointReader(load)
+    if verify:  # (before anything is written: a damaged checkpoint would export as a good-looking model)
+        verify_checksums(reader.path)
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        if not force:
+            raise ValueError(f"--out `{out}` exists and is not empty; choose a new folder or pass --force to replace "
+                             "an earlier export there")
+        why = not_an_export(out, reader.path)
+        if why:
+            raise ValueError(f"--out `{out}` {why}; --force replaces only an earlier export (a folder of "
+                             "msg-export-hf's config.json and weights). Choose a new folder")
     mcfg, shape = reader.mcfg, reader.shape
     arch = architecture(mcfg, shape)
     left = reader.masks_left()
@@ -157,9 +194,11 @@ def _main(argv) -> int:
     ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="weights' dtype (default fp32)")
     ap.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default 5GB)")
     ap.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    ap.add_argument("--no-verify", action="store_true", help="skip the CRC-32 check of the checkpoint's files")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    res = export(args.load, args.out, args.dtype, parse_size(args.max_shard_size), args.force)
+    res = export(args.load, args.out, args.dtype, parse_size(args.max_shard_size), args.force,
+                 verify=not args.no_verify)
     if args.json:
         print(json.dumps(res))
     else:

@@ -23,44 +23,10 @@ from typing import Dict, Optional
 import torch
 
 from ..config import ModelConfig, Shape
-from ..model.params import BERT, GPT2, LLAMA, TABLE, Dims, param
+from ..model.hf_arch import UnsupportedArchitecture, architecture, export_warnings  # noqa: F401 (the exporter's API)
+from ..model.params import BERT, GPT2, LLAMA, TABLE, Dims, param  # noqa: F401 (GPT2: the importer's)
 
 _LAYER = re.compile(r"layers\.(\d+)\.")
-
-
-class UnsupportedArchitecture(ValueError):
-    """A model that has no exact `transformers` counterpart (or an HF model we cannot import)."""
-
-
-def architecture(mcfg: ModelConfig, shape: Shape) -> str:
-    """`llama`, `gpt2` or `bert`, or an error naming the flags that would make the model exportable."""
-    flags = (mcfg.norm, mcfg.activation, mcfg.position_embedding)
-    if mcfg.family == "bert":
-        if (shape.heads * mcfg.head_dim != shape.hidden or mcfg.heads_per_group != 1
-                or mcfg.activation not in ("gelu", "gelu_erf")):
-            raise UnsupportedArchitecture(
-                f"BertForMaskedLM needs heads x head_dim == hidden, multi-head attention and a GELU, but this model has "
-                f"{shape.heads} x {mcfg.head_dim} (hidden {shape.hidden}), {mcfg.groups(shape)} query groups, "
-                f"{mcfg.activation}; export a stage where heads x head_dim == hidden")
-        return BERT
-    if flags == ("rmsnorm", "swiglu", "rope"):
-        return LLAMA
-    if flags in (("layernorm", "gelu", "learned"), ("layernorm", "gelu_erf", "learned")):
-        if shape.heads * mcfg.head_dim != shape.hidden:
-            raise UnsupportedArchitecture(
-                f"GPT-2 needs heads x head_dim == hidden, but this model has {shape.heads} x {mcfg.head_dim} != "
-                f"{shape.hidden}; export a stage where they match, or train with model.norm=rmsnorm "
-                "model.activation=swiglu model.position_embedding=rope (exported as Llama, which has head_dim)")
-        if mcfg.heads_per_group != 1:
-            raise UnsupportedArchitecture(
-                f"GPT-2 has multi-head attention only, but this model has {mcfg.groups(shape)} query groups for "
-                f"{shape.heads} heads (model.num_query_groups); train with model.norm=rmsnorm model.activation=swiglu "
-                "model.position_embedding=rope (exported as Llama, with num_key_value_heads), or without groups")
-        return GPT2
-    raise UnsupportedArchitecture(
-        f"model.norm={mcfg.norm} model.activation={mcfg.activation} model.position_embedding="
-        f"{mcfg.position_embedding} has no transformers architecture; exportable are "
-        "(rmsnorm, swiglu, rope) -> LlamaForCausalLM and (layernorm, gelu or gelu_erf, learned) -> GPT2LMHeadModel")
 
 
 def hf_config(arch: str, mcfg: ModelConfig, shape: Shape, vocab_padded: int, dtype: str, bos: Optional[int] = 1,

@@ -16,11 +16,12 @@ from ..checkpoint.run_lock import RunLock, hold_save_dir
 from ..config import Config, ConfigError
 from ..data import validation_problem
 from ..data.sources import open_data
+from ..model.hf_arch import export_warnings
 from ..ops import fused
 from ..parallel import initialize_parallel, is_logging_rank, placement
 from .host_memory import check_host_memory
 from .metrics import MetricsLogger
-from .schedule import LRSchedule
+from .schedule import LRSchedule, lr_schedule
 
 
 @dataclass
@@ -67,6 +68,8 @@ def build_run(cfg: Config, log_enabled: bool = True) -> RunParts:
                             cfg.to_dict(), enabled=log_enabled and is_logging_rank())
     if where:
         metrics.print(f"[launch] {where}")
+    for note in export_warnings(cfg.model, cfg.schedule()):
+        metrics.print(f"[export] warning: {note}")
     if lock is not None and lock.note:
         metrics.print(f"[lock] {cfg.checkpoint.save}: {lock.note}")
     data = open_data(cfg, metrics.print)
@@ -75,10 +78,8 @@ def build_run(cfg: Config, log_enabled: bool = True) -> RunParts:
     if no_validation:  # said once at start, and in the final result, instead of a silent null
         metrics.print(f"[eval] no validation loss will be reported: {no_validation}")
     schedule = cfg.schedule()
-    reset_steps = [schedule[i][0] for i in cfg.growth.lr_reset_stages]
-    lr_schedule = LRSchedule(t.lr, t.min_lr, t.warmup_steps, t.decay_steps or t.steps, t.decay_style, reset_steps)
     return RunParts(autocast, fusion, layout, dp_rank, dp, torch.distributed.get_world_size(), lock, metrics,
-                    data.tokenizer_path, train_data, valid_data, no_validation, schedule, lr_schedule)
+                    data.tokenizer_path, train_data, valid_data, no_validation, schedule, lr_schedule(cfg))
 
 
 def check_batch_split(cfg: Config, layout: tuple, dp: int) -> None:

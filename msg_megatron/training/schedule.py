@@ -33,3 +33,10 @@ class LRSchedule:
         else:
             coeff = 0.5 * (1.0 + math.cos(math.pi * frac))
         return self.min_lr + (self.lr - self.min_lr) * coeff
+
+
+def lr_schedule(cfg) -> LRSchedule:
+    """The learning-rate schedule a config (msg_megatron.config.Config) trains with."""
+    t, schedule = cfg.train, cfg.schedule()
+    reset_steps = [schedule[i][0] for i in cfg.growth.lr_reset_stages if i < len(schedule)]
+    return LRSchedule(t.lr, t.min_lr, t.warmup_steps, t.decay_steps or t.steps, t.decay_style, reset_steps)

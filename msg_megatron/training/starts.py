@@ -12,11 +12,13 @@ import torch.distributed as dist
 
 from ..checkpoint.dist import CheckpointError, load_checkpoint, read_meta
 from ..config import Config, ModelConfig, Shape
+from ..config.loading import config_from_dict
 from ..data.gpt_data import data_identity
 from ..model import build_model
 from ..model.masks import ramping
 from ..optim.optimizer import build_optimizer, cast_keeping_masters, cast_params, param_dtype
 from ..parallel.agree import first_error, on_rank0
+from .resume_checks import check_resume
 
 
 @dataclass
@@ -27,15 +29,22 @@ class Start:
     # FLOPs so far: the x-axes of the paper's speed-up comparisons, carried across resumes)
     state: dict = field(default_factory=lambda: {"step": 0, "stage": 0, "consumed_samples": 0,
                                                   "train_time": 0.0, "train_flops": 0.0})
+    resumed_from: str = ""  # the step checkpoint a resume loaded ("" for a new run)
 
 
 def start_run(cfg: Config, schedule: list, log) -> Start:
     """checkpoint.load (a path, or `auto`: the save directory's newest if any), else
-    checkpoint.init_from, else a fresh model of the first stage's shape."""
+    checkpoint.init_from, else a fresh model of the first stage's shape. A save directory that
+    already holds checkpoints is resumed even without checkpoint.load (as Megatron-LM resumes with
+    --load = --save): starting over there would overwrite and prune the earlier run's checkpoints."""
     ck = cfg.checkpoint
     # (global rank 0 looks, for all: see agreed_meta)
-    if ck.load == "auto" and on_rank0(lambda: os.path.isdir(ck.save) and any(d.startswith("step_")
-                                                                           for d in os.listdir(ck.save))):
+    if ck.load in ("auto", "") and ck.save and on_rank0(
+            lambda: os.path.isdir(ck.save) and any(d.startswith("step_") for d in os.listdir(ck.save))):
+        if not ck.load:
+            log(f"[resume] checkpoint.save `{ck.save}` already holds checkpoints: resuming from its newest, as "
+                "checkpoint.load=auto would (a new run there would overwrite them); to start a new run, choose "
+                "another checkpoint.save")
         return resume(cfg, schedule, ck.save, log, fallback=True)
     if ck.load and ck.load != "auto":
         return resume(cfg, schedule, ck.load, log)
@@ -101,6 +110,7 @@ def resume(cfg: Config, schedule: list, path: str, log, fallback: bool = False) 
             f"{st['step']} to continue, or choose a new checkpoint.save to start another run")
     state = {"step": st["step"], "stage": st["stage"], "consumed_samples": st["consumed_samples"],
              "train_time": st.get("train_time", 0.0), "train_flops": st.get("train_flops", 0.0)}
+    check_resume(cfg, config_from_dict(meta["config"], check=False), state, meta["path"], log)
     shape = Shape(*meta["shape"])
     if shape != schedule[state["stage"]][1]:
         raise CheckpointError(f"checkpoint `{meta['path']}` has shape {shape} but stage {state['stage']} of the "
@@ -110,7 +120,7 @@ def resume(cfg: Config, schedule: list, path: str, log, fallback: bool = False) 
     optimizer = build_optimizer(model, cfg.train, cfg.parallel)
     load_checkpoint(meta["path"], model, optimizer, full=full)  # fp32 weights -> masters
     log(f"[resume] {meta['path']}: step {state['step']}, stage {state['stage']}, shape {shape}")
-    return Start(model, optimizer, state)
+    return Start(model, optimizer, state, meta["path"])
 
 
 def _check_data(cfg: Config, meta: dict, log) -> None:

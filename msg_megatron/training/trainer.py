@@ -64,6 +64,10 @@ class Trainer:
         st = start.state
         self.step, self.stage, self.consumed_samples = st["step"], st["stage"], st["consumed_samples"]
         self.train_time, self.train_flops = st["train_time"], st["train_flops"]
+        self.resumed_from = start.resumed_from
+        if self.resumed_from:  # readers of metrics.jsonl drop the earlier lines of the steps replayed from here
+            self.metrics.log({"event": "resume", "step": self.step, "stage": self.stage,
+                              "checkpoint": self.resumed_from})
         self._pending, self._host_time = PendingSteps(device()), 0.0
         self._signal, self._agreed_signal = None, False
         self.metrics.print(self.optimizer.describe() + f", fusion {self.fusion}")
@@ -211,7 +215,10 @@ class Trainer:
     # ---- the loop ------------------------------------------------------------------------
     def run(self) -> dict:
         t, g = self.cfg.train, self.cfg.growth
-        self._last_saved, self._last_saved_path = None, None
+        # a resumed run's step is saved already: no second save of it (a preemption right after the
+        # resume, or a re-run of a finished run)
+        self._last_saved, self._last_saved_path = ((self.step, self.resumed_from) if self.resumed_from
+                                                   else (None, None))
         previous = self._install_signal_handlers()
         try:
             return self._loop(t, g)
@@ -244,6 +251,9 @@ class Trainer:
                               f"with parallel.tensor={tp} parallel.pipeline={pp}")
         self.metrics.print(f"[train] shape {self.model.shape}, params {self.num_params():,}, "
                            f"{len(self.schedule) - 1} growth stage(s), {t.steps} steps; {self._layout_text()}")
+        if self.step >= t.steps:
+            self.metrics.print(f"[train] the checkpoint is at train.steps={t.steps}: nothing to train (raise "
+                               "train.steps to continue)")
         while self.step < t.steps:
             start = time.perf_counter()
             while self.stage + 1 < len(self.schedule) and self.schedule[self.stage + 1][0] <= self.step:
@@ -280,7 +290,8 @@ class Trainer:
                 self.metrics.close()
                 return {"step": self.step, "preempted": True, "shape": list(self.model.shape.as_tuple())}
         last_eval = self._log_eval()
-        self.save()
+        if self._last_saved != self.step:
+            self.save()
         self.metrics.close()
         out = {"step": self.step, "val_loss": last_eval, "shape": list(self.model.shape.as_tuple())}
         if self.no_validation:
