@@ -159,3 +159,28 @@ def test_offline_growth_of_a_mid_ramp_checkpoint_preserves_the_function(tmp_path
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["rel_diff"] <= 1e-6, out
+
+
+@pytest.mark.timeout(300)
+def test_a_resume_runs_at_its_stages_declared_layout(tmp_path, tiny_data):
+    """Stage 1 declared at tensor=2: the run at TP1 (DP2) saves and exits 76 at the boundary,
+    msg-grow reshards to TP2, and the same config resumes it at TP2 without parallel.tensor=2 on
+    the command line (it once refused: "launch it with parallel.tensor=2")."""
+    import yaml
+
+    cfg = tmp_path / "cfg.yaml"
+    write_config(cfg, ["train.steps=6"], [[32, 64, 2, 2], [32, 128, 4, 2]])
+    data = yaml.safe_load(cfg.read_text())
+    data["growth"]["stages"][1]["tensor"] = 2
+    cfg.write_text(yaml.safe_dump(data))
+    r = pretrain(2, cfg, f"logging.run_dir={tmp_path}/a", f"checkpoint.save={tmp_path}/ck")
+    assert r.returncode == 76, r.stderr[-2000:]
+    r = launch(2, ["msg_megatron.grow", "--load", str(tmp_path / "ck"), "--shape", "32,128,4,2", "--tensor", "2",
+                   "--save", str(tmp_path / "g"), "--no-verify"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = pretrain(2, cfg, f"logging.run_dir={tmp_path}/b", f"checkpoint.load={tmp_path}/g")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "[layout] resuming stage 1, which growth.stages declares at tensor=2 pipeline=1" in r.stdout, r.stdout
+    assert "tensor=2 pipeline=1 data=1" in r.stdout
+    got, _ = losses(tmp_path / "b")
+    assert sorted(got) == [4, 5]

@@ -22,6 +22,7 @@ from ..parallel import initialize_parallel, is_logging_rank, placement
 from .host_memory import check_host_memory
 from .metrics import MetricsLogger
 from .schedule import LRSchedule, lr_schedule
+from .starts import stage_to_resume
 
 
 @dataclass
@@ -51,6 +52,11 @@ def build_run(cfg: Config, log_enabled: bool = True) -> RunParts:
         # megatron's TP linears run their backward under CUDA autocast only
         raise ConfigError("train.precision=bf16-autocast needs a GPU (bf16 autocast of megatron's linears is "
                           "CUDA-only); use train.precision=bf16 (bf16 parameters) or fp32 on CPU.")
+    # a resume runs at its stage's declared layout (growth.stages[].tensor/.pipeline) without saying it again
+    stage = stage_to_resume(cfg)
+    declared, given = cfg.layout(stage), (cfg.parallel.tensor, cfg.parallel.pipeline)
+    if declared != given:
+        cfg.parallel.tensor, cfg.parallel.pipeline = declared
     initialize_parallel(cfg.parallel.tensor, cfg.parallel.pipeline, t.seed, cfg.parallel.sequence_parallel,
                         cfg.parallel.virtual_pipeline)
     fusion = fused.configure(t.fusion)
@@ -68,6 +74,9 @@ def build_run(cfg: Config, log_enabled: bool = True) -> RunParts:
                             cfg.to_dict(), enabled=log_enabled and is_logging_rank())
     if where:
         metrics.print(f"[launch] {where}")
+    if declared != given:
+        metrics.print(f"[layout] resuming stage {stage}, which growth.stages declares at tensor={declared[0]} "
+                      f"pipeline={declared[1]}: running at that layout (parallel.* says {given[0]} x {given[1]})")
     for note in export_warnings(cfg.model, cfg.schedule()):
         metrics.print(f"[export] warning: {note}")
     if lock is not None and lock.note:

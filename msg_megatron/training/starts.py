@@ -57,6 +57,23 @@ def start_run(cfg: Config, schedule: list, log) -> Start:
     return Start(model, build_optimizer(model, cfg.train, cfg.parallel, masters=masters))
 
 
+def stage_to_resume(cfg: Config) -> int:
+    """The growth stage the run will resume (0 for a new run), read from the checkpoint's metadata by
+    each process before the world exists, to pick the stage's declared layout (growth.stages[].tensor
+    and .pipeline). A checkpoint that cannot be read gives 0: start_run names the problem."""
+    ck = cfg.checkpoint
+    path, fallback = ck.load, False
+    if ck.load in ("", "auto"):
+        has = ck.save and os.path.isdir(ck.save) and any(d.startswith("step_") for d in os.listdir(ck.save))
+        path, fallback = (ck.save, True) if has else ("", False)
+    if not path:
+        return 0
+    try:
+        return int(read_meta(path, fallback=fallback)["state"]["stage"])
+    except (CheckpointError, KeyError, ValueError, OSError):
+        return 0
+
+
 def model_diff(cfg: Config, saved: dict, ignore=()) -> list:
     """model.* fields in which a checkpoint's config differs from this run's."""
     mine = dataclasses.asdict(cfg.model)
