@@ -88,6 +88,7 @@ setup(
     extras_require={
         # Hugging Face export/import; this transformers release installs without touching torch
         "hf": HF,
+        "plot": ["matplotlib>=3.7"],  # msg-plot
         "test": ["pytest>=7", "pytest-timeout>=2", "hypothesis>=6", "matplotlib>=3.7"] + HF,
     },
     ext_modules=EXTENSIONS,
@@ -102,6 +103,7 @@ setup(
             "msg-import-hf=msg_megatron.hf.import_hf:main",
             "msg-gridsearch=msg_megatron.gridsearch:main",
             "msg-plan=msg_megatron.plan:main",
+            "msg-plot=msg_megatron.plot:main",
         ]
     },
 )

@@ -17,7 +17,7 @@ LAYERS = [
     {"checkpoint"},
     {"growth"},
     {"training"},
-    {"cli", "dry_run", "dry_run_ranks", "eval", "grow", "gridsearch", "hf", "plan", "preprocess", "pretrain"},
+    {"cli", "dry_run", "dry_run_ranks", "eval", "grow", "gridsearch", "hf", "plan", "plot", "preprocess", "pretrain"},
 ]
 LEVEL = {part: i for i, layer in enumerate(LAYERS) for part in layer}
 

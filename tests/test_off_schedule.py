@@ -52,7 +52,7 @@ def test_the_schedule_to_continue_on_is_recorded_with_the_model_section_it_impli
 
 
 @pytest.mark.slow
-def test_an_off_schedule_growth_resumes_and_exports_after_its_ramp(tmp_path, tiny_run):
+def test_an_off_schedule_growth_resumes_and_exports_after_its_ramp(tmp_path, tiny_run, capsys):
     """The end of the TINY run (step 40, its last stage) grown deeper with the schedule to continue
     on: resumed by a config of that schedule for the ramp (6 steps) and one more, then exported."""
     ck = tiny_run / "ck"
@@ -65,6 +65,8 @@ def test_an_off_schedule_growth_resumes_and_exports_after_its_ramp(tmp_path, tin
 
     out = Trainer(tiny_cfg(tmp_path / "b", f"checkpoint.load={tmp_path}/g", *more, "model.num_layers=4")).run()
     assert out["step"] == 48 and out["shape"] == [64, 128, 4, 4]
+    last = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step     47 |")][0]
+    assert " trained, ETA 0:00:00 | " in last, last  # (the step lines' elapsed time, ETA and clock)
     r = run_cli(["msg_megatron.hf.export", "--load", str(tmp_path / "b" / "ck"), "--out", str(tmp_path / "hf"),
                  "--json"])
     assert r.returncode == 0, r.stderr[-2000:]

@@ -37,7 +37,8 @@ def test_growth_training_logs_and_preserves_function(tiny_run):
     steps = [r for r in recs if "loss" in r]
     assert [r["step"] for r in steps] == list(range(40))
     assert steps[-1]["shape"] == [64, 128, 4, 3]
-    assert all(k in steps[0] for k in ("step", "loss", "lr", "stage", "tokens_per_s"))
+    assert all(k in steps[0] for k in ("step", "loss", "lr", "stage", "tokens_per_s", "time", "train_time", "eta_s"))
+    assert steps[-1]["eta_s"] == 0 and all(r["eta_s"] > 0 for r in steps[:-1])
     growths = [r for r in recs if r.get("event") == "growth"]
     assert [g["step"] for g in growths] == [12, 24]
     for g in growths:  # strict function preservation inside the real loop

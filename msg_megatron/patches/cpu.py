@@ -36,6 +36,10 @@ def apply_cpu_patches() -> bool:
         return True
     torch.cuda.current_device = lambda: "cpu"
     torch.cuda.synchronize = lambda *a, **k: None
+    import warnings
+
+    # (megatron's TP linears advise CUDA_DEVICE_MAX_CONNECTIONS=1, a CUDA stream setting: nothing on a CPU)
+    warnings.filterwarnings("ignore", message=".*CUDA_DEVICE_MAX_CONNECTIONS.*")
 
     from megatron.core.tensor_parallel import random as tp_random
 

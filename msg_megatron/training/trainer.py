@@ -39,6 +39,12 @@ def micro_batch_samples(consumed: int, global_batch: int, micro_batch: int, dp_r
     return [consumed + (dp_rank * local + i) * micro_batch for i in range(local)]
 
 
+def _clock(seconds: float) -> str:
+    """h:mm:ss (days as hours)."""
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
 class StepOut(NamedTuple):
     loss: torch.Tensor  # the sum of the micro-batch mean losses (on the last pipeline stage; 0 elsewhere)
     grad_norm: torch.Tensor
@@ -269,13 +275,17 @@ class Trainer:
                        params=self.num_params(), mask=lowest_mask, train_time=self.train_time,
                        train_flops=self.train_flops)
             if log_now:
+                # (the mean step time of the steps just read, over the steps left: growth makes later
+                # steps slower, so this is a lower bound that rises stage by stage)
+                rec["eta_s"] = rec["step_time"] * (t.steps - self.step - 1)
                 self.metrics.log(rec)
                 self.metrics.print(
                     f"step {self.step:6d} | stage {self.stage} {self.model.shape} {rec['params'] / 1e6:.2f}M | "
                     f"loss {rec['loss']:.4f} | "
                     f"lr {rec['lr']:.2e} | {rec['tokens_per_s']:.0f} tok/s"
                     + (f" | MFU {rec['mfu']:.1%}" if "mfu" in rec else "")
-                    + (f" | mask {lowest_mask:.2f}" if lowest_mask < 1 else ""))
+                    + (f" | mask {lowest_mask:.2f}" if lowest_mask < 1 else "")
+                    + f" | {_clock(self.train_time)} trained, ETA {_clock(rec['eta_s'])} | {time.strftime('%H:%M:%S')}")
             self.step += 1
             if t.eval_interval and self.step % t.eval_interval == 0 and self.step < t.steps:
                 last_eval = self._log_eval()
