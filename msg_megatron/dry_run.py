@@ -367,22 +367,27 @@ def dry_run(cfg, ranks: str = "edges", gpu_memory_gib: Optional[float] = None, l
 
 
 def _stage_line(st: dict, worst: dict) -> str:
+    """A stage's report: a heading line, then one indented line per topic (under ~120 characters)."""
     gib = 1024 ** 3
     f, g = st["formula"], st["growth_into"]
     tp, pp, dp = st["layout"]
-    return (f"[dry-run] stage {st['stage']} {tuple(st['shape'])} at TP {tp} x PP {pp} x DP {dp}: {st['ranks_built']} of "
-            f"{st['world']} ranks built, checkpoint {st['checkpoint_keys']} keys covered exactly once "
-            + ("over every rank; " if st["coverage"] == "all" else
-               f"(the model's over one DP replica, the optimizer's over every DP rank of (tp, pp) = "
-               f"{', '.join(map(str, map(tuple, st['coverage'])))}); ")
-            + f"largest rank: weights {worst['weights'] / gib:.2f} / grads {worst['grads'] / gib:.2f} / optimizer "
-            f"{worst['optimizer'] / gib:.2f} GiB (formula {f['weights'] / gib:.2f} / {f['grads'] / gib:.2f} / "
-            f"{f['optimizer'] / gib:.2f}; real/formula {st['real_vs_formula']:.3f}, bucket padding "
-            f"{worst['bucket_padding_elements']:,} elements, {worst['replicated_params']:,} parameters replicated over TP "
-            f"that the formula divides by TP); peaks by phase, tensors built / formula: "
-            + ", ".join(f"{ph} {v / gib:.2f} / {st['phases_formula'][ph] / gib:.2f}" for ph, v in st["phases_real"].items())
-            + f" GiB (train: the state; the activations, {st['activations_formula'] / gib:.2f} GiB, are the formula's); "
-            f"{st['micro_batches']} micro-batches per DP rank; "
-            + (f"growth into it ({st['growth_kind']}): {g['grown']} tensors grown, {g['copies']} copied, {g['new']} new, "
-               "every one mapped; " if g else "")
-            + f"{st['seconds']:.1f} s")
+    coverage = ("over every rank" if st["coverage"] == "all" else
+                "the model's over one DP replica, the optimizer's over every DP rank of (tp, pp) = "
+                + ", ".join(map(str, map(tuple, st["coverage"]))))
+    lines = [
+        f"[dry-run] stage {st['stage']} {tuple(st['shape'])} at TP {tp} x PP {pp} x DP {dp}: {st['ranks_built']} of "
+        f"{st['world']} ranks built in {st['seconds']:.1f} s, {st['micro_batches']} micro-batches per DP rank",
+        f"  checkpoint: {st['checkpoint_keys']} keys covered exactly once ({coverage})",
+        f"  largest rank, weights / grads / optimizer: {worst['weights'] / gib:.2f} / {worst['grads'] / gib:.2f} / "
+        f"{worst['optimizer'] / gib:.2f} GiB built, {f['weights'] / gib:.2f} / {f['grads'] / gib:.2f} / "
+        f"{f['optimizer'] / gib:.2f} GiB by the formula (x{st['real_vs_formula']:.3f})",
+        f"    (bucket padding {worst['bucket_padding_elements']:,} elements; {worst['replicated_params']:,} parameters "
+        "replicated over TP that the formula divides by TP)",
+        "  peak GiB by phase, built / formula (train: the state only, without activations): "
+        + ", ".join(f"{ph} {v / gib:.2f} / {st['phases_formula'][ph] / gib:.2f}" for ph, v in st["phases_real"].items()),
+        f"  activations (formula only, not built): {st['activations_formula'] / gib:.2f} GiB",
+    ]
+    if g:
+        lines.append(f"  growth into it ({st['growth_kind']}): {g['grown']} tensors grown, {g['copies']} copied, "
+                     f"{g['new']} new, every one mapped")
+    return "\n".join(lines)

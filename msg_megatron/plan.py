@@ -34,14 +34,20 @@ from .training.sizes import activation_settings, count_params, kv_cache_bytes, s
 
 GIB = 1024 ** 3
 GPU_MEMORY_GIB = {"H200": 141, "H100": 80, "A800": 80, "A100": 80}
+CHECKPOINT_BYTES_PER_PARAM = 12  # what a save writes: fp32 weights + AdamW's two fp32 moments
 
 
-def plan(cfg: Config, mfu: float, gpu: str, distributed_optimizer: bool = True) -> dict:
+def plan(cfg: Config, mfu: float, gpu: str, distributed_optimizer: bool = True, tflops_per_gpu: float = None,
+         storage_gbps: float = 10.0, price_per_gpu_hour: float = None) -> dict:
+    """`tflops_per_gpu`: an achieved rate per process (a run's, --from-run on CPU) instead of peak x
+    MFU; `storage_gbps`: the shared filesystem's aggregate GB/s, for the msg-grow jobs between
+    layouts (they read the checkpoint and write the grown one); `price_per_gpu_hour`: the cost line."""
     vocab = padded_vocab_size(cfg.model)
     sched = cfg.schedule()
     peak = PEAK_TFLOPS.get(gpu)
     if peak is None:
         raise ValueError(f"--gpu {gpu} is not in the peak table ({', '.join(PEAK_TFLOPS)})")
+    rate = (tflops_per_gpu if tflops_per_gpu else peak * mfu) * 1e12  # FLOP/s per GPU (process)
     stages = []
     for i, (step, shape) in enumerate(sched):
         end = sched[i + 1][0] if i + 1 < len(sched) else cfg.train.steps
@@ -66,21 +72,34 @@ def plan(cfg: Config, mfu: float, gpu: str, distributed_optimizer: bool = True) 
                        "query_groups": cfg.model.groups(shape),
                        "kv_cache_gib_per_sequence": kv_cache_bytes(cfg.model, shape) / GIB,
                        "global_batch_size": gbs, "tensor": tp, "pipeline": pp, "data": dp, "gpus": gpus,
-                       "flops": flops, "gpu_hours": flops / (peak * 1e12 * mfu) / 3600,
-                       "days": flops / (peak * 1e12 * mfu * gpus) / 86400,
+                       "flops": flops, "gpu_hours": flops / rate / 3600, "days": flops / (rate * gpus) / 86400,
+                       "tokens_per_day": rate * gpus / fpt * 86400, "tokens_per_gpu_s": rate / fpt,
+                       # fp32 weights (bf16 parameters: their fp32 masters) and the two AdamW moments
+                       "checkpoint_bytes": CHECKPOINT_BYTES_PER_PARAM * count_params(cfg.model, shape, vocab),
                        "memory_gib": {k: v / GIB for k, v in mem.items() if k not in ("params_per_gpu", "phases")},
                        "phase_peak_gib": {k: v / GIB for k, v in mem["phases"].items()},
                        "growth": growth})
+    for prev, st in zip(stages, stages[1:]):  # an offline msg-grow job: read the checkpoint, write the grown one
+        hours = (prev["checkpoint_bytes"] + st["checkpoint_bytes"]) / (storage_gbps * 1e9) / 3600
+        st["growth_job_hours"] = hours if st["growth"] == "msg-grow" else 0.0
+        st["growth_job_gpu_hours"] = st["growth_job_hours"] * st["gpus"]
     tokens = sum(s["tokens"] for s in stages)
     final_fpt = flops_per_token(cfg.model, sched[-1][1], vocab)
     total = sum(s["flops"] for s in stages)
+    gpu_hours = sum(s["gpu_hours"] for s in stages)
+    job_hours = sum(s.get("growth_job_hours", 0.0) for s in stages)
+    job_gpu_hours = sum(s.get("growth_job_gpu_hours", 0.0) for s in stages)
     cap = GPU_MEMORY_GIB.get(gpu)
     over = [f"stage {st['stage']}: {ph} needs {v:.1f} GiB per GPU, more than the {gpu}'s {cap} GiB"
             for st in stages for ph, v in st["phase_peak_gib"].items() if cap and v > cap]
     return {"gpu": gpu, "gpu_memory_gib": cap, "over_memory": over, "family": cfg.model.family,
             "sequence_parallel": cfg.parallel.sequence_parallel, "recompute": cfg.train.recompute,
-            "peak_tflops": peak, "mfu": mfu, "distributed_optimizer": distributed_optimizer,
-            "stages": stages, "tokens": tokens, "flops": total, "gpu_hours": sum(s["gpu_hours"] for s in stages),
+            "peak_tflops": peak, "mfu": rate / (peak * 1e12), "tflops_per_gpu": rate / 1e12,
+            "rate_from": "observed TFLOP/s" if tflops_per_gpu else "MFU",
+            "distributed_optimizer": distributed_optimizer, "storage_gbps": storage_gbps,
+            "stages": stages, "tokens": tokens, "flops": total, "gpu_hours": gpu_hours, "growth_job_hours": job_hours,
+            "days": sum(s["days"] for s in stages) + job_hours / 24, "price_per_gpu_hour": price_per_gpu_hour,
+            "cost": (gpu_hours + job_gpu_hours) * price_per_gpu_hour if price_per_gpu_hour else None,
             "final_shape_flops": final_fpt * tokens, "flops_saving": 1 - total / (final_fpt * tokens),
             "speedup_flops": final_fpt * tokens / total}
 
@@ -106,18 +125,25 @@ def job_segments(cfg: Config) -> List[dict]:
     return jobs
 
 
-def observed_mfu(run_dir: str) -> float:
-    """Median MFU of the logged steps of a run (GPU runs log `mfu`; the first 10% are warm-up)."""
+def observed_rate(run_dir: str) -> tuple:
+    """("mfu", median MFU) of a run's logged steps (GPU runs log `mfu`), else ("tflops", median
+    achieved model TFLOP/s per process: a CPU run, or a GPU missing from the peak table); the first
+    10% are warm-up."""
     import statistics
 
-    vals = [r["mfu"] for r in read_metrics(run_dir) if "mfu" in r]
-    if not vals:
-        raise ValueError(f"`{run_dir}/metrics.jsonl` has no `mfu` values (CPU runs, or an unknown GPU); pass --mfu")
-    return statistics.median(vals[len(vals) // 10:])
+    recs = read_metrics(run_dir)
+    for key, kind in (("mfu", "mfu"), ("tflops_per_gpu", "tflops")):
+        vals = [r[key] for r in recs if key in r]
+        if vals:
+            return kind, statistics.median(vals[len(vals) // 10:])
+    raise ValueError(f"`{run_dir}/metrics.jsonl` has no `mfu` or `tflops_per_gpu` values (no logged training step); "
+                     "pass --mfu")
 
 
 def table(res: dict) -> str:
-    lines = [f"{res['gpu']} ({res['peak_tflops']:.0f} TFLOP/s bf16) at {res['mfu']:.0%} MFU, "
+    rate = (f"{res['tflops_per_gpu']:.3g} TFLOP/s per process as observed (not the GPU's: its days are this "
+            "machine's)" if res.get("rate_from") == "observed TFLOP/s" else f"{res['mfu']:.0%} MFU")
+    lines = [f"{res['gpu']} ({res['peak_tflops']:.0f} TFLOP/s bf16) at {rate}, "
              f"{'distributed' if res['distributed_optimizer'] else 'replicated'} optimizer"
              + (", sequence parallel" if res.get("sequence_parallel") else "")
              + f", recompute {res.get('recompute', 'none')}",
@@ -137,6 +163,14 @@ def table(res: dict) -> str:
         p = s["phase_peak_gib"]
         grow = f"{p['grow']:.1f} ({s['growth']})" if "grow" in p else "-"
         lines.append(f"| {s['stage']} | {p['train']:.1f} | {p['save']:.1f} | {p['load']:.1f} | {grow} |")
+    lines += ["", f"throughput, checkpoints and growth jobs (msg-grow reads and writes at {res['storage_gbps']:g} GB/s, "
+              "--storage-gbps):", "| stage | tokens/day | tokens/GPU-s | checkpoint on disk | growth into it |",
+              "|---|---:|---:|---:|---|"]
+    for s in res["stages"]:
+        grow = "-" if not s["growth"] else ("online (in the run)" if s["growth"] == "online" else
+                                            f"msg-grow job {s['growth_job_hours'] * 60:.0f} min on {s['gpus']} GPUs")
+        lines.append(f"| {s['stage']} | {s['tokens_per_day'] / 1e9:.2f}B | {s['tokens_per_gpu_s']:,.0f} | "
+                     f"{s['checkpoint_bytes'] / 1e12:.2f} TB | {grow} |")
     if res.get("family") != "bert":  # (an encoder keeps no KV cache)
         lines.append("\ninference KV cache per sequence of model.seq_length tokens (bf16): " + ", ".join(
             f"stage {s['stage']} {s['kv_cache_gib_per_sequence']:.2f} GiB ({s['query_groups']} key/value heads)"
@@ -146,7 +180,9 @@ def table(res: dict) -> str:
                      "parallel.distributed_optimizer=true, lower train.micro_batch_size, or recompute activations "
                      "(train.recompute=full, train.recompute_num_layers)")
     lines.append(f"\ntotal: {res['tokens'] / 1e9:.2f}B tokens, {res['flops']:.3g} FLOPs, {res['gpu_hours']:,.0f} "
-                 f"GPU-hours; the final shape on the same tokens: {res['final_shape_flops']:.3g} FLOPs -> the "
+                 f"GPU-hours, {res['days']:.1f} days (training, and {res['growth_job_hours']:.1f} h of msg-grow jobs)"
+                 + (f", cost {res['cost']:,.0f} at {res['price_per_gpu_hour']:g} per GPU-hour" if res["cost"] else "")
+                 + f"; the final shape on the same tokens: {res['final_shape_flops']:.3g} FLOPs -> the "
                  f"schedule saves {res['flops_saving']:.1%} ({res['speedup_flops']:.2f}x fewer FLOPs)")
     return "\n".join(lines)
 
@@ -158,7 +194,11 @@ def _main(argv: List[str]) -> int:
     ap.add_argument("overrides", nargs="*")
     ap.add_argument("--mfu", type=float, default=None, help="model FLOPs utilisation assumed (default: --from-run's "
                     "observed MFU, else 0.5)")
-    ap.add_argument("--from-run", default="", help="a run directory whose metrics.jsonl gives the observed MFU")
+    ap.add_argument("--from-run", default="", help="a run directory whose metrics.jsonl gives the observed MFU (a "
+                    "CPU run: its achieved TFLOP/s per process, planning for that machine)")
+    ap.add_argument("--storage-gbps", type=float, default=10.0, help="the shared filesystem's aggregate GB/s, for the "
+                    "msg-grow jobs between layouts (default 10)")
+    ap.add_argument("--price-per-gpu-hour", type=float, default=None, help="adds the schedule's cost")
     ap.add_argument("--gpu", default="A800", help=f"peak-FLOPs table entry: {', '.join(PEAK_TFLOPS)} (default A800)")
     ap.add_argument("--no-distributed-optimizer", action="store_true",
                     help="plan memory with AdamW state replicated over data parallelism even when the config sets "
@@ -181,10 +221,16 @@ def _main(argv: List[str]) -> int:
         for j in job_segments(cfg):
             print(j["first_stage"], j["layout"][0], j["layout"][1], ",".join(map(str, j["shape"])), j["save"])
         return 0
-    if args.mfu is None:
-        args.mfu = observed_mfu(args.from_run) if args.from_run else 0.5
-    if not 0 < args.mfu <= 1:
+    tflops = None
+    if args.mfu is None and args.from_run:
+        kind, value = observed_rate(args.from_run)
+        args.mfu, tflops = (value, None) if kind == "mfu" else (None, value)
+    if args.mfu is None and tflops is None:
+        args.mfu = 0.5
+    if args.mfu is not None and not 0 < args.mfu <= 1:
         raise ValueError(f"--mfu {args.mfu} must be in (0, 1]")
+    if args.storage_gbps <= 0 or (args.price_per_gpu_hour is not None and args.price_per_gpu_hour < 0):
+        raise ValueError("--storage-gbps must be positive and --price-per-gpu-hour not negative")
     cfg = load_config(args.config, args.overrides)
     if args.dry_run:
         try:
@@ -195,7 +241,8 @@ def _main(argv: List[str]) -> int:
         print(json.dumps(res) if args.json else f"[dry-run] every stage built and covered in {res['seconds']:.0f} s, "
                                            f"peak RSS {res['peak_rss_bytes'] / 1024 ** 3:.2f} GiB")
         return 0
-    res = plan(cfg, args.mfu, args.gpu, cfg.parallel.distributed_optimizer and not args.no_distributed_optimizer)
+    res = plan(cfg, args.mfu or 0.5, args.gpu, cfg.parallel.distributed_optimizer and not args.no_distributed_optimizer,
+               tflops_per_gpu=tflops, storage_gbps=args.storage_gbps, price_per_gpu_hour=args.price_per_gpu_hour)
     print(json.dumps(res) if args.json else table(res))
     return 0
 

@@ -94,9 +94,43 @@ def test_mfu_from_a_run(tmp_path):
     r = run_cli(["msg_megatron.plan", "configs/demo_cpu.yaml", "--json", "--from-run", str(run)])
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(r.stdout)["mfu"] == pytest.approx(0.4)
-    (run / "metrics.jsonl").write_text(json.dumps({"step": 0, "loss": 1.0}))
+    # a CPU run logs no MFU (no peak to divide by): its achieved TFLOP/s per process plans this machine
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps({"step": i, "loss": 1.0, "tflops_per_gpu": 0.02})
+                                                for i in range(20)))
+    r = run_cli(["msg_megatron.plan", "configs/demo_cpu.yaml", "--json", "--from-run", str(run)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout)
+    assert res["tflops_per_gpu"] == pytest.approx(0.02) and res["rate_from"] == "observed TFLOP/s"
+    for st in res["stages"]:  # the hours follow from that rate
+        assert st["gpu_hours"] == pytest.approx(st["flops"] / 0.02e12 / 3600, rel=1e-12)
     r = run_cli(["msg_megatron.plan", "configs/demo_cpu.yaml", "--from-run", str(run)])
-    assert r.returncode == 2 and "no `mfu` values" in r.stderr
+    assert r.returncode == 0 and "0.02 TFLOP/s per process as observed" in r.stdout
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 0, "val_loss": 1.0}))
+    r = run_cli(["msg_megatron.plan", "configs/demo_cpu.yaml", "--from-run", str(run)])
+    assert r.returncode == 2 and "no `mfu` or `tflops_per_gpu` values" in r.stderr
+
+
+def test_the_plan_totals_days_checkpoints_growth_jobs_and_cost():
+    """FLM-101B on 192 A800s: days, tokens per day and per GPU-second, the checkpoint on disk per
+    stage (12 B per parameter: ~1.2 TB at 101B), the msg-grow jobs between layouts at the storage
+    rate, and the cost; each recomputed here from the plan's own per-stage numbers."""
+    r = run_cli(["msg_megatron.plan", "configs/flm_101b_a800.yaml", "--json", "--price-per-gpu-hour", "2",
+                 "--storage-gbps", "20"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout)
+    st = res["stages"]
+    assert [round(s["checkpoint_bytes"] / 1e12, 2) for s in st] == [0.19, 0.61, 1.22]
+    for s in st:
+        assert s["checkpoint_bytes"] == 12 * s["params"]
+        assert s["tokens_per_day"] * s["days"] == pytest.approx(s["tokens"], rel=1e-9)
+        assert s["tokens_per_gpu_s"] * s["gpu_hours"] * 3600 == pytest.approx(s["tokens"], rel=1e-9)
+    jobs = [(a["checkpoint_bytes"] + b["checkpoint_bytes"]) / 20e9 / 3600 for a, b in zip(st, st[1:])]
+    assert [s["growth_job_hours"] for s in st[1:]] == pytest.approx(jobs, rel=1e-12)  # both stages change layout
+    assert res["days"] == pytest.approx(sum(s["days"] for s in st) + sum(jobs) / 24, rel=1e-12)
+    assert 20 < res["days"] < 23  # (FLM-101B reports 21.54 days at 160-165 TFLOP/s per GPU)
+    assert res["cost"] == pytest.approx(2 * (res["gpu_hours"] + sum(j * 192 for j in jobs)), rel=1e-12)
+    r = run_cli(["msg_megatron.plan", "configs/flm_101b_a800.yaml", "--price-per-gpu-hour", "2"])
+    assert "days (training, and" in r.stdout and "cost " in r.stdout and "1.22 TB" in r.stdout
 
 
 def _simulated_1f1b_bubble(p: int, m: int, f: float = 1.0, b: float = 2.0) -> float:
