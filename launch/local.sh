@@ -29,6 +29,8 @@ esac
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 export TORCHELASTIC_SIGNALS_TO_HANDLE=${TORCHELASTIC_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-600}
+# a bad input is one line before any worker starts (under torchrun: once per host, and torchrun's traceback)
+"${MSG_PYTHON:-python}" -m msg_megatron.pretrain --check "$NPROC" "$CONFIG" "${OVERRIDES[@]}" || exit $?
 MSG_EXIT_STATUS_DIR=$(mktemp -d)
 export MSG_EXIT_STATUS_DIR
 trap 'rm -rf "$MSG_EXIT_STATUS_DIR"' EXIT

@@ -9,6 +9,7 @@ import sys
 from .cli import run_cli
 from .config import load_config
 from .parallel import is_logging_rank
+from .training.run_setup import check_job
 from .training.trainer import PREEMPTED_EXIT, RELAYOUT_EXIT, Trainer
 
 EPILOG = """config fields: each is described in msg_megatron/config/schema.py (the dataclasses ModelConfig,
@@ -30,8 +31,16 @@ def _main(argv) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("config", help="YAML config (see configs/)")
     ap.add_argument("overrides", nargs="*", help="section.field=value, e.g. train.steps=50")
+    ap.add_argument("--check", type=int, metavar="NPROC", default=None,
+                    help="only check the config for a job of NPROC processes and exit (launch/local.sh does, once, "
+                         "before torchrun: a bad input is then one line, not one per rank)")
     args = ap.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
+    if args.check is not None:
+        if args.check < 1:
+            raise ValueError(f"--check {args.check}: give the job's number of processes")
+        check_job(cfg, args.check)
+        return 0
 
     result = Trainer(cfg).run()
     if is_logging_rank():

@@ -62,3 +62,29 @@ def test_a_checkpoint_path_that_is_a_file_is_named_as_such(tmp_path):
 def test_gridsearch_names_its_own_flag():
     r = run_cli(["msg_megatron.gridsearch", "configs/demo_cpu.yaml", "--candidates", "1,2,3"])
     assert r.returncode == 2 and "--candidates entry `1,2,3`" in r.stderr and "--shape" not in r.stderr, r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_bad_config_under_torchrun_is_said_once(tmp_path):
+    """It was printed once per rank, then torchrun's ~40-line traceback: launch/local.sh checks the
+    config once before torchrun (one line, exit 2, no worker started), and under torchrun itself
+    only each host's local rank 0 says an error found before the process group exists."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO, torchrun
+
+    env = dict(os.environ, WANDB_MODE="disabled", MSG_PYTHON=sys.executable)
+    r = subprocess.run([os.path.join(REPO, "launch", "local.sh"), "2", "configs/demo_cpu.yaml", "model.hidden_sise=3"],
+                       capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
+    lines = [x for x in r.stderr.splitlines() if "error" in x.lower() and "warn" not in x.lower()]
+    assert r.returncode == 2 and len(lines) == 1 and "model.hidden_sise" in lines[0], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and "torch.distributed" not in r.stderr
+    r = subprocess.run([os.path.join(REPO, "launch", "local.sh"), "2", "configs/demo_cpu.yaml"],  # 16 in 1 micro-batch
+                       capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
+    assert r.returncode == 2 and "do not split over 2 data-parallel ranks" in r.stderr, r.stderr[-2000:]
+    r = torchrun(2, ["-m", "msg_megatron.pretrain", "configs/demo_cpu.yaml", "model.hidden_sise=3"], timeout=120)
+    assert r.returncode != 0 and r.stderr.count("msg-pretrain: error: unknown config key `model.hidden_sise`") == 1, \
+        r.stderr[-3000:]

@@ -52,11 +52,7 @@ def build_run(cfg: Config, log_enabled: bool = True) -> RunParts:
         # megatron's TP linears run their backward under CUDA autocast only
         raise ConfigError("train.precision=bf16-autocast needs a GPU (bf16 autocast of megatron's linears is "
                           "CUDA-only); use train.precision=bf16 (bf16 parameters) or fp32 on CPU.")
-    # a resume runs at its stage's declared layout (growth.stages[].tensor/.pipeline) without saying it again
-    stage = stage_to_resume(cfg)
-    declared, given = cfg.layout(stage), (cfg.parallel.tensor, cfg.parallel.pipeline)
-    if declared != given:
-        cfg.parallel.tensor, cfg.parallel.pipeline = declared
+    layout_note = take_resume_layout(cfg)
     initialize_parallel(cfg.parallel.tensor, cfg.parallel.pipeline, t.seed, cfg.parallel.sequence_parallel,
                         cfg.parallel.virtual_pipeline)
     fusion = fused.configure(t.fusion)
@@ -74,9 +70,8 @@ def build_run(cfg: Config, log_enabled: bool = True) -> RunParts:
                             cfg.to_dict(), enabled=log_enabled and is_logging_rank())
     if where:
         metrics.print(f"[launch] {where}")
-    if declared != given:
-        metrics.print(f"[layout] resuming stage {stage}, which growth.stages declares at tensor={declared[0]} "
-                      f"pipeline={declared[1]}: running at that layout (parallel.* says {given[0]} x {given[1]})")
+    if layout_note:
+        metrics.print(layout_note)
     for note in export_warnings(cfg.model, cfg.schedule()):
         metrics.print(f"[export] warning: {note}")
     if lock is not None and lock.note:
@@ -89,6 +84,31 @@ def build_run(cfg: Config, log_enabled: bool = True) -> RunParts:
     schedule = cfg.schedule()
     return RunParts(autocast, fusion, layout, dp_rank, dp, torch.distributed.get_world_size(), lock, metrics,
                     data.tokenizer_path, train_data, valid_data, no_validation, schedule, lr_schedule(cfg))
+
+
+def take_resume_layout(cfg: Config) -> str:
+    """A resume runs at its stage's declared layout (growth.stages[].tensor/.pipeline) without the
+    user saying it again: cfg.parallel is set to it. Returns the note to log ("" if unchanged)."""
+    stage = stage_to_resume(cfg)
+    declared, given = cfg.layout(stage), (cfg.parallel.tensor, cfg.parallel.pipeline)
+    if declared == given:
+        return ""
+    cfg.parallel.tensor, cfg.parallel.pipeline = declared
+    return (f"[layout] resuming stage {stage}, which growth.stages declares at tensor={declared[0]} "
+            f"pipeline={declared[1]}: running at that layout (parallel.* says {given[0]} x {given[1]})")
+
+
+def check_job(cfg: Config, world: int) -> str:
+    """The checks a job of `world` processes makes before its process group exists (launch/local.sh
+    runs them once, before torchrun): the layout it will run at divides the world, and the batch
+    splits over its data-parallel ranks. Returns the layout note."""
+    note = take_resume_layout(cfg)
+    tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
+    if world % (tp * pp):
+        raise ConfigError(f"{world} processes do not split into tensor={tp} x pipeline={pp} = {tp * pp} per model "
+                          f"replica; launch a multiple of {tp * pp} processes, or change parallel.tensor/pipeline")
+    check_batch_split(cfg, (tp, pp), world // (tp * pp))
+    return note
 
 
 def check_batch_split(cfg: Config, layout: tuple, dp: int) -> None:
