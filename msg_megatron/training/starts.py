@@ -4,13 +4,14 @@ a resume never holds a fresh model besides the loaded one."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import socket
 from dataclasses import dataclass, field
 
 import torch.distributed as dist
 
-from ..checkpoint.dist import CheckpointError, load_checkpoint, read_meta
+from ..checkpoint.dist import META, CheckpointError, load_checkpoint, read_meta
 from ..config import Config, ModelConfig, Shape
 from ..config.loading import config_from_dict
 from ..data.gpt_data import data_identity
@@ -58,19 +59,26 @@ def start_run(cfg: Config, schedule: list, log) -> Start:
 
 
 def stage_to_resume(cfg: Config) -> int:
-    """The growth stage the run will resume (0 for a new run), read from the checkpoint's metadata by
-    each process before the world exists, to pick the stage's declared layout (growth.stages[].tensor
-    and .pipeline). A checkpoint that cannot be read gives 0: start_run names the problem."""
+    """The growth stage the run will resume (0 for a new run), read from the checkpoint's
+    msg_meta.json by each process before the world exists, to pick the stage's declared layout
+    (growth.stages[].tensor/.pipeline). Only that one small file is read (every rank of a large job
+    does this: no manifest check here, start_run verifies the checkpoint it loads); a checkpoint
+    that cannot be read gives 0, and start_run names the problem."""
     ck = cfg.checkpoint
-    path, fallback = ck.load, False
+    path = ck.load
     if ck.load in ("", "auto"):
         has = ck.save and os.path.isdir(ck.save) and any(d.startswith("step_") for d in os.listdir(ck.save))
-        path, fallback = (ck.save, True) if has else ("", False)
+        path = ck.save if has else ""
     if not path:
         return 0
     try:
-        return int(read_meta(path, fallback=fallback)["state"]["stage"])
-    except (CheckpointError, KeyError, ValueError, OSError):
+        step_dir = path
+        if not os.path.exists(os.path.join(path, META)):
+            with open(os.path.join(path, "latest")) as f:
+                step_dir = os.path.join(path, f.read().strip())
+        with open(os.path.join(step_dir, META)) as f:
+            return int(json.load(f)["state"]["stage"])
+    except (OSError, ValueError, KeyError, TypeError):
         return 0
 
 
