@@ -137,27 +137,33 @@ def test_hf_import_refuses_before_reading_weights(tmp_path):
 
 
 MEASURE = r"""
-import json, resource, sys
-import psutil
+import json, re, sys
 from msg_megatron.config import load_config
 from msg_megatron.training.host_memory import check_host_memory
 from msg_megatron.training.trainer import Trainer
+def anon():
+    return int(re.search(r"RssAnon:\s+(\d+)", open("/proc/self/status").read()).group(1)) * 1024
 cfg = load_config("configs/demo_cpu.yaml", sys.argv[1:])
-rss0 = psutil.Process().memory_info().rss
+before = anon()
 trainer = Trainer(cfg)
+after = 0
 for _ in range(2):
     trainer.train_step()
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"grown": peak - rss0, "estimate": check_host_memory(cfg, (1, 1), 1)["per_process"]}))
+    after = max(after, anon())
+print(json.dumps({"grown": after - before, "estimate": check_host_memory(cfg, (1, 1), 1)["per_process"]}))
 """
 
 
 @pytest.mark.timeout(300)
 def test_estimate_is_a_lower_bound_of_real_training():
     """~29M parameters trained for two steps in a fresh process in bf16 (the larger per-parameter
-    claim, 18 B): the peak resident memory grows by at least the estimate, and by no more than 1.6x
-    it at this small micro-batch (the estimate leaves out activations and temporaries only, so it is
-    not far below). Measured when written: 1.27x, the same in fp32."""
+    claim, 18 B): the anonymous resident memory (what tensors use) after the steps grows by at least
+    the estimate, and by no more than 1.6x it at this small micro-batch (the estimate leaves out
+    activations and temporaries only, so it is not far below). Measured: 1.16x. (It was the
+    kernel's high-water mark of all resident memory, 1.24-1.32x alone, but 2.2-2.9x twice while
+    other test runs shared the machine: the baseline counts the libraries' file-backed pages, which
+    the host reclaims and the process faults back in at any time; anonymous pages, with no swap,
+    only the process frees.)"""
     precision = "bf16"
     args = ["model.vocab_size=8192", "model.hidden_size=512", "model.ffn_hidden_size=2048",
             "model.num_attention_heads=8", "model.kv_channels=64", "model.num_layers=8", "model.seq_length=64",
