@@ -39,14 +39,18 @@ class CheckpointReader:
     def names(self) -> List[str]:
         return sorted(k[len("model."):] for k in self._md if k.startswith("model."))
 
-    def load(self, names: Iterable[str]) -> Dict[str, torch.Tensor]:
-        """Whole tensors (global shape, saved order) of the model tensors `names`."""
+    def has_state(self, name: str, state: str) -> bool:
+        return f"optimizer.{state}.model.{name}" in self._md
+
+    def load(self, names: Iterable[str], state: str = "") -> Dict[str, torch.Tensor]:
+        """Whole tensors (global shape, saved order) of the model tensors `names`, or with `state`
+        ('exp_avg', 'exp_avg_sq') their AdamW state (in model space: the same shape and order)."""
         from megatron.core import dist_checkpointing
         from megatron.core.dist_checkpointing import ShardedTensor
 
         sd = {}
         for name in names:
-            key = f"model.{name}"
+            key = f"optimizer.{state}.model.{name}" if state else f"model.{name}"
             if key not in self._md:
                 raise CheckpointError(f"checkpoint `{self.path}` has no tensor `{name}` (a missing shard or a "
                                       "checkpoint of another architecture)")
@@ -61,13 +65,20 @@ class CheckpointReader:
             raise CheckpointError(f"cannot load {sorted(sd)[:3]}... from `{self.path}`: {type(e).__name__}: {e}") from e
         return {name: loaded[name] for name in sd}  # (load also returns the common, non-tensor state)
 
-    def layer(self, i: int) -> Dict[str, torch.Tensor]:
-        """Layer i's tensors (names relative to the layer: `mlp.linear_fc1.weight`, ...), canonical order."""
+    def layer(self, i: int, state: str = "") -> Dict[str, torch.Tensor]:
+        """Layer i's tensors (names relative to the layer: `mlp.linear_fc1.weight`, ...), canonical
+        order; with `state`, the AdamW state of those parameters that have it (same order)."""
         prefix = f"layers.{i}."
-        raw = self.load([n for n in self.names() if n.startswith(prefix)])
+        names = [n for n in self.names() if n.startswith(prefix)]
+        raw = self.load(names)
+        if state:
+            ids = {n: t for n, t in raw.items() if n.endswith("_ids")}
+            raw = dict(self.load([n for n in names if self.has_state(n, state)], state), **ids)
         gated = self.mcfg.activation == "swiglu"
         out = {}
         for name, t in raw.items():
+            if state and name.endswith("_ids"):
+                continue
             found = unit_axis(name)
             if found is not None:
                 axis, role = found
@@ -75,6 +86,18 @@ class CheckpointReader:
                 t = canonical_units(t, axis, torch.argsort(raw[ids_name(name, role)]), unit, blocks)
             out[name[len(prefix):]] = t
         return out
+
+    def refuse_mid_ramp(self, tool: str) -> None:
+        """A checkpoint whose masks are still ramping cannot leave this project: its function needs
+        the masks. The error names the first step from which it can."""
+        left = self.masks_left()
+        if left:
+            steps = max(left.values())
+            raise CheckpointError(
+                f"checkpoint `{self.path}` (step {self.step}) is mid-ramp: {len(left)} masks are not at 1 yet "
+                f"(e.g. {sorted(left)[0]}); {tool} would change the model's function. Train {steps} more "
+                f"step{'s' if steps != 1 else ''} (to step {self.step + steps}, the end of growth.ramp_steps="
+                f"{self.cfg.growth.ramp_steps}) and export that checkpoint")
 
     def masks_left(self) -> Dict[str, int]:
         """For every mask not yet at 1: the training steps until its ramp ends (paper 3.2.1)."""

@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from ..checkpoint.dist import META, CheckpointError
+from ..checkpoint.dist import META
 from ..checkpoint.reader import CheckpointReader
 from ..checkpoint.run_lock import LOCK
 from ..checkpoint.verify import verify_checksums
@@ -136,14 +136,7 @@ def export(load: str, out: str, dtype: str = "fp32", max_shard_size: int = 5 << 
                              "msg-export-hf's config.json and weights). Choose a new folder")
     mcfg, shape = reader.mcfg, reader.shape
     arch = architecture(mcfg, shape)
-    left = reader.masks_left()
-    if left:
-        steps = max(left.values())
-        raise CheckpointError(
-            f"checkpoint `{reader.path}` (step {reader.step}) is mid-ramp: {len(left)} masks are not at 1 yet "
-            f"(e.g. {sorted(left)[0]}); exporting would change the model's function. Train {steps} more step{'s' if steps != 1 else ''} "
-            f"(to step {reader.step + steps}, the end of growth.ramp_steps={reader.cfg.growth.ramp_steps}) and "
-            "export that checkpoint")
+    reader.refuse_mid_ramp("exporting")
     torch_dtype, dtype_name = DTYPES[dtype]
     tmp = f"{os.path.normpath(out)}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
