@@ -20,10 +20,8 @@ import json
 import os
 import sys
 
-import torch
-
 from .checkpoint.dist import CheckpointError, save_checkpoint
-from .checkpoint.megatron_lm import MOMENT_KEYS, MegatronCheckpoint
+from .checkpoint.megatron_lm import MegatronCheckpoint, fill_model
 from .checkpoint.run_lock import hold_save_dir
 from .cli import run_cli
 from .config import config_from_dict
@@ -32,8 +30,6 @@ from .data.tokenizer import load_tokenizer
 from .growth.optimizer_state import PieceState
 from .model import build_model, count_parameters
 from .model.gpt import padded_vocab_size
-from .model.masks import tp_rank_size
-from .model.tp_layout import tp_shard
 from .parallel import initialize_parallel, is_logging_rank
 from .training.host_memory import local_params, require_host_memory
 
@@ -73,48 +69,12 @@ def train_section(ck: MegatronCheckpoint) -> dict:
     return out
 
 
-def fill(model, ck: MegatronCheckpoint, state) -> None:
-    """Copy the Megatron-LM tensors into this rank's shard, one layer at a time; `state`: a
-    PieceState to receive the AdamW moments (None: weights only)."""
-    rank, tp = tp_rank_size()
-    mcfg = model.mcfg
-    gated = mcfg.activation == "swiglu"
-    step = ck.optimizer_step() if state is not None else None
-    by_layer = {}
-    for local, p in model.named_parameters():
-        if local.startswith("layers."):
-            _, idx, rest = local.split(".", 2)
-            by_layer.setdefault(model.global_layers[int(idx)], []).append((rest, p))
-        else:
-            canonical = "embedding.weight" if local == "output_layer.weight" and model.shared_output_copy() else local
-            by_layer.setdefault(None, []).append((local, p, canonical))
-    for layer in sorted(by_layer, key=lambda x: -1 if x is None else x):
-        items = by_layer[layer]
-        names = [it[-1] if layer is None else it[0] for it in items]
-        weights = ck.tensors(names, layer)
-        moments = {k: ck.tensors(names, layer, state=k) for k in MOMENT_KEYS} if state is not None else {}
-        for item, name in zip(items, names):
-            p = item[1]
-            canonical = name if layer is None else f"layers.{layer}.{name}"
-            if name not in weights:
-                raise CheckpointError(f"`{ck.path}` has no tensor for `{canonical}` (args say the model has it)")
-            for what, t in [("weights", weights[name])] + [(k, m[name]) for k, m in moments.items() if name in m]:
-                shard = tp_shard(canonical, t, rank, tp, mcfg.head_dim, gated)
-                if shard.shape != p.shape:
-                    raise CheckpointError(f"`{canonical}` ({what}): the Megatron-LM tensor gives "
-                                          f"{tuple(shard.shape)}, the model expects {tuple(p.shape)} (the args in "
-                                          "common.pt do not match the tensors)")
-                if what == "weights":
-                    with torch.no_grad():
-                        p.copy_(shard)
-                else:
-                    moments[what][name] = shard
-            if state is not None and all(name in m for m in moments.values()):
-                state.set_local_state(p, {"step": float(step or 0), **{k: moments[k][name] for k in MOMENT_KEYS}})
-
-
 def import_megatron(load: str, save: str, iteration=None, tensor: int = 1, pipeline: int = 1,
                     optimizer: bool = True, tokenizer: str = "", overrides=()) -> dict:
+    model_over = [o for o in overrides if o.split("=", 1)[0].startswith(("model.", "growth.stages", "parallel."))]
+    if model_over:
+        raise ValueError(f"`{model_over[0]}`: the model, its first stage and the layout come from the checkpoint "
+                         "(and --tensor/--pipeline); overrides set the other sections (data, train, growth, ...)")
     if tokenizer and not os.path.exists(tokenizer):
         raise FileNotFoundError(f"--tokenizer `{tokenizer}` does not exist")
     tok_vocab = load_tokenizer(tokenizer).vocab_size if tokenizer else None
@@ -128,10 +88,6 @@ def import_megatron(load: str, save: str, iteration=None, tensor: int = 1, pipel
         raise ValueError(f"--save `{save}` exists and is not empty; choose a new folder so nothing is overwritten")
     shape = ck.shape
     train = train_section(ck) if with_state else {}
-    model_over = [o for o in overrides if o.split("=", 1)[0].startswith(("model.", "growth.stages", "parallel."))]
-    if model_over:
-        raise ValueError(f"`{model_over[0]}`: the model, its first stage and the layout come from the checkpoint "
-                         "(and --tensor/--pipeline); overrides set the other sections (data, train, growth, ...)")
     cfg = config_from_dict(apply_overrides(
         {"model": vars(ck.mcfg), "parallel": {"tensor": tensor, "pipeline": pipeline}, "train": train,
          "growth": {"stages": [{"step": 0, "shape": list(shape.as_tuple())}]}}, list(overrides)))
@@ -145,7 +101,7 @@ def import_megatron(load: str, save: str, iteration=None, tensor: int = 1, pipel
     lock = hold_save_dir(save, "msg-import-megatron")
     model = build_model(cfg.model, shape, perform_init=False)
     state = PieceState() if with_state else None
-    fill(model, ck, state)
+    fill_model(model, ck, state)
     step = ck.iteration if with_state else 0
     consumed = int(getattr(ck.args, "consumed_train_samples", 0) or 0) if with_state else 0
     meta_state = {"step": step, "stage": 0, "consumed_samples": consumed,

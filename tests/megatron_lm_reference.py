@@ -46,10 +46,9 @@ def megatron_args(style: str, hidden=64, ffn=96, heads=4, layers=4, vocab=100, s
     """The argparse Namespace Megatron-LM would hold for this model (the fields its GPT builder reads)."""
     from megatron.core.transformer.enums import AttnBackend
 
-    s = dict(STYLES[style], **over)
     divisible = 16
     padded = -(-vocab // (divisible * tp)) * divisible * tp
-    return argparse.Namespace(
+    fields = dict(
         num_layers=layers, hidden_size=hidden, ffn_hidden_size=ffn, num_attention_heads=heads,
         kv_channels=hidden // heads, seq_length=seq, max_position_embeddings=seq, norm_epsilon=1e-5,
         make_vocab_size_divisible_by=divisible, padded_vocab_size=padded, vocab_size=vocab,
@@ -58,7 +57,10 @@ def megatron_args(style: str, hidden=64, ffn=96, heads=4, layers=4, vocab=100, s
         num_experts=None, multi_latent_attention=False, mtp_num_layers=None, use_rope_scaling=False,
         apply_layernorm_1p=False, squared_relu=False, init_method_std=0.02, bf16=False, fp16=False,
         params_dtype=torch.float32, attention_backend=AttnBackend.auto, tokenizer_type="NullTokenizer",
-        use_distributed_optimizer=True, ckpt_format="torch_dist", lr=1e-3, min_lr=1e-4, **s)
+        use_distributed_optimizer=True, ckpt_format="torch_dist", lr=1e-3, min_lr=1e-4)
+    fields.update(STYLES[style])
+    fields.update(over)
+    return argparse.Namespace(**fields)
 
 
 def build_gpt(args, seed: int = 0, parallel_output: bool = True):

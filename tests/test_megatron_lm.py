@@ -120,13 +120,24 @@ def test_grown_model_exports_to_megatron(tmp_path, tiny_data):
 
 
 def test_round_trip_through_growth(tmp_path, tiny_data):
-    """Megatron-LM -> msg-import-megatron -> msg-grow (validation loss unchanged) -> train past the
+    """checkpoint.init_from=<Megatron-LM dir> starts a run from its weights; Megatron-LM -> msg-import-megatron -> msg-grow (validation loss unchanged) -> train past the
     ramp -> msg-export-megatron -> megatron's GPTModel: equal logits; the untouched run's moments
     come back unchanged when exported without growing."""
     save, want, moments = _megatron_run(tmp_path, "llama")
     data = ["data.corpus=synthetic", "train.eval_iters=1", "growth.ramp_steps=2"]  # (the sections args do not set)
     r = run_cli(["msg_megatron.import_megatron", "--load", str(save), "--save", str(tmp_path / "a"), *data])
     assert r.returncode == 0, _quiet(r.stderr)
+    # checkpoint.init_from takes the Megatron-LM directory itself (lr 1e-12: Adam's steps ~ lr, the model stays)
+    from msg_megatron.checkpoint.dist import read_meta
+    from msg_megatron.config import config_from_dict
+    from msg_megatron.config.loading import apply_overrides
+    from msg_megatron.training.trainer import Trainer
+
+    cfg = apply_overrides(read_meta(str(tmp_path / "a"))["config"], [
+        f"checkpoint.init_from={save}", f"checkpoint.save={tmp_path}/i", f"logging.run_dir={tmp_path}/irun",
+        "train.steps=1", "train.lr=1e-12", "train.min_lr=0", "train.eval_interval=0", "logging.wandb=disabled"])
+    assert Trainer(config_from_dict(cfg)).run()["step"] == 1
+    assert (_ours(tmp_path / "i")[0] - want).abs().max() <= 1e-5
     # straight back: Megatron-LM -> here -> Megatron-LM is exact (weights and moments)
     r = run_cli(["msg_megatron.export_megatron", "--load", str(tmp_path / "a"), "--out", str(tmp_path / "back")])
     assert r.returncode == 0, _quiet(r.stderr)
@@ -144,11 +155,6 @@ def test_round_trip_through_growth(tmp_path, tiny_data):
     assert r.returncode == 2 and "mid-ramp" in r.stderr and "to step 13" in r.stderr, r.stderr[-800:]
     assert not os.path.exists(tmp_path / "x")
     # train through the ramp here, export, and megatron's GPTModel gives our logits
-    from msg_megatron.checkpoint.dist import read_meta
-    from msg_megatron.config import config_from_dict
-    from msg_megatron.config.loading import apply_overrides
-    from msg_megatron.training.trainer import Trainer
-
     cfg = apply_overrides(read_meta(str(tmp_path / "g"))["config"], [
         f"checkpoint.load={tmp_path}/g", f"checkpoint.save={tmp_path}/b", f"logging.run_dir={tmp_path}/run",
         "train.steps=13", "train.eval_interval=0", "logging.wandb=disabled"])

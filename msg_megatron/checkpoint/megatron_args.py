@@ -58,7 +58,9 @@ def load_common(path: str) -> dict:
         except Exception as e:  # torch reports an unknown class as an UnpicklingError naming it
             found = re.search(r"GLOBAL ([\w.]+)", str(e))
             if found is None:
-                raise
+                said = re.search(r"WeightsUnpickler error: (.*)", str(e))
+                raise UnsafeCheckpoint(f"`{path}` cannot be read as a Megatron-LM checkpoint's common state "
+                                       f"without running its code: {said.group(1) if said else e}") from None
             name = found.group(1)
             if not name.startswith(("megatron.", "transformer_engine.")):
                 raise UnsafeCheckpoint(f"`{path}` refers to `{name}`, which is not part of a Megatron-LM checkpoint's "

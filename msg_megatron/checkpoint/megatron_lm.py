@@ -27,7 +27,9 @@ from typing import Dict, Iterable, Optional
 
 import torch
 
+from ..model.masks import tp_rank_size
 from ..model.params import outer_rows
+from ..model.tp_layout import tp_shard
 from .dist import CHECKPOINT_FAILURES, CheckpointError
 from .megatron_args import load_common, model_from_args
 from .safe_pickle import UnsafeCheckpoint, restricted_metadata_loading
@@ -253,3 +255,43 @@ class MegatronCheckpoint:
         for i in range(self.shape.layers):
             if self._where("self_attention.linear_qkv.weight", i)[0] is None:
                 raise CheckpointError(f"`{self.path}` has no layer {i} (args.num_layers={self.shape.layers})")
+
+
+def fill_model(model, ck: MegatronCheckpoint, state=None) -> None:
+    """Copy the Megatron-LM tensors into this rank's shard, one layer at a time; `state`: a
+    PieceState to receive the AdamW moments (None: weights only)."""
+    rank, tp = tp_rank_size()
+    mcfg = model.mcfg
+    gated = mcfg.activation == "swiglu"
+    step = ck.optimizer_step() if state is not None else None
+    by_layer = {}
+    for local, p in model.named_parameters():
+        if local.startswith("layers."):
+            _, idx, rest = local.split(".", 2)
+            by_layer.setdefault(model.global_layers[int(idx)], []).append((rest, p))
+        else:
+            canonical = "embedding.weight" if local == "output_layer.weight" and model.shared_output_copy() else local
+            by_layer.setdefault(None, []).append((local, p, canonical))
+    for layer in sorted(by_layer, key=lambda x: -1 if x is None else x):
+        items = by_layer[layer]
+        names = [it[-1] if layer is None else it[0] for it in items]
+        weights = ck.tensors(names, layer)
+        moments = {k: ck.tensors(names, layer, state=k) for k in MOMENT_KEYS} if state is not None else {}
+        for item, name in zip(items, names):
+            p = item[1]
+            canonical = name if layer is None else f"layers.{layer}.{name}"
+            if name not in weights:
+                raise CheckpointError(f"`{ck.path}` has no tensor for `{canonical}` (args say the model has it)")
+            for what, t in [("weights", weights[name])] + [(k, m[name]) for k, m in moments.items() if name in m]:
+                shard = tp_shard(canonical, t, rank, tp, mcfg.head_dim, gated)
+                if shard.shape != p.shape:
+                    raise CheckpointError(f"`{canonical}` ({what}): the Megatron-LM tensor gives "
+                                          f"{tuple(shard.shape)}, the model expects {tuple(p.shape)} (the args in "
+                                          "common.pt do not match the tensors)")
+                if what == "weights":
+                    with torch.no_grad():
+                        p.copy_(shard)
+                else:
+                    moments[what][name] = shard
+            if state is not None and all(name in m for m in moments.values()):
+                state.set_local_state(p, {"step": float(step or 0), **{k: moments[k][name] for k in MOMENT_KEYS}})

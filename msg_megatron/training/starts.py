@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch.distributed as dist
 
 from ..checkpoint.dist import META, CheckpointError, load_checkpoint, read_meta
+from ..checkpoint.megatron_lm import MegatronCheckpoint, fill_model, is_megatron_lm_dir
 from ..config import Config, ModelConfig, Shape
 from ..config.loading import config_from_dict
 from ..data.gpt_data import data_identity
@@ -167,31 +168,21 @@ def _check_data(cfg: Config, meta: dict, log) -> None:
 
 def init_from(cfg: Config, schedule: list, path: str, log) -> Start:
     """A checkpoint's weights at step 0 (checkpoint.init_from): the first stage's model is that
-    checkpoint; optimizer, step, data position and RNG start fresh."""
+    checkpoint; optimizer, step, data position and RNG start fresh. `path` may also be a Megatron-LM
+    checkpoint (checkpoint/megatron_lm.py: its save directory or an iter_* directory)."""
+    if is_megatron_lm_dir(path):
+        ck = MegatronCheckpoint(path)
+        _check_init_model(cfg, schedule, vars(ck.mcfg), ck.shape, ck.path)
+        ck.check_layers()
+        model = build_model(cfg.model, ck.shape, perform_init=False)
+        fill_model(model, ck)  # (one layer at a time, this rank's shard)
+        masters = cast_keeping_masters(model, param_dtype(cfg.train))
+        log(f"[init] weights of the Megatron-LM checkpoint {ck.path} (iteration {ck.iteration}, shape {ck.shape}) "
+            "at step 0")
+        return Start(model, build_optimizer(model, cfg.train, cfg.parallel, masters=masters))
     meta = agreed_meta(path, full=cfg.checkpoint.verify == "full")
-    saved = ModelConfig(**meta["config"]["model"])
-    # the final sizes may differ (the imported model is the first stage); kv_channels as the head dim
-    diff = model_diff(cfg, meta["config"]["model"], ignore=("hidden_size", "ffn_hidden_size", "num_attention_heads",
-                                                            "num_layers", "init_method_std", "kv_channels",
-                                                            "num_query_groups"))
-    if saved.head_dim != cfg.model.head_dim:
-        diff.append("kv_channels")
-    if saved.heads_per_group != cfg.model.heads_per_group:  # the groups may grow, the grouping may not
-        raise CheckpointError(
-            f"checkpoint.init_from `{meta['path']}` has {saved.heads_per_group} query heads per key/value head "
-            f"({saved.num_attention_heads} heads, {saved.num_query_groups or saved.num_attention_heads} groups), "
-            f"this config {cfg.model.heads_per_group} (model.num_attention_heads={cfg.model.num_attention_heads}, "
-            f"model.num_query_groups={cfg.model.num_query_groups}); heads grow by whole groups of a fixed size: "
-            f"set model.num_query_groups to {cfg.model.num_attention_heads // saved.heads_per_group}")
-    if diff:
-        raise CheckpointError(
-            f"checkpoint.init_from `{meta['path']}` has another architecture: "
-            + ", ".join(f"model.{k}={getattr(saved, k) if k != 'kv_channels' else saved.head_dim}" for k in diff)
-            + "; set these in the config")
     shape = Shape(*meta["shape"])
-    if shape != schedule[0][1]:
-        raise CheckpointError(f"checkpoint.init_from `{meta['path']}` has shape {shape}, but growth.stages[0] is "
-                              f"{schedule[0][1]}; start the schedule at {list(shape.as_tuple())}")
+    _check_init_model(cfg, schedule, meta["config"]["model"], shape, meta["path"])
     model = build_model(cfg.model, shape, perform_init=False)
     load_checkpoint(meta["path"], model, None, full=cfg.checkpoint.verify == "full", restore_rng=False)
     if ramping(model):
@@ -200,3 +191,29 @@ def init_from(cfg: Config, schedule: list, path: str, log) -> Start:
     masters = cast_keeping_masters(model, param_dtype(cfg.train))
     log(f"[init] weights of {meta['path']} (shape {shape}) at step 0")
     return Start(model, build_optimizer(model, cfg.train, cfg.parallel, masters=masters))
+
+
+def _check_init_model(cfg: Config, schedule: list, model_section: dict, shape: Shape, where: str) -> None:
+    """The checkpoint's model must be this config's architecture and the schedule's first stage."""
+    saved = ModelConfig(**model_section)
+    # the final sizes may differ (the imported model is the first stage); kv_channels as the head dim
+    diff = model_diff(cfg, model_section, ignore=("hidden_size", "ffn_hidden_size", "num_attention_heads",
+                                                  "num_layers", "init_method_std", "kv_channels",
+                                                  "num_query_groups"))
+    if saved.head_dim != cfg.model.head_dim:
+        diff.append("kv_channels")
+    if saved.heads_per_group != cfg.model.heads_per_group:  # the groups may grow, the grouping may not
+        raise CheckpointError(
+            f"checkpoint.init_from `{where}` has {saved.heads_per_group} query heads per key/value head "
+            f"({saved.num_attention_heads} heads, {saved.num_query_groups or saved.num_attention_heads} groups), "
+            f"this config {cfg.model.heads_per_group} (model.num_attention_heads={cfg.model.num_attention_heads}, "
+            f"model.num_query_groups={cfg.model.num_query_groups}); heads grow by whole groups of a fixed size: "
+            f"set model.num_query_groups to {cfg.model.num_attention_heads // saved.heads_per_group}")
+    if diff:
+        raise CheckpointError(
+            f"checkpoint.init_from `{where}` has another architecture: "
+            + ", ".join(f"model.{k}={getattr(saved, k) if k != 'kv_channels' else saved.head_dim}" for k in diff)
+            + "; set these in the config")
+    if shape != schedule[0][1]:
+        raise CheckpointError(f"checkpoint.init_from `{where}` has shape {shape}, but growth.stages[0] is "
+                              f"{schedule[0][1]}; start the schedule at {list(shape.as_tuple())}")
