@@ -104,6 +104,12 @@ class ExportSource:
             return t.unsqueeze(0)  # (the box of layer i in the stacked tensor)
         return self.outer[(state, name)]
 
+    def order(self, item) -> tuple:
+        """Layer by layer (megatron groups the boxes of one key: every layer of one key, then the next),
+        so that each layer is read once: the outer tensors first, then layer 0's, ..."""
+        key = item.index.fqn
+        return (item.index.offset[0], key) if "decoder.layers." in key else (-1, key)
+
     def finish(self) -> None:
         self.tensors = {}
 

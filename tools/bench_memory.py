@@ -13,6 +13,9 @@ what earlier phases freed) and read at its end, so each phase's peak is exact, n
   train2    two steps after the load (that process's own reference)
   msg-grow  offline growth (streamed) of the 12-layer checkpoint to twice its depth in the layout's
             own processes (the DP ranks share the layers); at DP1 also of the 6-layer one
+  export    msg-export-megatron of the 12-layer checkpoint (with its AdamW state) in one process
+            (it streams one layer at a time), against the layout's training step
+  import    msg-import-megatron of that export in the layout's own processes (each its shard)
 Ratios are to the training-step peak of the same process; B/param is the phase's peak over the
 RSS before the model existed, per parameter of the process's shard. `opt MB` is the optimizer's own
 state per process (fp32 masters when they are copies, AdamW moments): it should fall as 1/DP with
@@ -156,14 +159,14 @@ def worker(args) -> None:
 
 
 def cli_worker(args) -> None:
-    """One CLI (msg-grow) in this process (one of its torchrun processes), its peak from the
-    kernel's high-water mark; rank 0 prints every process's."""
+    """One CLI (msg-grow, msg-export-megatron, msg-import-megatron) in this process (one of its
+    torchrun processes), its peak from the kernel's high-water mark; rank 0 prints every process's."""
+    import importlib
+
     import torch.distributed as dist
 
-    from msg_megatron.grow import _main
-
     base = _rss_kib()
-    _main(args.rest)
+    importlib.import_module(f"msg_megatron.{args.tool}")._main(args.rest)
     out = {"peak_kib": _hwm_kib(), "base_kib": base}
     parts = [out]
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -193,7 +196,9 @@ def main() -> None:
     ap.add_argument("--size", default="120M", choices=list(SIZES))
     ap.add_argument("--no-msg-grow", action="store_true")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--no-megatron-lm", action="store_true", help="skip msg-export/import-megatron")
     ap.add_argument("--worker", choices=["train", "load", "cli"], help=argparse.SUPPRESS)
+    ap.add_argument("--tool", default="grow", help=argparse.SUPPRESS)
     ap.add_argument("--layout", help=argparse.SUPPRESS)
     ap.add_argument("--dir", help=argparse.SUPPRESS)
     ap.add_argument("--load", help=argparse.SUPPRESS)
@@ -227,13 +232,25 @@ def main() -> None:
                         else (("step_000005", 2 * layers),))
                 for src, depth in runs:
                     out = os.path.join(tmp, f"grown-{name}-{depth}")
-                    g = json.loads(_torchrun(n, ["--worker", "cli", "--", "--load", os.path.join(ck, src), "--shape",
+                    g = json.loads(_torchrun(n, ["--worker", "cli", "--tool", "grow", "--", "--load", os.path.join(ck, src), "--shape",
                                                  f"{h},{f},{a_},{depth}", "--save", out, "--no-verify",
                                                  "--tensor", str(tp), "--pipeline", str(pp)], env))
                     for rank, gr in enumerate(g):
                         ref = next(r for r in rows if r["layout"] == name and r["rank"] == rank)["train_mb"]
                         rows.append({"layout": name, "rank": rank, "msg-grow": f"{depth // 2}->{depth} layers",
                                      "peak_mb": gr["peak_kib"] / 1024, "ref_train_mb": ref})
+            if not args.no_megatron_lm:  # one process exports; the layout's processes import
+                mlm, back = os.path.join(tmp, f"mlm-{name}"), os.path.join(tmp, f"back-{name}")
+                e = json.loads(_torchrun(1, ["--worker", "cli", "--tool", "export_megatron", "--", "--load",
+                                             os.path.join(ck, "step_000005"), "--out", mlm, "--no-verify",
+                                             "--tensor", str(tp), "--pipeline", str(pp)], env))
+                i = json.loads(_torchrun(n, ["--worker", "cli", "--tool", "import_megatron", "--", "--load", mlm,
+                                             "--save", back, "--tensor", str(tp), "--pipeline", str(pp)], env))
+                for tool, res in (("export", e), ("import", i)):
+                    for rank, gr in enumerate(res):
+                        ref = next(r for r in rows if r["layout"] == name and r["rank"] == rank)["train_mb"]
+                        rows.append({"layout": name, "rank": rank, "tool": tool, "peak_mb": gr["peak_kib"] / 1024,
+                                     "ref_train_mb": ref})
     if args.json:
         print(json.dumps(rows, indent=1))
         return
@@ -245,6 +262,10 @@ def main() -> None:
         if "msg-grow" in r:
             print(f"{r['layout']:8} {r['rank']:>4} msg-grow {r['msg-grow']}: peak {r['peak_mb']:.0f} MB "
                   f"({r['peak_mb'] / r['ref_train_mb']:.2f}x this layout's training step)")
+            continue
+        if "tool" in r:
+            print(f"{r['layout']:8} {r['rank']:>4} msg-{r['tool']}-megatron: peak {r['peak_mb']:.0f} MB "
+                  f"({r['peak_mb'] / r['ref_train_mb']:.2f}x this rank's training step)")
             continue
         cells = [f"{r[c]['mb']:7.0f} {r[c]['ratio']:5.2f}x " if c in r else f"{'-':>15}" for c in cols]
         print(f"{r['layout']:8} {r['rank']:>4} {r['params']:>11,} {r['opt_mb']:>8.0f} " + " ".join(cells))

@@ -6,7 +6,8 @@ a save whose tensors are *computed* (offline growth, one layer at a time), `stre
 swaps in `StreamingWriter` for one save: the state dict holds placeholders (meta tensors: shapes
 only), the plan is megatron's own (same `.metadata`, same files, loadable as any checkpoint), and
 each tensor is asked of `source(key, like)` when its turn to be written comes, in this process,
-in the order of this rank's plan (the state dict's order), then written and dropped.
+in the order of this rank's plan (megatron groups the boxes of one key together) or, when the source has an
+`order(item)`, in that order, then written and dropped.
 
 `source` may run collectives (it loads from another checkpoint in lockstep with the other ranks):
 writing happens in the main process, between megatron's collective planning and finalisation, and
@@ -75,6 +76,8 @@ def _streaming_writer_class(source):
             items = list(plan.items)
             bytes_data = [(it, planner.resolve_data(it)) for it in items if it.type == WriteItemType.BYTE_IO]
             tensors = [it for it in items if it.type != WriteItemType.BYTE_IO]
+            if hasattr(source, "order"):  # (the order the source makes them in cheaply, e.g. layer by layer)
+                tensors.sort(key=source.order)
             name = f"{prefix}0{DEFAULT_SUFFIX}"  # one file per rank, written in plan order
             self.write_buckets = [(os.path.join(self.checkpoint_dir, name), name,
                                    (bytes_data, _Resolved(tensors, source)))]
