@@ -5,7 +5,7 @@
   Megatron-LM saves it (tests/megatron_lm_reference.py) with its distributed optimizer's fully
   reshardable state or its plain optimizer's: our logits equal megatron's within 1e-5 (fp32; seen
   ~2e-7), the moments and step carried exactly. A checkpoint megatron wrote at TP=2 x PP=2 imports
-  on two ranks at TP=2 (each holding its shard) and gives megatron's logits.
+  on four ranks at TP=2 x PP=2 (each holding its shard) and gives megatron's logits.
 - Export: a model grown in every dimension under TP=2 (units interleaved by rank) and trained past
   its ramp exports for TP=2; megatron's GPTModel loads it at TP=1 and TP=2 as Megatron-LM does
   (model, distributed optimizer, scheduler): logits within 1e-5 of ours, moments equal ours.
@@ -79,18 +79,18 @@ def test_import_equals_megatron(tmp_path, style, distributed):
     assert torch.equal(emb, moments["embedding.word_embeddings.weight"][0])
 
 
-def test_import_of_a_tp2_pp2_checkpoint_on_two_ranks(tmp_path):
-    """megatron writes at TP=2 x PP=2 (4 ranks); two ranks import it at TP=2, each filling its shard;
-    the reference is megatron's own GPTModel at TP=1 loading the same checkpoint (its reshard)."""
+def test_import_of_a_tp2_pp2_checkpoint_on_four_ranks(tmp_path):
+    """megatron writes at TP=2 x PP=2 (4 ranks); four ranks import it at TP=2 x PP=2, each filling
+    its shard; the reference is megatron's own GPTModel at TP=1 loading the same checkpoint (its reshard)."""
     pooled(4, R.save_on_ranks, str(tmp_path / "mlm"), "llama", 2, 2, layout=(2, 2))
-    r = launch(2, ["msg_megatron.import_megatron", "--load", str(tmp_path / "mlm"), "--save",
-                   str(tmp_path / "ours"), "--tensor", "2", "--json"])
+    r = launch(4, ["msg_megatron.import_megatron", "--load", str(tmp_path / "mlm"), "--save",
+                   str(tmp_path / "ours"), "--tensor", "2", "--pipeline", "2", "--json"])
     assert r.returncode == 0, _quiet(r.stderr)
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    assert not out["optimizer"] and out["step"] == 0 and out["layout"] == {"tensor": 2, "pipeline": 1}
+    assert not out["optimizer"] and out["step"] == 0 and out["layout"] == {"tensor": 2, "pipeline": 2}
     want, _, _ = R.loaded_logits(str(tmp_path / "mlm"), TOKENS)
     got, meta = _ours(tmp_path / "ours")
-    assert meta["config"]["parallel"]["tensor"] == 2
+    assert (meta["config"]["parallel"]["tensor"], meta["config"]["parallel"]["pipeline"]) == (2, 2)
     assert (got - want).abs().max() <= 1e-5
 
 

@@ -53,7 +53,12 @@ def _import(load, save, *more):
     return run_cli(["msg_megatron.import_megatron", "--load", str(load), "--save", str(save), *more])
 
 
-def test_refusals_name_the_problem_and_write_nothing(mlm, tmp_path):
+def test_refusals_name_the_problem_and_write_nothing(mlm, tmp_path, tiny_data):
+    from msg_megatron.data.tokenizer import find_tokenizer
+
+    r = _import(mlm / "dp", tmp_path / "o", "--no-optimizer", "--tokenizer", find_tokenizer(tiny_data))
+    assert r.returncode == 2 and "the tokenizer has 512 tokens but the checkpoint only 112 embedding rows" in \
+        r.stderr, r.stderr[-600:]
     r = _import(mlm / "qk", tmp_path / "o")
     assert r.returncode == 2 and "qk_layernorm=True (layer norms on queries and keys)" in r.stderr, r.stderr[-600:]
     r = _import(mlm / "dp", tmp_path / "o")
