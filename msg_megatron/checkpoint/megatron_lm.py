@@ -20,6 +20,7 @@ AdamW's step is per parameter group in common.pt. The default distributed-optimi
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import warnings
@@ -295,3 +296,16 @@ def fill_model(model, ck: MegatronCheckpoint, state=None) -> None:
                     moments[what][name] = shard
             if state is not None and all(name in m for m in moments.values()):
                 state.set_local_state(p, {"step": float(step or 0), **{k: moments[k][name] for k in MOMENT_KEYS}})
+        del weights, moments
+        _return_freed_memory()
+
+
+def _return_freed_memory() -> None:
+    """Give the layer's freed read buffers back to the kernel before the next layer: glibc keeps
+    freed heap blocks (after a large free its mmap threshold rises), so each layer's buffers would
+    stay in the resident set and the import's peak would grow with the depth (measured at TP2, 123M
+    parameters: 1.23x the training step's peak without this, 1.13x with it)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
