@@ -118,7 +118,8 @@ def import_megatron(load: str, save: str, iteration=None, tensor: int = 1, pipel
 def _main(argv) -> int:
     ap = argparse.ArgumentParser(prog="msg-import-megatron", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--load", required=True, help="Megatron-LM save directory (its tracker file) or an iter_* directory")
+    ap.add_argument("--load", required=True,
+                    help="Megatron-LM save directory (its tracker file) or an iter_* directory")
     ap.add_argument("--iteration", type=int, default=None, help="this iteration instead of the tracker's")
     ap.add_argument("--save", required=True, help="save directory for the checkpoint (must be new or empty)")
     ap.add_argument("--tensor", type=int, default=1, help="tensor-parallel degree the checkpoint is for")

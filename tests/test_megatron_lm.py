@@ -121,7 +121,8 @@ def test_grown_model_exports_to_megatron(tmp_path, tiny_data):
 
 
 def test_round_trip_through_growth(tmp_path, tiny_data):
-    """checkpoint.init_from=<Megatron-LM dir> starts a run from its weights; Megatron-LM -> msg-import-megatron -> msg-grow (validation loss unchanged) -> train past the
+    """checkpoint.init_from=<Megatron-LM dir> starts a run from its weights; Megatron-LM ->
+    msg-import-megatron -> msg-grow (validation loss unchanged) -> train past the
     ramp -> msg-export-megatron -> megatron's GPTModel: equal logits; the untouched run's moments
     come back unchanged when exported without growing."""
     save, want, moments = _megatron_run(tmp_path, "llama")
@@ -165,3 +166,48 @@ def test_round_trip_through_growth(tmp_path, tiny_data):
     ours, _ = _ours(tmp_path / "b")
     got, _, _ = R.loaded_logits(str(tmp_path / "c"), TOKENS)
     assert (got - ours).abs().max() <= 1e-5
+
+
+def _weights_checkpoint(path, layers: int) -> None:
+    """A step-0 checkpoint (weights only) of a GPT of `layers` layers of ~3.1M parameters (12 MB) each."""
+    from msg_megatron.checkpoint.dist import save_checkpoint
+    from msg_megatron.config import load_config
+    from msg_megatron.model import build_model
+
+    cfg = load_config(None, ["model.hidden_size=512", "model.ffn_hidden_size=2048", "model.num_attention_heads=8",
+                             f"model.num_layers={layers}", "model.vocab_size=512", "model.seq_length=32",
+                             "growth.stages=[]"])
+    model = build_model(cfg.model, cfg.model.shape, seed=1)
+    save_checkpoint(str(path), model, None, {"step": 0, "stage": 0, "consumed_samples": 0}, cfg.to_dict())
+
+
+def _export_peaks_mb(*jobs) -> list:
+    """msg-export-megatron of each (checkpoint, out) in fresh processes, side by side: each one's peak
+    resident memory above what it held once its modules were imported (MB; the kernel's high-water
+    mark, reset after the imports)."""
+    import subprocess
+    import sys
+
+    code = ("import re, sys, torch, megatron.core.dist_checkpointing; from msg_megatron.export_megatron import main\n"
+            "kib = lambda k: int(re.search(k + r':\\s+(\\d+)', open('/proc/self/status').read()).group(1))\n"
+            "open('/proc/self/clear_refs', 'w').write('5'); base = kib('VmRSS')\n"
+            "try:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "print('PEAK', kib('VmHWM') - base)")
+    procs = [subprocess.Popen([sys.executable, "-c", code, "--load", str(ck), "--out", str(out), "--no-optimizer"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for ck, out in jobs]
+    peaks = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, _quiet(err)
+        peaks.append(int(out.split("PEAK")[-1]) / 1024)
+    return peaks
+
+
+def test_export_holds_one_layer_at_a_time(tmp_path):
+    """Measured bound: exporting 24 layers peaks no higher than exporting 2 of the same width plus a
+    quarter of the 22 more layers' bytes (a whole-model export: +22 x 12 MB = +264 MB; seen: +14 MB)."""
+    _weights_checkpoint(tmp_path / "deep", 24)
+    _weights_checkpoint(tmp_path / "shallow", 2)
+    deep, shallow = _export_peaks_mb((tmp_path / "deep", tmp_path / "d"), (tmp_path / "shallow", tmp_path / "s"))
+    layer_mb = (512 * 1536 + 512 * 512 + 2 * 512 * 2048 + 4 * 512) * 4 / 2**20
+    assert deep - shallow <= 0.25 * 22 * layer_mb, (deep, shallow, layer_mb)

@@ -22,7 +22,8 @@ def test_args_map_to_the_model_section_and_back(style):
             mcfg.add_bias_linear) == want
     back = args_for_export(mcfg, shape, 112, 16, 1, 1, 10, 0, {}, True)
     assert model_from_args(back) == (mcfg, shape)
-    assert model_from_args(argparse.Namespace(**dict(vars(args), openai_gelu=True, swiglu=False)))[0].activation == "gelu"
+    tanh = argparse.Namespace(**dict(vars(args), openai_gelu=True, swiglu=False))  # (--openai-gelu: the tanh form)
+    assert model_from_args(tanh)[0].activation == "gelu"
 
 
 def test_what_the_model_cannot_express_is_named():

@@ -232,7 +232,8 @@ def main() -> None:
                         else (("step_000005", 2 * layers),))
                 for src, depth in runs:
                     out = os.path.join(tmp, f"grown-{name}-{depth}")
-                    g = json.loads(_torchrun(n, ["--worker", "cli", "--tool", "grow", "--", "--load", os.path.join(ck, src), "--shape",
+                    g = json.loads(_torchrun(n, ["--worker", "cli", "--tool", "grow", "--", "--load",
+                                                 os.path.join(ck, src), "--shape",
                                                  f"{h},{f},{a_},{depth}", "--save", out, "--no-verify",
                                                  "--tensor", str(tp), "--pipeline", str(pp)], env))
                     for rank, gr in enumerate(g):

@@ -214,7 +214,8 @@ class MegatronCheckpoint:
         except UnsafeCheckpoint as e:
             raise CheckpointError(f"checkpoint `{self.path}` is unsafe to load: {e}") from None
         except CHECKPOINT_FAILURES as e:
-            raise CheckpointError(f"cannot read {sorted(wanted)[:2]} from `{self.path}`: {type(e).__name__}: {e}") from e
+            raise CheckpointError(f"cannot read {sorted(wanted)[:2]} from `{self.path}`: "
+                                  f"{type(e).__name__}: {e}") from e
         return out
 
     def tensors(self, names: Iterable[str], layer: Optional[int] = None, state: str = "",
