@@ -103,6 +103,7 @@ setup(
             "msg-import-hf=msg_megatron.hf.import_hf:main",
             "msg-import-megatron=msg_megatron.import_megatron:main",
             "msg-export-megatron=msg_megatron.export_megatron:main",
+            "msg-generate=msg_megatron.generate:main",
             "msg-gridsearch=msg_megatron.gridsearch:main",
             "msg-plan=msg_megatron.plan:main",
             "msg-plot=msg_megatron.plot:main",
