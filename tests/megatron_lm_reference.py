@@ -133,17 +133,18 @@ def train_steps(ddp, opt, args, steps: int = 2, seed: int = 1) -> None:
 
 
 def save_like_megatron_lm(save: str, model, args, iteration: int, opt=None, sharding: str = "fully_reshardable",
-                          release: bool = False) -> str:
-    """What Megatron-LM's save_checkpoint writes for torch_dist (see module doc)."""
+                          release: bool = False, singleton: bool = False) -> str:
+    """What Megatron-LM's save_checkpoint writes for torch_dist (see module doc). `singleton`: its
+    `singleton_local_shards` content metadata (a key per layer, SwiGLU's halves as keys of their own)."""
     from megatron.core import dist_checkpointing
     import torch.distributed as dist
 
     name = "release" if release else f"iter_{iteration:07d}"
     path = os.path.join(save, name)
-    meta = {"distrib_optim_sharding_type": sharding, "singleton_local_shards": False,
+    meta = {"distrib_optim_sharding_type": sharding, "singleton_local_shards": singleton,
             "chained_optim_avoid_prefix": True}
     state = {"args": args, "checkpoint_version": 3.0, "iteration": iteration,
-             "num_floating_point_operations_so_far": 0, "model": model.sharded_state_dict(prefix="")}
+             "num_floating_point_operations_so_far": 0, "model": model.sharded_state_dict(prefix="", metadata=meta)}
     if opt is not None:
         with cpu_cuda():
             state["optimizer"] = opt.sharded_state_dict(state["model"], is_loading=False, metadata=meta)

@@ -17,8 +17,8 @@ LAYERS = [
     {"checkpoint"},
     {"growth"},
     {"training"},
-    {"cli", "dry_run", "dry_run_ranks", "eval", "export_megatron", "generate", "grow", "gridsearch", "hf", "import_megatron", "plan",
-     "plot", "preprocess", "pretrain"},
+    {"cli", "dry_run", "dry_run_ranks", "eval", "export_megatron", "generate", "grow", "gridsearch", "hf",
+     "import_megatron", "plan", "plot", "preprocess", "pretrain"},
 ]
 LEVEL = {part: i for i, layer in enumerate(LAYERS) for part in layer}
 

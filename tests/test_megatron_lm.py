@@ -45,20 +45,27 @@ def _ours(ckpt, tokens=TOKENS):
         return model(tokens), meta
 
 
-def _megatron_run(tmp, style, distributed=True, sharding="fully_reshardable", **over):
+def _megatron_run(tmp, style, distributed=True, sharding="fully_reshardable", singleton=False, **over):
     """megatron's GPTModel trained 2 steps, saved as Megatron-LM does; (save dir, logits, AdamW state)."""
     args = R.megatron_args(style, **over)
     model = R.build_gpt(args)
     ddp, opt = R.optimizer_for(model, args, distributed=distributed)
     R.train_steps(ddp, opt, args)
-    R.save_like_megatron_lm(str(tmp / "mlm"), model, args, 10, opt, sharding=sharding)
+    R.save_like_megatron_lm(str(tmp / "mlm"), model, args, 10, opt, sharding=sharding, singleton=singleton)
     state = R.adam_state(opt, model) if distributed else None
     return tmp / "mlm", R.logits(model, TOKENS), state
 
 
-@pytest.mark.parametrize("style,distributed", [("llama", True), ("gpt2", False)])
-def test_import_equals_megatron(tmp_path, style, distributed):
-    save, want, moments = _megatron_run(tmp_path, style, distributed)
+@pytest.mark.parametrize("style,distributed,singleton", [("llama", True, False), ("gpt2", False, False),
+                                                         ("llama", True, True)])
+def test_import_equals_megatron(tmp_path, style, distributed, singleton):
+    """(singleton: Megatron-LM's singleton_local_shards layout: per-layer keys, SwiGLU's halves apart)"""
+    save, want, moments = _megatron_run(tmp_path, style, distributed, singleton=singleton)
+    if singleton:
+        from msg_megatron.checkpoint.megatron_lm import MegatronCheckpoint
+
+        keys = MegatronCheckpoint(str(save)).index
+        assert "decoder.layers.1.mlp.linear_fc1.weight_w" in keys and "decoder.layers.mlp.linear_fc1.weight" not in keys
     r = run_cli(["msg_megatron.import_megatron", "--load", str(save), "--save", str(tmp_path / "ours"), "--json"])
     assert r.returncode == 0, _quiet(r.stderr)
     out = json.loads(r.stdout.strip().splitlines()[-1])

@@ -4,7 +4,8 @@ A Megatron-LM save directory holds `latest_checkpointed_iteration.txt` ("100" or
 `iter_0000100/` (or `release/`): megatron's dist_checkpointing files, `metadata.json` (written last)
 and `common.pt` (`args`, `iteration`, the optimizer's param groups, ...). Tensors are stored by their
 global shapes, so any TP/PP layout reads the same way; homogeneous layers are stacked on a leading
-layer axis (`decoder.layers.<name>`, [num_layers, ...]), other models have `decoder.layers.<i>.<name>`.
+layer axis (`decoder.layers.<name>`, [num_layers, ...]); with `singleton_local_shards` (and for
+non-homogeneous models) each layer has its own `decoder.layers.<i>.<name>`, SwiGLU's fc1 as `_w`/`_v` halves.
 
 `MegatronCheckpoint.layer(i)` reads layer i alone (one box of each stacked tensor, without a
 collective: torch DCP with `no_dist`, megatron's own planner), so a converter holds one layer at a
@@ -182,9 +183,17 @@ class MegatronCheckpoint:
             return stacked, True
         for alt in (LAYER_KEYS[name], _UNFUSED.get(name)):
             key = f"{prefix}decoder.layers.{layer}.{alt}" if alt else None
-            if key and key in self.index:
+            if key and self._parts(key):
                 return key, False
         return None, False
+
+    def _parts(self, key: str) -> list:
+        """The stored keys of `key`: itself, or with `singleton_local_shards` SwiGLU's fc1 as its gate
+        and up halves (`<key>_w`, `<key>_v`), which concatenate to the [gate; up] tensor; [] if absent."""
+        if key in self.index:
+            return [key]
+        halves = [key + "_w", key + "_v"]
+        return halves if all(h in self.index for h in halves) else []
 
     def _read(self, wanted: Dict[str, tuple]) -> Dict[str, torch.Tensor]:
         """{key: (stacked layer or None)} -> tensors, this process only (no collective)."""
@@ -236,9 +245,10 @@ class MegatronCheckpoint:
                 if key is None:
                     key, stacked = self._where(name, layer)
             if key is not None:
-                where[name] = (key, layer if stacked else None)
-        raw = self._read(dict(where.values()))
-        return {name: raw[key].float() for name, (key, _) in where.items()}
+                where[name] = (self._parts(key), layer if stacked else None)
+        raw = self._read({part: at for parts, at in where.values() for part in parts})
+        return {name: torch.cat([raw[k] for k in parts]).float() if len(parts) > 1 else raw[parts[0]].float()
+                for name, (parts, _) in where.items()}
 
     def model_names(self, layer: bool) -> list:
         """Our tensor names this checkpoint has: a layer's (relative) or the outer ones."""
