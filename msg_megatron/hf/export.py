@@ -152,7 +152,8 @@ def export(load: str, out: str, dtype: str = "fp32", max_shard_size: int = 5 << 
             writer.add(cast(to_hf(arch, layer, d, layer=i)))
         files = writer.finish()
         tok = find_tokenizer(reader.path)
-        ids = special_ids(tok) if tok else {"bos": 1, "eos": 2, "pad": 0}
+        family = mcfg.family
+        ids = special_ids(tok, family) if tok else {"bos": 1, "eos": 2, "pad": 0}
         config = hf_config(arch, mcfg, shape, padded_vocab_size(mcfg), dtype_name, ids["bos"], ids["eos"], ids["pad"])
         # how to get back (msg-import-hf reads it: the exact model config, the vocabulary before padding)
         config["msg_megatron"] = {"model": reader.meta["config"]["model"], "shape": list(shape.as_tuple()),
@@ -163,7 +164,7 @@ def export(load: str, out: str, dtype: str = "fp32", max_shard_size: int = 5 << 
             with open(os.path.join(tmp, "generation_config.json"), "w") as f:
                 json.dump({"bos_token_id": ids["bos"], "eos_token_id": ids["eos"]}, f, indent=1)
         if tok:
-            write_tokenizer(tok, tmp, mcfg.seq_length)
+            write_tokenizer(tok, tmp, mcfg.seq_length, family)
         else:
             log(f"msg-export-hf: warning: `{reader.path}` holds no tokenizer (tokenizer.model or tokenizer.json); "
                 "the export has none")

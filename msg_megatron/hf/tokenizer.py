@@ -53,21 +53,29 @@ def tokenizer_json(model_path: str) -> dict:
     }
 
 
-def special_ids(path: str) -> dict:
-    """{"bos", "eos", "pad"} ids of the tokenizer file (None where it has none)."""
+# A GPT export states the tokens training used. Documents were separated by the end-of-document token
+# only (data/tokenize_files.py appends EOD to each, never a BOS), so a document starts after EOD: the
+# export's BOS is EOD (as GPT-2's <|endoftext|>), not the tokenizer's own <s>, which the model never
+# saw, and which lm-evaluation-harness would put before every document it scores (its prefix token is
+# the BOS when there is one). Its pad token is the tokenizer's own if it has one, else EOD (padding is
+# masked out; transformers' batching and lm-eval need one). A BERT keeps its tokens as trained.
+def special_ids(path: str, family: str = "gpt") -> dict:
+    """{"bos", "eos", "pad"} ids the export states (see above; None where it has none)."""
     tok = load_tokenizer(path)
-    return {"bos": tok.bos, "eos": tok.eod, "pad": tok.pad}
+    if family == "bert":
+        return {"bos": tok.bos, "eos": tok.eod, "pad": tok.pad}
+    return {"bos": tok.eod, "eos": tok.eod, "pad": tok.eod if tok.pad is None else tok.pad}
 
 
-def write_tokenizer(path: str, out_dir: str, model_max_length: int) -> None:
+def write_tokenizer(path: str, out_dir: str, model_max_length: int, family: str = "gpt") -> None:
     """The files AutoTokenizer loads, for our sentencepiece model or a Hugging Face tokenizer.json."""
     if path.endswith(".json"):
-        write_hf_tokenizer(path, out_dir, model_max_length)
+        write_hf_tokenizer(path, out_dir, model_max_length, family)
     else:
         write_sentencepiece_tokenizer(path, out_dir, model_max_length)
 
 
-def write_hf_tokenizer(path: str, out_dir: str, model_max_length: int) -> None:
+def write_hf_tokenizer(path: str, out_dir: str, model_max_length: int, family: str = "gpt") -> None:
     """tokenizer.json as trained, with a tokenizer_config.json naming its special tokens (the one
     beside it, if any, kept: chat template and the like) and special_tokens_map.json."""
     tok = load_tokenizer(path)
@@ -76,9 +84,10 @@ def write_hf_tokenizer(path: str, out_dir: str, model_max_length: int) -> None:
     if os.path.isfile(tok.config_path):
         with open(tok.config_path, encoding="utf-8") as f:
             config = json.load(f)
-    special = {k: tok.token_name(v) for k, v in (("bos_token", tok.bos), ("eos_token", tok.eod), ("pad_token", tok.pad),
-                                                 ("cls_token", tok.cls), ("sep_token", tok.sep),
-                                                 ("mask_token", tok.mask)) if v is not None}
+    ids = special_ids(path, family)
+    special = {k: tok.token_name(v) for k, v in (("bos_token", ids["bos"]), ("eos_token", tok.eod),
+                                                 ("pad_token", ids["pad"]), ("cls_token", tok.cls),
+                                                 ("sep_token", tok.sep), ("mask_token", tok.mask)) if v is not None}
     config.update(special, model_max_length=model_max_length)
     config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
     config.setdefault("clean_up_tokenization_spaces", False)
@@ -94,8 +103,8 @@ def write_sentencepiece_tokenizer(model_path: str, out_dir: str, model_max_lengt
     with open(os.path.join(out_dir, "tokenizer.json"), "w", encoding="utf-8") as f:
         json.dump(tokenizer_json(model_path), f, ensure_ascii=False)
     shutil.copyfile(model_path, os.path.join(out_dir, "tokenizer.model"))
-    special = {"bos_token": sp.id_to_piece(sp.bos_id()), "eos_token": sp.id_to_piece(sp.eos_id()),
-               "unk_token": sp.id_to_piece(sp.unk_id())}
+    eod = sp.id_to_piece(sp.eos_id())  # (BOS and pad: EOD, see special_ids)
+    special = {"bos_token": eod, "eos_token": eod, "unk_token": sp.id_to_piece(sp.unk_id()), "pad_token": eod}
     config = dict(special, tokenizer_class="PreTrainedTokenizerFast", model_max_length=model_max_length,
                   add_bos_token=False, add_eos_token=False, clean_up_tokenization_spaces=False,
                   # the text "</s>" is ordinary text to sentencepiece: keep it so in transformers

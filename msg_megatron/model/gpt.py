@@ -30,6 +30,7 @@ from ..config.checks import check_bert
 from ..ops import fused
 from ..parallel.setup import device, sequence_parallel
 from . import recompute
+from . import scores as scores_mod
 from .attention import rope_cos_sin
 from .bert_heads import MLMHead, SentenceOrderHead
 from .masks import Mask
@@ -224,7 +225,8 @@ class MaskedGPT(MegatronModule):
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor = None, chunk: Optional[int] = None,
                 input_tensor: Optional[torch.Tensor] = None, types: Optional[torch.Tensor] = None,
-                padding_mask: Optional[torch.Tensor] = None, sentence_order: Optional[torch.Tensor] = None):
+                padding_mask: Optional[torch.Tensor] = None, sentence_order: Optional[torch.Tensor] = None,
+                scores: bool = False, logits_at: Optional[torch.Tensor] = None):
         """tokens [b, s] -> logits [b, s, vocab_padded], or per-token losses [b, s] given labels; on a
         stage other than the last, the hidden states [s, b, h] for the next stage. `chunk`: run only
         that virtual pipeline stage of this rank (ModelChunk), on `input_tensor` unless it is the
@@ -232,7 +234,9 @@ class MaskedGPT(MegatronModule):
         token (default 0), `padding_mask` [b, s] 1 on real tokens, 0 on padding (default all 1),
         which attention does not attend to. With model.binary_head also the sentence-order logits
         [b, 2] (a pair: (logits, order logits)), or given labels and `sentence_order` [b] (1: segments
-        swapped) the pair (per-token losses, per-sample order losses [b])."""
+        swapped) the pair (per-token losses, per-sample order losses [b]).
+        Evaluation (model/scores.py; GPT): `scores=True` with labels, [b, s, 2] (log p(label), label is
+        the argmax); `logits_at` [b] positions, the full-vocabulary logits there [b, vocab_padded]."""
         if chunk is None and self.chunks > 1:
             raise RuntimeError("an interleaved pipeline stage runs one chunk at a time (its layers are not "
                                "consecutive): go through run_microbatches / chunk_views()")
@@ -286,6 +290,10 @@ class MaskedGPT(MegatronModule):
         x = self.lm_head(x, hmask) if self.bert else self.final_norm(x, hmask)
         weight = self.embedding.weight if (self.mcfg.tie_embeddings and self.pre_process) else None
         logits, _ = self.output_layer(x, weight=weight)  # [s, b, v / TP] (under SP it gathers the sequence)
+        if logits_at is not None:
+            return scores_mod.logits_at(logits, logits_at)
+        if scores:
+            return scores_mod.token_scores(logits, labels.transpose(0, 1)).transpose(0, 1)
         if labels is None:  # full-vocabulary logits on every TP rank
             logits = gather_from_tensor_model_parallel_region(logits).transpose(0, 1)
             return logits if order is None else (logits, order)
@@ -358,10 +366,8 @@ class ModelChunk(nn.Module):
     def set_input_tensor(self, input_tensor) -> None:
         self.input_tensor = _one_tensor(input_tensor)
 
-    def forward(self, tokens: torch.Tensor, labels: torch.Tensor = None, types: Optional[torch.Tensor] = None,
-                padding_mask: Optional[torch.Tensor] = None, sentence_order: Optional[torch.Tensor] = None):
-        return self._gpt(tokens, labels, chunk=self.index, input_tensor=self.input_tensor, types=types,
-                         padding_mask=padding_mask, sentence_order=sentence_order)
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor = None, **kwargs):
+        return self._gpt(tokens, labels, chunk=self.index, input_tensor=self.input_tensor, **kwargs)
 
 
 def _one_tensor(input_tensor):
