@@ -61,6 +61,9 @@ def _extensions():
 
 EXTENSIONS, BUILD_EXT = _extensions()
 HF = ["transformers==5.23.0", "safetensors>=0.4", "tokenizers>=0.20"]
+# lm-evaluation-harness; [hf] brings accelerate, which its package import needs; this release leaves
+# the installed torch alone
+EVAL = ["lm-eval[hf]==0.4.13"] + HF
 
 VERSION = re.search(r'__version__ = "([^"]+)"', Path("msg_megatron/__init__.py").read_text()).group(1)
 
@@ -89,8 +92,11 @@ setup(
         # Hugging Face export/import; this transformers release installs without touching torch
         "hf": HF,
         "plot": ["matplotlib>=3.7"],  # msg-plot
-        "test": ["pytest>=7", "pytest-timeout>=2", "hypothesis>=6", "matplotlib>=3.7"] + HF,
+        "eval": EVAL,  # msg-eval --tasks, train.eval_tasks
+        "test": ["pytest>=7", "pytest-timeout>=2", "hypothesis>=6", "matplotlib>=3.7"] + HF + EVAL,
     },
+    # the offline lm-eval tasks (YAML, JSONL, their loader): data files of the package
+    package_data={"msg_megatron": ["tasks/*.yaml", "tasks/*.jsonl", "tasks/*.py"]},
     ext_modules=EXTENSIONS,
     cmdclass={"build_ext": BUILD_EXT},
     entry_points={

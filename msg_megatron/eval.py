@@ -31,7 +31,7 @@ from .model import build_model
 from .parallel import initialize_parallel, is_logging_rank
 from .parallel.agree import differs_from_rank0
 from .training.evaluate import validation_loss
-from .training.harness import lm_eval_problem, run_tasks
+from .training.harness import run_tasks, task_manager
 from .training.scoring import Scorer
 
 
@@ -76,15 +76,20 @@ def check_layout(cfg, shape: Shape, tp: int, pp: int, world: int, tp_flag: str, 
 
 def text_loss(model, tokenizer, text: str, seq_length: int, vocab_size: int) -> dict:
     """The text as one document after a document boundary (EOD first, as training saw documents start),
-    every token scored once in windows of seq_length: lm-evaluation-harness's rolling windows, so
+    every token scored once in windows of seq_length, the last one after as much context as fits:
+    lm-evaluation-harness's disjoint rolling windows, so
     `bits_per_byte` equals its loglikelihood_rolling metric on the same text. {"loss": mean token loss
     (nats), "tokens", "bytes", "bits_per_byte"}."""
     ids = tokenizer.encode(text)
     if not ids:
         raise ValueError("the text encodes to no tokens; nothing to score")
-    windows = [([tokenizer.eod] + ids)[start:start + seq_length + 1] for start in range(0, len(ids), seq_length)]
+    seq, pairs = [tokenizer.eod] + ids, []
+    for start in range(0, len(ids), seq_length):  # tokens start.. of seq[1:], after as much context as fits
+        k = min(seq_length, len(ids) - start)
+        window = seq[max(0, start + k - seq_length):start + k + 1]
+        pairs.append((window[:-k], window[-k:]))
     scorer = Scorer(model, seq_length, vocab_size, tokenizer.eod, batch_size=8)
-    logprob = sum(lp for lp, _ in scorer.loglikelihood([(w[:1], w[1:]) for w in windows]))
+    logprob = sum(lp for lp, _ in scorer.loglikelihood(pairs))
     n_bytes = len(text.encode("utf-8"))
     return {"loss": -logprob / len(ids), "tokens": len(ids), "bytes": n_bytes,
             "bits_per_byte": -logprob / (n_bytes * math.log(2))}
@@ -107,21 +112,21 @@ def _main(argv) -> int:
                     "(default: the checkpoint's)")
     ap.add_argument("--iters", type=int, default=None, help="validation batches (default: train.eval_iters)")
     ap.add_argument("--no-verify", action="store_true", help="skip the CRC-32 check of the checkpoint's files")
+    ap.add_argument("--output", help="with --tasks: also write the scores and every request's responses (lm-eval's "
+                    "samples) to this JSON file")
     ap.add_argument("--json", action="store_true", help="print one JSON line")
     args = ap.parse_args(argv)
     if args.iters is not None and args.iters < 1:
         raise ValueError(f"--iters {args.iters}: give at least 1 validation batch (default: train.eval_iters)")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size {args.batch_size}: give at least 1")
-    if not args.tasks and (args.include_path or args.limit is not None or args.num_fewshot is not None):
-        raise ValueError("--include-path, --limit and --num-fewshot go with --tasks")
+    if not args.tasks and (args.include_path or args.limit is not None or args.num_fewshot is not None
+                           or args.output):
+        raise ValueError("--include-path, --limit, --num-fewshot and --output go with --tasks")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else []
     if args.tasks is not None and not tasks:
         raise ValueError("--tasks is empty; name lm-eval tasks, e.g. --tasks msg_offline")
-    if tasks:  # before the model loads: what cannot run is said first
-        problem = lm_eval_problem()
-        if problem:
-            raise ValueError(f"--tasks needs lm-evaluation-harness: {problem}")
+    manager = task_manager(tasks, args.include_path) if tasks else None  # (before the model loads)
     if args.text and not os.path.exists(args.text):
         raise FileNotFoundError(f"--text file `{args.text}` does not exist")
     if tasks or args.text:
@@ -144,8 +149,13 @@ def _main(argv) -> int:
     if tasks:
         results = run_tasks(model, tok, tasks, seq_length=cfg.model.seq_length, vocab_size=tok.vocab_size,
                             batch_size=args.batch_size, include_path=args.include_path, limit=args.limit,
-                            num_fewshot=args.num_fewshot, seed=cfg.train.seed)
+                            num_fewshot=args.num_fewshot, seed=cfg.train.seed, log_samples=bool(args.output),
+                            manager=manager)
         out["tasks"] = results["scores"]
+        if args.output and is_logging_rank():
+            with open(args.output + ".tmp", "w", encoding="utf-8") as f:
+                json.dump(dict(out, samples=results["samples"]), f, default=str)
+            os.replace(args.output + ".tmp", args.output)
         key = None
     elif args.text:
         with open(args.text, encoding="utf-8", errors="replace") as f:

@@ -125,19 +125,15 @@ def _adapter_class():
     return MSGLM
 
 
-def run_tasks(model, tokenizer, tasks: Sequence[str], *, seq_length: int, vocab_size: int, batch_size: int = 8,
-              include_path: Optional[str] = None, limit: Optional[float] = None,
-              num_fewshot: Optional[int] = None, seed: int = 1234, log_samples: bool = False) -> dict:
-    """{"scores": {task: {metric: value}}, "samples": lm-eval's per-document records or None} of `tasks` on
-    `model`, on every rank (called on every rank alike; the model in eval mode for the call). The
-    shipped tasks (msg_megatron/tasks) are always on the include path. `log_samples`: also each
-    request's responses ("samples", as lm-eval's results["samples"])."""
+def task_manager(tasks: Sequence[str], include_path: Optional[str] = None):
+    """lm-eval's TaskManager that knows `tasks` (the shipped ones, `include_path`'s, lm-eval's own), or
+    EvalError naming what is missing: lm-eval itself, the folder, or a task. No model needed: callers
+    check before they load one."""
     problem = lm_eval_problem()
     if problem:
         raise EvalError(problem)
     import logging
 
-    import lm_eval
     from lm_eval.tasks import TaskManager
 
     paths = [TASKS_DIR] + ([include_path] if include_path else [])
@@ -154,6 +150,21 @@ def run_tasks(model, tokenizer, tasks: Sequence[str], *, seq_length: int, vocab_
         mine = sorted(n for n in manager.all_tasks if n.startswith("msg_"))
         raise EvalError(f"unknown task(s) {', '.join(unknown)}: neither lm-eval's nor on the include path; the "
                         f"shipped offline tasks are {', '.join(mine)} (`lm-eval ls tasks` lists lm-eval's own)")
+    return manager
+
+
+def run_tasks(model, tokenizer, tasks: Sequence[str], *, seq_length: int, vocab_size: int, batch_size: int = 8,
+              include_path: Optional[str] = None, limit: Optional[float] = None,
+              num_fewshot: Optional[int] = None, seed: int = 1234, log_samples: bool = False,
+              manager=None) -> dict:
+    """{"scores": {task: {metric: value}}, "samples": lm-eval's per-document records or None} of `tasks` on
+    `model`, on every rank (called on every rank alike; the model in eval mode for the call). The
+    shipped tasks (msg_megatron/tasks) are always on the include path. `log_samples`: also each
+    request's responses ("samples", as lm-eval's results["samples"]). `manager`: task_manager's, when the
+    caller checked the task names already."""
+    manager = manager or task_manager(tasks, include_path)
+    import lm_eval
+
     gpt = getattr(model, "module", model)
     was_training = gpt.training
     gpt.eval()
