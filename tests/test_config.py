@@ -51,6 +51,11 @@ def test_presets_validate(preset):
     (["parallel.tensor=3", "model.num_attention_heads=3", "model.ffn_hidden_size=96", "model.kv_channels=16"],
      ["padded vocabulary", "make_vocab_size_divisible_by"]),
     (["train.steps"], ["section.field=value"]),
+    (["train.eval_tasks=[msg_zen]", "model.family=bert", "model.position_embedding=learned"],
+     ["train.eval_tasks", "model.family=bert", "masked-LM"]),
+    (["train.eval_tasks=[msg_zen]", "data.corpus=synthetic"], ["train.eval_tasks", "synthetic", "tokenizer"]),
+    (["train.eval_tasks=['']"], ["train.eval_tasks", "task names"]),
+    (["train.eval_tasks_interval=-1"], ["train.eval_tasks_interval"]),
 ])
 def test_bad_configs_fail_clearly(overrides, words):
     with pytest.raises(ConfigError) as e:

@@ -190,3 +190,24 @@ def test_refusals_are_one_line_before_any_model(tmp_path, monkeypatch):
     r = run_cli(["msg_megatron.eval", "--load", str(tmp_path / "missing"), "--tasks", "msg_zen"])
     assert r.returncode == 2 and "lm-evaluation-harness is not installed" in r.stderr and "[eval]" in r.stderr, \
         r.stderr[-800:]
+
+
+@pytest.mark.slow
+def test_tasks_during_training_equal_msg_eval(tmp_path):
+    """train.eval_tasks runs at the end of the growth ramp (step 4 + ramp 3 = 7) and at the end (8),
+    scores in metrics.jsonl as tasks/<task>/<metric>; the final ones equal msg-eval --tasks on the
+    final checkpoint (accuracy identical, bits per byte within 1e-6 relative)."""
+    run = trained((1, 1), LLAMA + ["model.seq_length=64", "train.eval_tasks=[msg_zen,msg_code_bpb]",
+                                   "train.eval_tasks_limit=6"], [[32, 64, 2, 2], [32, 128, 4, 2]], save_at=8)
+    with open(run / "run" / "metrics.jsonl") as f:
+        recs = [json.loads(line) for line in f]
+    scored = {r["step"]: r for r in recs if "tasks/msg_zen/acc" in r}
+    assert sorted(scored) == [7, 8], sorted(scored)
+    assert "[tasks] step 7" in (run / "stdout.txt").read_text()
+    r = run_cli(["msg_megatron.eval", "--load", str(run / "ck"), "--tasks", "msg_zen,msg_code_bpb", "--limit", "6",
+                 "--batch-size", "2", "--json"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])["tasks"]
+    assert scored[8]["tasks/msg_zen/acc"] == got["msg_zen"]["acc"]
+    want = got["msg_code_bpb"]["bits_per_byte"]
+    assert abs(scored[8]["tasks/msg_code_bpb/bits_per_byte"] - want) <= 1e-6 * want

@@ -57,6 +57,8 @@ RANGES = [
     ("train.seed", 0, True, None, "the seed"),
     ("train.eval_interval", 0, True, None, "steps between evaluations (0: only at the end)"),
     ("train.eval_iters", 0, True, None, "validation batches per evaluation"),
+    ("train.eval_tasks_interval", 0, True, None, "steps between task evaluations (0: ramp ends and the end)"),
+    ("train.eval_tasks_limit", 0, True, None, "documents per task (0: all; < 1: a share)"),
     ("train.save_interval", 0, True, None, "steps between saves (0: only at the end)"),
     ("train.threads", 0, True, None, "torch's CPU threads (0: torch's default)"),
     ("train.recompute_num_layers", 0, True, None, "layers per stage recomputed under recompute=full (0: all)"),
@@ -141,6 +143,15 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.kv_channels={m.head_dim} must be even for rope; set an even head dim.")
     for name in ("steps", "global_batch_size", "micro_batch_size", "log_interval"):
         _positive(getattr(t, name), f"train.{name}")
+    if t.eval_tasks and m.family == "bert":
+        raise ConfigError(f"train.eval_tasks={t.eval_tasks} with model.family=bert: lm-eval's tasks score "
+                          "left-to-right next-token prediction, which a masked-LM encoder does not do; remove train.eval_tasks (its "
+                          "masked-LM validation loss is reported)")
+    if t.eval_tasks and cfg.data.corpus == "synthetic":
+        raise ConfigError("train.eval_tasks needs a tokenizer to turn the tasks' text into tokens; data.corpus="
+                          "synthetic has none: use the embedded corpus or data.paths, or remove train.eval_tasks")
+    if any(not isinstance(x, str) or not x.strip() for x in t.eval_tasks):
+        raise ConfigError(f"train.eval_tasks={t.eval_tasks}: give task names, e.g. [msg_offline]")
     if t.global_batch_size % t.micro_batch_size:
         raise ConfigError(
             f"train.global_batch_size={t.global_batch_size} is not a multiple of train.micro_batch_size="

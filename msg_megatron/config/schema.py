@@ -242,6 +242,15 @@ class TrainConfig:
     """Evaluate every N steps (0: only at the end)."""
     eval_iters: int = 4
     """Validation batches per evaluation."""
+    eval_tasks: List[str] = field(default_factory=list)
+    """lm-evaluation-harness tasks run on the model where it is (its layout, masks as they are) at
+    train.eval_tasks_interval, at the end of each growth ramp and at the end (e.g. [msg_offline]: the
+    shipped offline tasks; needs the `eval` extra). Scores go to metrics.jsonl and wandb as
+    `tasks/<task>/<metric>`. GPT only."""
+    eval_tasks_interval: int = 0
+    """Run train.eval_tasks every N steps (0: only at ramp ends and at the end)."""
+    eval_tasks_limit: float = 0
+    """Documents per task for train.eval_tasks (0: all; < 1: that share)."""
     save_interval: int = 0
     """Save a checkpoint every N steps (0: only at the end)."""
     threads: int = 0

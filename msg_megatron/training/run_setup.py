@@ -19,6 +19,7 @@ from ..data.sources import open_data
 from ..model.hf_arch import export_warnings
 from ..ops import fused
 from ..parallel import initialize_parallel, is_logging_rank, placement
+from .harness import EvalError, task_manager
 from .host_memory import check_host_memory
 from .metrics import MetricsLogger
 from .schedule import LRSchedule, lr_schedule
@@ -41,6 +42,7 @@ class RunParts:
     no_validation: Optional[str]  # why no validation loss will be reported
     schedule: list  # [(step, Shape)] of growth.stages
     lr_schedule: LRSchedule
+    task_manager: object = None  # lm-eval's, knowing train.eval_tasks (None without them)
 
 
 def build_run(cfg: Config, log_enabled: bool = True) -> RunParts:
@@ -66,6 +68,12 @@ def build_run(cfg: Config, log_enabled: bool = True) -> RunParts:
     # one run per save directory, and a target that takes files, checked before any compute
     lock = hold_save_dir(cfg.checkpoint.save, "msg-pretrain") if cfg.checkpoint.save else None
     check_batch_split(cfg, layout, dp)
+    manager = None
+    if t.eval_tasks:  # lm-eval installed and the task names known, before any data or compute
+        try:
+            manager = task_manager(t.eval_tasks)
+        except EvalError as e:
+            raise ConfigError(f"train.eval_tasks: {e}") from None
     metrics = MetricsLogger(cfg.logging.run_dir, cfg.logging.wandb, cfg.logging.project, cfg.logging.name,
                             cfg.to_dict(), enabled=log_enabled and is_logging_rank())
     if where:
@@ -83,7 +91,7 @@ def build_run(cfg: Config, log_enabled: bool = True) -> RunParts:
         metrics.print(f"[eval] no validation loss will be reported: {no_validation}")
     schedule = cfg.schedule()
     return RunParts(autocast, fusion, layout, dp_rank, dp, torch.distributed.get_world_size(), lock, metrics,
-                    data.tokenizer_path, train_data, valid_data, no_validation, schedule, lr_schedule(cfg))
+                    data.tokenizer_path, train_data, valid_data, no_validation, schedule, lr_schedule(cfg), manager)
 
 
 def take_resume_layout(cfg: Config) -> str:

@@ -19,12 +19,14 @@ import torch
 
 from ..checkpoint.dist import save_checkpoint
 from ..config import Config, ConfigError
+from ..data.tokenizer import load_tokenizer
 from ..growth.apply import grow
 from ..model import count_parameters, update_masks
 from ..model.recompute import configure_recompute
 from ..parallel import device
 from .evaluate import validation_loss
 from .flops import device_peak_tflops, flops_per_token
+from .harness import run_tasks
 from .microbatches import run_microbatches
 from .run_setup import build_run
 from .starts import start_run
@@ -78,6 +80,7 @@ class Trainer:
         self._signal, self._agreed_signal = None, False
         self.metrics.print(self.optimizer.describe() + f", fusion {self.fusion}")
         self._probe = self._probe_batch()
+        self._tokenizer = None  # (train.eval_tasks: loaded at their first run)
         self.peak_tflops = device_peak_tflops()
 
     # ---- growth --------------------------------------------------------------------------
@@ -289,6 +292,8 @@ class Trainer:
             self.step += 1
             if t.eval_interval and self.step % t.eval_interval == 0 and self.step < t.steps:
                 last_eval = self._log_eval()
+            if t.eval_tasks and self.step < t.steps and self._tasks_due(t, g):
+                self._log_tasks()
             if t.save_interval and self.step % t.save_interval == 0 and self.step < t.steps:
                 self.save()
             if self.step < t.steps and self._preempt_requested():
@@ -300,6 +305,8 @@ class Trainer:
                 self.metrics.close()
                 return {"step": self.step, "preempted": True, "shape": list(self.model.shape.as_tuple())}
         last_eval = self._log_eval()
+        if t.eval_tasks:
+            self._log_tasks()
         if self._last_saved != self.step:
             self.save()
         self.metrics.close()
@@ -323,6 +330,29 @@ class Trainer:
         return {"step": self.step, "relayout": {"stage": stage, "shape": list(shape.as_tuple()), "tensor": tp,
                                                  "pipeline": pp, "checkpoint": path},
                 "shape": list(self.model.shape.as_tuple())}
+
+    def _tasks_due(self, t, g) -> bool:
+        """train.eval_tasks at its interval, and where a growth ramp has just ended (the grown model at
+        full strength, the masks all 1)."""
+        if t.eval_tasks_interval and self.step % t.eval_tasks_interval == 0:
+            return True
+        return any(step > 0 and step + g.ramp_steps == self.step for step, _ in self.schedule[1:self.stage + 1])
+
+    def _log_tasks(self) -> dict:
+        """train.eval_tasks on the model as it is (every rank; DP replicas split the requests)."""
+        t = self.cfg.train
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.tokenizer_path)
+        start = time.perf_counter()
+        res = run_tasks(self.model, self._tokenizer, t.eval_tasks, seq_length=self.cfg.model.seq_length,
+                        vocab_size=self._tokenizer.vocab_size, batch_size=t.micro_batch_size,
+                        limit=t.eval_tasks_limit or None, seed=t.seed, manager=self.task_manager)
+        flat = {f"tasks/{task}/{k}": v for task, row in res["scores"].items() for k, v in row.items()
+                if k != "sample_len"}
+        self.metrics.log({"step": self.step, "stage": self.stage, "train_time": self.train_time,
+                          "train_flops": self.train_flops, "eval_tasks_s": time.perf_counter() - start, **flat})
+        self.metrics.print(f"[tasks] step {self.step} | " + " | ".join(f"{k[6:]} {v:.4g}" for k, v in flat.items()))
+        return flat
 
     def _log_eval(self) -> Optional[float]:
         val = self.evaluate()
