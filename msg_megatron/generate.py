@@ -1,6 +1,11 @@
 """msg-generate --load CKPT (--prompt TEXT | --prompt-file F) [--max-new-tokens N] [--temperature T]
-[--top-p P] [--seed S] [--json]: text from a checkpoint, through the model as trained (masks as saved:
-a checkpoint inside a growth ramp generates as the ramping model computes).
+[--top-p P] [--seed S] [--tensor T --pipeline P] [--json]: text from a checkpoint, through the model as
+trained (masks as saved: a checkpoint inside a growth ramp generates as the ramping model computes).
+
+One process, or under torchrun with the model split over --tensor x --pipeline ranks (default: the
+checkpoint's layout; msg-eval's loading): each rank holds its shard, the next token's logits are
+gathered over TP for that one position only, sent from the last pipeline stage, and every rank draws
+the same token (the same seeded generator); rank 0 prints.
 
 Greedy by default (the highest logit, ties to the lowest id, as transformers' `generate()`); with
 --temperature > 0, sampling from softmax(logits / T) restricted to the smallest set of tokens whose
@@ -19,24 +24,26 @@ import argparse
 import json
 import os
 import sys
-from typing import List, Optional
+from typing import List
 
 import torch
 
+from .checkpoint.dist import read_meta
 from .cli import run_cli
 from .data.tokenizer import find_tokenizer, load_tokenizer
 from .eval import load_model_from_checkpoint
+from .parallel import is_logging_rank
+from .training.scoring import Scorer
 
 
 @torch.no_grad()
-def generate(model, ids: List[int], max_new_tokens: int, vocab_size: int, seq_length: int, eod: Optional[int] = None,
-             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> List[int]:
-    """The new token ids after `ids` (see module doc)."""
+def generate(scorer: Scorer, ids: List[int], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+             seed: int = 0) -> List[int]:
+    """The new token ids after `ids` (see module doc), from training/scoring.py's Scorer (any layout)."""
     gen = torch.Generator().manual_seed(seed)
     out = list(ids)
     for _ in range(max_new_tokens):
-        context = torch.tensor(out[-seq_length:])[None]
-        logits = model(context)[0, -1, :vocab_size].float()
+        logits = scorer.last_logits([out[-scorer.seq_length:]])[0, :scorer.vocab_size].float()
         if temperature <= 0:
             nxt = int(torch.argmax(logits))
         else:
@@ -47,7 +54,7 @@ def generate(model, ids: List[int], max_new_tokens: int, vocab_size: int, seq_le
                 probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
             nxt = int(torch.multinomial(probs / probs.sum(), 1, generator=gen))
         out.append(nxt)
-        if eod is not None and nxt == eod:
+        if nxt == scorer.eod:
             break
     return out[len(ids):]
 
@@ -63,6 +70,10 @@ def _main(argv) -> int:
     ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sampling")
     ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1] (with --temperature)")
     ap.add_argument("--seed", type=int, default=0, help="the sampling generator's seed")
+    ap.add_argument("--tensor", type=int, default=None, help="tensor-parallel degree under torchrun "
+                    "(default: the checkpoint's)")
+    ap.add_argument("--pipeline", type=int, default=None, help="pipeline degree under torchrun "
+                    "(default: the checkpoint's)")
     ap.add_argument("--no-verify", action="store_true", help="skip the CRC-32 check of the checkpoint's files")
     ap.add_argument("--json", action="store_true", help="one JSON line: the prompt's and the new token ids, the text")
     a = ap.parse_args(argv)
@@ -72,10 +83,11 @@ def _main(argv) -> int:
         raise ValueError(f"--temperature {a.temperature} must be >= 0 and --top-p {a.top_p} in (0, 1]")
     if a.prompt_file and not os.path.exists(a.prompt_file):
         raise FileNotFoundError(f"--prompt-file `{a.prompt_file}` does not exist")
-    model, cfg, meta = load_model_from_checkpoint(a.load, verify=not a.no_verify)
-    if cfg.model.family == "bert":
+    meta = read_meta(a.load)
+    if meta["config"]["model"].get("family") == "bert":
         raise ValueError(f"`{meta['path']}` is a BERT (model.family=bert), a masked-LM encoder: it does not generate "
                          "text left to right")
+    model, cfg, meta = load_model_from_checkpoint(a.load, not a.no_verify, a.tensor, a.pipeline)
     found = find_tokenizer(meta["path"])
     if found is None:
         raise ValueError(f"`{meta['path']}` holds no tokenizer (tokenizer.model or tokenizer.json): msg-generate needs "
@@ -90,9 +102,11 @@ def _main(argv) -> int:
     if not ids:
         raise ValueError("the prompt encodes to no tokens; give some text")
     model.eval()
-    new = generate(model, ids, a.max_new_tokens, cfg.model.vocab_size, cfg.model.seq_length, tok.eod,
-                   a.temperature, a.top_p, a.seed)
+    scorer = Scorer(model, cfg.model.seq_length, min(cfg.model.vocab_size, tok.vocab_size), tok.eod, batch_size=1)
+    new = generate(scorer, ids, a.max_new_tokens, a.temperature, a.top_p, a.seed)
     completion = tok.decode([t for t in new if t != tok.eod])
+    if not is_logging_rank():
+        return 0
     if a.json:
         print(json.dumps({"checkpoint": meta["path"], "step": meta["state"]["step"], "prompt_ids": ids,
                           "new_ids": new, "text": completion}))

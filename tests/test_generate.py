@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import launch, run_cli
 from train_runs import LLAMA, trained
 
 pytestmark = pytest.mark.slow
@@ -13,15 +13,17 @@ pytestmark = pytest.mark.slow
 transformers = pytest.importorskip("transformers")
 
 
-def _generate(ck, *more):
-    r = run_cli(["msg_megatron.generate", "--load", str(ck), "--prompt", "def main(args):\n    ", "--json", *more])
+def _generate(ck, *more, world=1):
+    argv = ["msg_megatron.generate", "--load", str(ck), "--prompt", "def main(args):\n    ", "--json", *more]
+    r = run_cli(argv) if world == 1 else launch(world, argv)
     assert r.returncode == 0, r.stderr[-2000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def test_greedy_equals_transformers_generate(tmp_path, tiny_data):
     """The TP2 run test_parallel_resume trains (heads and FFN grown, past the ramp), loaded in one
-    process: 24 greedy tokens equal those of transformers' LlamaForCausalLM on its export."""
+    process: 24 greedy tokens equal those of transformers' LlamaForCausalLM on its export; at TP2 and
+    PP2 (two ranks) the same greedy and sampled tokens as one process."""
     run = trained((2, 1), LLAMA + ["train.eval_iters=2"], [[32, 64, 2, 2], [32, 128, 4, 2]], save_at=8)
     ours = _generate(run / "ck", "--max-new-tokens", "24")
     r = run_cli(["msg_megatron.hf.export", "--load", str(run / "ck"), "--out", str(tmp_path / "hf")])
@@ -38,6 +40,10 @@ def test_greedy_equals_transformers_generate(tmp_path, tiny_data):
     a, b = (_generate(run / "ck", "--temperature", "1.0", "--top-p", "0.9", "--seed", s) for s in ("3", "3"))
     c = _generate(run / "ck", "--temperature", "1.0", "--top-p", "0.9", "--seed", "4")
     assert a["new_ids"] == b["new_ids"] != c["new_ids"]
+    # split over two ranks (TP2: each holds its shard; PP2): the same tokens, greedy and sampled
+    assert _generate(run / "ck", "--max-new-tokens", "24", "--tensor", "2", world=2)["new_ids"] == ours["new_ids"]
+    assert _generate(run / "ck", "--temperature", "1.0", "--top-p", "0.9", "--seed", "3", "--tensor", "1",
+                     "--pipeline", "2", world=2)["new_ids"] == a["new_ids"]
 
 
 @pytest.mark.parametrize("args,words", [

@@ -92,6 +92,17 @@ class Scorer:
                 mine[i] = (float(part[:, 0].sum()), bool((part[:, 1] > 0.5).all()))
         return _shared(mine, len(rows))
 
+    def last_logits(self, windows: Sequence[List[int]]) -> torch.Tensor:
+        """The full-vocabulary logits [len(windows), vocab_padded] after the last token of each window (at
+        most seq_length tokens), on every rank of this replica."""
+        width = self._pad_to(max(len(w) for w in windows))
+        tokens = torch.full((len(windows), width), self.eod, dtype=torch.long)
+        for r, w in enumerate(windows):
+            tokens[r, :len(w)] = torch.tensor(w)
+        last = torch.tensor([len(w) - 1 for w in windows])
+        return forward_outputs(self.model, [{"tokens": tokens, "logits_at": last}],
+                               (len(windows), self.vocab_padded))[0]
+
     def greedy(self, prompts: Sequence[List[int]], max_new_tokens: int,
                stop: Optional[Callable[[int, List[int]], bool]] = None) -> List[List[int]]:
         """Greedy continuations (highest logit among the tokenizer's ids, ties to the lowest id) of each
@@ -108,13 +119,7 @@ class Scorer:
             live = list(batch)
             for _ in range(max_new_tokens):
                 windows = [(list(prompts[i]) + new[i])[-self.seq_length:] for i in live]
-                width = self._pad_to(max(len(w) for w in windows))
-                tokens = torch.full((len(live), width), self.eod, dtype=torch.long)
-                for r, w in enumerate(windows):
-                    tokens[r, :len(w)] = torch.tensor(w)
-                last = torch.tensor([len(w) - 1 for w in windows])
-                logits = forward_outputs(self.model, [{"tokens": tokens, "logits_at": last}],
-                                         (len(live), self.vocab_padded))[0]
+                logits = self.last_logits(windows)
                 picks = torch.argmax(logits[:, :self.vocab_size], dim=-1).tolist()
                 still = []
                 for i, t in zip(live, picks):
