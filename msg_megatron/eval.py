@@ -32,7 +32,7 @@ from .parallel import initialize_parallel, is_logging_rank
 from .parallel.agree import differs_from_rank0
 from .training.evaluate import validation_loss
 from .training.harness import run_tasks, task_manager
-from .training.scoring import Scorer
+from .training.scoring import Scorer, masked_lm_accuracy, pseudo_log_likelihood
 
 
 def load_model_from_checkpoint(path: str, verify: bool = True, tensor: Optional[int] = None,
@@ -129,13 +129,15 @@ def _main(argv) -> int:
     manager = task_manager(tasks, args.include_path) if tasks else None  # (before the model loads)
     if args.text and not os.path.exists(args.text):
         raise FileNotFoundError(f"--text file `{args.text}` does not exist")
+    bert = False
     if tasks or args.text:
         meta = read_meta(args.load)
-        if meta["config"]["model"].get("family") == "bert":
-            raise ValueError(f"`{meta['path']}` is a BERT (model.family=bert), a masked-LM encoder: "
-                             f"{'lm-eval tasks score' if tasks else '--text scores'} left-to-right next-token "
-                             "prediction, which it does not do; its masked-LM loss and accuracy on the validation "
-                             "split are what msg-eval gives it (no --tasks/--text)")
+        bert = meta["config"]["model"].get("family") == "bert"
+        if bert and tasks:
+            raise ValueError(f"`{meta['path']}` is a BERT (model.family=bert), a masked-LM encoder: lm-eval's tasks "
+                             "score left-to-right next-token prediction, which it does not do; msg-eval gives it its "
+                             "masked-LM loss and accuracy on the validation split (no --tasks) and the "
+                             "pseudo-log-likelihood of a text file (--text)")
 
     model, cfg, meta = load_model_from_checkpoint(args.load, not args.no_verify, args.tensor, args.pipeline)
     model.eval()
@@ -159,9 +161,14 @@ def _main(argv) -> int:
         key = None
     elif args.text:
         with open(args.text, encoding="utf-8", errors="replace") as f:
-            out.update(text_loss(model, tok, f.read(), cfg.model.seq_length, tok.vocab_size))
+            text = f.read()
+        if bert:
+            out.update(pseudo_log_likelihood(model, tok, text, cfg.model.seq_length, args.batch_size))
+            key = "pseudo_perplexity"
+        else:
+            out.update(text_loss(model, tok, text, cfg.model.seq_length, tok.vocab_size))
+            key = "loss"
         out["text"] = args.text
-        key = "loss"
     else:
         data = open_data(cfg, log=lambda *_: None, train=False)
         valid = data.valid
@@ -170,6 +177,8 @@ def _main(argv) -> int:
         if problem:
             raise ValueError(f"no validation loss for `{meta['path']}`: {problem} (or score a file with --text)")
         out["val_loss"] = validation_loss(model, valid, cfg.train.micro_batch_size, iters)
+        if cfg.model.family == "bert":  # (the masked positions of the same batches)
+            out["mlm_accuracy"] = masked_lm_accuracy(model, valid, cfg.train.micro_batch_size, iters)
         key = "val_loss"
     if key and not math.isfinite(out[key]):  # a score no one can use: an error, never exit 0
         raise ValueError(f"`{meta['path']}` scores {key} = {out[key]}: the model's outputs are not finite (a diverged "
@@ -183,7 +192,8 @@ def _main(argv) -> int:
         for task, row in out["tasks"].items():
             print(f"  {task}: " + ", ".join(f"{k} = {v:.6g}" for k, v in row.items()))
     else:
-        extra = f", bits_per_byte = {out['bits_per_byte']:.6f}" if key == "loss" else ""
+        extra = (f", bits_per_byte = {out['bits_per_byte']:.6f}" if key == "loss" else
+                 f", mlm_accuracy = {out['mlm_accuracy']:.4f}" if out.get("mlm_accuracy") is not None else "")
         print(f"{meta['path']} (step {out['step']}, shape {tuple(out['shape'])}): {key} = {out[key]:.6f}{extra}")
     return 0
 

@@ -13,6 +13,7 @@ positions start at 0 as in training, so a padded batch scores each sequence exac
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -131,3 +132,65 @@ class Scorer:
                     break
             mine.update(new)
         return _shared(mine, len(prompts))
+
+
+@torch.no_grad()
+def masked_lm_accuracy(model, windows, micro_batch_size: int, iters: int) -> Optional[float]:
+    """BERT: the share of the masked positions of the first `iters` validation batches whose highest
+    logit is the original token (the same batches as the validation loss; every rank alike)."""
+    from ..data.batches import model_inputs
+
+    gpt = getattr(model, "module", model)
+    was_training = gpt.training
+    gpt.eval()
+    correct = total = 0.0
+    for batch in windows.sequential(micro_batch_size, iters):
+        x = model_inputs(batch)
+        b, s = x.tokens.shape
+        out = forward_outputs(model, [{"tokens": x.tokens, "labels": x.labels, "scores": True,
+                                       "types": x.extra["types"], "padding_mask": x.extra["padding_mask"]}],
+                              (b, s, 2))[0]
+        m = x.loss_mask.to(torch.float32)
+        correct += float((out[..., 1] * m).sum())
+        total += float(m.sum())
+    gpt.train(was_training)
+    return correct / total if total else None
+
+
+@torch.no_grad()
+def pseudo_log_likelihood(model, tokenizer, text: str, seq_length: int, batch_size: int = 8) -> dict:
+    """BERT: the text's pseudo-log-likelihood (Salazar et al. 2020): each token masked in turn and
+    scored given all the others, in windows of [CLS] + seq_length - 2 tokens + [SEP]. {"pll": sum of
+    log p (nats), "tokens", "pseudo_perplexity": exp(-pll / tokens)}. Every rank alike."""
+    ids = tokenizer.encode(text)
+    if not ids:
+        raise ValueError("the text encodes to no tokens; nothing to score")
+    span = seq_length - 2
+    rows = []  # (masked window, position)
+    originals = []
+    for start in range(0, len(ids), span):
+        window = [tokenizer.cls] + ids[start:start + span] + [tokenizer.sep]
+        for j in range(1, len(window) - 1):
+            masked = list(window)
+            masked[j] = tokenizer.mask
+            rows.append((masked, j))
+            originals.append(window)
+    total = 0.0
+    for k in range(0, len(rows), batch_size):
+        part = range(k, min(k + batch_size, len(rows)))
+        mult = _tp_multiple(model)
+        width = -(-max(len(rows[i][0]) for i in part) // mult) * mult
+        tokens = torch.full((len(part), width), tokenizer.pad, dtype=torch.long)
+        labels = torch.zeros((len(part), width), dtype=torch.long)
+        keep = torch.zeros((len(part), width), dtype=torch.long)
+        for r, i in enumerate(part):
+            n = len(rows[i][0])
+            tokens[r, :n] = torch.tensor(rows[i][0])
+            labels[r, :n] = torch.tensor(originals[i])
+            keep[r, :n] = 1
+        out = forward_outputs(model, [{"tokens": tokens, "labels": labels, "scores": True,
+                                       "types": torch.zeros_like(tokens), "padding_mask": keep}],
+                              (len(part), width, 2))[0]
+        for r, i in enumerate(part):
+            total += float(out[r, rows[i][1], 0])
+    return {"pll": total, "tokens": len(ids), "pseudo_perplexity": math.exp(-total / len(ids))}
