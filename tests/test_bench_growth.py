@@ -2,7 +2,8 @@
 the report, JSON and plot are written, the full-size run continues past its budget (its figures at
 the budget taken from the same run) and every speed-up is a measured ratio or a stated bound, and
 the growth records say what the paper says: MSG's probe loss is unchanged at every growth (<= 1e-5
-relative), Net2Net's changes at the hidden growth under LayerNorm (eq. 7; BERT's post-LN too)."""
+relative), Net2Net's changes at the hidden growth under LayerNorm (eq. 7; BERT's post-LN too); every
+method's model is scored downstream at the budget."""
 import json
 import subprocess
 import sys
@@ -41,3 +42,10 @@ def test_bench_growth_quick(tmp_path, cache_dir, family, stem):
     assert abs(hidden["probe_after"] - hidden["probe_before"]) > 1e-3 * hidden["probe_before"]
     assert [x["ramp_steps"] for x in res["ramp_study"]] == [2, 5]
     assert "wall-time speed-up" in (tmp_path / f"{stem}.md").read_text()
+    # every method's model has its downstream scores at the budget (GPT: the shipped lm-eval tasks; BERT:
+    # masked-LM accuracy), in the report
+    want = {"msg_zen/acc", "msg_nextline/acc", "msg_complete/exact_match", "msg_prose_bpb/bits_per_byte",
+            "msg_code_bpb/bits_per_byte"} if family == "gpt" else {"mlm_accuracy"}
+    for name in m:
+        assert want <= set(m[name]["scores"]), (name, m[name]["scores"])
+    assert "Downstream scores" in (tmp_path / f"{stem}.md").read_text()

@@ -61,7 +61,7 @@ FAMILIES = {
     # quick (CI): the same story at 1/8 of the steps on a smaller model
     "gpt": {"config": "demo_cpu.yaml", "stem": "growth_cpu",
             "full": {"over": ["train.eval_interval=40", GPT_STAGES], "ramps": [5, 20, 80], "ramp": 40},
-            "quick": {"over": _QUICK, "ramps": [2], "ramp": 5}},
+            "quick": {"over": _QUICK, "ramps": [2], "ramp": 5, "tasks": ["train.eval_tasks_limit=4"]}},
     "bert": {"config": "bert_demo_cpu.yaml", "stem": "growth_cpu_bert",
              # appendix D: BERT's grown runs reset the LR to its peak at the 1st and 2nd growth
              "full": {"over": ["train.eval_interval=40", BERT_STAGES], "grown": ["growth.lr_reset_stages=[1, 2]"],
@@ -102,7 +102,7 @@ def jumps(step_recs, growth_recs):
 def summarise(name, recs, budget=None):
     """A run's figures; `budget` (the full-size run): those of its first `budget` steps, and its
     whole validation curve, past the budget, as `val_curve_ext` / `val_flops_curve_ext`."""
-    ext = evals(recs)
+    ext, every = evals(recs), recs
     if budget is not None:
         recs = [r for r in recs if r.get("step", 0) < budget or ("val_loss" in r and r["step"] == budget)]
     st, ev = steps(recs), evals(recs)
@@ -111,6 +111,13 @@ def summarise(name, recs, budget=None):
         out = {"budget_steps": budget, "val_curve_ext": [(e["train_time"], e["val_loss"]) for e in ext],
                "val_flops_curve_ext": [(e["train_flops"], e["val_loss"]) for e in ext],
                "ext_steps": ext[-1]["step"], "ext_time_s": ext[-1]["train_time"], "ext_flops": ext[-1]["train_flops"]}
+    # downstream scores at the budget (the run's end; the full run's step `budget`): lm-eval's tasks (GPT),
+    # masked-LM accuracy (BERT)
+    end = budget if budget is not None else st[-1]["step"] + 1
+    tasks = [r for r in every if r.get("step") == end and any(k.startswith("tasks/") for k in r)]
+    out["scores"] = {k[len("tasks/"):]: v for k, v in tasks[-1].items() if k.startswith("tasks/")} if tasks else {}
+    if ev and "mlm_accuracy" in ev[-1]:
+        out["scores"]["mlm_accuracy"] = ev[-1]["mlm_accuracy"]
     return {**out, "method": name, "train_time_s": st[-1]["train_time"], "train_flops": st[-1]["train_flops"],
             "final_val_loss": ev[-1]["val_loss"], "final_train_loss": st[-1]["loss"],
             "val_curve": [(e["train_time"], e["val_loss"]) for e in ev],
@@ -180,6 +187,10 @@ def run_all(family: str, mode: str, work: str, log, reuse: bool = False, cap: fl
     base = COMMON + setting["over"]
     grown = setting.get("grown", [])  # settings of the growth runs only (BERT: appendix D's LR resets)
     budget = load_config(config, base).train.steps
+    # downstream scores of each method's model at the budget (evaluation time is not training time); BERT's is its
+    # masked-LM accuracy on the validation batches, logged with every evaluation
+    tasks = ["train.eval_tasks=[msg_offline]", f"train.eval_tasks_interval={budget}",
+             "train.eval_tasks_at_ramp_end=false"] + setting.get("tasks", []) if family == "gpt" else []
     results = {}
 
     def report(name, t0):
@@ -190,8 +201,8 @@ def run_all(family: str, mode: str, work: str, log, reuse: bool = False, cap: fl
     for m in GROWN:
         log(f"[bench] {m['name']} ...")
         t0 = time.time()
-        results[m["name"]] = summarise(m["name"], _run(config, base + grown + m["over"], os.path.join(work, m["name"]),
-                                                       reuse))
+        results[m["name"]] = summarise(m["name"], _run(config, base + tasks + grown + m["over"],
+                                                       os.path.join(work, m["name"]), reuse))
         report(m["name"], t0)
     # the full-size run last: continued past the budget until it reaches every method's final loss
     target = min(r["final_val_loss"] for r in results.values())
@@ -199,10 +210,13 @@ def run_all(family: str, mode: str, work: str, log, reuse: bool = False, cap: fl
     log(f"[bench] full ... (continued past {budget} steps until val loss <= {target:.4f}, at most {cap_steps})")
     t0 = time.time()
     def reached(recs):  # (never before the budget: the budget's own figures come from the same run)
+        if family == "gpt" and not any(r.get("step") == budget and any(k.startswith("tasks/") for k in r)
+                                       for r in recs):
+            return False  # (nor before its downstream scores at the budget are logged)
         ev = evals(recs)
         return bool(ev) and ev[-1]["step"] >= budget and any(e["val_loss"] <= target for e in ev)
 
-    recs = _run(config, base + ["growth.stages=[]", f"train.steps={cap_steps}", f"train.decay_steps={budget}"],
+    recs = _run(config, base + tasks + ["growth.stages=[]", f"train.steps={cap_steps}", f"train.decay_steps={budget}"],
                 os.path.join(work, "full"), reuse, stop=reached)
     results["full"] = summarise("full", recs, budget)
     report("full", t0)
@@ -282,6 +296,16 @@ def markdown(res: dict) -> str:
             lines.append(f"| {name} | {g['step']} | {tuple(g['to'])} | {g['loss_before']:.4f} | {g['loss_after']:.4f} | "
                          f"{g['jump']:+.4f} | {g['jump'] - ex:+.4f} | {ex:+.4f} | {ratio:+.1f} | "
                          f"{g['probe_before']:.4f} -> {g['probe_after']:.4f} |")
+    keys = sorted({k for name in ("full", "msg", "nomask", "net2net") for k in m[name].get("scores", {})})
+    if keys:
+        lines += ["", "Downstream scores of each method's model at the budget (the full-size run at its budget step; "
+                  + ("lm-evaluation-harness on the shipped offline tasks, msg_megatron/tasks: accuracy higher is "
+                     "better, bits per byte lower" if res.get("family", "gpt") == "gpt" else
+                     "masked-LM accuracy on the validation batches") + "):", "",
+                  "| method | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
+        for name in ("full", "msg", "nomask", "net2net"):
+            sc = m[name].get("scores", {})
+            lines.append(f"| {name} | " + " | ".join(f"{sc[k]:.4f}" if k in sc else "-" for k in keys) + " |")
     lines += ["", "Mask strength (Table 3): MSG with several ramp lengths, validation loss at the last step:", "",
               "| ramp_steps | final val loss | training time (s) |", "|---:|---:|---:|"]
     for r in res["ramp_study"]:

@@ -251,6 +251,8 @@ class TrainConfig:
     """Run train.eval_tasks every N steps (0: only at ramp ends and at the end)."""
     eval_tasks_limit: float = 0
     """Documents per task for train.eval_tasks (0: all; < 1: that share)."""
+    eval_tasks_at_ramp_end: bool = True
+    """Also run train.eval_tasks where each growth ramp ends (the grown model at full strength)."""
     save_interval: int = 0
     """Save a checkpoint every N steps (0: only at the end)."""
     threads: int = 0

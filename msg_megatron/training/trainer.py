@@ -29,6 +29,7 @@ from .flops import device_peak_tflops, flops_per_token
 from .harness import run_tasks
 from .microbatches import run_microbatches
 from .run_setup import build_run
+from .scoring import masked_lm_accuracy
 from .starts import start_run
 from .step_stats import PendingSteps
 
@@ -336,7 +337,8 @@ class Trainer:
         full strength, the masks all 1)."""
         if t.eval_tasks_interval and self.step % t.eval_tasks_interval == 0:
             return True
-        return any(step > 0 and step + g.ramp_steps == self.step for step, _ in self.schedule[1:self.stage + 1])
+        return t.eval_tasks_at_ramp_end and any(step > 0 and step + g.ramp_steps == self.step
+                                                for step, _ in self.schedule[1:self.stage + 1])
 
     def _log_tasks(self) -> dict:
         """train.eval_tasks on the model as it is (every rank; DP replicas split the requests)."""
@@ -357,8 +359,13 @@ class Trainer:
     def _log_eval(self) -> Optional[float]:
         val = self.evaluate()
         if val is not None:
-            self.metrics.log({"step": self.step, "val_loss": val, "stage": self.stage, "train_time": self.train_time,
-                              "train_flops": self.train_flops})
-            self.metrics.print(f"[eval] step {self.step} | val_loss {val:.4f}")
+            rec = {"step": self.step, "val_loss": val, "stage": self.stage, "train_time": self.train_time,
+                   "train_flops": self.train_flops}
+            if self.cfg.model.family == "bert":  # its downstream-style score: masked-LM accuracy, same batches
+                rec["mlm_accuracy"] = masked_lm_accuracy(self.model, self.valid_data, self.cfg.train.micro_batch_size,
+                                                         self.cfg.train.eval_iters)
+            self.metrics.log(rec)
+            self.metrics.print(f"[eval] step {self.step} | val_loss {val:.4f}"
+                               + (f" | mlm_accuracy {rec['mlm_accuracy']:.4f}" if "mlm_accuracy" in rec else ""))
         return val
 
