@@ -148,6 +148,9 @@ def _main(argv) -> int:
             raise ValueError(f"`{meta['path']}` holds no tokenizer (tokenizer.model or tokenizer.json): "
                              f"{'--tasks' if tasks else '--text'} needs one; score the validation split instead")
         tok = load_tokenizer(found)
+        if tok.vocab_size > cfg.model.vocab_size:
+            raise ValueError(f"`{found}` has {tok.vocab_size} tokens but the model {cfg.model.vocab_size} "
+                             "(model.vocab_size): it is not the tokenizer the model was trained with")
     if tasks:
         results = run_tasks(model, tok, tasks, seq_length=cfg.model.seq_length, vocab_size=tok.vocab_size,
                             batch_size=args.batch_size, include_path=args.include_path, limit=args.limit,

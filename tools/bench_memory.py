@@ -16,6 +16,10 @@ what earlier phases freed) and read at its end, so each phase's peak is exact, n
   export    msg-export-megatron of the 12-layer checkpoint (with its AdamW state) in one process
             (it streams one layer at a time), against the layout's training step
   import    msg-import-megatron of that export in the layout's own processes (each its shard)
+  eval      msg-eval --tasks msg_offline (lm-evaluation-harness, --limit 8) of the 12-layer checkpoint in
+            the layout's own processes (each its shard; a 512-piece tokenizer of the embedded corpus put
+            beside it, since the benchmark trains on synthetic tokens), against the training step and
+            against the load phase (a process resuming the checkpoint for training)
 Ratios are to the training-step peak of the same process; B/param is the phase's peak over the
 RSS before the model existed, per parameter of the process's shard. `opt MB` is the optimizer's own
 state per process (fp32 masters when they are copies, AdamW moments): it should fall as 1/DP with
@@ -30,6 +34,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -176,6 +181,14 @@ def cli_worker(args) -> None:
         print("RESULT " + json.dumps(parts))
 
 
+def _tokenizer(tmp: str) -> str:
+    """A 512-piece sentencepiece model of the embedded corpus (for msg-eval's tasks)."""
+    from msg_megatron.data.prepare import prepare_embedded
+
+    return os.path.join(prepare_embedded(os.path.join(tmp, "data"), 0.3, 512, 0.05, log=lambda *_: None),
+                        "tokenizer.model")
+
+
 def _torchrun(n: int, argv, env) -> str:  # the RESULT line's JSON
     import socket
 
@@ -197,6 +210,7 @@ def main() -> None:
     ap.add_argument("--no-msg-grow", action="store_true")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--no-megatron-lm", action="store_true", help="skip msg-export/import-megatron")
+    ap.add_argument("--no-eval", action="store_true", help="skip msg-eval --tasks")
     ap.add_argument("--worker", choices=["train", "load", "cli"], help=argparse.SUPPRESS)
     ap.add_argument("--tool", default="grow", help=argparse.SUPPRESS)
     ap.add_argument("--layout", help=argparse.SUPPRESS)
@@ -252,6 +266,16 @@ def main() -> None:
                         ref = next(r for r in rows if r["layout"] == name and r["rank"] == rank)["train_mb"]
                         rows.append({"layout": name, "rank": rank, "tool": tool, "peak_mb": gr["peak_kib"] / 1024,
                                      "ref_train_mb": ref})
+            if not args.no_eval:  # lm-eval's tasks on the checkpoint, each process holding its shard
+                step = os.path.join(ck, "step_000005")
+                shutil.copy(_tokenizer(tmp), os.path.join(step, "tokenizer.model"))
+                ev = json.loads(_torchrun(n, ["--worker", "cli", "--tool", "eval", "--", "--load", step, "--tasks",
+                                              "msg_offline", "--limit", "8", "--no-verify", "--tensor", str(tp),
+                                              "--pipeline", str(pp), "--json"], env))
+                for rank, gr in enumerate(ev):
+                    row = next(r for r in rows if r["layout"] == name and r["rank"] == rank)
+                    rows.append({"layout": name, "rank": rank, "tool": "eval", "peak_mb": gr["peak_kib"] / 1024,
+                                 "ref_train_mb": row["train_mb"], "ref_load_mb": row["load"]["mb"]})
     if args.json:
         print(json.dumps(rows, indent=1))
         return
@@ -263,6 +287,11 @@ def main() -> None:
         if "msg-grow" in r:
             print(f"{r['layout']:8} {r['rank']:>4} msg-grow {r['msg-grow']}: peak {r['peak_mb']:.0f} MB "
                   f"({r['peak_mb'] / r['ref_train_mb']:.2f}x this layout's training step)")
+            continue
+        if r.get("tool") == "eval":
+            print(f"{r['layout']:8} {r['rank']:>4} msg-eval --tasks: peak {r['peak_mb']:.0f} MB "
+                  f"({r['peak_mb'] / r['ref_train_mb']:.2f}x this rank's training step, "
+                  f"{r['peak_mb'] / r['ref_load_mb']:.2f}x its load for training)")
             continue
         if "tool" in r:
             print(f"{r['layout']:8} {r['rank']:>4} msg-{r['tool']}-megatron: peak {r['peak_mb']:.0f} MB "
