@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import launch, run_cli
-from train_runs import LLAMA, trained
+from train_runs import LLAMA, losses, trained
 
 transformers = pytest.importorskip("transformers")
 lm_eval = pytest.importorskip("lm_eval")
@@ -196,9 +196,13 @@ def test_refusals_are_one_line_before_any_model(tmp_path, monkeypatch):
 def test_tasks_during_training_equal_msg_eval(tmp_path):
     """train.eval_tasks runs at the end of the growth ramp (step 4 + ramp 3 = 7) and at the end (8),
     scores in metrics.jsonl as tasks/<task>/<metric>; the final ones equal msg-eval --tasks on the
-    final checkpoint (accuracy identical, bits per byte within 1e-6 relative)."""
+    final checkpoint (accuracy identical, bits per byte within 1e-6 relative); the training losses are
+    bitwise those of the same run without them (evaluation leaves the run's state and RNG streams alone)."""
+    stages = [[32, 64, 2, 2], [32, 128, 4, 2]]
     run = trained((1, 1), LLAMA + ["model.seq_length=64", "train.eval_tasks=[msg_zen,msg_code_bpb]",
-                                   "train.eval_tasks_limit=6"], [[32, 64, 2, 2], [32, 128, 4, 2]], save_at=8)
+                                   "train.eval_tasks_limit=6"], stages, save_at=8)
+    plain = trained((1, 1), LLAMA + ["model.seq_length=64"], stages)
+    assert losses(run / "run")[0] == losses(plain / "run")[0]
     with open(run / "run" / "metrics.jsonl") as f:
         recs = [json.loads(line) for line in f]
     scored = {r["step"]: r for r in recs if "tasks/msg_zen/acc" in r}

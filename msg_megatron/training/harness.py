@@ -15,8 +15,11 @@ seq_length - max_gen_toks tokens and the text cut at the first stop sequence.
 from __future__ import annotations
 
 import os
+import random
 from typing import List, Optional, Sequence
 
+import numpy as np
+import torch
 import torch.distributed as dist
 
 from .scoring import Scorer
@@ -168,6 +171,9 @@ def run_tasks(model, tokenizer, tasks: Sequence[str], *, seq_length: int, vocab_
     gpt = getattr(model, "module", model)
     was_training = gpt.training
     gpt.eval()
+    # lm-eval seeds Python's, numpy's and torch's global generators: a run's own streams are put back after
+    rng = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
+           torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
     quiet = os.environ.get("TQDM_DISABLE")
     os.environ["TQDM_DISABLE"] = "1"  # (lm-eval's progress bars, one per request type and task)
     try:
@@ -178,6 +184,11 @@ def run_tasks(model, tokenizer, tasks: Sequence[str], *, seq_length: int, vocab_
             torch_random_seed=seed, fewshot_random_seed=seed, verbosity="WARNING")
     finally:
         gpt.train(was_training)
+        random.setstate(rng[0])
+        np.random.set_state(rng[1])
+        torch.set_rng_state(rng[2])
+        if rng[3] is not None:
+            torch.cuda.set_rng_state_all(rng[3])
         if quiet is None:
             os.environ.pop("TQDM_DISABLE", None)
         else:
