@@ -9,7 +9,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent / "msg_megatron"
 
 # lowest first; a module may import modules of its own layer or of any layer before it
 LAYERS = [
-    {"__init__", "config", "patches", "permissions", "ops", "meta_memory"},
+    {"__init__", "config", "patches", "permissions", "ops", "meta_memory", "tasks"},
     {"parallel"},
     {"model"},
     {"data"},

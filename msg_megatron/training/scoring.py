@@ -19,6 +19,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
+from ..data.batches import model_inputs
 from ..model.gpt import padded_vocab_size
 from .microbatches import forward_outputs
 
@@ -138,8 +139,6 @@ class Scorer:
 def masked_lm_accuracy(model, windows, micro_batch_size: int, iters: int) -> Optional[float]:
     """BERT: the share of the masked positions of the first `iters` validation batches whose highest
     logit is the original token (the same batches as the validation loss; every rank alike)."""
-    from ..data.batches import model_inputs
-
     gpt = getattr(model, "module", model)
     was_training = gpt.training
     gpt.eval()
