@@ -48,4 +48,6 @@ def test_bench_growth_quick(tmp_path, cache_dir, family, stem):
             "msg_code_bpb/bits_per_byte"} if family == "gpt" else {"mlm_accuracy"}
     for name in m:
         assert want <= set(m[name]["scores"]), (name, m[name]["scores"])
+    eq = full["scores_at_msg_flops"]  # and the full run's where its FLOPs equal MSG's (equal compute)
+    assert want <= set(eq["scores"]) and eq["step"] < 60 and abs(eq["train_flops"] / m["msg"]["train_flops"] - 1) < 0.2
     assert "Downstream scores" in (tmp_path / f"{stem}.md").read_text()

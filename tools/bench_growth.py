@@ -114,10 +114,8 @@ def summarise(name, recs, budget=None):
     # downstream scores at the budget (the run's end; the full run's step `budget`): lm-eval's tasks (GPT),
     # masked-LM accuracy (BERT)
     end = budget if budget is not None else st[-1]["step"] + 1
-    tasks = [r for r in every if r.get("step") == end and any(k.startswith("tasks/") for k in r)]
-    out["scores"] = {k[len("tasks/"):]: v for k, v in tasks[-1].items() if k.startswith("tasks/")} if tasks else {}
-    if ev and "mlm_accuracy" in ev[-1]:
-        out["scores"]["mlm_accuracy"] = ev[-1]["mlm_accuracy"]
+    out["score_curve"] = _score_curve(every)
+    out["scores"] = next((sc for step, _, sc in out["score_curve"] if step == end), {})
     return {**out, "method": name, "train_time_s": st[-1]["train_time"], "train_flops": st[-1]["train_flops"],
             "final_val_loss": ev[-1]["val_loss"], "final_train_loss": st[-1]["loss"],
             "val_curve": [(e["train_time"], e["val_loss"]) for e in ev],
@@ -125,6 +123,29 @@ def summarise(name, recs, budget=None):
             "val_steps": [e["step"] for e in ev],
             "loss_curve": [(r["step"], r["loss"]) for r in st], "growths": jumps(st, growths(recs)),
             "growth_times": [next(r["train_time"] for r in st if r["step"] == g["step"]) for g in growths(recs)]}
+
+
+def _score_curve(recs) -> list:
+    """[(step, train_flops, {metric: value})] of a run's downstream scores: lm-eval's tasks (GPT,
+    `tasks/<task>/<metric>` records) and masked-LM accuracy (BERT, with its validation loss)."""
+    out = {}
+    for r in recs:
+        sc = {k[len("tasks/"):]: v for k, v in r.items() if k.startswith("tasks/")}
+        if "mlm_accuracy" in r:
+            sc["mlm_accuracy"] = r["mlm_accuracy"]
+        if sc:
+            out.setdefault(r["step"], [r["step"], r["train_flops"], {}])[2].update(sc)
+    return [tuple(v) for _, v in sorted(out.items())]
+
+
+def equal_flops_scores(results: dict) -> None:
+    """The full-size run's downstream scores where its FLOPs equal MSG's whole run's (the scored step
+    nearest to them): the paper's comparison at equal compute."""
+    full, target = results["full"], results["msg"]["train_flops"]
+    curve = [c for c in full.get("score_curve", []) if c[0] <= full["budget_steps"]]
+    if curve:
+        step, flops, sc = min(curve, key=lambda c: abs(c[1] - target))
+        full["scores_at_msg_flops"] = {"step": step, "train_flops": flops, "scores": sc}
 
 
 def speedups(results: dict) -> None:
@@ -170,7 +191,7 @@ def _run(config, overrides, run_dir, reuse, stop=None):
     or, for a run with `stop`, the records say it stopped)."""
     if reuse and os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
         recs = read_metrics(run_dir)
-        if recs and "val_loss" in recs[-1] and (stop is None or stop(recs) or _at_end(recs, overrides)):
+        if recs and evals(recs) and (stop is None or stop(recs) or _at_end(recs, overrides)):
             return recs
     return run_pretrain(config, overrides, run_dir, stop=stop)
 
@@ -216,7 +237,17 @@ def run_all(family: str, mode: str, work: str, log, reuse: bool = False, cap: fl
         ev = evals(recs)
         return bool(ev) and ev[-1]["step"] >= budget and any(e["val_loss"] <= target for e in ev)
 
-    recs = _run(config, base + tasks + ["growth.stages=[]", f"train.steps={cap_steps}", f"train.decay_steps={budget}"],
+    at_msg_flops = []
+    if tasks:  # also score the full run where its FLOPs equal MSG's whole run's (equal compute)
+        from msg_megatron.model.gpt import padded_vocab_size
+        from msg_megatron.training.flops import flops_per_token
+
+        c = load_config(config, base)
+        per_step = flops_per_token(c.model, c.model.shape, padded_vocab_size(c.model)) * \
+            c.train.global_batch_size * c.model.seq_length
+        at_msg_flops = [f"train.eval_tasks_steps=[{max(1, round(results['msg']['train_flops'] / per_step))}]"]
+    recs = _run(config, base + tasks + at_msg_flops + ["growth.stages=[]", f"train.steps={cap_steps}",
+                                                       f"train.decay_steps={budget}"],
                 os.path.join(work, "full"), reuse, stop=reached)
     results["full"] = summarise("full", recs, budget)
     report("full", t0)
@@ -224,6 +255,7 @@ def run_all(family: str, mode: str, work: str, log, reuse: bool = False, cap: fl
     log(f"[bench] full continued to step {f['ext_steps']} ({f['ext_time_s']:.1f} s): "
         + ("reached" if reached(recs) else f"did not reach {target:.4f} within the cap"))
     speedups(results)
+    equal_flops_scores(results)
     ramps = []
     for ramp in sorted(set(setting["ramps"] + [setting["ramp"]])):
         if ramp == setting["ramp"]:
@@ -296,7 +328,8 @@ def markdown(res: dict) -> str:
             lines.append(f"| {name} | {g['step']} | {tuple(g['to'])} | {g['loss_before']:.4f} | {g['loss_after']:.4f} | "
                          f"{g['jump']:+.4f} | {g['jump'] - ex:+.4f} | {ex:+.4f} | {ratio:+.1f} | "
                          f"{g['probe_before']:.4f} -> {g['probe_after']:.4f} |")
-    keys = sorted({k for name in ("full", "msg", "nomask", "net2net") for k in m[name].get("scores", {})})
+    keys = sorted({k for name in ("full", "msg", "nomask", "net2net") for k in m[name].get("scores", {})
+                   if k.endswith(("/acc", "/bits_per_byte", "/exact_match", "mlm_accuracy"))})
     if keys:
         lines += ["", "Downstream scores of each method's model at the budget (the full-size run at its budget step; "
                   + ("lm-evaluation-harness on the shipped offline tasks, msg_megatron/tasks: accuracy higher is "
@@ -306,6 +339,10 @@ def markdown(res: dict) -> str:
         for name in ("full", "msg", "nomask", "net2net"):
             sc = m[name].get("scores", {})
             lines.append(f"| {name} | " + " | ".join(f"{sc[k]:.4f}" if k in sc else "-" for k in keys) + " |")
+        eq = f.get("scores_at_msg_flops")
+        if eq:
+            lines.append(f"| full at MSG's FLOPs (step {eq['step']}, {eq['train_flops']:.3g}) | "
+                         + " | ".join(f"{eq['scores'][k]:.4f}" if k in eq["scores"] else "-" for k in keys) + " |")
     lines += ["", "Mask strength (Table 3): MSG with several ramp lengths, validation loss at the last step:", "",
               "| ramp_steps | final val loss | training time (s) |", "|---:|---:|---:|"]
     for r in res["ramp_study"]:

@@ -150,6 +150,8 @@ def validate(cfg: Config) -> None:
     if t.eval_tasks and cfg.data.corpus == "synthetic":
         raise ConfigError("train.eval_tasks needs a tokenizer to turn the tasks' text into tokens; data.corpus="
                           "synthetic has none: use the embedded corpus or data.paths, or remove train.eval_tasks")
+    if any(not isinstance(x, int) or isinstance(x, bool) or x < 1 for x in t.eval_tasks_steps):
+        raise ConfigError(f"train.eval_tasks_steps={t.eval_tasks_steps}: give step numbers >= 1 (after that many steps)")
     if any(not isinstance(x, str) or not x.strip() for x in t.eval_tasks):
         raise ConfigError(f"train.eval_tasks={t.eval_tasks}: give task names, e.g. [msg_offline]")
     if t.global_batch_size % t.micro_batch_size:

@@ -249,6 +249,8 @@ class TrainConfig:
     `tasks/<task>/<metric>`. GPT only."""
     eval_tasks_interval: int = 0
     """Run train.eval_tasks every N steps (0: only at ramp ends and at the end)."""
+    eval_tasks_steps: List[int] = field(default_factory=list)
+    """Also run train.eval_tasks after these steps (e.g. where a baseline's FLOPs equal another run's)."""
     eval_tasks_limit: float = 0
     """Documents per task for train.eval_tasks (0: all; < 1: that share)."""
     eval_tasks_at_ramp_end: bool = True

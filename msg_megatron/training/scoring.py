@@ -1,15 +1,17 @@
 """Scoring and greedy generation with the model as it is laid out (any TP / PP / DP), for evaluation.
 
-The requests (token ids) are the same on every rank. They are cut into batches; DP replicas take
-batches in turn (batch j on replica j % DP) and share their results at the end (one
-all_gather_object over the data-parallel group), so every rank returns every result. Inside a
-replica all TP and PP ranks run the same batches in the same order: megatron's forward-only
-schedule carries the activations between stages, model/scores.py computes what is read from the
+The requests (token ids) are the same on every rank. They are cut into batches, and log-likelihood
+batches into calls of PP batches (one forward-only 1F1B schedule each, so the pipeline's stages work
+at once); DP replicas take the calls in turn (call j on replica j % DP) and share their results at
+the end (one all_gather_object over the data-parallel group), so every rank returns every result.
+Inside a replica all TP and PP ranks run the same calls in the same order: megatron's schedule
+carries the activations between stages, model/scores.py computes what is read from the
 vocabulary-split output layer, and the last stage's result is broadcast to the replica's other stages.
 
-Sequences in a batch are padded on the right to the batch's longest (rounded up to the TP degree
-under sequence parallelism): a causal model's positions before the padding do not see it, and
-positions start at 0 as in training, so a padded batch scores each sequence exactly as alone.
+Sequences are padded on the right to the call's longest (rounded up to the TP degree under sequence
+parallelism): a causal model's positions before the padding do not see it, and positions start at 0
+as in training, so padding changes a sequence's scores only by float rounding (other matrix shapes).
+Greedy generation runs one batch's tokens at a time (no pipelining across batches).
 """
 from __future__ import annotations
 
@@ -30,6 +32,12 @@ def _dp():
     if not ps.model_parallel_is_initialized():
         return None, 0, 1
     return ps.get_data_parallel_group(), ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+
+
+def _pp() -> int:
+    from megatron.core import parallel_state as ps
+
+    return ps.get_pipeline_model_parallel_world_size() if ps.model_parallel_is_initialized() else 1
 
 
 def _tp_multiple(model) -> int:
@@ -74,24 +82,31 @@ class Scorer:
             rows.append((whole[:-1], whole[1:], min(len(cont), len(whole) - 1)))
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))  # longest first: least padding
         batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        # a pipeline's stages work at once only on several micro-batches in one schedule: `pp` batches of
+        # one padded shape per call (1F1B forward-only), the replicas taking the calls in turn
+        pp = _pp()
+        calls = [batches[i:i + pp] for i in range(0, len(batches), pp)]
         _, rank, dp = _dp()
         mine = {}
-        for j, batch in enumerate(batches):
+        for j, call in enumerate(calls):
             if j % dp != rank:
                 continue
-            width = self._pad_to(max(len(rows[i][0]) for i in batch))
-            tokens = torch.full((len(batch), width), self.eod, dtype=torch.long)
-            labels = torch.zeros((len(batch), width), dtype=torch.long)
-            for r, i in enumerate(batch):
-                inp, lab, _ = rows[i]
-                tokens[r, :len(inp)] = torch.tensor(inp)
-                labels[r, :len(lab)] = torch.tensor(lab)
-            out = forward_outputs(self.model, [{"tokens": tokens, "labels": labels, "scores": True}],
-                                  (len(batch), width, 2))[0]
-            for r, i in enumerate(batch):
-                n, k = len(rows[i][0]), rows[i][2]
-                part = out[r, n - k:n].double()
-                mine[i] = (float(part[:, 0].sum()), bool((part[:, 1] > 0.5).all()))
+            width = self._pad_to(max(len(rows[i][0]) for batch in call for i in batch))
+            micro = len(call[0])  # (the first batch is full; a short last one gets rows of padding)
+            inputs = []
+            for batch in call:
+                tokens = torch.full((micro, width), self.eod, dtype=torch.long)
+                labels = torch.zeros((micro, width), dtype=torch.long)
+                for r, i in enumerate(batch):
+                    inp, lab, _ = rows[i]
+                    tokens[r, :len(inp)] = torch.tensor(inp)
+                    labels[r, :len(lab)] = torch.tensor(lab)
+                inputs.append({"tokens": tokens, "labels": labels, "scores": True})
+            for batch, out in zip(call, forward_outputs(self.model, inputs, (micro, width, 2))):
+                for r, i in enumerate(batch):
+                    n, k = len(rows[i][0]), rows[i][2]
+                    part = out[r, n - k:n].double()
+                    mine[i] = (float(part[:, 0].sum()), bool((part[:, 1] > 0.5).all()))
         return _shared(mine, len(rows))
 
     def last_logits(self, windows: Sequence[List[int]]) -> torch.Tensor:

@@ -333,9 +333,9 @@ class Trainer:
                 "shape": list(self.model.shape.as_tuple())}
 
     def _tasks_due(self, t, g) -> bool:
-        """train.eval_tasks at its interval, and where a growth ramp has just ended (the grown model at
-        full strength, the masks all 1)."""
-        if t.eval_tasks_interval and self.step % t.eval_tasks_interval == 0:
+        """train.eval_tasks at its interval and steps, and where a growth ramp has just ended (the grown
+        model at full strength, the masks all 1)."""
+        if (t.eval_tasks_interval and self.step % t.eval_tasks_interval == 0) or self.step in t.eval_tasks_steps:
             return True
         return t.eval_tasks_at_ramp_end and any(step > 0 and step + g.ramp_steps == self.step
                                                 for step, _ in self.schedule[1:self.stage + 1])
