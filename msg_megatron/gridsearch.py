@@ -33,15 +33,25 @@ from .training.runs import run_pretrain, steps as step_records
 
 
 def _slope(xs: List[float], ys: List[float]) -> float:
+    return _fit(xs, ys)[0]
+
+
+def _fit(xs: List[float], ys: List[float]):
+    """Least-squares slope of ys on xs and its standard error (the residuals' variance over n - 2
+    degrees of freedom, divided by the spread of xs): how much of a rate is noise."""
     n = len(xs)
     mx, my = sum(xs) / n, sum(ys) / n
     var = sum((x - mx) ** 2 for x in xs)
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var if var > 0 else 0.0
+    if var <= 0:
+        return 0.0, float("inf")
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var
+    resid = sum((y - my - slope * (x - mx)) ** 2 for x, y in zip(xs, ys))
+    return slope, ((resid / (n - 2)) / var) ** 0.5 if n > 2 else float("inf")
 
 
 def rates(step_records: List[dict]) -> dict:
-    """alpha (loss drop per step), tau (steps per second), gamma (loss drop per second, eq. 21)
-    over the second half of a run."""
+    """alpha (loss drop per step), tau (steps per second), gamma (loss drop per second, eq. 21) and
+    gamma's standard error (the step-to-step noise of the training loss) over the second half of a run."""
     half = step_records[len(step_records) // 2:]
     if len(half) < 3:
         raise ValueError("too few logged steps to fit a rate; raise --steps or lower train.log_interval")
@@ -50,9 +60,10 @@ def rates(step_records: List[dict]) -> dict:
     losses = [r["loss"] for r in half]
     alpha = -_slope(steps, losses)
     tau = (steps[-1] - steps[0]) / max(times[-1] - times[0], 1e-9)
-    gamma = -_slope(times, losses)
+    slope, se = _fit(times, losses)
     tail = step_records[-min(10, len(step_records)):]
-    return {"alpha": alpha, "tau": tau, "gamma": gamma, "final_loss": sum(r["loss"] for r in tail) / len(tail),
+    return {"alpha": alpha, "tau": tau, "gamma": -slope, "gamma_se": se,
+            "final_loss": sum(r["loss"] for r in tail) / len(tail),
             "time": step_records[-1]["train_time"], "params": step_records[-1]["params"],
             "tokens_per_s": sum(r["tokens_per_s"] for r in half) / len(half)}
 
@@ -73,8 +84,8 @@ def search(config: str, candidates, steps: int, overrides: List[str], out_dir: s
         log(f"[gridsearch] {shape}: {steps} steps -> {run_dir}")
         recs = run_pretrain(config, over, run_dir)
         res = dict(rates(step_records(recs)), shape=list(shape.as_tuple()))
-        log(f"[gridsearch] {shape}: gamma {res['gamma']:.4f} loss/s, alpha {res['alpha']:.5f} loss/step, "
-            f"tau {res['tau']:.2f} steps/s, loss {res['final_loss']:.3f}")
+        log(f"[gridsearch] {shape}: gamma {res['gamma']:.4f} +- {res['gamma_se']:.4f} loss/s, "
+            f"alpha {res['alpha']:.5f} loss/step, tau {res['tau']:.2f} steps/s, loss {res['final_loss']:.3f}")
         results.append(res)
     return results
 
@@ -100,9 +111,15 @@ def build_schedule(config: str, start: Shape, steps: int, overrides: List[str], 
             results = search(config, grown, steps, overrides, out_dir, log)
             best = max(results, key=lambda r: r["gamma"])
             best["chosen"] = True
+            # how far the winner is ahead of the runner-up, in units of their combined noise
+            second = max(r["gamma"] for r in results if r is not best)
+            noise = (best["gamma_se"] ** 2 + max(r["gamma_se"] for r in results if r is not best) ** 2) ** 0.5
+            best["margin_sigma"] = (best["gamma"] - second) / noise if noise > 0 else float("inf")
             rounds.append(results)
             current = Shape(*best["shape"])
-            log(f"[gridsearch] round {len(rounds)}: grow to {current} (best gamma)")
+            log(f"[gridsearch] round {len(rounds)}: grow to {current} (best gamma, "
+                f"{best['margin_sigma']:.1f} sigma ahead of the next"
+                + ("; within the noise: another run may choose differently)" if best["margin_sigma"] < 2 else ")"))
         shapes.append(current)
     total = cfg.train.steps
     span = total // len(shapes)
@@ -117,13 +134,14 @@ def stages_yaml(stages) -> str:
 
 
 def table(results: List[dict]) -> str:
-    lines = ["| shape (h, f, a, L) | params | tok/s | alpha (loss/step) | tau (step/s) | gamma (loss/s) | loss at end |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| shape (h, f, a, L) | params | tok/s | alpha (loss/step) | tau (step/s) | gamma (loss/s) +- s.e. | "
+             "loss at end |", "|---|---:|---:|---:|---:|---:|---:|"]
     best = max(r["gamma"] for r in results)
     for r in sorted(results, key=lambda r: -r["gamma"]):
         mark = " **chosen**" if r.get("chosen") else " **best**" if r["gamma"] == best else ""
         lines.append(f"| {tuple(r['shape'])}{mark} | {r['params'] / 1e6:.2f}M | {r['tokens_per_s']:.0f} | "
-                     f"{r['alpha']:.5f} | {r['tau']:.2f} | {r['gamma']:.4f} | {r['final_loss']:.3f} |")
+                     f"{r['alpha']:.5f} | {r['tau']:.2f} | {r['gamma']:.4f} +- {r['gamma_se']:.4f} | "
+                     f"{r['final_loss']:.3f} |")
     return "\n".join(lines)
 
 

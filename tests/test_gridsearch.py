@@ -19,6 +19,25 @@ def test_rates_of_a_linear_run():
     assert r["final_loss"] == pytest.approx(sum(5.0 - 0.01 * s for s in range(30, 40)) / 10)
     with pytest.raises(ValueError, match="too few logged steps"):
         rates(recs[:4])
+    assert r["gamma_se"] == pytest.approx(0.0, abs=1e-12)  # no noise on a straight line
+
+
+def test_gamma_noise_is_the_slopes_standard_error():
+    """gamma's standard error on a noisy run equals numpy's least-squares fit covariance (independent
+    reference), and shrinks as the noise does."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for sd in (0.05, 0.005):
+        noise = rng.normal(0, sd, 60)
+        recs = [{"step": s, "loss": 5.0 - 0.01 * s + float(noise[s]), "train_time": 0.5 * s, "params": 10,
+                 "tokens_per_s": 100.0} for s in range(60)]
+        r = rates(recs)
+        t = np.array([x["train_time"] for x in recs[30:]])
+        y = np.array([x["loss"] for x in recs[30:]])
+        (slope, _), cov = np.polyfit(t, y, 1, cov=True)
+        assert r["gamma"] == pytest.approx(-slope) and r["gamma_se"] == pytest.approx(float(np.sqrt(cov[0, 0])))
+        assert r["gamma_se"] < 0.6 * sd  # (30 points over 15 s: se ~ sd / 22)
 
 
 @pytest.mark.timeout(300)
