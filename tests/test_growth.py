@@ -117,14 +117,16 @@ def test_growth_during_a_running_ramp_and_folding():
                           st.integers(1, 6)), min_size=1, max_size=3),
        st.sampled_from(["layernorm", "rmsnorm"]), st.sampled_from(["gelu", "swiglu"]))
 def test_random_growth_sequences(steps, norm, act):
+    """In float64 (1e-12): with huge new values and masks part-way up a ramp, float32's rounding of the
+    extra zero terms reached 1.08e-5 on a 3-growth sequence hypothesis found (above the 1e-5 bound)."""
     model = build_model(tiny_model_cfg(norm=norm, activation=act, position_embedding="rope"), Shape(8, 8, 1, 1))
     step = 0
     for dh, df, da, dl, gap in steps:
         s = model.shape
-        before = logits(model)
+        before = logits(model, torch.float64)
         model, _ = grow_model(model, Shape(s.hidden + dh, s.ffn + df, s.heads + da, s.layers + dl), step=step,
                               init=huge_init, depth_init="interpolate" if dl % 2 else "random")
-        assert rel_err(before, logits(model)) <= 1e-5
+        assert rel_err(before, logits(model, torch.float64)) <= 1e-12
         step += gap
         update_masks(model, step, 4)
 
