@@ -12,9 +12,10 @@ schedule can start from the structure that learns fastest per second and grow wh
 --schedule START builds a one-dimension-per-stage schedule (the paper's Sch1 form) from START to
 the config's model shape: in each round every dimension not yet at its final size is tried grown to
 it (one candidate each, trained as above), and the candidate with the best gamma becomes the next
-stage, until the final shape. This is section 3.2.1's procedure made mechanical: it finds its rules
-(i)-(iii) rather than assuming them (a deeper model costs tau: it comes late). Stage durations split
-train.steps equally, the remainder to the first stage (the paper: "roughly equal ... slightly
+stage, until the final shape. --combine N also tries every 2..N of those dimensions grown together
+in one stage (growth/candidates.py), so a round may take several dimensions at once. This is
+section 3.2.1's procedure made mechanical: it finds its rules (i)-(iii) rather than assuming them
+(a deeper model costs tau: it comes late). Stage durations split train.steps equally, the remainder to the first stage (the paper: "roughly equal ... slightly
 emphasizing the early stages"). Prints the growth.stages block to paste into the config.
 """
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import List
 from .cli import run_cli
 from .config import Shape, load_config
 from .grow import parse_shape
+from .growth.candidates import next_shapes
 from .training.runs import run_pretrain, steps as step_records
 
 
@@ -90,7 +92,8 @@ def search(config: str, candidates, steps: int, overrides: List[str], out_dir: s
     return results
 
 
-def build_schedule(config: str, start: Shape, steps: int, overrides: List[str], out_dir: str, log=print) -> dict:
+def build_schedule(config: str, start: Shape, steps: int, overrides: List[str], out_dir: str, log=print,
+                   combine: int = 1) -> dict:
     """{rounds: [the candidates' results of each round, the chosen one marked], stages: [(step, shape)]}."""
     cfg = load_config(config, overrides)
     final = Shape(cfg.model.hidden_size, cfg.model.ffn_hidden_size, cfg.model.num_attention_heads,
@@ -102,9 +105,7 @@ def build_schedule(config: str, start: Shape, steps: int, overrides: List[str], 
         raise ValueError(f"--schedule {start} is the config's model shape: there is nothing to grow")
     shapes, rounds, current = [start], [], start
     while current != final:
-        todo = [i for i in range(4) if current.as_tuple()[i] != final.as_tuple()[i]]
-        grown = [Shape(*(final.as_tuple()[i] if j == i else v for j, v in enumerate(current.as_tuple())))
-                 for i in todo]
+        grown = next_shapes(current, final, combine)
         if len(grown) == 1:  # the last dimension: nothing to choose
             current = grown[0]
         else:
@@ -154,13 +155,18 @@ def _main(argv) -> int:
     what.add_argument("--candidates", nargs="+", help="shapes hidden,ffn,heads,layers")
     what.add_argument("--schedule", default="", help="START shape: build a schedule from it to the config's model shape")
     ap.add_argument("--steps", type=int, default=100, help="training steps per candidate (default 100)")
+    ap.add_argument("--combine", type=int, default=1, help="with --schedule: also try growing up to N dimensions "
+                    "together in one stage (default 1: one at a time, the paper's form)")
     ap.add_argument("--out", default="", help="directory for the candidates' runs (default: a temp dir)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     out = args.out or tempfile.mkdtemp(prefix="msg-gridsearch-")
     log = (lambda *_: None) if args.json else print
+    if args.combine < 1 or (args.combine > 1 and not args.schedule):
+        raise ValueError(f"--combine {args.combine}: give N >= 1 dimensions per stage, with --schedule")
     if args.schedule:
-        res = build_schedule(args.config, parse_shape(args.schedule, "--schedule"), args.steps, args.overrides, out, log)
+        res = build_schedule(args.config, parse_shape(args.schedule, "--schedule"), args.steps, args.overrides, out,
+                             log, args.combine)
         if args.json:
             print(json.dumps(res))
         else:
