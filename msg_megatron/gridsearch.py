@@ -15,8 +15,8 @@ it (one candidate each, trained as above), and the candidate with the best gamma
 stage, until the final shape. --combine N also tries every 2..N of those dimensions grown together
 in one stage (growth/candidates.py), so a round may take several dimensions at once. This is
 section 3.2.1's procedure made mechanical: it finds its rules (i)-(iii) rather than assuming them
-(a deeper model costs tau: it comes late). Stage durations split train.steps equally, the remainder to the first stage (the paper: "roughly equal ... slightly
-emphasizing the early stages"). Prints the growth.stages block to paste into the config.
+(a deeper model costs tau: it comes late). Stage durations split train.steps equally, the
+remainder to the first stage (the paper: "roughly equal ... slightly emphasizing the early stages"). Prints the growth.stages block to paste into the config.
 """
 from __future__ import annotations
 
