@@ -16,7 +16,8 @@ stage, until the final shape. --combine N also tries every 2..N of those dimensi
 in one stage (growth/candidates.py), so a round may take several dimensions at once. This is
 section 3.2.1's procedure made mechanical: it finds its rules (i)-(iii) rather than assuming them
 (a deeper model costs tau: it comes late). Stage durations split train.steps equally, the
-remainder to the first stage (the paper: "roughly equal ... slightly emphasizing the early stages"). Prints the growth.stages block to paste into the config.
+remainder to the first stage (the paper: "roughly equal ... slightly emphasizing the early
+stages"). Prints the growth.stages block to paste into the config.
 """
 from __future__ import annotations
 
