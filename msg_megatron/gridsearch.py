@@ -54,7 +54,8 @@ def _fit(xs: List[float], ys: List[float]):
 
 def rates(step_records: List[dict]) -> dict:
     """alpha (loss drop per step), tau (steps per second), gamma (loss drop per second, eq. 21) and
-    gamma's standard error (the step-to-step noise of the training loss) over the second half of a run."""
+    gamma's standard error (the step-to-step noise of the training loss) over the second half of a run;
+    also the loss drop per PFLOP of model compute (train_flops) and its standard error."""
     half = step_records[len(step_records) // 2:]
     if len(half) < 3:
         raise ValueError("too few logged steps to fit a rate; raise --steps or lower train.log_interval")
@@ -64,8 +65,13 @@ def rates(step_records: List[dict]) -> dict:
     alpha = -_slope(steps, losses)
     tau = (steps[-1] - steps[0]) / max(times[-1] - times[0], 1e-9)
     slope, se = _fit(times, losses)
+    # the same rate per model FLOP: no wall clock in it, so the same on any machine and in any rerun (what a
+    # reproducible schedule decision can use; wall-time gamma is what the machine at hand delivers)
+    flops = [r.get("train_flops") for r in half]
+    per_flop = _fit(flops, losses) if all(f is not None for f in flops) else (float("nan"), float("nan"))
     tail = step_records[-min(10, len(step_records)):]
     return {"alpha": alpha, "tau": tau, "gamma": -slope, "gamma_se": se,
+            "gamma_per_pflop": -per_flop[0] * 1e15, "gamma_per_pflop_se": per_flop[1] * 1e15,
             "final_loss": sum(r["loss"] for r in tail) / len(tail),
             "time": step_records[-1]["train_time"], "params": step_records[-1]["params"],
             "tokens_per_s": sum(r["tokens_per_s"] for r in half) / len(half)}
@@ -137,13 +143,13 @@ def stages_yaml(stages) -> str:
 
 def table(results: List[dict]) -> str:
     lines = ["| shape (h, f, a, L) | params | tok/s | alpha (loss/step) | tau (step/s) | gamma (loss/s) +- s.e. | "
-             "loss at end |", "|---|---:|---:|---:|---:|---:|---:|"]
+             "loss/PFLOP | loss at end |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     best = max(r["gamma"] for r in results)
     for r in sorted(results, key=lambda r: -r["gamma"]):
         mark = " **chosen**" if r.get("chosen") else " **best**" if r["gamma"] == best else ""
         lines.append(f"| {tuple(r['shape'])}{mark} | {r['params'] / 1e6:.2f}M | {r['tokens_per_s']:.0f} | "
                      f"{r['alpha']:.5f} | {r['tau']:.2f} | {r['gamma']:.4f} +- {r['gamma_se']:.4f} | "
-                     f"{r['final_loss']:.3f} |")
+                     f"{r['gamma_per_pflop']:.4g} | {r['final_loss']:.3f} |")
     return "\n".join(lines)
 
 

@@ -11,9 +11,10 @@ pytestmark = pytest.mark.slow  # processes, training runs: the full tier (README
 
 def test_rates_of_a_linear_run():
     # loss falls 0.01 per step, 2 steps per second: alpha 0.01, tau 2, gamma = alpha * tau = 0.02
-    recs = [{"step": s, "loss": 5.0 - 0.01 * s, "train_time": 0.5 * s, "params": 10, "tokens_per_s": 100.0}
-            for s in range(40)]
+    recs = [{"step": s, "loss": 5.0 - 0.01 * s, "train_time": 0.5 * s, "params": 10, "tokens_per_s": 100.0,
+             "train_flops": 2e12 * s} for s in range(40)]
     r = rates(recs)
+    assert r["gamma_per_pflop"] == pytest.approx(0.01 / 2e12 * 1e15)  # 0.01 per step, 2 TFLOP per step
     assert r["alpha"] == pytest.approx(0.01) and r["tau"] == pytest.approx(2.0)
     assert r["gamma"] == pytest.approx(0.02) and r["gamma"] == pytest.approx(r["alpha"] * r["tau"])
     assert r["final_loss"] == pytest.approx(sum(5.0 - 0.01 * s for s in range(30, 40)) / 10)
