@@ -112,6 +112,7 @@ setup(
             "msg-generate=msg_megatron.generate:main",
             "msg-gridsearch=msg_megatron.gridsearch:main",
             "msg-plan=msg_megatron.plan:main",
+            "msg-schedule=msg_megatron.schedule_from_auto:main",
             "msg-plot=msg_megatron.plot:main",
         ]
     },

@@ -32,24 +32,12 @@ from .cli import run_cli
 from .config import Shape, load_config
 from .grow import parse_shape
 from .growth.candidates import next_shapes
+from .training.rates import fit_slope
 from .training.runs import run_pretrain, steps as step_records
 
 
 def _slope(xs: List[float], ys: List[float]) -> float:
-    return _fit(xs, ys)[0]
-
-
-def _fit(xs: List[float], ys: List[float]):
-    """Least-squares slope of ys on xs and its standard error (the residuals' variance over n - 2
-    degrees of freedom, divided by the spread of xs): how much of a rate is noise."""
-    n = len(xs)
-    mx, my = sum(xs) / n, sum(ys) / n
-    var = sum((x - mx) ** 2 for x in xs)
-    if var <= 0:
-        return 0.0, float("inf")
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var
-    resid = sum((y - my - slope * (x - mx)) ** 2 for x, y in zip(xs, ys))
-    return slope, ((resid / (n - 2)) / var) ** 0.5 if n > 2 else float("inf")
+    return fit_slope(xs, ys)[0]
 
 
 def rates(step_records: List[dict]) -> dict:
@@ -64,11 +52,11 @@ def rates(step_records: List[dict]) -> dict:
     losses = [r["loss"] for r in half]
     alpha = -_slope(steps, losses)
     tau = (steps[-1] - steps[0]) / max(times[-1] - times[0], 1e-9)
-    slope, se = _fit(times, losses)
+    slope, se = fit_slope(times, losses)
     # the same rate per model FLOP: no wall clock in it, so the same on any machine and in any rerun (what a
     # reproducible schedule decision can use; wall-time gamma is what the machine at hand delivers)
     flops = [r.get("train_flops") for r in half]
-    per_flop = _fit(flops, losses) if all(f is not None for f in flops) else (float("nan"), float("nan"))
+    per_flop = fit_slope(flops, losses) if all(f is not None for f in flops) else (float("nan"), float("nan"))
     tail = step_records[-min(10, len(step_records)):]
     return {"alpha": alpha, "tau": tau, "gamma": -slope, "gamma_se": se,
             "gamma_per_pflop": -per_flop[0] * 1e15, "gamma_per_pflop_se": per_flop[1] * 1e15,

@@ -22,3 +22,22 @@ def test_one_dimension_at_a_time_and_combinations():
 def test_combine_is_refused_without_schedule(tmp_path):
     r = run_cli(["msg_megatron.gridsearch", "configs/demo_cpu.yaml", "--candidates", "64,128,2,1", "--combine", "2"])
     assert r.returncode == 2 and "--combine 2" in r.stderr and "with --schedule" in r.stderr, r.stderr[-600:]
+
+
+def test_growth_by_a_factor_and_listed_shapes():
+    """growth.auto.factor grows each dimension x factor capped at the final size; growth.auto.shapes offers the
+    listed shapes that only add to the current one; reachable_shapes is every shape a run could get to."""
+    from types import SimpleNamespace
+
+    from msg_megatron.growth.candidates import auto_candidates, reachable_shapes
+
+    cur, fin = Shape(64, 128, 2, 1), Shape(96, 512, 2, 4)
+    assert next_shapes(cur, fin, factor=2) == [Shape(96, 128, 2, 1), Shape(64, 256, 2, 1), Shape(64, 128, 2, 2)]
+    with pytest.raises(ValueError, match="factor=1"):
+        next_shapes(cur, fin, factor=1)
+    auto = SimpleNamespace(shapes=[[64, 256, 2, 1], [32, 512, 2, 4], [96, 512, 2, 4]], combine=1, factor=0.0)
+    assert auto_candidates(auto, cur, fin) == [Shape(64, 256, 2, 1), Shape(96, 512, 2, 4)]  # (32 < 64: not a growth)
+    assert reachable_shapes(auto, cur, fin) == [Shape(64, 256, 2, 1), Shape(96, 512, 2, 4)]
+    by2 = SimpleNamespace(shapes=[], combine=1, factor=2.0)
+    reach = reachable_shapes(by2, cur, fin)
+    assert Shape(96, 512, 2, 4) in reach and Shape(64, 256, 2, 4) in reach and len(reach) == 2 * 3 * 3 - 1

@@ -6,6 +6,7 @@ refuses bad values (and `growth_refusal`, the one rule of what a growth may not 
 from .checks import RANGES, growth_refusal, validate  # noqa: F401
 from .loading import config_from_dict, load_config, parse_override  # noqa: F401
 from .schema import (  # noqa: F401
+                     AutoGrowthConfig,
                      CheckpointConfig,
                      Config,
                      ConfigError,

@@ -1,11 +1,12 @@
 """Checks of a configuration before any compute: each names the field and the fix."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Optional
 
 from .blend_syntax import parse_blend, parse_split
-from .schema import Config, ConfigError, Shape
+from .schema import Config, ConfigError, Shape, StageConfig
 
 
 def growth_refusal(old: Shape, new: Shape, init: str, depth_init: str, tp: int, pp: int) -> Optional[str]:
@@ -110,6 +111,15 @@ def validate(cfg: Config) -> None:
     _choice(m.activation, ["gelu", "gelu_erf", "swiglu"], "model.activation")
     _choice(m.position_embedding, ["learned", "rope"], "model.position_embedding")
     _choice(g.operator, ["msg", "nomask", "net2net"], "growth.operator")
+    _choice(g.schedule, ["fixed", "auto"], "growth.schedule")
+    if g.schedule == "auto" and not g.stages:
+        raise ConfigError("growth.schedule=auto starts from growth.stages[0]: give the first shape, e.g. "
+                          "growth.stages=[{step: 0, shape: [hidden, ffn, heads, layers]}] (the model section is the "
+                          "final shape)")
+    if g.schedule == "auto" and any(st.tensor or st.pipeline for st in g.stages):
+        raise ConfigError("growth.schedule=auto runs every stage at the job's layout (parallel.tensor/pipeline); "
+                          "remove growth.stages[].tensor/pipeline (changing the layout between stages is a fixed "
+                          "schedule's, through msg-grow)")
     _choice(g.init, ["normal", "zeros", "copy"], "growth.init")
     _choice(g.depth_init, ["interpolate", "stack", "random"], "growth.depth_init")
     _choice(t.decay_style, ["cosine", "linear", "constant"], "train.decay_style")
@@ -324,6 +334,9 @@ def _validate_stages(cfg: Config) -> None:
             if list(prev) == list(st.shape):
                 raise ConfigError(f"`{where}.shape` equals the previous stage's; remove the stage or grow something.")
         prev_step, prev = st.step, st.shape
+    if g.schedule == "auto":
+        _validate_auto(cfg)
+        return
     if tuple(prev) != m.shape.as_tuple():
         raise ConfigError(
             f"the last stage's shape {list(prev)} differs from the model section {list(m.shape.as_tuple())}; "
@@ -331,3 +344,73 @@ def _validate_stages(cfg: Config) -> None:
     for i in g.lr_reset_stages:
         if not 1 <= i < len(g.stages):
             raise ConfigError(f"growth.lr_reset_stages entry {i} is not a growth stage (1..{len(g.stages) - 1}).")
+
+
+def _validate_auto(cfg: Config) -> None:
+    """growth.schedule=auto: the stages so far lie within the model section, a check and its probe fit
+    in train.steps, there is something to grow, and every shape the run could grow into runs at the
+    job's layout (auto stages never change the layout: a checkpoint relayout is a fixed schedule's)."""
+    from ..growth.candidates import auto_candidates, reachable_shapes
+
+    m, g, a, t = cfg.model, cfg.growth, cfg.growth.auto, cfg.train
+    final, last = m.shape, Shape(*g.stages[-1].shape)
+    where = f"growth.stages[{len(g.stages) - 1}].shape"
+    if any(x > f for x, f in zip(last.as_tuple(), final.as_tuple())):
+        raise ConfigError(f"`{where}` {list(last.as_tuple())} is larger than the model section "
+                          f"{list(final.as_tuple())} in some dimension; growth.schedule=auto grows toward the model "
+                          "section (the final shape): make every stage fit within it.")
+    for name in ("check_interval", "probe_steps", "window", "combine", "max_stages"):
+        _positive(getattr(a, name), f"growth.auto.{name}")
+    first = (g.stages[-1].step // a.check_interval + 1) * a.check_interval
+    if first + a.probe_steps >= t.steps:
+        raise ConfigError(
+            f"growth.auto.probe_steps={a.probe_steps}: the first check (step {first}, growth.auto.check_interval="
+            f"{a.check_interval}) and its probe would end at step {first + a.probe_steps}, not before "
+            f"train.steps={t.steps}, so no check could decide; lower growth.auto.probe_steps or check_interval, "
+            "or raise train.steps.")
+    if a.probe_steps < 3:
+        raise ConfigError(f"growth.auto.probe_steps={a.probe_steps}: a rate and its standard error need at least 3 "
+                          "steps; use more (e.g. 50)")
+    if a.window < a.probe_steps:
+        raise ConfigError(f"growth.auto.window={a.window} is shorter than growth.auto.probe_steps={a.probe_steps}: "
+                          "the run's rate is fit over at least the probe's steps; raise window")
+    if a.factor and (not math.isfinite(a.factor) or a.factor <= 1):
+        raise ConfigError(f"growth.auto.factor={a.factor}: grow by a factor > 1, or 0 to grow each dimension to "
+                          "the model section's size")
+    if not math.isfinite(a.margin_sigma) or a.margin_sigma < 0:
+        raise ConfigError(f"growth.auto.margin_sigma={a.margin_sigma}: give a finite number of standard errors "
+                          ">= 0 (e.g. 2)")
+    _choice(a.cost, ["flops", "time"], "growth.auto.cost")
+    for i, sh in enumerate(a.shapes):
+        w = f"growth.auto.shapes[{i}]"
+        if len(sh) != 4 or any(v <= 0 for v in sh):
+            raise ConfigError(f"`{w}` {sh}: give [hidden, ffn, heads, layers], every size positive.")
+        if any(x > f for x, f in zip(sh, final.as_tuple())):
+            raise ConfigError(f"`{w}` {sh} is beyond the model section {list(final.as_tuple())} in some dimension; "
+                              "candidates grow toward the model section: shrink it or enlarge the model section.")
+    if not auto_candidates(a, last, final):
+        raise ConfigError(
+            f"growth.schedule=auto has no candidate to grow into from `{where}` {list(last.as_tuple())}: it "
+            + ("is the model section's shape already" if last == final else "is not below any of growth.auto.shapes")
+            + "; start from a smaller shape, or train with growth.schedule=fixed.")
+    if not cfg.checkpoint.save:
+        raise ConfigError("growth.schedule=auto returns from each probe by loading the checkpoint it saves at the "
+                          "check; set checkpoint.save.")
+    for i in g.lr_reset_stages:
+        if not 1 <= i < len(g.stages) + a.max_stages:
+            raise ConfigError(f"growth.lr_reset_stages entry {i} is not a growth stage (1..{len(g.stages) - 1} "
+                              f"given, up to growth.auto.max_stages={a.max_stages} more decided).")
+    try:
+        shapes = reachable_shapes(a, last, final)
+    except ValueError as e:
+        raise ConfigError(f"growth.auto: {e}") from None
+    for shape in shapes:  # the layout rules of a fixed stage at that shape, named as the auto candidate it is
+        probe = dataclasses.replace(cfg, growth=dataclasses.replace(
+            g, schedule="fixed", stages=list(g.stages) + [StageConfig(step=t.steps - 1, shape=list(shape.as_tuple()))]))
+        try:
+            _validate_layout(probe)
+        except ConfigError as e:
+            raise ConfigError(
+                f"growth.schedule=auto could grow into {list(shape.as_tuple())}, which cannot run at this job's "
+                f"layout: {e} Auto stages run at the job's layout (parallel.*); restrict the candidates "
+                "(growth.auto.shapes, combine, factor), or change the model section or the layout.") from None

@@ -127,6 +127,39 @@ class StageConfig:
 
 
 @dataclass
+class AutoGrowthConfig:
+    """growth.schedule=auto (training/auto_growth.py): the run decides when to grow and to what. Every
+    check_interval steps (once the last growth's masks are all 1) each candidate is grown from the run's
+    state with the same operators a fixed schedule uses, trained probe_steps steps on the batches the run
+    sees next, and the run returns to its checkpoint of the check; then the run itself trains those
+    steps, and the candidate whose pre-training rate (the paper's gamma, eq. 21, per unit of `cost`)
+    beats the run's own over the same steps by margin_sigma standard errors is grown into."""
+
+    check_interval: int = 100
+    """Steps between checks (at every multiple, from the first one after the last growth's ramp)."""
+    probe_steps: int = 50
+    """Steps each candidate trains in a probe; also the window over which both rates are measured."""
+    window: int = 100
+    """Steps of the run's own training loss (its latest, since its last growth) its rate is fit over: its
+    running estimate, logged as gamma +- gamma_se, and the baseline at each decision (>= probe_steps)."""
+    combine: int = 1
+    """How many dimensions one growth may grow together (1: one at a time, the paper's schedules)."""
+    factor: float = 0.0
+    """Each grown dimension is multiplied by this (capped at the model section); 0: grown to its final size."""
+    shapes: List[List[int]] = field(default_factory=list)
+    """Instead of combine/factor: the shapes a growth may go to ([hidden, ffn, heads, layers] each); a
+    check tries those not smaller than the current shape in any dimension."""
+    max_stages: int = 4
+    """The most growths the run makes."""
+    margin_sigma: float = 2.0
+    """A candidate is grown into only when its rate beats the run's by this many standard errors of the
+    difference (the step-to-step noise of the paired losses over the window; 2: ~2.3% false growths)."""
+    cost: str = "flops"
+    """The rate's denominator: `flops` (model FLOPs per step: the same decisions in every rerun and on any
+    machine) or `time` (measured seconds per step: what this machine delivers; not reproducible)."""
+
+
+@dataclass
 class GrowthConfig:
     operator: str = "msg"
     """`msg` (masked, strictly function-preserving), or the paper's baselines: `nomask` (the same new
@@ -147,7 +180,12 @@ class GrowthConfig:
     """Resume with a growth.ramp_steps that sets the masks of already grown units to other values than
     the checkpoint's (the function changes at the resume step; logged). Refused without it."""
     stages: List[StageConfig] = field(default_factory=list)
-    """The schedule; empty trains a fixed-size model. The first stage is at step 0, the last is the model shape."""
+    """The schedule; empty trains a fixed-size model. The first stage is at step 0, the last is the model shape
+    (growth.schedule=auto: the stages so far; the run appends the ones it decides)."""
+    schedule: str = "fixed"
+    """`fixed`: growth.stages is the whole schedule. `auto`: the run starts from growth.stages and decides the
+    later stages itself (growth.auto), up to the model section's shape."""
+    auto: AutoGrowthConfig = field(default_factory=AutoGrowthConfig)
 
 
 @dataclass

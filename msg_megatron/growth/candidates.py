@@ -1,7 +1,8 @@
-"""The shapes a schedule may grow to next (msg-gridsearch --schedule; the self-adaptive schedule's
+"""The shapes a schedule may grow to next (msg-gridsearch --schedule; growth.schedule=auto's
 candidates): from the current shape toward the model section's, each dimension not yet at its final
-size grown to it, alone or, with `combine` > 1, together with others in one stage (combinations of
-dimensions in one growth: the paper grows one at a time and names several at once as unexplored).
+size grown (to its final size, or by `factor` capped there), alone or, with `combine` > 1, together
+with others in one stage (combinations of dimensions in one growth: the paper grows one at a time and
+names several at once as unexplored). Or, with growth.auto.shapes, the listed shapes.
 """
 from __future__ import annotations
 
@@ -11,18 +12,47 @@ from typing import List
 from ..config import Shape
 
 
-def next_shapes(current: Shape, final: Shape, combine: int = 1) -> List[Shape]:
-    """Every shape that grows 1..`combine` of the dimensions where `current` is below `final` to their
-    final sizes, the others kept: single dimensions first (hidden, ffn, heads, layers order), then pairs,
-    and so on. Empty when `current` is `final`."""
+def next_shapes(current: Shape, final: Shape, combine: int = 1, factor: float = 0.0) -> List[Shape]:
+    """Every shape that grows 1..`combine` of the dimensions where `current` is below `final` (to their
+    final sizes, or x `factor` rounded and capped at them), the others kept: single dimensions first
+    (hidden, ffn, heads, layers order), then pairs, and so on. Empty when `current` is `final`."""
     if combine < 1:
         raise ValueError(f"combine={combine}: grow at least one dimension per stage (1: one at a time)")
+    if factor and factor <= 1:
+        raise ValueError(f"factor={factor}: a growth factor must be > 1 (0: grow to the final size)")
     cur, fin = current.as_tuple(), final.as_tuple()
     if any(c > f for c, f in zip(cur, fin)):
         raise ValueError(f"{current} is larger than the final shape {final} in some dimension: growth only adds")
+    grown = [min(f, max(c + 1, round(c * factor))) if factor else f for c, f in zip(cur, fin)]
     todo = [i for i in range(4) if cur[i] != fin[i]]
     out = []
     for k in range(1, min(combine, len(todo)) + 1):
         for dims in itertools.combinations(todo, k):
-            out.append(Shape(*(fin[i] if i in dims else cur[i] for i in range(4))))
+            out.append(Shape(*(grown[i] if i in dims else cur[i] for i in range(4))))
+    return out
+
+
+def auto_candidates(auto, current: Shape, final: Shape) -> List[Shape]:
+    """growth.auto's candidates from `current`: its listed shapes that only add to `current`, else
+    next_shapes with its combine and factor."""
+    if auto.shapes:
+        cur = current.as_tuple()
+        return [Shape(*s) for s in auto.shapes
+                if tuple(s) != cur and all(a >= b for a, b in zip(s, cur))]
+    return next_shapes(current, final, auto.combine, auto.factor)
+
+
+def reachable_shapes(auto, start: Shape, final: Shape, limit: int = 4096) -> List[Shape]:
+    """Every shape an auto schedule from `start` could grow into (each checked against the layout
+    before any compute), in the order found."""
+    seen, todo, out = {start}, [start], []
+    while todo:
+        for s in auto_candidates(auto, todo.pop(0), final):
+            if s not in seen:
+                seen.add(s)
+                out.append(s)
+                todo.append(s)
+                if len(seen) > limit:
+                    raise ValueError(f"more than {limit} reachable shapes: lower growth.auto.combine or raise "
+                                     "growth.auto.factor")
     return out

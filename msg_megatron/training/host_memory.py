@@ -97,6 +97,8 @@ def check_host_memory(cfg, layout: tuple, dp: int, processes: Optional[int] = No
     t, par = cfg.train, cfg.parallel
     distributed = bool(par.distributed_optimizer)
     sched = cfg.schedule()
+    if cfg.growth.schedule == "auto":  # the stages it decides are not known yet: the largest it may reach
+        sched = sched + [(cfg.train.steps, cfg.model.shape)]
     # (peak bytes, local parameters, stage, phase) of each stage this job trains; the others run in a
     # later job (offline relayout), which checks itself
     peaks = []

@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from ..checkpoint.dist import META, CheckpointError, load_checkpoint, read_meta
 from ..checkpoint.megatron_lm import MegatronCheckpoint, fill_model, is_megatron_lm_dir
-from ..config import Config, ModelConfig, Shape
+from ..config import Config, ModelConfig, Shape, StageConfig
 from ..config.loading import config_from_dict
 from ..data.gpt_data import data_identity
 from ..model import build_model
@@ -59,27 +59,52 @@ def start_run(cfg: Config, schedule: list, log) -> Start:
     return Start(model, build_optimizer(model, cfg.train, cfg.parallel, masters=masters))
 
 
-def stage_to_resume(cfg: Config) -> int:
-    """The growth stage the run will resume (0 for a new run), read from the checkpoint's
-    msg_meta.json by each process before the world exists, to pick the stage's declared layout
-    (growth.stages[].tensor/.pipeline). Only that one small file is read (every rank of a large job
-    does this: no manifest check here, start_run verifies the checkpoint it loads); a checkpoint
-    that cannot be read gives 0, and start_run names the problem."""
+def _resume_meta(cfg: Config):
+    """The msg_meta.json of the step checkpoint a run will resume (None for a new run, or one that
+    cannot be read: start_run then names the problem)."""
     ck = cfg.checkpoint
     path = ck.load
     if ck.load in ("", "auto"):
         has = ck.save and os.path.isdir(ck.save) and any(d.startswith("step_") for d in os.listdir(ck.save))
         path = ck.save if has else ""
     if not path:
-        return 0
+        return None
     try:
         step_dir = path
         if not os.path.exists(os.path.join(path, META)):
             with open(os.path.join(path, "latest")) as f:
                 step_dir = os.path.join(path, f.read().strip())
         with open(os.path.join(step_dir, META)) as f:
-            return int(json.load(f)["state"]["stage"])
-    except (OSError, ValueError, KeyError, TypeError):
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def adopt_auto_stages(cfg: Config) -> None:
+    """growth.schedule=auto: a resume continues the schedule its run decided. The checkpoint's stages
+    beyond this config's are appended to growth.stages (those both have are compared by check_resume:
+    a decided past cannot change)."""
+    if cfg.growth.schedule != "auto":
+        return
+    meta = _resume_meta(cfg)
+    try:
+        saved = meta["config"]["growth"]["stages"] if meta else []
+    except (KeyError, TypeError):
+        return
+    for st in saved[len(cfg.growth.stages):]:
+        cfg.growth.stages.append(StageConfig(step=int(st["step"]), shape=list(st["shape"])))
+
+
+def stage_to_resume(cfg: Config) -> int:
+    """The growth stage the run will resume (0 for a new run), read from the checkpoint's
+    msg_meta.json by each process before the world exists, to pick the stage's declared layout
+    (growth.stages[].tensor/.pipeline). Only that one small file is read (every rank of a large job
+    does this: no manifest check here, start_run verifies the checkpoint it loads); a checkpoint
+    that cannot be read gives 0, and start_run names the problem."""
+    meta = _resume_meta(cfg)
+    try:
+        return int(meta["state"]["stage"]) if meta else 0
+    except (KeyError, ValueError, TypeError):
         return 0
 
 
@@ -136,17 +161,26 @@ def resume(cfg: Config, schedule: list, path: str, log, fallback: bool = False) 
             f"{st['step']} to continue, or choose a new checkpoint.save to start another run")
     state = {"step": st["step"], "stage": st["stage"], "consumed_samples": st["consumed_samples"],
              "train_time": st.get("train_time", 0.0), "train_flops": st.get("train_flops", 0.0)}
+    if "auto" in st:  # growth.schedule=auto's decisions and its check in progress
+        state["auto"] = st["auto"]
     check_resume(cfg, config_from_dict(meta["config"], check=False), state, meta["path"], log)
     shape = Shape(*meta["shape"])
     if shape != schedule[state["stage"]][1]:
         raise CheckpointError(f"checkpoint `{meta['path']}` has shape {shape} but stage {state['stage']} of the "
                               f"schedule is {schedule[state['stage']][1]}; fix growth.stages or the checkpoint")
-    # weights and masters both come from the checkpoint: no masters to carry over from the build
-    model = cast_params(build_model(cfg.model, shape, perform_init=False), param_dtype(cfg.train))
-    optimizer = build_optimizer(model, cfg.train, cfg.parallel)
-    load_checkpoint(meta["path"], model, optimizer, full=full)  # fp32 weights -> masters
+    model, optimizer = load_model_and_optimizer(cfg, shape, meta["path"], full)
     log(f"[resume] {meta['path']}: step {state['step']}, stage {state['stage']}, shape {shape}")
     return Start(model, optimizer, state, meta["path"])
+
+
+def load_model_and_optimizer(cfg: Config, shape: Shape, path: str, full: bool = False):
+    """The model and AdamW state of step checkpoint `path` (of `shape`), with this process's RNG as
+    saved: exactly the state the run had when it saved (a resume; growth.schedule=auto's return from
+    a probe). Weights and masters both come from the checkpoint: no masters to carry over."""
+    model = cast_params(build_model(cfg.model, shape, perform_init=False), param_dtype(cfg.train))
+    optimizer = build_optimizer(model, cfg.train, cfg.parallel)
+    load_checkpoint(path, model, optimizer, full=full)  # fp32 weights -> masters
+    return model, optimizer
 
 
 def _check_data(cfg: Config, meta: dict, log) -> None:

@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import signal
@@ -18,19 +19,21 @@ from typing import NamedTuple, Optional
 import torch
 
 from ..checkpoint.dist import save_checkpoint
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, StageConfig
 from ..data.tokenizer import load_tokenizer
 from ..growth.apply import grow
 from ..model import count_parameters, update_masks
 from ..model.recompute import configure_recompute
 from ..parallel import device
+from .auto_growth import AutoSchedule
 from .evaluate import validation_loss
 from .flops import device_peak_tflops, flops_per_token
 from .harness import run_tasks
 from .microbatches import run_microbatches
 from .run_setup import build_run
+from .schedule import lr_schedule
 from .scoring import masked_lm_accuracy
-from .starts import start_run
+from .starts import adopt_auto_stages, start_run
 from .step_stats import PendingSteps
 
 
@@ -63,6 +66,11 @@ PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 class Trainer:
     def __init__(self, cfg: Config, log_enabled: bool = True):
+        auto = cfg.growth.schedule == "auto"
+        if auto:  # (its stages grow as the run decides them: the caller's config is left as given)
+            cfg = copy.deepcopy(cfg)
+            given = len(cfg.growth.stages)
+            adopt_auto_stages(cfg)  # a resume continues the stages its run decided
         self.cfg = cfg
         parts = build_run(cfg, log_enabled)  # checks, parallel state, lock, metrics, data, schedules
         for f in dataclasses.fields(parts):
@@ -73,6 +81,12 @@ class Trainer:
         st = start.state
         self.step, self.stage, self.consumed_samples = st["step"], st["stage"], st["consumed_samples"]
         self.train_time, self.train_flops = st["train_time"], st["train_flops"]
+        self.auto = None
+        if auto:
+            if len(cfg.growth.stages) > max(given, self.stage + 1):  # decided after the step resumed from
+                del cfg.growth.stages[max(given, self.stage + 1):]
+                self.schedule, self.lr_schedule = cfg.schedule(), lr_schedule(cfg)
+            self.auto = AutoSchedule(cfg, st.get("auto"))
         self.resumed_from = start.resumed_from
         if self.resumed_from:  # readers of metrics.jsonl drop the earlier lines of the steps replayed from here
             self.metrics.log({"event": "resume", "step": self.step, "stage": self.stage,
@@ -91,6 +105,8 @@ class Trainer:
         loss_before = self.probe_loss()
         self.model, self.optimizer = grow(self.model, self.optimizer, new_shape, self.cfg, self.step, stage)
         self.stage = stage
+        if self.auto:
+            self.auto.stage_started()
         # the masks as before the growth (new ones 0): the same function; the loop then sets them for this step
         loss_after = self.probe_loss()
         record = {"event": "growth", "step": self.step, "stage": stage, "from": list(old_shape.as_tuple()),
@@ -135,6 +151,9 @@ class Trainer:
         if sync:
             rec.update(self.sync_steps())
             rec["tokens_per_s"] = rec["tokens"] / rec["step_time"]
+            if self.auto:  # the run's own gamma over its latest steps (growth.auto.cost's unit)
+                per_step = fpt * out.tokens if self.auto.a.cost == "flops" else rec["step_time"]
+                rec.update(self.auto.running_rate(per_step))
             rec["tflops_per_gpu"] = rec["tokens_per_s"] * fpt / self.world / 1e12  # achieved model TFLOP/s per process
             if self.peak_tflops:
                 rec["mfu"] = rec["tflops_per_gpu"] / self.peak_tflops
@@ -150,6 +169,8 @@ class Trainer:
         rows, self._agreed_signal = self._pending.flush(self._signal is not None)
         elapsed = (self._host_time + time.perf_counter() - start) / len(rows)  # per step, device work included
         self._host_time = 0.0
+        if self.auto:
+            self.auto.observe(rows)
         for step, loss, _ in rows:
             if not math.isfinite(loss):
                 span = f"steps {rows[0][0]}-{rows[-1][0]}" if len(rows) > 1 else f"step {step}"
@@ -177,8 +198,11 @@ class Trainer:
 
     # ---- checkpoints ---------------------------------------------------------------------
     def state(self) -> dict:
-        return {"step": self.step, "stage": self.stage, "consumed_samples": self.consumed_samples,
-                "train_time": self.train_time, "train_flops": self.train_flops}
+        st = {"step": self.step, "stage": self.stage, "consumed_samples": self.consumed_samples,
+              "train_time": self.train_time, "train_flops": self.train_flops}
+        if self.auto:
+            st["auto"] = self.auto.state()
+        return st
 
     def save(self) -> Optional[str]:
         ck = self.cfg.checkpoint
@@ -265,6 +289,8 @@ class Trainer:
             self.metrics.print(f"[train] the checkpoint is at train.steps={t.steps}: nothing to train (raise "
                                "train.steps to continue)")
         while self.step < t.steps:
+            if self.auto and not self._auto_check():
+                return self._stop_in_probe()
             start = time.perf_counter()
             while self.stage + 1 < len(self.schedule) and self.schedule[self.stage + 1][0] <= self.step:
                 if self.cfg.layout(self.stage + 1) != self.layout:
@@ -315,6 +341,42 @@ class Trainer:
         if self.no_validation:
             out["no_validation"] = self.no_validation
         return out
+
+    # ---- growth.schedule=auto ----------------------------------------------------------------
+    def _auto_check(self) -> bool:
+        """At a check step, probe the candidates (auto_growth.py); where a check's window ends, decide
+        and, if a candidate won, add its stage at this step (the loop then grows into it). False when
+        a preemption signal stopped the probes."""
+        if self.auto.deciding(self.step):
+            self.sync_steps()  # (the window's last losses)
+            rec = self.auto.decide(self)
+            self.metrics.log(rec)
+            cands = ", ".join(f"{tuple(r['shape'])} {r['gamma']:.4g} ({r['sigma']:+.1f} sigma)"
+                              for r in rec["candidates"])
+            self.metrics.print(f"[auto] step {self.step}: gamma {rec['gamma']:.4g} +- {rec['gamma_se']:.2g} "
+                               f"{rec['unit']}; candidates {cands}; "
+                               + (f"growing to {tuple(rec['choice'])}" if rec["choice"] else
+                                  f"none beats it by {rec['margin_sigma']:g} sigma: not growing")
+                               + f" (probes {rec['probe_share']:.1%} of the training time)")
+            if rec["choice"]:
+                self.cfg.growth.stages.append(StageConfig(step=self.step, shape=list(rec["choice"])))
+                self.schedule, self.lr_schedule = self.cfg.schedule(), lr_schedule(self.cfg)
+        elif self.auto.due(self.step, self.model.shape, self.schedule):
+            t0 = self.train_time
+            done = self.auto.run_probes(self)
+            self.metrics.log({"event": "auto_probes", "step": self.step, "train_time_start": t0,
+                              "train_time_end": self.train_time, "probe_share": self.auto.probe_time / max(
+                                  self.train_time, 1e-9), "completed": done})
+            return done
+        return True
+
+    def _stop_in_probe(self) -> dict:
+        """A preemption signal during the probes: the check's checkpoint (saved before them) is where a
+        resume replays the check from; the probed state is not saved."""
+        self.metrics.print(f"[preempt] stopping in the probes of step {self.step}; the resume point is the check's "
+                           f"checkpoint {self._last_saved_path}")
+        self.metrics.close()
+        return {"step": self.step, "preempted": True, "shape": list(self.model.shape.as_tuple())}
 
     def _stop_for_relayout(self, stage: int) -> dict:
         """The next stage runs at another TP/PP layout: save here (before the growth) and stop, so

@@ -1,0 +1,215 @@
+"""growth.schedule=auto (training/auto_growth.py): the run probes grown copies of itself and grows when
+one learns faster per FLOP, against plain references: numpy's least squares for the rates, the run
+without probes (bitwise), the fixed schedule of the same stages (bitwise), an uninterrupted run
+(resumes, bitwise), and one process (TP2 x PP2, 1e-5)."""
+import json
+import os
+
+import pytest
+
+from conftest import assert_refused, launch, run_cli
+from msg_megatron.config import load_config
+
+BASE = ["model.vocab_size=512", "model.hidden_size=64", "model.ffn_hidden_size=128", "model.num_attention_heads=4",
+        "model.num_layers=2", "model.kv_channels=16", "model.seq_length=32", "growth.ramp_steps=5",
+        "train.steps=45", "train.global_batch_size=8", "train.micro_batch_size=4", "train.lr=3e-3",
+        "train.warmup_steps=4", "train.eval_interval=0", "train.eval_iters=2", "train.log_interval=1",
+        "data.corpus_mb=0.3", "data.valid_fraction=0.05", "logging.wandb=disabled"]
+AUTO = ["growth.schedule=auto", "growth.stages=[{step: 0, shape: [32, 64, 2, 1]}]", "growth.auto.check_interval=20",
+        "growth.auto.probe_steps=10", "growth.auto.window=20"]
+# the run's own learning rate stalls (a warmup far longer than the run) while a grown copy restarts at the peak
+# (growth.lr_reset_stages, paper appendix D): a candidate that is clearly better
+STALLED = ["train.lr=2e-2", "train.warmup_steps=2000", "growth.lr_reset_stages=[1]"]
+
+
+def auto_cfg(tmp, *extra):
+    return load_config(None, BASE + AUTO + [f"logging.run_dir={tmp}/run", f"checkpoint.save={tmp}/ck"] + list(extra))
+
+
+def records(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def losses(run_dir) -> dict:
+    return {r["step"]: r["loss"] for r in records(run_dir) if "loss" in r}  # (a resume's later lines win)
+
+
+def decisions(run_dir) -> list:
+    out = {}
+    for r in records(run_dir):
+        if r.get("event") == "auto_decision":
+            out[r["step"]] = {"choice": r["choice"], "gamma": r["gamma"],
+                              "candidates": [(c["shape"], c["gamma"], c["sigma"]) for c in r["candidates"]]}
+    return [out[s] | {"step": s} for s in sorted(out)]
+
+
+# ---- the rates (unit tier) ---------------------------------------------------------------------
+def test_grown_gain_is_the_paired_least_squares_rate():
+    """grown_gain against numpy's least squares written out: the grown model's slope is the run's plus
+    the slope of the paired differences; gamma = -slope / cost; and the batch noise both share cancels
+    (the same noise added to both leaves delta and its error unchanged)."""
+    import numpy as np
+
+    from msg_megatron.training.rates import grown_gain
+
+    rng = np.random.default_rng(1)
+    steps = np.arange(10)
+    batch = rng.normal(0, 0.2, 10)  # shared: the batches' difficulty
+    cur = 5.0 - 0.01 * steps + batch
+    grown = 5.0 - 0.05 * steps + batch + rng.normal(0, 0.002, 10)
+    run_slope = (-0.01, 0.004)
+    g = grown_gain(run_slope, 2.0, list(cur), list(grown), 3.0)
+    (d, _), cov = np.polyfit(steps, grown - cur, 1, cov=True)
+    assert g["delta"] == pytest.approx(d) and g["delta_se"] == pytest.approx(float(np.sqrt(cov[0, 0])))
+    assert g["gamma"] == pytest.approx(-(-0.01 + d) / 3.0)
+    assert g["gain"] == pytest.approx(-(-0.01 + d) / 3.0 - 0.01 / 2.0)
+    assert g["gain_se"] == pytest.approx(float(np.hypot(np.sqrt(cov[0, 0]) / 3.0, 0.004 * (1 / 2.0 - 1 / 3.0))))
+    assert g["sigma"] > 10  # 0.04 / step faster at 1.5x the cost, measured to ~0.0003
+    louder = grown_gain(run_slope, 2.0, list(cur + 3 * batch), list(grown + 3 * batch), 3.0)
+    assert louder["delta"] == pytest.approx(g["delta"]) and louder["delta_se"] == pytest.approx(g["delta_se"])
+    diverged = grown_gain(run_slope, 2.0, list(cur), [5.0] * 9 + [float("nan")], 3.0)
+    assert diverged["gain"] == float("-inf")
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["growth.auto.probe_steps=30"], ["growth.auto.probe_steps=30", "step 50", "train.steps=45"]),
+    (["growth.stages=[{step: 0, shape: [64, 128, 4, 2]}]"], ["no candidate", "model section's shape already"]),
+    (["growth.auto.shapes=[[64, 64, 2, 3]]"], ["growth.auto.shapes[0]", "beyond the model section"]),
+    (["growth.stages=[{step: 0, shape: [32, 64, 2, 3]}]"], ["growth.stages[0].shape", "larger than the model"]),
+    (["checkpoint.save="], ["checkpoint.save"]),
+    (["growth.auto.window=5"], ["growth.auto.window=5", "probe_steps=10"]),
+    (["growth.auto.cost=tokens"], ["growth.auto.cost"]),
+    (["growth.auto.margin_sigma=-1"], ["growth.auto.margin_sigma"]),
+    (["growth.stages=[]"], ["growth.stages[0]"]),
+    (["growth.stages=[{step: 0, shape: [32, 64, 2, 1], tensor: 2}]"], ["job's layout"]),
+    (["model.num_attention_heads=3", "parallel.tensor=2"], ["could grow into [32, 64, 3, 1]", "parallel.tensor=2"]),
+])
+def test_bad_auto_settings_are_refused_before_compute(tmp_path, extra, words):
+    assert_refused(BASE + AUTO + [f"checkpoint.save={tmp_path}/ck"] + extra, words)
+
+
+# ---- runs (slow tier) --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_data):
+    """The stalled run, saving every 5 steps (it grows at its decision, step 30), and the normal one."""
+    from msg_megatron.training.trainer import Trainer
+
+    tmp = tmp_path_factory.mktemp("auto")
+    Trainer(auto_cfg(tmp / "stalled", *STALLED, "train.save_interval=5", "checkpoint.keep=20")).run()
+    Trainer(auto_cfg(tmp / "normal")).run()
+    return tmp
+
+
+@pytest.mark.slow
+def test_auto_grows_into_a_clearly_better_candidate_and_not_otherwise(runs):
+    grew = decisions(runs / "stalled" / "run")
+    assert [d["step"] for d in grew] == [30] and grew[0]["choice"] is not None
+    best = max(grew[0]["candidates"], key=lambda c: c[1] if c[2] > 2 else float("-inf"))
+    assert best[0] == grew[0]["choice"] and best[2] > 2, grew
+    recs = records(runs / "stalled" / "run")
+    growth = [r for r in recs if r.get("event") == "growth"]
+    assert [(g["step"], g["to"]) for g in growth] == [(30, grew[0]["choice"])]
+    assert abs(growth[0]["probe_loss_after"] - growth[0]["probe_loss_before"]) <= 1e-5 * growth[0]["probe_loss_before"]
+    assert all(r["shape"] == grew[0]["choice"] for r in recs if "loss" in r and r["step"] >= 30)
+    probes = [r for r in recs if r.get("event") == "auto_probes"]
+    assert [p["step"] for p in probes] == [20] and 0 < probes[0]["probe_share"] < 1
+    assert any("gamma" in r and "gamma_se" in r for r in recs if "loss" in r)  # the running estimate
+    # early, the small model learns faster per FLOP than any grown copy: no growth
+    kept = decisions(runs / "normal" / "run")
+    assert [d["step"] for d in kept] == [30] and kept[0]["choice"] is None
+    assert all(c[2] < 2 for c in kept[0]["candidates"]), kept
+
+
+@pytest.mark.slow
+def test_probes_leave_the_run_bitwise_where_it_was(runs, tmp_path):
+    """The normal run probed four grown copies at step 20 and kept its shape: every loss equals a run of
+    that shape without any probe, bitwise (weights, AdamW state, masks, RNG and data position restored)."""
+    from msg_megatron.training.trainer import Trainer
+
+    plain = load_config(None, BASE + ["model.hidden_size=32", "model.ffn_hidden_size=64", "model.num_attention_heads=2",
+                                      "model.num_layers=1", f"logging.run_dir={tmp_path}/run"])
+    Trainer(plain).run()
+    want, got = losses(tmp_path / "run"), losses(runs / "normal" / "run")
+    assert sorted(got) == list(range(45)) and got == want
+
+
+@pytest.mark.slow
+def test_a_committed_growth_is_the_fixed_schedules(runs, tmp_path):
+    """msg-schedule --from-auto writes the stages the run chose as a fixed schedule; training it gives the
+    auto run's losses bitwise (the growth it committed is the growth a fixed stage makes at that step)."""
+    from msg_megatron.training.trainer import Trainer
+
+    out = tmp_path / "fixed.yaml"
+    r = run_cli(["msg_megatron.schedule_from_auto", "--from-auto", str(runs / "stalled" / "ck"), "--output", str(out)])
+    assert r.returncode == 0, r.stderr
+    fixed = load_config(str(out), [f"logging.run_dir={tmp_path}/run"])
+    choice = decisions(runs / "stalled" / "run")[0]["choice"]
+    assert fixed.growth.schedule == "fixed" and [(s.step, s.shape) for s in fixed.growth.stages] == [
+        (0, [32, 64, 2, 1]), (30, choice)]
+    assert "not the model section" in r.stderr  # (it stopped at one growth: the model section is the shape reached)
+    Trainer(fixed).run()
+    assert losses(tmp_path / "run") == losses(runs / "stalled" / "run")
+    bad = run_cli(["msg_megatron.schedule_from_auto", "--from-auto", str(tmp_path / "nothing")])
+    assert bad.returncode == 2 and "nothing" in bad.stderr
+
+
+@pytest.mark.slow
+def test_resume_inside_a_probe_and_across_a_growth_is_bitwise(runs, tmp_path, monkeypatch):
+    """Killed in the second candidate's probe, the run resumes from the check's checkpoint and replays the
+    check; resumed inside the decision window (step 25) or mid-ramp after the growth (step 35): losses and
+    decisions bitwise the uninterrupted run's."""
+    from msg_megatron.training.trainer import Trainer
+
+    ref = runs / "stalled"
+    want, want_dec = losses(ref / "run"), decisions(ref / "run")
+    for step in (25, 35):
+        Trainer(auto_cfg(tmp_path / f"r{step}", *STALLED, f"checkpoint.load={ref}/ck/step_{step:06d}")).run()
+        got = losses(tmp_path / f"r{step}" / "run")
+        assert sorted(got) == list(range(step, 45)) and all(got[s] == want[s] for s in got), step
+        assert decisions(tmp_path / f"r{step}" / "run") == [d for d in want_dec if d["step"] >= step]
+
+    calls = {"n": 0}
+    real_step = Trainer.train_step
+
+    def dies_in_a_probe(self):
+        if self.auto.check is None and self.step >= 20:  # (20 <= step and no check yet: a probe's step)
+            calls["n"] += 1
+            if calls["n"] == 13:  # the second candidate's third step
+                raise KeyboardInterrupt("killed")
+        return real_step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", dies_in_a_probe)
+    cfg = auto_cfg(tmp_path / "k", *STALLED)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg).run()
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    assert (tmp_path / "k" / "ck" / "latest").read_text().strip() == "step_000020"  # the check's checkpoint
+    Trainer(cfg).run()
+    assert losses(tmp_path / "k" / "run") == want and decisions(tmp_path / "k" / "run") == want_dec
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_tp2_pp2_decides_and_trains_as_one_process(tmp_path, tiny_data):
+    """The stalled run at TP2 x PP2 (four pool ranks; probes at the run's layout) against one process: the
+    same decisions, each rate within 1e-5 relative, each loss within 1e-5."""
+    import yaml
+
+    from msg_megatron.training.trainer import Trainer
+
+    shapes = ["model.num_layers=4", "growth.stages=[{step: 0, shape: [32, 64, 2, 2]}]"]
+    Trainer(auto_cfg(tmp_path / "one", *STALLED, *shapes)).run()
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({}))
+    r = launch(4, ["msg_megatron.pretrain", str(cfg), *BASE, *AUTO, *STALLED, *shapes, "parallel.tensor=2",
+                   "parallel.pipeline=2", f"logging.run_dir={tmp_path}/tp/run", f"checkpoint.save={tmp_path}/tp/ck"],
+               timeout=540)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one, tp = decisions(tmp_path / "one" / "run"), decisions(tmp_path / "tp" / "run")
+    assert [(d["step"], d["choice"]) for d in tp] == [(d["step"], d["choice"]) for d in one] and one[0]["choice"]
+    for a, b in zip(one, tp):
+        for (sa, ga, _), (sb, gb, _) in zip(a["candidates"], b["candidates"]):
+            assert sa == sb and gb == pytest.approx(ga, rel=1e-5)
+    la, lb = losses(tmp_path / "one" / "run"), losses(tmp_path / "tp" / "run")
+    assert sorted(la) == sorted(lb) and all(abs(la[s] - lb[s]) <= 1e-5 * abs(la[s]) for s in la)
