@@ -13,7 +13,7 @@ schedule can start from the structure that learns fastest per second and grow wh
 the config's model shape: in each round every dimension not yet at its final size is tried grown to
 it (one candidate each, trained as above), and the candidate with the best gamma becomes the next
 stage, until the final shape. --combine N also tries every 2..N of those dimensions grown together
-in one stage (growth/candidates.py), so a round may take several dimensions at once. This is
+in one stage (config/candidates.py), so a round may take several dimensions at once. This is
 section 3.2.1's procedure made mechanical: it finds its rules (i)-(iii) rather than assuming them
 (a deeper model costs tau: it comes late). Stage durations split train.steps equally, the
 remainder to the first stage (the paper: "roughly equal ... slightly emphasizing the early
@@ -31,7 +31,7 @@ from typing import List
 from .cli import run_cli
 from .config import Shape, load_config
 from .grow import parse_shape
-from .growth.candidates import next_shapes
+from .config.candidates import next_shapes
 from .training.rates import fit_slope
 from .training.runs import run_pretrain, steps as step_records
 

@@ -1,9 +1,9 @@
-"""The next-stage shapes a schedule search tries (growth/candidates.py), against lists written out by hand."""
+"""The next-stage shapes a schedule search tries (config/candidates.py), against lists written out by hand."""
 import pytest
 
 from conftest import run_cli
 from msg_megatron.config import Shape
-from msg_megatron.growth.candidates import next_shapes
+from msg_megatron.config.candidates import next_shapes
 
 
 def test_one_dimension_at_a_time_and_combinations():
@@ -29,7 +29,7 @@ def test_growth_by_a_factor_and_listed_shapes():
     listed shapes that only add to the current one; reachable_shapes is every shape a run could get to."""
     from types import SimpleNamespace
 
-    from msg_megatron.growth.candidates import auto_candidates, reachable_shapes
+    from msg_megatron.config.candidates import auto_candidates, reachable_shapes
 
     cur, fin = Shape(64, 128, 2, 1), Shape(96, 512, 2, 4)
     assert next_shapes(cur, fin, factor=2) == [Shape(96, 128, 2, 1), Shape(64, 256, 2, 1), Shape(64, 128, 2, 2)]

@@ -18,7 +18,7 @@ LAYERS = [
     {"growth"},
     {"training"},
     {"cli", "dry_run", "dry_run_ranks", "eval", "export_megatron", "generate", "grow", "gridsearch", "hf",
-     "import_megatron", "plan", "plot", "preprocess", "pretrain"},
+     "import_megatron", "plan", "plot", "preprocess", "pretrain", "schedule_from_auto"},
 ]
 LEVEL = {part: i for i, layer in enumerate(LAYERS) for part in layer}
 

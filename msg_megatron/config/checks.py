@@ -6,6 +6,7 @@ import math
 from typing import Optional
 
 from .blend_syntax import parse_blend, parse_split
+from .candidates import auto_candidates, reachable_shapes
 from .schema import Config, ConfigError, Shape, StageConfig
 
 
@@ -350,8 +351,6 @@ def _validate_auto(cfg: Config) -> None:
     """growth.schedule=auto: the stages so far lie within the model section, a check and its probe fit
     in train.steps, there is something to grow, and every shape the run could grow into runs at the
     job's layout (auto stages never change the layout: a checkpoint relayout is a fixed schedule's)."""
-    from ..growth.candidates import auto_candidates, reachable_shapes
-
     m, g, a, t = cfg.model, cfg.growth, cfg.growth.auto, cfg.train
     final, last = m.shape, Shape(*g.stages[-1].shape)
     where = f"growth.stages[{len(g.stages) - 1}].shape"

@@ -9,7 +9,7 @@ A check at step s (every growth.auto.check_interval steps, once the last growth'
 a probe still fits before train.steps):
   1. the run saves its checkpoint at s (a normal checkpoint of checkpoint.save: a kill from here on
      resumes at s and replays the check, so the decisions are the same);
-  2. for each candidate shape (growth/candidates.py), the model is grown with the same `grow()` a fixed
+  2. for each candidate shape (config/candidates.py), the model is grown with the same `grow()` a fixed
      schedule uses (its stage's seed, masks at 0 ramping over growth.ramp_steps, AdamW state grown,
      growth.lr_reset_stages as that stage would have them) and trained probe_steps steps on the batches
      the run sees next; its losses are kept, then the checkpoint of s is loaded back (weights, AdamW
@@ -32,7 +32,7 @@ from typing import List, Optional
 
 from ..config import Config, Shape, StageConfig
 from ..growth.apply import grow
-from ..growth.candidates import auto_candidates
+from ..config.candidates import auto_candidates
 from ..model import update_masks
 from ..model.recompute import configure_recompute
 from .flops import flops_per_token

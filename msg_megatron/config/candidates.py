@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 from typing import List
 
-from ..config import Shape
+from .schema import Shape
 
 
 def next_shapes(current: Shape, final: Shape, combine: int = 1, factor: float = 0.0) -> List[Shape]:
