@@ -20,12 +20,14 @@ training the final shape on the same tokens. Memory per GPU, in train.precision 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from typing import List
 
 from .cli import run_cli
-from .config import Config, load_config
+from .config import Config, Shape, StageConfig, load_config
+from .config.candidates import auto_candidates, reachable_shapes
 from .dry_run import DryRunError, dry_run
 from .model.gpt import padded_vocab_size
 from .training.flops import PEAK_TFLOPS, flops_per_token
@@ -102,6 +104,59 @@ def plan(cfg: Config, mfu: float, gpu: str, distributed_optimizer: bool = True, 
             "cost": (gpu_hours + job_gpu_hours) * price_per_gpu_hour if price_per_gpu_hour else None,
             "final_shape_flops": final_fpt * tokens, "flops_saving": 1 - total / (final_fpt * tokens),
             "speedup_flops": final_fpt * tokens / total}
+
+
+def plan_auto(cfg: Config, *args, **kwargs) -> dict:
+    """msg-plan of a growth.schedule=auto config: its stages are decided during the run, so the plan is
+    two fixed schedules that bound it, the probes' largest cost, and what cannot be known ahead.
+    `upper` grows straight to the model section at the first decision (the table shows it: its last
+    stage has the largest memory any stage can have), `lower` never grows past the given stages."""
+    a, t = cfg.growth.auto, cfg.train
+    last = cfg.growth.stages[-1]
+    first_check = (last.step // a.check_interval + 1) * a.check_interval
+    while first_check < last.step + cfg.growth.ramp_steps:  # (checks start once the masks are all 1)
+        first_check += a.check_interval
+    first_decision = first_check + a.probe_steps
+    fixed = dataclasses.replace(cfg.growth, schedule="fixed")
+    lower = plan(dataclasses.replace(cfg, growth=fixed), *args, **kwargs)
+    grown = dataclasses.replace(fixed, stages=list(fixed.stages) + [
+        StageConfig(step=first_decision, shape=list(cfg.model.shape.as_tuple()))])
+    res = plan(dataclasses.replace(cfg, growth=grown), *args, **kwargs)
+    checks = len(range(first_check, t.steps - a.probe_steps, a.check_interval))
+    start = Shape(*last.shape)
+    candidates = len(auto_candidates(a, start, cfg.model.shape))  # (the most a check probes: the first one)
+    final = res["stages"][-1]
+    probe_flops = checks * candidates * a.probe_steps * final["flops_per_token"] * final["global_batch_size"] \
+        * cfg.model.seq_length
+    rate_per_s = final["flops"] / (final["gpu_hours"] * 3600) if final["gpu_hours"] else 0.0  # (one GPU's FLOP/s)
+    res["auto"] = {
+        "first_check": first_check, "first_decision": first_decision, "checks_max": checks,
+        "candidates_first_check": candidates, "probe_steps": a.probe_steps,
+        "flops_range": [lower["flops"], res["flops"]], "gpu_hours_range": [lower["gpu_hours"], res["gpu_hours"]],
+        "days_range": [lower["days"], res["days"]], "probe_flops_max": probe_flops,
+        "probe_gpu_hours_max": probe_flops / rate_per_s / 3600 if rate_per_s else None,
+        "reachable_shapes": [list(s.as_tuple()) for s in reachable_shapes(a, start, cfg.model.shape)],
+        "cannot_predict": "when the run grows and into which shapes (each check decides from the measured rates); "
+                          "msg-schedule --from-auto writes the stages a run chose as a fixed schedule",
+    }
+    return res
+
+
+def auto_table(res: dict) -> str:
+    a = res["auto"]
+    ph = f" ({a['probe_gpu_hours_max']:.3g} GPU-hours)" if a["probe_gpu_hours_max"] is not None else ""
+    return "\n".join([
+        "growth.schedule=auto: the stages are decided during the run. Planned: the table below grows straight to the "
+        f"model section at the first decision (step {a['first_decision']}), so its last stage has the largest memory "
+        f"any stage can have ({len(a['reachable_shapes'])} reachable shapes, all checked against the layout);",
+        f"training FLOPs between {a['flops_range'][0]:.3g} (never grows) and {a['flops_range'][1]:.3g} (grows at step "
+        f"{a['first_decision']}), {a['gpu_hours_range'][0]:.3g}-{a['gpu_hours_range'][1]:.3g} GPU-hours, "
+        f"{a['days_range'][0]:.1f}-{a['days_range'][1]:.1f} days;",
+        f"probes: at most {a['checks_max']} checks (every growth.auto.check_interval steps from step "
+        f"{a['first_check']}), each at most {a['candidates_first_check']} candidates x {a['probe_steps']} steps, at most "
+        f"{a['probe_flops_max']:.3g} FLOPs{ph} at the final shape's cost, plus one checkpoint save per check and one "
+        "load per candidate;",
+        f"not predictable: {a['cannot_predict']}.", "", table(res)])
 
 
 def pipeline_bubble(pp: int, micro_batches: int, virtual_pipeline: int = 1) -> float:
@@ -241,9 +296,11 @@ def _main(argv: List[str]) -> int:
         print(json.dumps(res) if args.json else f"[dry-run] every stage built and covered in {res['seconds']:.0f} s, "
                                            f"peak RSS {res['peak_rss_bytes'] / 1024 ** 3:.2f} GiB")
         return 0
-    res = plan(cfg, args.mfu or 0.5, args.gpu, cfg.parallel.distributed_optimizer and not args.no_distributed_optimizer,
-               tflops_per_gpu=tflops, storage_gbps=args.storage_gbps, price_per_gpu_hour=args.price_per_gpu_hour)
-    print(json.dumps(res) if args.json else table(res))
+    auto = cfg.growth.schedule == "auto"
+    res = (plan_auto if auto else plan)(
+        cfg, args.mfu or 0.5, args.gpu, cfg.parallel.distributed_optimizer and not args.no_distributed_optimizer,
+        tflops_per_gpu=tflops, storage_gbps=args.storage_gbps, price_per_gpu_hour=args.price_per_gpu_hour)
+    print(json.dumps(res) if args.json else (auto_table if auto else table)(res))
     return 0
 
 

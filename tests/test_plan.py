@@ -232,3 +232,31 @@ def test_interleaved_activation_count_is_the_schedules_peak(p, m, v):
     one = activation_bytes(cfg, Shape(48, 96, 6, 2), 128, 1, 1, 1, elem=4) - 4 * 16 * 128  # a chunk, no logits
     got = activation_bytes(cfg, shape, 128, 1, p, 1, elem=4, virtual_pipeline=v, micro_batches=m)
     assert got == pytest.approx(peak * one)
+
+
+def test_an_auto_schedule_plans_its_bounds():
+    """msg-plan on growth.schedule=auto: the two fixed schedules that bound it (never growing; growing to the
+    model section at the first decision, whose table it prints), the probes' most FLOPs counted by hand, and
+    what it cannot predict."""
+    from msg_megatron.config import load_config
+    from msg_megatron.plan import plan
+
+    auto = ["growth.schedule=auto", "growth.stages=[{step: 0, shape: [128, 256, 4, 2]}]", "growth.auto.check_interval=48",
+            "growth.auto.probe_steps=16"]
+    r = run_cli(["msg_megatron.plan", "configs/demo_cpu.yaml", *auto, "--json"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout)
+    a = res["auto"]
+    never = plan(load_config("configs/demo_cpu.yaml", ["growth.stages=[]", "model.hidden_size=128",
+                                                       "model.ffn_hidden_size=256", "model.num_attention_heads=4",
+                                                       "model.num_layers=2"]), 0.5, "A800")
+    grown = plan(load_config("configs/demo_cpu.yaml", ["growth.stages=[{step: 0, shape: [128, 256, 4, 2]}, "
+                                                       "{step: 64, shape: [192, 768, 6, 4]}]"]), 0.5, "A800")
+    assert a["first_check"] == 48 and a["first_decision"] == 64
+    assert a["flops_range"] == pytest.approx([never["flops"], grown["flops"]], rel=1e-12)
+    assert res["stages"][-1]["memory_gib"] == grown["stages"][-1]["memory_gib"]
+    checks = len(range(48, 480 - 16, 48))  # 48, 96, ..., 432: 9
+    assert a["checks_max"] == checks == 9 and a["candidates_first_check"] == 4 and len(a["reachable_shapes"]) == 15
+    assert a["probe_flops_max"] == pytest.approx(checks * 4 * 16 * grown["stages"][-1]["flops_per_token"] * 16 * 128)
+    text = run_cli(["msg_megatron.plan", "configs/demo_cpu.yaml", *auto]).stdout
+    assert "not predictable: when the run grows and into which shapes" in text and "msg-schedule --from-auto" in text
