@@ -29,11 +29,17 @@ def test_bench_growth_quick(tmp_path, cache_dir, family, stem):
     m = res["methods"]
     full = m["full"]
     assert res["budget_steps"] <= full["ext_steps"] <= res["cap_steps"] and full["val_steps"][-1] == 60
-    target = min(m[n]["final_val_loss"] for n in ("msg", "nomask", "net2net"))
+    target = min(m[n]["final_val_loss"] for n in ("msg", "auto", "nomask", "net2net"))
     assert (full["ext_steps"] == res["cap_steps"]) == (min(v for _, v in full["val_curve_ext"]) > target)
-    for name in ("msg", "nomask", "net2net"):  # a ratio where the full run got there, else a bound
+    for name in ("msg", "auto", "nomask", "net2net"):  # a ratio where the full run got there, else a bound
         assert (m[name]["speedup"] is None) != (m[name]["speedup_bound"] is None)
-    assert sorted(m) == ["full", "msg", "net2net", "nomask"]
+    assert sorted(m) == ["auto", "full", "msg", "net2net", "nomask"]
+    # MSG auto: one decision per check (10, 20, ...: decided 4 steps later), its probes inside its training time
+    auto = m["auto"]
+    assert auto["decisions"] and all(d["step"] % 10 == 4 for d in auto["decisions"])
+    assert len(auto["probe_spans"]) == len(auto["decisions"]) and 0 < auto["probe_share"] < 1
+    assert [g["to"] for g in auto["growths"]] == [d["choice"] for d in auto["decisions"] if d["choice"]]
+    assert "MSG auto" in (tmp_path / f"{stem}.md").read_text()
     assert m["full"]["train_flops"] > m["msg"]["train_flops"]  # the growth schedule costs fewer FLOPs
     assert len(m["msg"]["growths"]) == 4 and not m["full"]["growths"]
     for g in m["msg"]["growths"]:

@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -36,7 +37,8 @@ from msg_megatron.config import load_config  # noqa: E402
 from msg_megatron.training.runs import evals, growths, read_metrics, run_pretrain, steps  # noqa: E402
 
 COMMON = ["checkpoint.save=", "checkpoint.load=", "train.log_interval=1"]
-GROWN = [{"name": "msg", "over": ["growth.operator=msg"]}, {"name": "nomask", "over": ["growth.operator=nomask"]},
+GROWN = [{"name": "msg", "over": ["growth.operator=msg"]}, {"name": "auto", "over": ["growth.operator=msg"]},
+         {"name": "nomask", "over": ["growth.operator=nomask"]},
          {"name": "net2net", "over": ["growth.operator=net2net"]}]
 _QUICK_SHAPES = ["growth.stages=[{step: 0, shape: [64, 128, 4, 2]}, {step: 10, shape: [64, 384, 4, 2]}, "
                  "{step: 20, shape: [64, 384, 4, 4]}, {step: 30, shape: [96, 384, 4, 4]}, "
@@ -56,17 +58,27 @@ GPT_STAGES = ("growth.stages=[{step: 0, shape: [128, 256, 4, 2]}, {step: 96, sha
 BERT_STAGES = ("growth.stages=[{step: 0, shape: [128, 256, 4, 2]}, {step: 96, shape: [128, 256, 6, 2]}, "
                "{step: 192, shape: [192, 256, 6, 2]}, {step: 288, shape: [192, 768, 6, 2]}, "
                "{step: 384, shape: [192, 768, 6, 4]}]")
+# MSG auto (growth.schedule=auto): the same start shape and model section as the gridsearch schedule, the run
+# deciding the rest; a check every stage length of the fixed schedule (96 of 480 steps), probes of 12 steps. Its
+# rate is per second (growth.auto.cost=time), as the benchmark's: per FLOP (the default, reproducible) the small
+# model stays ahead at every check on this CPU, where a step's time is far from proportional to its FLOPs
+AUTO = ["growth.schedule=auto", "growth.stages=[{step: 0, shape: [128, 256, 4, 2]}]", "growth.auto.check_interval=96",
+        "growth.auto.probe_steps=12", "growth.auto.window=48", "growth.auto.cost=time"]
+_QUICK_AUTO = ["growth.schedule=auto", "growth.stages=[{step: 0, shape: [64, 128, 4, 2]}]",
+               "growth.auto.check_interval=10", "growth.auto.probe_steps=4", "growth.auto.window=8"]
+METHODS = ("msg", "auto", "nomask", "net2net")  # the growth methods, in the order they run and are reported
 FAMILIES = {
     # the demos: (128, 256, 4, 2) grows one dimension per stage to (192, 768, 6, 4) in 480 steps;
     # quick (CI): the same story at 1/8 of the steps on a smaller model
     "gpt": {"config": "demo_cpu.yaml", "stem": "growth_cpu",
-            "full": {"over": ["train.eval_interval=40", GPT_STAGES], "ramps": [5, 20, 80], "ramp": 40},
-            "quick": {"over": _QUICK, "ramps": [2], "ramp": 5, "tasks": ["train.eval_tasks_limit=4"]}},
+            "full": {"over": ["train.eval_interval=40", GPT_STAGES], "ramps": [5, 20, 80], "ramp": 40, "auto": AUTO},
+            "quick": {"over": _QUICK, "ramps": [2], "ramp": 5, "tasks": ["train.eval_tasks_limit=4"],
+                      "auto": _QUICK_AUTO}},
     "bert": {"config": "bert_demo_cpu.yaml", "stem": "growth_cpu_bert",
              # appendix D: BERT's grown runs reset the LR to its peak at the 1st and 2nd growth
              "full": {"over": ["train.eval_interval=40", BERT_STAGES], "grown": ["growth.lr_reset_stages=[1, 2]"],
-                      "ramps": [5], "ramp": 40},
-             "quick": {"over": _QUICK + ["data.corpus_mb=1"], "ramps": [2], "ramp": 5}},
+                      "ramps": [5], "ramp": 40, "auto": AUTO},
+             "quick": {"over": _QUICK + ["data.corpus_mb=1"], "ramps": [2], "ramp": 5, "auto": _QUICK_AUTO}},
 }
 
 
@@ -122,7 +134,22 @@ def summarise(name, recs, budget=None):
             "val_flops_curve": [(e["train_flops"], e["val_loss"]) for e in ev],
             "val_steps": [e["step"] for e in ev],
             "loss_curve": [(r["step"], r["loss"]) for r in st], "growths": jumps(st, growths(recs)),
-            "growth_times": [next(r["train_time"] for r in st if r["step"] == g["step"]) for g in growths(recs)]}
+            "growth_times": [next(r["train_time"] for r in st if r["step"] == g["step"]) for g in growths(recs)],
+            **auto_figures(recs)}
+
+
+def auto_figures(recs) -> dict:
+    """growth.schedule=auto's decisions (step, the run's gamma, each candidate's gamma and margin in
+    standard errors, the choice) and its probes' spans of training time, with their share of it."""
+    dec = [{"step": r["step"], "gamma": r["gamma"], "gamma_se": r["gamma_se"], "unit": r["unit"], "choice": r["choice"],
+            "candidates": [(c["shape"], c["gamma"], c["sigma"]) for c in r["candidates"]]}
+           for r in recs if r.get("event") == "auto_decision"]
+    spans = [(r["train_time_start"], r["train_time_end"]) for r in recs if r.get("event") == "auto_probes"]
+    if not dec and not spans:
+        return {}
+    spent = sum(b - a for a, b in spans)
+    return {"decisions": dec, "probe_spans": spans, "probe_time_s": spent,
+            "probe_share": spent / steps(recs)[-1]["train_time"]}
 
 
 def _score_curve(recs) -> list:
@@ -201,7 +228,9 @@ def _at_end(recs, overrides) -> bool:
     return evals(recs)[-1]["step"] >= int(last.split("=")[1])
 
 
-def run_all(family: str, mode: str, work: str, log, reuse: bool = False, cap: float = 3.0) -> dict:
+def run_all(family: str, mode: str, work: str, log, reuse: bool = False, cap: float = 3.0, extras: bool = True) -> dict:
+    """Every method once, one after another (growth methods, then the full-size run). `extras`: also the
+    downstream scores and the mask-strength study (deterministic: a repeat leaves them out)."""
     fam = FAMILIES[family]
     config = os.path.join(REPO, "configs", fam["config"])
     setting = fam[mode]
@@ -211,7 +240,7 @@ def run_all(family: str, mode: str, work: str, log, reuse: bool = False, cap: fl
     # downstream scores of each method's model at the budget (evaluation time is not training time); BERT's is its
     # masked-LM accuracy on the validation batches, logged with every evaluation
     tasks = ["train.eval_tasks=[msg_offline]", f"train.eval_tasks_interval={budget}",
-             "train.eval_tasks_at_ramp_end=false"] + setting.get("tasks", []) if family == "gpt" else []
+             "train.eval_tasks_at_ramp_end=false"] + setting.get("tasks", []) if family == "gpt" and extras else []
     results = {}
 
     def report(name, t0):
@@ -222,7 +251,13 @@ def run_all(family: str, mode: str, work: str, log, reuse: bool = False, cap: fl
     for m in GROWN:
         log(f"[bench] {m['name']} ...")
         t0 = time.time()
-        results[m["name"]] = summarise(m["name"], _run(config, base + tasks + grown + m["over"],
+        over = list(m["over"])
+        if m["name"] == "auto":  # (its probes return through the checkpoint of each check: a fresh save directory)
+            ck = os.path.join(work, "auto", "ck")
+            if not reuse:
+                shutil.rmtree(ck, ignore_errors=True)
+            over += setting["auto"] + [f"checkpoint.save={ck}", "checkpoint.keep=1"]
+        results[m["name"]] = summarise(m["name"], _run(config, base + tasks + grown + over,
                                                        os.path.join(work, m["name"]), reuse))
         report(m["name"], t0)
     # the full-size run last: continued past the budget until it reaches every method's final loss
@@ -257,7 +292,7 @@ def run_all(family: str, mode: str, work: str, log, reuse: bool = False, cap: fl
     speedups(results)
     equal_flops_scores(results)
     ramps = []
-    for ramp in sorted(set(setting["ramps"] + [setting["ramp"]])):
+    for ramp in sorted(set(setting["ramps"] + [setting["ramp"]])) if extras else []:
         if ramp == setting["ramp"]:
             r = results["msg"]
         else:
@@ -274,7 +309,7 @@ def run_all(family: str, mode: str, work: str, log, reuse: bool = False, cap: fl
 def _continuation(res: dict) -> str:
     """How far the full-size run went: within its budget, continued, or stopped at the cap."""
     m, f = res["methods"], res["methods"]["full"]
-    target = min(m[n]["final_val_loss"] for n in ("msg", "nomask", "net2net"))
+    target = min(m[n]["final_val_loss"] for n in METHODS if n in m)
     head = (f"The full-size run is reported at the budget ({res['budget_steps']} steps); the speed-ups compare "
             f"each method with the time the full run took to reach that method's final validation loss")
     if f["ext_steps"] <= res["budget_steps"]:
@@ -299,7 +334,9 @@ def markdown(res: dict) -> str:
              "wall-time speed-up at equal loss | FLOPs speed-up at equal loss | FLOPs saved (same budget) | "
              "time to the full budget run's loss (s) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     fmt = lambda v, f: "never" if v is None else format(v, f)  # noqa: E731
-    for name in ("full", "msg", "nomask", "net2net"):
+    for name in ("full",) + METHODS:
+        if name not in m:
+            continue
         r = m[name]
         if name == "full":
             lines.append(f"| full (at the budget) | {r['train_time_s']:.1f} | {r['train_flops']:.3g} | "
@@ -321,14 +358,14 @@ def markdown(res: dict) -> str:
               "| method | step | to | loss before | loss after | jump | full run's change on the same batches | "
               "excess jump | excess / noise | probe before -> after |",
               "|---|---:|---|---:|---:|---:|---:|---:|---:|---|"]
-    for name in ("msg", "nomask", "net2net"):
+    for name in (n for n in METHODS if n in m):
         for g in m[name]["growths"]:
             ex = g.get("excess_jump")
             ratio = ex / g["noise"] if (ex is not None and g["noise"]) else float("nan")
             lines.append(f"| {name} | {g['step']} | {tuple(g['to'])} | {g['loss_before']:.4f} | {g['loss_after']:.4f} | "
                          f"{g['jump']:+.4f} | {g['jump'] - ex:+.4f} | {ex:+.4f} | {ratio:+.1f} | "
                          f"{g['probe_before']:.4f} -> {g['probe_after']:.4f} |")
-    keys = sorted({k for name in ("full", "msg", "nomask", "net2net") for k in m[name].get("scores", {})
+    keys = sorted({k for name in m for k in m[name].get("scores", {})
                    if k.endswith(("/acc", "/bits_per_byte", "/exact_match", "mlm_accuracy"))})
     if keys:
         lines += ["", "Downstream scores of each method's model at the budget (the full-size run at its budget step; "
@@ -336,18 +373,64 @@ def markdown(res: dict) -> str:
                      "better, bits per byte lower" if res.get("family", "gpt") == "gpt" else
                      "masked-LM accuracy on the validation batches") + "):", "",
                   "| method | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
-        for name in ("full", "msg", "nomask", "net2net"):
+        for name in ("full",) + tuple(n for n in METHODS if n in m):
             sc = m[name].get("scores", {})
             lines.append(f"| {name} | " + " | ".join(f"{sc[k]:.4f}" if k in sc else "-" for k in keys) + " |")
         eq = f.get("scores_at_msg_flops")
         if eq:
             lines.append(f"| full at MSG's FLOPs (step {eq['step']}, {eq['train_flops']:.3g}) | "
                          + " | ".join(f"{eq['scores'][k]:.4f}" if k in eq["scores"] else "-" for k in keys) + " |")
+    auto = m.get("auto", {})
+    if auto.get("decisions") is not None:
+        unit = auto["decisions"][0]["unit"] if auto["decisions"] else ""
+        lines += ["", f"MSG auto (growth.schedule=auto): its decisions ({unit}; sigma = the candidate's gain over "
+                  "the run in standard errors, grown into above the margin). Probes took "
+                  f"{auto['probe_time_s']:.1f} s, {auto['probe_share']:.1%} of its training time.", "",
+                  "| decision step | the run's gamma | candidates: gamma (sigma) | grew to |", "|---:|---:|---|---|"]
+        for d in auto["decisions"]:
+            cands = ", ".join(f"{tuple(sh)} {g:.4g} ({sg:+.1f})" for sh, g, sg in d["candidates"])
+            lines.append(f"| {d['step']} | {d['gamma']:.4g} +- {d['gamma_se']:.2g} | {cands} | "
+                         f"{tuple(d['choice']) if d['choice'] else '-'} |")
+    if res.get("repeats"):
+        lines += ["", repeats_markdown(res)]
     lines += ["", "Mask strength (Table 3): MSG with several ramp lengths, validation loss at the last step:", "",
               "| ramp_steps | final val loss | training time (s) |", "|---:|---:|---:|"]
     for r in res["ramp_study"]:
         lines.append(f"| {r['ramp_steps']} | {r['final_val_loss']:.4f} | {r['train_time_s']:.1f} |")
     return "\n".join(lines) + "\n"
+
+
+def repeat_summary(runs: list) -> dict:
+    """Per method over the repeats: each run's wall-time speed-up at equal loss (a ratio, or its bound where
+    the full run did not get there), their median and spread, and the FLOPs speed-up (the same every time:
+    the losses are deterministic; only the wall clock moves)."""
+    out = {}
+    for name in METHODS:
+        rows = [r[name] for r in runs if name in r]
+        if not rows:
+            continue
+        sp = [x["speedup"] if x.get("speedup") is not None else x.get("speedup_bound") for x in rows]
+        out[name] = {"speedups": sp, "bounds": [x.get("speedup") is None for x in rows],
+                     "median": statistics.median(sp), "min": min(sp), "max": max(sp),
+                     "train_time_s": [x["train_time_s"] for x in rows],
+                     "flops_speedup": rows[0].get("flops_speedup") or rows[0].get("flops_bound"),
+                     "probe_share": [x["probe_share"] for x in rows if "probe_share" in x]}
+    return out
+
+
+def repeats_markdown(res: dict) -> str:
+    rs = res["repeat_summary"]
+    n = len(res["repeats"])
+    lines = [f"Repeats: every method run {n} times, interleaved (each repeat runs them all in turn, the full-size run "
+             "last); wall-time speed-up at equal validation loss per repeat, the median and the spread (losses are "
+             "identical in every repeat: only the wall clock differs):", "",
+             "| method | speed-up per repeat | median | min-max | FLOPs speed-up | training time per repeat (s) |",
+             "|---|---|---:|---|---:|---|"]
+    for name, r in rs.items():
+        per = ", ".join(("> " if b else "") + f"{v:.2f}x" for v, b in zip(r["speedups"], r["bounds"]))
+        lines.append(f"| {name} | {per} | **{r['median']:.2f}x** | {r['min']:.2f}-{r['max']:.2f}x | "
+                     f"{r['flops_speedup']:.2f}x | {', '.join(f'{t:.1f}' for t in r['train_time_s'])} |")
+    return "\n".join(lines)
 
 
 def plot(res: dict, path: str) -> None:
@@ -357,7 +440,7 @@ def plot(res: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    colors = {"full": "k", "msg": "tab:blue", "nomask": "tab:orange", "net2net": "tab:green"}
+    colors = {"full": "k", "msg": "tab:blue", "auto": "tab:purple", "nomask": "tab:orange", "net2net": "tab:green"}
     for name, r in res["methods"].items():
         ts, vs = zip(*r.get("val_curve_ext", r["val_curve"]))  # (the full run past its budget too)
         ax1.plot(ts, vs, "o-", color=colors[name], label=name, markersize=3)
@@ -369,11 +452,18 @@ def plot(res: dict, path: str) -> None:
     for g, t in zip(msg["growths"], msg["growth_times"]):
         ax2.axvline(g["step"], color="gray", linestyle=":", linewidth=0.8)
         ax1.axvline(t, color="gray", linestyle=":", linewidth=0.8)
+    auto = res["methods"].get("auto", {})
+    for i, (a, b) in enumerate(auto.get("probe_spans", [])):  # MSG auto's probes, inside its training time
+        ax1.axvspan(a, b, color=colors["auto"], alpha=0.15, label="auto's probes" if i == 0 else None)
+    for g, t in zip(auto.get("growths", []), auto.get("growth_times", [])):
+        ax2.axvline(g["step"], color=colors["auto"], linestyle=":", linewidth=0.8)
+        ax1.axvline(t, color=colors["auto"], linestyle=":", linewidth=0.8)
     ax1.set_xlabel("training wall time (s)")
     ax1.set_ylabel("validation loss")
     if "budget_steps" in res:
         ax1.axvline(res["methods"]["full"]["train_time_s"], color="k", linestyle="--", linewidth=0.8)
-    ax1.set_title("validation loss vs wall time (dotted: MSG growths; dashed: full run's budget)")
+    ax1.set_title("val loss vs wall time (dotted: growths; shaded: auto's probes; dashed: full budget)",
+                  fontsize=9)
     ax2.set_xlabel("step")
     ax2.set_ylabel("training loss (smoothed)")
     ax2.set_title("training loss vs step (dotted: growths)")
@@ -394,6 +484,9 @@ def main(argv=None) -> int:
     ap.add_argument("--work-dir", default="", help="where the runs go (default: a temp dir)")
     ap.add_argument("--reuse", action="store_true", help="re-read finished runs in --work-dir instead of rerunning")
     ap.add_argument("--from-json", default="", help="re-derive the report and plot from a saved result")
+    ap.add_argument("--repeats", type=int, default=1, help="run every method this many times, interleaved, and "
+                    "report the median wall-time speed-up and its spread (the first repeat also scores downstream "
+                    "and runs the ramp study)")
     args = ap.parse_args(argv)
     mode = "quick" if args.quick else "full"
     if args.cap < 1:
@@ -404,8 +497,22 @@ def main(argv=None) -> int:
             res = json.load(f)
         speedups(res["methods"])
     else:
-        res = run_all(args.family, mode, args.work_dir or tempfile.mkdtemp(prefix="msg-bench-growth-"), log,
-                      args.reuse, args.cap)
+        if args.repeats < 1:
+            ap.error(f"--repeats {args.repeats}: run at least once")
+        work = args.work_dir or tempfile.mkdtemp(prefix="msg-bench-growth-")
+        res = run_all(args.family, mode, work if args.repeats == 1 else os.path.join(work, "rep0"), log, args.reuse,
+                      args.cap)
+        if args.repeats > 1:
+            runs = [res["methods"]]
+            for k in range(1, args.repeats):
+                log(f"[bench] repeat {k + 1} of {args.repeats}")
+                runs.append(run_all(args.family, mode, os.path.join(work, f"rep{k}"), log, args.reuse, args.cap,
+                                    extras=False)["methods"])
+            res["repeats"] = [{n: {k: r[n].get(k) for k in ("speedup", "speedup_bound", "train_time_s",
+                                                              "flops_speedup", "flops_bound", "probe_share")}
+                               for n in r if n != "full"} | {"full": {"train_time_s": r["full"]["train_time_s"]}}
+                              for r in runs]
+            res["repeat_summary"] = repeat_summary(res["repeats"])
     os.makedirs(args.out_dir, exist_ok=True)
     stem = os.path.join(args.out_dir, FAMILIES[res.get("family", "gpt")]["stem"] + ("_quick" if res["mode"] == "quick" else ""))
     with open(stem + ".json", "w") as f:
