@@ -148,7 +148,9 @@ def auto_figures(recs) -> dict:
     if not dec and not spans:
         return {}
     spent = sum(b - a for a, b in spans)
-    return {"decisions": dec, "probe_spans": spans, "probe_time_s": spent,
+    parts = {k: sum(r.get(k, 0.0) for r in recs if r.get("event") == "auto_probes")
+             for k in ("save_s", "grow_s", "train_s", "load_s")}
+    return {"decisions": dec, "probe_spans": spans, "probe_time_s": spent, "probe_parts_s": parts,
             "probe_share": spent / steps(recs)[-1]["train_time"]}
 
 
@@ -266,8 +268,7 @@ def run_all(family: str, mode: str, work: str, log, reuse: bool = False, cap: fl
     log(f"[bench] full ... (continued past {budget} steps until val loss <= {target:.4f}, at most {cap_steps})")
     t0 = time.time()
     def reached(recs):  # (never before the budget: the budget's own figures come from the same run)
-        if family == "gpt" and not any(r.get("step") == budget and any(k.startswith("tasks/") for k in r)
-                                       for r in recs):
+        if tasks and not any(r.get("step") == budget and any(k.startswith("tasks/") for k in r) for r in recs):
             return False  # (nor before its downstream scores at the budget are logged)
         ev = evals(recs)
         return bool(ev) and ev[-1]["step"] >= budget and any(e["val_loss"] <= target for e in ev)
@@ -385,7 +386,9 @@ def markdown(res: dict) -> str:
         unit = auto["decisions"][0]["unit"] if auto["decisions"] else ""
         lines += ["", f"MSG auto (growth.schedule=auto): its decisions ({unit}; sigma = the candidate's gain over "
                   "the run in standard errors, grown into above the margin). Probes took "
-                  f"{auto['probe_time_s']:.1f} s, {auto['probe_share']:.1%} of its training time.", "",
+                  f"{auto['probe_time_s']:.1f} s, {auto['probe_share']:.1%} of its training time ("
+                  + ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in auto.get("probe_parts_s", {}).items())
+                  + ": the check's save, growing each candidate, its steps, loading the check back).", "",
                   "| decision step | the run's gamma | candidates: gamma (sigma) | grew to |", "|---:|---:|---|---|"]
         for d in auto["decisions"]:
             cands = ", ".join(f"{tuple(sh)} {g:.4g} ({sg:+.1f})" for sh, g, sg in d["candidates"])

@@ -60,6 +60,7 @@ class AutoSchedule:
         self.probe_time: float = st.get("probe_time", 0.0)
         self.probe_flops: float = st.get("probe_flops", 0.0)
         self.window: List[list] = st.get("window", [])  # [[step, loss]] of the run's latest steps (this stage)
+        self.last_save_s = 0.0  # (the latest check's save, for the log)
 
     def state(self) -> dict:
         return {"check": self.check, "decisions": self.decisions, "probe_time": self.probe_time,
@@ -107,7 +108,9 @@ class AutoSchedule:
         preemption signal came (the check's checkpoint is then the resume point: nothing is lost)."""
         s, stage, cfg = tr.step, tr.stage, tr.cfg
         tr.sync_steps()
+        t_save = time.perf_counter()
         path = tr.save() if tr._last_saved != s else tr._last_saved_path
+        self.last_save_s = time.perf_counter() - t_save
         shape = tr.model.shape
         consumed, lr_sched, schedule = tr.consumed_samples, tr.lr_schedule, tr.schedule
         probes = []
@@ -132,12 +135,15 @@ class AutoSchedule:
                 tr.cfg, tr.schedule, tr.lr_schedule = cfg, schedule, lr_sched
                 tr.step, tr.stage, tr.consumed_samples = s, stage, consumed
             flops = flops_per_token(cfg.model, cand, tr.model.vocab_padded) * out.tokens
-            probes.append({"shape": list(cand.as_tuple()), "losses": [loss for _, loss, _ in rows],
-                           "flops_per_step": flops, "seconds_per_step": seconds})
+            t_load = time.perf_counter()
             tr.model = tr.optimizer = None  # (the candidate goes before the run's state is loaded back)
             tr.model, tr.optimizer = load_model_and_optimizer(cfg, shape, path)
             configure_recompute(tr.model, cfg.train.recompute, cfg.train.recompute_num_layers)
             spent = time.perf_counter() - t0
+            # (where a probe's time goes: growing, its steps, loading the check back)
+            probes.append({"shape": list(cand.as_tuple()), "losses": [loss for _, loss, _ in rows],
+                           "flops_per_step": flops, "seconds_per_step": seconds, "grow_s": t1 - t0,
+                           "train_s": seconds * self.a.probe_steps, "load_s": time.perf_counter() - t_load})
             self.probe_time += spent
             self.probe_flops += flops * self.a.probe_steps
             tr.train_time += spent

@@ -364,9 +364,11 @@ class Trainer:
         elif self.auto.due(self.step, self.model.shape, self.schedule):
             t0 = self.train_time
             done = self.auto.run_probes(self)
+            probes = self.auto.check["probes"] if done else []
             self.metrics.log({"event": "auto_probes", "step": self.step, "train_time_start": t0,
                               "train_time_end": self.train_time, "probe_share": self.auto.probe_time / max(
-                                  self.train_time, 1e-9), "completed": done})
+                                  self.train_time, 1e-9), "completed": done, "save_s": self.auto.last_save_s,
+                              **{k: sum(p[k] for p in probes) for k in ("grow_s", "train_s", "load_s")}})
             return done
         return True
 
