@@ -28,6 +28,7 @@ from typing import List
 from .cli import run_cli
 from .config import Config, Shape, StageConfig, load_config
 from .config.candidates import auto_candidates, reachable_shapes
+from .config.candidates import first_check as first_check_step
 from .dry_run import DryRunError, dry_run
 from .model.gpt import padded_vocab_size
 from .training.flops import PEAK_TFLOPS, flops_per_token
@@ -113,9 +114,7 @@ def plan_auto(cfg: Config, *args, **kwargs) -> dict:
     stage has the largest memory any stage can have), `lower` never grows past the given stages."""
     a, t = cfg.growth.auto, cfg.train
     last = cfg.growth.stages[-1]
-    first_check = (last.step // a.check_interval + 1) * a.check_interval
-    while first_check < last.step + cfg.growth.ramp_steps:  # (checks start once the masks are all 1)
-        first_check += a.check_interval
+    first_check = first_check_step(cfg)  # (once the masks of the last growth are all 1)
     first_decision = first_check + a.probe_steps
     fixed = dataclasses.replace(cfg.growth, schedule="fixed")
     lower = plan(dataclasses.replace(cfg, growth=fixed), *args, **kwargs)

@@ -262,3 +262,17 @@ def test_one_host_too_small_refuses_on_every_rank():
     for rank, out in enumerate(outcomes):
         assert out.startswith(f"rank {rank} refused: a test run cannot fit in host nodeb's memory"), outcomes
         assert "1.5 GiB x 1 process(es) on this machine = 1.5 GiB, and 1.0 GiB is available" in out, out
+
+
+def test_an_auto_schedule_is_checked_at_the_largest_shape_it_may_reach():
+    """growth.schedule=auto has only its first stage when the run starts: the memory check counts the model
+    section's shape, the largest its decisions can reach."""
+    from msg_megatron.model.gpt import padded_vocab_size
+    from msg_megatron.training.sizes import count_params
+
+    cfg = load_config("configs/demo_cpu.yaml", BASE + SHAPE + [
+        "growth.schedule=auto", "growth.stages=[{step: 0, shape: [128, 256, 4, 2]}]", "checkpoint.save=/tmp/x",
+        "growth.auto.check_interval=2", "growth.auto.probe_steps=3", "growth.auto.window=3"])
+    fits = check_host_memory(cfg, (1, 1), 1, processes=1, available=10 ** 15)
+    assert fits["shape"] == tuple(HUGE) and fits["params"] == count_params(cfg.model, cfg.model.shape,
+                                                                           padded_vocab_size(cfg.model))

@@ -6,6 +6,9 @@ Each layout runs under torchrun. In every process the kernel's own peak-RSS coun
 reset at the start of each phase (`echo 5 > /proc/self/clear_refs`, after `malloc_trim` returned
 what earlier phases freed) and read at its end, so each phase's peak is exact, not sampled:
   build     fresh model + optimizer (stage 0: half the layers)
+  probe     growth.schedule=auto's probe of the full depth from the 6-layer stage (training/auto_growth.py:
+            grown from the check's checkpoint, three steps, the checkpoint loaded back), against the training
+            step at the full depth (the candidate's own)
   grow      online growth to the full depth (MSG, AdamW state grown)
   train     three training steps at the full shape: the reference peak
   save      a checkpoint of the full model
@@ -28,6 +31,7 @@ the distributed optimizer (`-do`).
 from __future__ import annotations
 
 import argparse
+import copy
 import ctypes
 import gc
 import json
@@ -123,6 +127,7 @@ def worker(args) -> None:
     import torch.distributed as dist
 
     from msg_megatron.model import update_masks
+    from msg_megatron.training.auto_growth import AutoSchedule
     from msg_megatron.training.trainer import Trainer
 
     torch.set_num_threads(1)
@@ -137,6 +142,10 @@ def worker(args) -> None:
             t.step += 1
         with ph("save-half"):  # the 6-layer checkpoint (for msg-grow), before the growth
             t.save()
+        with ph("probe"):  # auto's probe of the full depth from here, returning to this state
+            auto_cfg = copy.deepcopy(t.cfg)
+            auto_cfg.growth.auto.shapes, auto_cfg.growth.auto.probe_steps = [list(t.cfg.model.shape.as_tuple())], 3
+            AutoSchedule(auto_cfg).run_probes(t)
         with ph("grow"):
             t.grow(1)
         with ph("train"):
@@ -281,7 +290,7 @@ def main() -> None:
         return
     print(f"# peak RSS per process (MB) and ratio to the training-step peak; {platform.node()}, "
           f"{os.cpu_count()} cores, size {args.size}")
-    cols = ["build", "grow", "train", "save", "load", "train2"]
+    cols = ["build", "probe", "grow", "train", "save", "load", "train2"]
     print(f"{'layout':8} {'rank':>4} {'params':>11} {'opt MB':>8} " + " ".join(f"{c:>15}" for c in cols))
     for r in rows:
         if "msg-grow" in r:

@@ -56,3 +56,12 @@ def reachable_shapes(auto, start: Shape, final: Shape, limit: int = 4096) -> Lis
                     raise ValueError(f"more than {limit} reachable shapes: lower growth.auto.combine or raise "
                                      "growth.auto.factor")
     return out
+
+
+def first_check(cfg) -> int:
+    """The first step at which growth.schedule=auto may check: a multiple of growth.auto.check_interval,
+    once the masks of the last stage's growth are all 1 (growth.ramp_steps after it; from the start when
+    no stage grew yet)."""
+    stages, every = cfg.growth.stages, cfg.growth.auto.check_interval
+    ready = stages[-1].step + cfg.growth.ramp_steps if len(stages) > 1 else 1
+    return -(-ready // every) * every

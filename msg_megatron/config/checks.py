@@ -6,7 +6,7 @@ import math
 from typing import Optional
 
 from .blend_syntax import parse_blend, parse_split
-from .candidates import auto_candidates, reachable_shapes
+from .candidates import auto_candidates, first_check, reachable_shapes
 from .schema import Config, ConfigError, Shape, StageConfig
 
 
@@ -360,7 +360,7 @@ def _validate_auto(cfg: Config) -> None:
                           "section (the final shape): make every stage fit within it.")
     for name in ("check_interval", "probe_steps", "window", "combine", "max_stages"):
         _positive(getattr(a, name), f"growth.auto.{name}")
-    first = (g.stages[-1].step // a.check_interval + 1) * a.check_interval
+    first = first_check(cfg)
     if first + a.probe_steps >= t.steps:
         raise ConfigError(
             f"growth.auto.probe_steps={a.probe_steps}: the first check (step {first}, growth.auto.check_interval="

@@ -70,7 +70,8 @@ class AutoSchedule:
     def due(self, step: int, shape: Shape, schedule: list) -> bool:
         a, ramp = self.a, self.cfg.growth.ramp_steps
         return (self.check is None and step > 0 and step % a.check_interval == 0
-                and len(schedule) - 1 < a.max_stages and step >= schedule[-1][0] + ramp
+                and len(schedule) - 1 < a.max_stages
+                and (len(schedule) == 1 or step >= schedule[-1][0] + ramp)  # (the last growth's masks all 1)
                 and step + a.probe_steps < self.cfg.train.steps
                 and bool(auto_candidates(a, shape, self.cfg.model.shape)))
 
