@@ -65,7 +65,7 @@ BERT_STAGES = ("growth.stages=[{step: 0, shape: [128, 256, 4, 2]}, {step: 96, sh
 AUTO = ["growth.schedule=auto", "growth.stages=[{step: 0, shape: [128, 256, 4, 2]}]", "growth.auto.check_interval=96",
         "growth.auto.probe_steps=12", "growth.auto.window=48", "growth.auto.cost=time"]
 _QUICK_AUTO = ["growth.schedule=auto", "growth.stages=[{step: 0, shape: [64, 128, 4, 2]}]",
-               "growth.auto.check_interval=10", "growth.auto.probe_steps=4", "growth.auto.window=8"]
+               "growth.auto.check_interval=20", "growth.auto.probe_steps=4", "growth.auto.window=8"]
 METHODS = ("msg", "auto", "nomask", "net2net")  # the growth methods, in the order they run and are reported
 FAMILIES = {
     # the demos: (128, 256, 4, 2) grows one dimension per stage to (192, 768, 6, 4) in 480 steps;

@@ -30,15 +30,29 @@ import copy
 import time
 from typing import List, Optional
 
+import torch
+import torch.distributed as dist
+
 from ..config import Config, Shape, StageConfig
 from ..growth.apply import grow
 from ..config.candidates import auto_candidates
 from ..model import update_masks
 from ..model.recompute import configure_recompute
+from ..parallel import device
 from .flops import flops_per_token
 from .rates import fit_slope, grown_gain, rate
 from .schedule import lr_schedule
 from .starts import load_model_and_optimizer
+
+
+def agreed_max(values: List[float]) -> List[float]:
+    """Each value's largest over the ranks (one all-reduce, at a decision, never per step): measured
+    seconds differ from rank to rank, and every rank must take the same decision."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
 
 
 def with_stage(cfg: Config, step: int, shape: Shape) -> Config:
@@ -111,7 +125,9 @@ class AutoSchedule:
         tr.sync_steps()
         t_save = time.perf_counter()
         path = tr.save() if tr._last_saved != s else tr._last_saved_path
-        self.last_save_s = time.perf_counter() - t_save
+        self.last_save_s = time.perf_counter() - t_save  # (a save of the check's own: counted as the probes')
+        self.probe_time += self.last_save_s
+        tr.train_time += self.last_save_s
         shape = tr.model.shape
         consumed, lr_sched, schedule = tr.consumed_samples, tr.lr_schedule, tr.schedule
         probes = []
@@ -168,8 +184,10 @@ class AutoSchedule:
         tokens = tr.cfg.batch_size(tr.stage) * tr.cfg.model.seq_length
         if a.cost == "flops":
             cost = flops_per_token(tr.cfg.model, shape, tr.model.vocab_padded) * tokens
-        else:
-            cost = (tr.train_time - ck["t0"]) / n
+        else:  # (seconds: the slowest rank's, so that every rank decides alike)
+            cost, *times = agreed_max([(tr.train_time - ck["t0"]) / n] + [p["seconds_per_step"] for p in ck["probes"]])
+            for p, sec in zip(ck["probes"], times):
+                p["seconds_per_step"] = sec
         # the run's slope per step over its latest window (ending with the check's steps)
         run_slope = fit_slope([st for st, _ in self.window], [loss for _, loss in self.window])
         rows, best = [], None
