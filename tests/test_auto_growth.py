@@ -213,3 +213,21 @@ def test_tp2_pp2_decides_and_trains_as_one_process(tmp_path, tiny_data):
             assert sa == sb and gb == pytest.approx(ga, rel=1e-5)
     la, lb = losses(tmp_path / "one" / "run"), losses(tmp_path / "tp" / "run")
     assert sorted(la) == sorted(lb) and all(abs(la[s] - lb[s]) <= 1e-5 * abs(la[s]) for s in la)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_time_as_the_cost_decides_alike_on_every_rank(tmp_path, tiny_data):
+    """growth.auto.cost=time: each rank measures its own seconds; the decision takes the slowest rank's, so
+    both DP ranks grow alike (a disagreement would stop the run at the next step's collectives)."""
+    import yaml
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({}))
+    r = launch(2, ["msg_megatron.pretrain", str(cfg), *BASE, *AUTO, *STALLED, "growth.auto.cost=time",
+                   f"logging.run_dir={tmp_path}/run", f"checkpoint.save={tmp_path}/ck"], timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    dec = decisions(tmp_path / "run")
+    assert [d["step"] for d in dec] == [30] and len(dec[0]["candidates"]) == 4
+    assert all(json.loads(line)["unit"] == "loss per second" for line in (tmp_path / "run" / "metrics.jsonl")
+               .read_text().splitlines() if '"auto_decision"' in line)
