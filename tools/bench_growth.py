@@ -403,6 +403,18 @@ def markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def repeat_row(methods: dict) -> dict:
+    """What a repeat keeps of each method: its speed-ups, time, final loss (and auto's growths)."""
+    keep = ("speedup", "speedup_bound", "train_time_s", "final_val_loss", "flops_speedup", "flops_bound", "probe_share")
+    out = {"full": {"train_time_s": methods["full"]["train_time_s"]}}
+    for name, r in methods.items():
+        if name != "full":
+            out[name] = {k: r.get(k) for k in keep}
+            if "decisions" in r:
+                out[name]["grew"] = [(d["step"], d["choice"]) for d in r["decisions"] if d["choice"]]
+    return out
+
+
 def repeat_summary(runs: list) -> dict:
     """Per method over the repeats: each run's wall-time speed-up at equal loss (a ratio, or its bound where
     the full run did not get there), their median and spread, and the FLOPs speed-up (the same every time:
@@ -416,7 +428,9 @@ def repeat_summary(runs: list) -> dict:
         out[name] = {"speedups": sp, "bounds": [x.get("speedup") is None for x in rows],
                      "median": statistics.median(sp), "min": min(sp), "max": max(sp),
                      "train_time_s": [x["train_time_s"] for x in rows],
-                     "flops_speedup": rows[0].get("flops_speedup") or rows[0].get("flops_bound"),
+                     "final_val_loss": [x.get("final_val_loss") for x in rows],
+                     "flops_speedups": [x.get("flops_speedup") or x.get("flops_bound") for x in rows],
+                     "grew": [x["grew"] for x in rows if "grew" in x],
                      "probe_share": [x["probe_share"] for x in rows if "probe_share" in x]}
     return out
 
@@ -425,14 +439,21 @@ def repeats_markdown(res: dict) -> str:
     rs = res["repeat_summary"]
     n = len(res["repeats"])
     lines = [f"Repeats: every method run {n} times, interleaved (each repeat runs them all in turn, the full-size run "
-             "last); wall-time speed-up at equal validation loss per repeat, the median and the spread (losses are "
-             "identical in every repeat: only the wall clock differs):", "",
-             "| method | speed-up per repeat | median | min-max | FLOPs speed-up | training time per repeat (s) |",
-             "|---|---|---:|---|---:|---|"]
+             "last); wall-time speed-up at equal validation loss per repeat, the median and the spread. The losses "
+             "are the same in every repeat (only the wall clock differs) except where MSG auto decides on measured "
+             "seconds (growth.auto.cost=time): its decisions, and so its losses, may differ between repeats.", "",
+             "| method | speed-up per repeat | median | min-max | FLOPs speed-up per repeat | "
+             "final val loss per repeat | training time per repeat (s) |", "|---|---|---:|---|---|---|---|"]
     for name, r in rs.items():
         per = ", ".join(("> " if b else "") + f"{v:.2f}x" for v, b in zip(r["speedups"], r["bounds"]))
-        lines.append(f"| {name} | {per} | **{r['median']:.2f}x** | {r['min']:.2f}-{r['max']:.2f}x | "
-                     f"{r['flops_speedup']:.2f}x | {', '.join(f'{t:.1f}' for t in r['train_time_s'])} |")
+        fl = ", ".join(f"{v:.2f}x" for v in r.get("flops_speedups", [r.get("flops_speedup")]) if v is not None)
+        vl = ", ".join(f"{v:.4f}" for v in r.get("final_val_loss", []) if v is not None)
+        lines.append(f"| {name} | {per} | **{r['median']:.2f}x** | {r['min']:.2f}-{r['max']:.2f}x | {fl} | {vl} | "
+                     f"{', '.join(f'{t:.1f}' for t in r['train_time_s'])} |")
+    grew = rs.get("auto", {}).get("grew")
+    if grew:
+        lines += ["", "MSG auto's growths per repeat: " + "; ".join(
+            ", ".join(f"step {st}: {tuple(sh)}" for st, sh in g) or "none" for g in grew)]
     return "\n".join(lines)
 
 
@@ -511,10 +532,7 @@ def main(argv=None) -> int:
                 log(f"[bench] repeat {k + 1} of {args.repeats}")
                 runs.append(run_all(args.family, mode, os.path.join(work, f"rep{k}"), log, args.reuse, args.cap,
                                     extras=False)["methods"])
-            res["repeats"] = [{n: {k: r[n].get(k) for k in ("speedup", "speedup_bound", "train_time_s",
-                                                              "flops_speedup", "flops_bound", "probe_share")}
-                               for n in r if n != "full"} | {"full": {"train_time_s": r["full"]["train_time_s"]}}
-                              for r in runs]
+            res["repeats"] = [repeat_row(r) for r in runs]
             res["repeat_summary"] = repeat_summary(res["repeats"])
     os.makedirs(args.out_dir, exist_ok=True)
     stem = os.path.join(args.out_dir, FAMILIES[res.get("family", "gpt")]["stem"] + ("_quick" if res["mode"] == "quick" else ""))
