@@ -127,10 +127,14 @@ def plan_auto(cfg: Config, *args, **kwargs) -> dict:
     final = res["stages"][-1]
     probe_flops = checks * candidates * a.probe_steps * final["flops_per_token"] * final["global_batch_size"] \
         * cfg.model.seq_length
+    # a check runs only while all probes stay within max_probe_share of the run's FLOPs had it not grown after
+    # it, a lower bound of the run's FLOPs: so probes <= share x (training + probes) whatever the run decides
+    if a.max_probe_share < 1:
+        probe_flops = min(probe_flops, a.max_probe_share / (1 - a.max_probe_share) * res["flops"])
     rate_per_s = final["flops"] / (final["gpu_hours"] * 3600) if final["gpu_hours"] else 0.0  # (one GPU's FLOP/s)
     res["auto"] = {
         "first_check": first_check, "first_decision": first_decision, "checks_max": checks,
-        "candidates_first_check": candidates, "probe_steps": a.probe_steps,
+        "candidates_first_check": candidates, "probe_steps": a.probe_steps, "max_probe_share": a.max_probe_share,
         "flops_range": [lower["flops"], res["flops"]], "gpu_hours_range": [lower["gpu_hours"], res["gpu_hours"]],
         "days_range": [lower["days"], res["days"]], "probe_flops_max": probe_flops,
         "probe_gpu_hours_max": probe_flops / rate_per_s / 3600 if rate_per_s else None,
@@ -153,8 +157,9 @@ def auto_table(res: dict) -> str:
         f"{a['days_range'][0]:.1f}-{a['days_range'][1]:.1f} days;",
         f"probes: at most {a['checks_max']} checks (every growth.auto.check_interval steps from step "
         f"{a['first_check']}), each at most {a['candidates_first_check']} candidates x {a['probe_steps']} steps, at most "
-        f"{a['probe_flops_max']:.3g} FLOPs{ph} at the final shape's cost, plus one checkpoint save per check and one "
-        "load per candidate;",
+        f"{a['probe_flops_max']:.3g} FLOPs{ph} (at the final shape's cost, and within growth.auto.max_probe_share="
+        f"{a['max_probe_share']:g} of the run's FLOPs: checks beyond it are skipped), plus one checkpoint save per "
+        "check and one load per candidate;",
         f"not predictable: {a['cannot_predict']}.", "", table(res)])
 
 

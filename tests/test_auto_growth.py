@@ -16,7 +16,7 @@ BASE = ["model.vocab_size=512", "model.hidden_size=64", "model.ffn_hidden_size=1
         "train.warmup_steps=4", "train.eval_interval=0", "train.eval_iters=2", "train.log_interval=1",
         "data.corpus_mb=0.3", "data.valid_fraction=0.05", "logging.wandb=disabled"]
 AUTO = ["growth.schedule=auto", "growth.stages=[{step: 0, shape: [32, 64, 2, 1]}]", "growth.auto.check_interval=20",
-        "growth.auto.probe_steps=10", "growth.auto.window=20"]
+        "growth.auto.probe_steps=10", "growth.auto.window=20", "growth.auto.max_probe_share=1"]
 # the run's own learning rate stalls (a warmup far longer than the run) while a grown copy restarts at the peak
 # (growth.lr_reset_stages, paper appendix D): a candidate that is clearly better
 STALLED = ["train.lr=2e-2", "train.warmup_steps=2000", "growth.lr_reset_stages=[1]"]
@@ -81,12 +81,46 @@ def test_grown_gain_is_the_paired_least_squares_rate():
     (["growth.auto.window=5"], ["growth.auto.window=5", "probe_steps=10"]),
     (["growth.auto.cost=tokens"], ["growth.auto.cost"]),
     (["growth.auto.margin_sigma=-1"], ["growth.auto.margin_sigma"]),
+    (["growth.auto.max_probe_share=0.05"], ["growth.auto.max_probe_share=0.05", "no room for a check", "step 20"]),
+    (["growth.auto.max_probe_share=0"], ["growth.auto.max_probe_share=0", "(0, 1]"]),
     (["growth.stages=[]"], ["growth.stages[0]"]),
     (["growth.stages=[{step: 0, shape: [32, 64, 2, 1], tensor: 2}]"], ["job's layout"]),
     (["model.num_attention_heads=3", "parallel.tensor=2"], ["could grow into [32, 64, 3, 1]", "parallel.tensor=2"]),
 ])
 def test_bad_auto_settings_are_refused_before_compute(tmp_path, extra, words):
     assert_refused(BASE + AUTO + [f"checkpoint.save={tmp_path}/ck"] + extra, words)
+
+
+def test_a_check_runs_only_within_the_probe_share(tmp_path):
+    """growth.auto.max_probe_share: a check runs when its probes (candidates x probe_steps at their FLOPs per
+    step) plus the earlier ones stay within the share of the run's FLOPs if it never grew after the check;
+    otherwise the skip is logged and the run trains on. The share written out by hand."""
+    from types import SimpleNamespace
+
+    from msg_megatron.config import Shape
+    from msg_megatron.model.gpt import padded_vocab_size
+    from msg_megatron.training.auto_growth import AutoSchedule
+    from msg_megatron.training.flops import flops_per_token
+
+    cfg = auto_cfg(tmp_path)
+    vocab, tokens, start = padded_vocab_size(cfg.model), 8 * cfg.model.seq_length, Shape(32, 64, 2, 1)
+    fpt = [flops_per_token(cfg.model, s, vocab) for s in
+           (start, Shape(64, 64, 2, 1), Shape(32, 128, 2, 1), Shape(32, 64, 4, 1), Shape(32, 64, 2, 2))]
+    spent, earlier = 20 * tokens * fpt[0], 1e9  # (20 steps of the start shape; earlier probes' FLOPs)
+    check = 10 * tokens * sum(fpt[1:])
+    share = (earlier + check) / (spent + earlier + 25 * tokens * fpt[0] + check)
+    logged = []
+    tr = SimpleNamespace(step=20, schedule=cfg.schedule(), stage=0, train_flops=spent + earlier,
+                         model=SimpleNamespace(shape=start, vocab_padded=vocab),
+                         metrics=SimpleNamespace(log=logged.append, print=lambda *_: None))
+    auto = AutoSchedule(cfg, {"probe_flops": earlier})
+    auto.a.max_probe_share = share * 1.001
+    assert auto.due(tr) and not logged
+    auto.a.max_probe_share = share * 0.999
+    assert not auto.due(tr)
+    assert logged[0]["event"] == "auto_skipped" and logged[0]["probe_share_if_checked"] == pytest.approx(share)
+    tr.step = 21  # (not a multiple of check_interval: not due, nothing logged)
+    assert not auto.due(tr) and len(logged) == 1
 
 
 # ---- runs (slow tier) --------------------------------------------------------------------------

@@ -272,7 +272,8 @@ def test_an_auto_schedule_is_checked_at_the_largest_shape_it_may_reach():
 
     cfg = load_config("configs/demo_cpu.yaml", BASE + SHAPE + [
         "growth.schedule=auto", "growth.stages=[{step: 0, shape: [128, 256, 4, 2]}]", "checkpoint.save=/tmp/x",
-        "growth.auto.check_interval=2", "growth.auto.probe_steps=3", "growth.auto.window=3"])
+        "growth.auto.check_interval=2", "growth.auto.probe_steps=3", "growth.auto.window=3",
+        "growth.auto.max_probe_share=1"])
     fits = check_host_memory(cfg, (1, 1), 1, processes=1, available=10 ** 15)
     assert fits["shape"] == tuple(HUGE) and fits["params"] == count_params(cfg.model, cfg.model.shape,
                                                                            padded_vocab_size(cfg.model))

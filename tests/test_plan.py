@@ -242,7 +242,7 @@ def test_an_auto_schedule_plans_its_bounds():
     from msg_megatron.plan import plan
 
     auto = ["growth.schedule=auto", "growth.stages=[{step: 0, shape: [128, 256, 4, 2]}]", "growth.auto.check_interval=48",
-            "growth.auto.probe_steps=16"]
+            "growth.auto.probe_steps=16", "growth.auto.max_probe_share=1"]
     r = run_cli(["msg_megatron.plan", "configs/demo_cpu.yaml", *auto, "--json"])
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(r.stdout)
@@ -258,5 +258,10 @@ def test_an_auto_schedule_plans_its_bounds():
     checks = len(range(48, 480 - 16, 48))  # 48, 96, ..., 432: 9
     assert a["checks_max"] == checks == 9 and a["candidates_first_check"] == 4 and len(a["reachable_shapes"]) == 15
     assert a["probe_flops_max"] == pytest.approx(checks * 4 * 16 * grown["stages"][-1]["flops_per_token"] * 16 * 128)
+    # growth.auto.max_probe_share bounds the probes at share / (1 - share) of the run's FLOPs without them
+    from msg_megatron.plan import plan_auto
+
+    shared = plan_auto(load_config("configs/demo_cpu.yaml", auto + ["growth.auto.max_probe_share=0.2"]), 0.5, "A800")
+    assert shared["auto"]["probe_flops_max"] == pytest.approx(0.25 * grown["flops"], rel=1e-12)
     text = run_cli(["msg_megatron.plan", "configs/demo_cpu.yaml", *auto]).stdout
     assert "not predictable: when the run grows and into which shapes" in text and "msg-schedule --from-auto" in text

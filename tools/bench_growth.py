@@ -59,13 +59,17 @@ BERT_STAGES = ("growth.stages=[{step: 0, shape: [128, 256, 4, 2]}, {step: 96, sh
                "{step: 192, shape: [192, 256, 6, 2]}, {step: 288, shape: [192, 768, 6, 2]}, "
                "{step: 384, shape: [192, 768, 6, 4]}]")
 # MSG auto (growth.schedule=auto): the same start shape and model section as the gridsearch schedule, the run
-# deciding the rest; a check every stage length of the fixed schedule (96 of 480 steps), probes of 12 steps. Its
-# rate is per second (growth.auto.cost=time), as the benchmark's: per FLOP (the default, reproducible) the small
-# model stays ahead at every check on this CPU, where a step's time is far from proportional to its FLOPs
+# deciding the rest; a check every stage length of the fixed schedule (96 of 480 steps), probes of 12 steps, the
+# probes at most 15% of the run's FLOPs (the first check's four candidates alone are 12.3%: one check unless a
+# growth makes room). Its rate is per second (growth.auto.cost=time), as the benchmark's: per FLOP (the default,
+# reproducible) the small model stays ahead at every check on this CPU, where a step's time is far from
+# proportional to its FLOPs
 AUTO = ["growth.schedule=auto", "growth.stages=[{step: 0, shape: [128, 256, 4, 2]}]", "growth.auto.check_interval=96",
-        "growth.auto.probe_steps=12", "growth.auto.window=48", "growth.auto.cost=time"]
+        "growth.auto.probe_steps=12", "growth.auto.window=48", "growth.auto.cost=time",
+        "growth.auto.max_probe_share=0.15"]
 _QUICK_AUTO = ["growth.schedule=auto", "growth.stages=[{step: 0, shape: [64, 128, 4, 2]}]",
-               "growth.auto.check_interval=20", "growth.auto.probe_steps=4", "growth.auto.window=8"]
+               "growth.auto.check_interval=20", "growth.auto.probe_steps=4", "growth.auto.window=8",
+               "growth.auto.max_probe_share=0.3"]
 METHODS = ("msg", "auto", "nomask", "net2net")  # the growth methods, in the order they run and are reported
 FAMILIES = {
     # the demos: (128, 256, 4, 2) grows one dimension per stage to (192, 768, 6, 4) in 480 steps;
@@ -151,7 +155,9 @@ def auto_figures(recs) -> dict:
     parts = {k: sum(r.get(k, 0.0) for r in recs if r.get("event") == "auto_probes")
              for k in ("save_s", "grow_s", "train_s", "load_s")}
     return {"decisions": dec, "probe_spans": spans, "probe_time_s": spent, "probe_parts_s": parts,
-            "probe_share": spent / steps(recs)[-1]["train_time"]}
+            "probe_share": spent / steps(recs)[-1]["train_time"],
+            # checks skipped by growth.auto.max_probe_share: (step, the probes' share of the FLOPs had it checked)
+            "skipped": [(r["step"], r["probe_share_if_checked"]) for r in recs if r.get("event") == "auto_skipped"]}
 
 
 def _score_curve(recs) -> list:
@@ -254,11 +260,12 @@ def run_all(family: str, mode: str, work: str, log, reuse: bool = False, cap: fl
         log(f"[bench] {m['name']} ...")
         t0 = time.time()
         over = list(m["over"])
-        if m["name"] == "auto":  # (its probes return through the checkpoint of each check: a fresh save directory)
+        if m["name"] == "auto":  # (its probes return through the checkpoint of each check: a fresh save directory;
+            # no periodic saves, which the other methods do not make either)
             ck = os.path.join(work, "auto", "ck")
             if not reuse:
                 shutil.rmtree(ck, ignore_errors=True)
-            over += setting["auto"] + [f"checkpoint.save={ck}", "checkpoint.keep=1"]
+            over += setting["auto"] + [f"checkpoint.save={ck}", "checkpoint.keep=1", "train.save_interval=0"]
         results[m["name"]] = summarise(m["name"], _run(config, base + tasks + grown + over,
                                                        os.path.join(work, m["name"]), reuse))
         report(m["name"], t0)
@@ -388,7 +395,11 @@ def markdown(res: dict) -> str:
                   "the run in standard errors, grown into above the margin). Probes took "
                   f"{auto['probe_time_s']:.1f} s, {auto['probe_share']:.1%} of its training time ("
                   + ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in auto.get("probe_parts_s", {}).items())
-                  + ": the check's save, growing each candidate, its steps, loading the check back).", "",
+                  + ": the check's save, growing each candidate, its steps, loading the check back)."
+                  + (" Checks skipped by growth.auto.max_probe_share: " + ", ".join(
+                      f"step {st} (would have made the probes {sh:.1%} of the run's FLOPs)"
+                      for st, sh in auto["skipped"])
+                     + "." if auto.get("skipped") else ""), "",
                   "| decision step | the run's gamma | candidates: gamma (sigma) | grew to |", "|---:|---:|---|---|"]
         for d in auto["decisions"]:
             cands = ", ".join(f"{tuple(sh)} {g:.4g} ({sg:+.1f})" for sh, g, sg in d["candidates"])

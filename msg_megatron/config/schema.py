@@ -154,6 +154,11 @@ class AutoGrowthConfig:
     margin_sigma: float = 2.0
     """A candidate is grown into only when its rate beats the run's by this many standard errors of the
     difference (the step-to-step noise of the paired losses over the window; 2: ~2.3% false growths)."""
+    max_probe_share: float = 0.1
+    """The most the probes may cost, as a share of the run's model FLOPs (probes included): a check runs only
+    when its probes (every candidate x probe_steps, at the candidate's FLOPs per step) together with the
+    earlier checks' stay within this share of the run's FLOPs if it never grew after the check. Counted in
+    FLOPs so that every rank and every rerun skips the same checks; 1 checks at every check_interval."""
     cost: str = "flops"
     """The rate's denominator: `flops` (model FLOPs per step: the same decisions in every rerun and on any
     machine) or `time` (measured seconds per step: what this machine delivers; not reproducible)."""

@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 from ..config import Config, Shape, StageConfig
 from ..growth.apply import grow
-from ..config.candidates import auto_candidates
+from ..config.candidates import auto_candidates, probe_budget
 from ..model import update_masks
 from ..model.recompute import configure_recompute
 from ..parallel import device
@@ -81,13 +81,32 @@ class AutoSchedule:
                 "probe_flops": self.probe_flops, "window": self.window}
 
     # ---- when ----------------------------------------------------------------------------
-    def due(self, step: int, shape: Shape, schedule: list) -> bool:
-        a, ramp = self.a, self.cfg.growth.ramp_steps
-        return (self.check is None and step > 0 and step % a.check_interval == 0
+    def due(self, tr) -> bool:
+        """A check at this step: a multiple of check_interval, the last growth's masks all 1, a stage left,
+        a probe ending before train.steps, a candidate, and the probes within max_probe_share (else the
+        skip is logged and the run trains on)."""
+        a, ramp, step, schedule, shape = self.a, self.cfg.growth.ramp_steps, tr.step, tr.schedule, tr.model.shape
+        if not (self.check is None and step > 0 and step % a.check_interval == 0
                 and len(schedule) - 1 < a.max_stages
                 and (len(schedule) == 1 or step >= schedule[-1][0] + ramp)  # (the last growth's masks all 1)
                 and step + a.probe_steps < self.cfg.train.steps
-                and bool(auto_candidates(a, shape, self.cfg.model.shape)))
+                and bool(auto_candidates(a, shape, self.cfg.model.shape))):
+            return False
+        budget = self.budget(tr)
+        if not budget["fits"]:
+            tr.metrics.log({"event": "auto_skipped", "step": step, "probe_share_if_checked": budget["share"],
+                            "max_probe_share": a.max_probe_share})
+            tr.metrics.print(f"[auto] step {step}: no check: its probes would bring the probes to "
+                             f"{budget['share']:.1%} of the run's FLOPs (growth.auto.max_probe_share="
+                             f"{a.max_probe_share:g})")
+        return budget["fits"]
+
+    def budget(self, tr) -> dict:
+        """probe_budget (config/candidates.py) of a check at the trainer's step."""
+        cfg = self.cfg
+        return probe_budget(self.a, tr.model.shape, cfg.model.shape, tr.step, cfg.train.steps, tr.train_flops,
+                            self.probe_flops, lambda s: flops_per_token(cfg.model, s, tr.model.vocab_padded),
+                            cfg.batch_size(tr.stage) * cfg.model.seq_length)
 
     def deciding(self, step: int) -> bool:
         return self.check is not None and step >= self.check["step"] + self.a.probe_steps

@@ -25,6 +25,7 @@ from ..growth.apply import grow
 from ..model import count_parameters, update_masks
 from ..model.recompute import configure_recompute
 from ..parallel import device
+from ..patches.writer_queue import install_writer_queue
 from .auto_growth import AutoSchedule
 from .evaluate import validation_loss
 from .flops import device_peak_tflops, flops_per_token
@@ -87,6 +88,9 @@ class Trainer:
                 del cfg.growth.stages[max(given, self.stage + 1):]
                 self.schedule, self.lr_schedule = cfg.schedule(), lr_schedule(cfg)
             self.auto = AutoSchedule(cfg, st.get("auto"))
+            # (the writers' queue server starts here, with the run's setup, not in the first check's save: that
+            # save is timed as probe time, and the server's spawn is a once-per-process start, not a check's cost)
+            install_writer_queue()
         self.resumed_from = start.resumed_from
         if self.resumed_from:  # readers of metrics.jsonl drop the earlier lines of the steps replayed from here
             self.metrics.log({"event": "resume", "step": self.step, "stage": self.stage,
@@ -361,7 +365,7 @@ class Trainer:
             if rec["choice"]:
                 self.cfg.growth.stages.append(StageConfig(step=self.step, shape=list(rec["choice"])))
                 self.schedule, self.lr_schedule = self.cfg.schedule(), lr_schedule(self.cfg)
-        elif self.auto.due(self.step, self.model.shape, self.schedule):
+        elif self.auto.due(self):
             t0 = self.train_time
             done = self.auto.run_probes(self)
             probes = self.auto.check["probes"] if done else []
