@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from conftest import assert_refused, launch, run_cli
+from conftest import REPO, assert_refused, launch, run_cli
 from msg_megatron.config import load_config
 
 BASE = ["model.vocab_size=512", "model.hidden_size=64", "model.ffn_hidden_size=128", "model.num_attention_heads=4",
@@ -189,10 +189,18 @@ def test_a_committed_growth_is_the_fixed_schedules(runs, tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_inside_a_probe_and_across_a_growth_is_bitwise(runs, tmp_path, monkeypatch):
-    """Killed in the second candidate's probe, the run resumes from the check's checkpoint and replays the
-    check; resumed inside the decision window (step 25) or mid-ramp after the growth (step 35): losses and
-    decisions bitwise the uninterrupted run's."""
+def test_resume_inside_a_probe_and_across_a_growth_is_bitwise(runs, tmp_path):
+    """kill -9 in the probes (after the first candidate's, as a node's crash ends the trainer and its helper
+    processes): the run resumes from the check's checkpoint and replays the check; resumed inside the
+    decision window (step 25) or mid-ramp after the growth (step 35): losses and decisions bitwise the
+    uninterrupted run's."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
     from msg_megatron.training.trainer import Trainer
 
     ref = runs / "stalled"
@@ -203,21 +211,19 @@ def test_resume_inside_a_probe_and_across_a_growth_is_bitwise(runs, tmp_path, mo
         assert sorted(got) == list(range(step, 45)) and all(got[s] == want[s] for s in got), step
         assert decisions(tmp_path / f"r{step}" / "run") == [d for d in want_dec if d["step"] >= step]
 
-    calls = {"n": 0}
-    real_step = Trainer.train_step
-
-    def dies_in_a_probe(self):
-        if self.auto.check is None and self.step >= 20:  # (20 <= step and no check yet: a probe's step)
-            calls["n"] += 1
-            if calls["n"] == 13:  # the second candidate's third step
-                raise KeyboardInterrupt("killed")
-        return real_step(self)
-
-    monkeypatch.setattr(Trainer, "train_step", dies_in_a_probe)
     cfg = auto_cfg(tmp_path / "k", *STALLED)
-    with pytest.raises(KeyboardInterrupt):
-        Trainer(cfg).run()
-    monkeypatch.setattr(Trainer, "train_step", real_step)
+    (tmp_path / "k.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    out = open(tmp_path / "k.out", "w")
+    run = subprocess.Popen([sys.executable, "-m", "msg_megatron.pretrain", str(tmp_path / "k.yaml")], cwd=REPO,
+                           env=dict(os.environ, WANDB_MODE="disabled", PYTHONUNBUFFERED="1"), stdout=out,
+                           stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and run.poll() is None and "[auto] probe" not in (tmp_path / "k.out").read_text():
+        time.sleep(0.01)
+    os.killpg(run.pid, signal.SIGKILL)
+    run.wait(timeout=60)
+    text = (tmp_path / "k.out").read_text()
+    assert text.count("[auto] probe") == 1 and "[auto] step 30" not in text, text[-2000:]  # (killed in the probes)
     assert (tmp_path / "k" / "ck" / "latest").read_text().strip() == "step_000020"  # the check's checkpoint
     Trainer(cfg).run()
     assert losses(tmp_path / "k" / "run") == want and decisions(tmp_path / "k" / "run") == want_dec
