@@ -81,7 +81,6 @@ def test_grown_gain_is_the_paired_least_squares_rate():
     (["growth.auto.window=5"], ["growth.auto.window=5", "probe_steps=10"]),
     (["growth.auto.cost=tokens"], ["growth.auto.cost"]),
     (["growth.auto.margin_sigma=-1"], ["growth.auto.margin_sigma"]),
-    (["growth.auto.max_probe_share=0.05"], ["growth.auto.max_probe_share=0.05", "no room for a check", "step 20"]),
     (["growth.auto.max_probe_share=0"], ["growth.auto.max_probe_share=0", "(0, 1]"]),
     (["growth.stages=[]"], ["growth.stages[0]"]),
     (["growth.stages=[{step: 0, shape: [32, 64, 2, 1], tensor: 2}]"], ["job's layout"]),
@@ -89,6 +88,17 @@ def test_grown_gain_is_the_paired_least_squares_rate():
 ])
 def test_bad_auto_settings_are_refused_before_compute(tmp_path, extra, words):
     assert_refused(BASE + AUTO + [f"checkpoint.save={tmp_path}/ck"] + extra, words)
+
+
+def test_a_probe_share_without_room_for_a_check_is_refused_before_compute(tmp_path):
+    """The first check alone over max_probe_share: refused where the run is set up (run_setup, before data or
+    model), with the share it needs; the share outside (0, 1] already at config load."""
+    from msg_megatron.training.auto_growth import check_probe_share
+
+    assert_refused(BASE + AUTO + [f"checkpoint.save={tmp_path}/ck", "growth.auto.max_probe_share=0.05"],
+                   ["growth.auto.max_probe_share=0.05", "no room for a check", "step 20"],
+                   make=lambda *o: check_probe_share(load_config(None, list(o))))
+    check_probe_share(auto_cfg(tmp_path))  # (share 1: fits)
 
 
 def test_a_check_runs_only_within_the_probe_share(tmp_path):

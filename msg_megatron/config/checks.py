@@ -6,7 +6,7 @@ import math
 from typing import Optional
 
 from .blend_syntax import parse_blend, parse_split
-from .candidates import auto_candidates, first_check, probe_budget, reachable_shapes
+from .candidates import auto_candidates, first_check, reachable_shapes
 from .schema import Config, ConfigError, Shape, StageConfig
 
 
@@ -347,30 +347,6 @@ def _validate_stages(cfg: Config) -> None:
             raise ConfigError(f"growth.lr_reset_stages entry {i} is not a growth stage (1..{len(g.stages) - 1}).")
 
 
-def _probe_share_fits(cfg: Config, first: int, last: Shape, final: Shape) -> None:
-    """growth.auto.max_probe_share leaves room for the first check (the one the run reaches before any
-    skip), counted as the run counts it (config/candidates.py probe_budget)."""
-    from ..model.gpt import padded_vocab_size
-    from ..training.flops import flops_per_token
-
-    a, m = cfg.growth.auto, cfg.model
-    if not (math.isfinite(a.max_probe_share) and 0 < a.max_probe_share <= 1):
-        raise ConfigError(f"growth.auto.max_probe_share={a.max_probe_share}: give the probes' most share of the "
-                          "run's FLOPs, in (0, 1] (e.g. 0.1; 1 checks at every check_interval)")
-    vocab = padded_vocab_size(m)
-    fpt = lambda s: flops_per_token(m, s, vocab)  # noqa: E731
-    sched = cfg.schedule()
-    spent = sum(max(0, min(nxt, first) - st) * cfg.batch_size(i) * m.seq_length * fpt(sh)
-                for i, ((st, sh), nxt) in enumerate(zip(sched, [s for s, _ in sched[1:]] + [first])))
-    b = probe_budget(a, last, final, first, cfg.train.steps, spent, 0.0, fpt,
-                     cfg.batch_size(len(sched) - 1) * m.seq_length)
-    if not b["fits"]:
-        raise ConfigError(
-            f"growth.auto.max_probe_share={a.max_probe_share:g} leaves no room for a check: the first one "
-            f"(step {first}) alone would bring the probes to {b['share']:.1%} of the run's FLOPs; raise max_probe_share above that, "
-            "or lower growth.auto.probe_steps, or narrow the candidates (growth.auto.shapes), or raise train.steps.")
-
-
 def _validate_auto(cfg: Config) -> None:
     """growth.schedule=auto: the stages so far lie within the model section, a check and its probe fit
     in train.steps, there is something to grow, and every shape the run could grow into runs at the
@@ -416,7 +392,9 @@ def _validate_auto(cfg: Config) -> None:
             f"growth.schedule=auto has no candidate to grow into from `{where}` {list(last.as_tuple())}: it "
             + ("is the model section's shape already" if last == final else "is not below any of growth.auto.shapes")
             + "; start from a smaller shape, or train with growth.schedule=fixed.")
-    _probe_share_fits(cfg, first, last, final)
+    if not (math.isfinite(a.max_probe_share) and 0 < a.max_probe_share <= 1):
+        raise ConfigError(f"growth.auto.max_probe_share={a.max_probe_share}: give the probes' most share of the "
+                          "run's FLOPs, in (0, 1] (e.g. 0.1; 1 checks at every check_interval)")
     if not cfg.checkpoint.save:
         raise ConfigError("growth.schedule=auto returns from each probe by loading the checkpoint it saves at the "
                           "check; set checkpoint.save.")

@@ -33,16 +33,41 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
-from ..config import Config, Shape, StageConfig
+from ..config import Config, ConfigError, Shape, StageConfig
 from ..growth.apply import grow
-from ..config.candidates import auto_candidates, probe_budget
+from ..config.candidates import auto_candidates, first_check, probe_budget
 from ..model import update_masks
+from ..model.gpt import padded_vocab_size
 from ..model.recompute import configure_recompute
 from ..parallel import device
 from .flops import flops_per_token
 from .rates import fit_slope, grown_gain, rate
 from .schedule import lr_schedule
 from .starts import load_model_and_optimizer
+
+
+def check_probe_share(cfg: Config) -> None:
+    """growth.auto.max_probe_share leaves room for the first check (the one the run reaches before any
+    skip), counted as the run counts it (config/candidates.py probe_budget); refused before any data
+    or model is built (run_setup), naming the share the check needs. (The share's range is checked at
+    config load; this needs the FLOPs formula, which sits above the config layer.)"""
+    a, m = cfg.growth.auto, cfg.model
+    vocab = padded_vocab_size(m)
+
+    def fpt(s):
+        return flops_per_token(m, s, vocab)
+
+    first, sched = first_check(cfg), cfg.schedule()
+    spent = sum(max(0, min(nxt, first) - st) * cfg.batch_size(i) * m.seq_length * fpt(sh)
+                for i, ((st, sh), nxt) in enumerate(zip(sched, [s for s, _ in sched[1:]] + [first])))
+    b = probe_budget(a, sched[-1][1], m.shape, first, cfg.train.steps, spent, 0.0, fpt,
+                     cfg.batch_size(len(sched) - 1) * m.seq_length)
+    if not b["fits"]:
+        raise ConfigError(
+            f"growth.auto.max_probe_share={a.max_probe_share:g} leaves no room for a check: the first one "
+            f"(step {first}) alone would bring the probes to {b['share']:.1%} of the run's FLOPs; raise "
+            "max_probe_share above that, or lower growth.auto.probe_steps, or narrow the candidates "
+            "(growth.auto.shapes), or raise train.steps.")
 
 
 def agreed_max(values: List[float]) -> List[float]:

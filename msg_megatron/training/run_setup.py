@@ -20,6 +20,7 @@ from ..model.hf_arch import export_warnings
 from ..ops import fused
 from ..parallel import initialize_parallel, is_logging_rank, placement
 from .harness import EvalError, task_manager
+from .auto_growth import check_probe_share
 from .host_memory import check_host_memory
 from .metrics import MetricsLogger
 from .schedule import LRSchedule, lr_schedule
@@ -65,6 +66,8 @@ def build_run(cfg: Config, log_enabled: bool = True) -> RunParts:
     where = placement() if torch.distributed.get_world_size() > 1 else None
     # on a CPU, before data or model exist: an over-large run would otherwise die by SIGKILL
     check_host_memory(cfg, layout, dp)
+    if cfg.growth.schedule == "auto":  # (the probes' FLOPs budget leaves room for a check)
+        check_probe_share(cfg)
     # one run per save directory, and a target that takes files, checked before any compute
     lock = hold_save_dir(cfg.checkpoint.save, "msg-pretrain") if cfg.checkpoint.save else None
     check_batch_split(cfg, layout, dp)
