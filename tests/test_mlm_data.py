@@ -92,6 +92,28 @@ def test_wordpiece_tokenizer_has_berts_special_tokens_and_loads_in_transformers(
     assert any(t.startswith("##") for t in tok.inv_vocab.values())  # pieces inside words, as BERT marks them
 
 
+def test_wordpiece_vocabulary_is_the_same_in_another_process(mlm):
+    """The same texts give the same tokenizer.json, byte for byte, in a fresh process (tokenizers'
+    trainer alone gave a different vocabulary per process: its hash maps' order broke merge ties);
+    the "##c" pieces given to the trainer up front are ordinary pieces, not special tokens."""
+    import subprocess
+    import sys
+
+    out, tok, _ = mlm
+    code = ("import sys; from msg_megatron.data.corpus import embedded_documents, select_documents; "
+            "from msg_megatron.data.mlm_data import train_wordpiece; "
+            "train_wordpiece((t for _, t in select_documents(embedded_documents(), 1_000_000)), sys.argv[1], 1024)")
+    again = os.path.join(out, "again")
+    subprocess.run([sys.executable, "-c", code, again], check=True, timeout=120)
+    with open(os.path.join(out, "tokenizer.json"), "rb") as a, open(os.path.join(again, "tokenizer.json"), "rb") as b:
+        assert a.read() == b.read()
+    from tokenizers import Tokenizer
+
+    hf = Tokenizer.from_file(os.path.join(out, "tokenizer.json"))
+    assert hf.encode("a##e", add_special_tokens=False).tokens[:2] == ["a", "#"]  # ("##e" in text: not one token)
+    assert {t.content for t in hf.get_added_tokens_decoder().values()} == {"[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"}
+
+
 def test_masking_statistics_over_10k_samples(mlm):
     """megatron chooses min(15% of the target length, round(15% of the tokens)) positions per
     sample; over the corpus that is 14-15% of all tokens (specials included)."""

@@ -52,28 +52,43 @@ def split_sentences(text: str) -> List[str]:
 def train_wordpiece(texts: Iterable[str], out_dir: str, vocab_size: int, max_lines: int = 300_000) -> str:
     """Train a BERT WordPiece tokenizer on `texts` (the `tokenizers` library); writes
     `out_dir/tokenizer.json` and a `tokenizer_config.json` naming the special tokens, atomically.
-    Returns the tokenizer.json path."""
+    Returns the tokenizer.json path. The same texts give the same vocabulary in every process (below)."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-    tk = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
-    tk.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=False,
-                                               lowercase=False)
-    tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tk.decoder = decoders.WordPiece(prefix="##")
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS), min_frequency=1,
+    norm = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=False,
+                                      lowercase=False)
+    pre = pre_tokenizers.BertPreTokenizer()
+    lines = []
+    for text in texts:
+        lines.extend(line for line in text.splitlines() if line.strip())
+        if len(lines) >= max_lines:
+            break
+    del lines[max_lines:]
+    # Why the "##c" pieces are given up front: the trainer (BPE underneath) creates each continuing
+    # piece "##c" as it first meets c inside a word while iterating a hash map of the words, whose
+    # order is random per process; those ids break its ties between equally frequent merges, so two
+    # builds of the same data gave different vocabularies (huggingface/tokenizers#1794; BERT's
+    # benchmark data moved by 138 tokens in 1.2M). Listed in sorted order, they exist before the
+    # words are read and every id is the same in every process.
+    words = set()  # (the distinct whitespace-separated words: the pre-tokenizer then reads each once)
+    for i in range(0, len(lines), 2000):
+        words.update(norm.normalize_str("\n".join(lines[i:i + 2000])).split())
+    words, inner = sorted(words), set()
+    for i in range(0, len(words), 5000):
+        for w, _ in pre.pre_tokenize_str(" ".join(words[i:i + 5000])):
+            inner.update(w[1:])
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=1,
+                                        special_tokens=list(SPECIALS) + [f"##{c}" for c in sorted(inner)],
                                         continuing_subword_prefix="##", show_progress=False)
-
-    def lines():
-        n = 0
-        for text in texts:
-            for line in text.splitlines():
-                if line.strip():
-                    yield line
-                    n += 1
-                    if n >= max_lines:
-                        return
-
-    tk.train_from_iterator(lines(), trainer=trainer)
+    trained = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
+    trained.normalizer, trained.pre_tokenizer = norm, pre
+    trained.train_from_iterator(lines, trainer=trainer)
+    # the trainer made the "##c" pieces special (whole-token matches, dropped on decode): rebuilt from
+    # the vocabulary with BERT's own special tokens only
+    tk = Tokenizer(models.WordPiece(trained.get_vocab(), unk_token="[UNK]", max_input_chars_per_word=100))
+    tk.normalizer, tk.pre_tokenizer = norm, pre
+    tk.decoder = decoders.WordPiece(prefix="##")
+    tk.add_special_tokens(list(SPECIALS))
     cls, sep = tk.token_to_id("[CLS]"), tk.token_to_id("[SEP]")
     tk.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
                                                       special_tokens=[("[CLS]", cls), ("[SEP]", sep)])

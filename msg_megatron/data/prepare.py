@@ -107,6 +107,7 @@ def prepare_embedded(cache_dir: str, corpus_mb: float, vocab_size: int, valid_fr
            "valid_fraction": valid_fraction, "tokenizer": _file_digest(tokenizer_model)}
     if sentences:  # (GPT's key unchanged: existing caches stay valid)
         key["sentences"] = True
+        key["wordpiece"] = 2  # (2: the vocabulary the same in every build; caches of 1 differed: rebuilt)
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     out = os.path.join(cache_dir or default_cache_dir(), f"embedded-{digest}")
     if os.path.exists(out):
