@@ -3,7 +3,8 @@ step and against training wall time, growth stages marked, from its metrics.json
 
 A resumed run appends to the same metrics.jsonl: the steps after a resume (`"event": "resume"`)
 were trained again from its checkpoint, so their later lines replace the earlier ones (as
-torchtitan's and Megatron-LM's logs are read after a requeue).
+torchtitan's and Megatron-LM's logs are read after a requeue). So do the steps of a probe that
+growth.schedule=auto kept (`"event": "auto_kept"` at its check's step: the run's own window is replaced).
 """
 from __future__ import annotations
 
@@ -31,8 +32,9 @@ def read_run(run_dir: str) -> dict:
                     print(f"msg-plot: skipping line {n} of {path}: not JSON", file=sys.stderr)
                 continue
             event, step = rec.get("event"), rec.get("step")
-            if event == "resume":  # the checkpoint of step s holds steps < s: later lines replace s on
-                resumes.append(rec)
+            if event in ("resume", "auto_kept"):  # the state of step s holds steps < s: later lines replace s on
+                if event == "resume":
+                    resumes.append(rec)
                 steps = {k: v for k, v in steps.items() if k < step}
                 evals = {k: v for k, v in evals.items() if k <= step}
                 growths = {k: v for k, v in growths.items() if k < step}

@@ -102,9 +102,9 @@ def test_a_probe_share_without_room_for_a_check_is_refused_before_compute(tmp_pa
 
 
 def test_a_check_runs_only_within_the_probe_share(tmp_path):
-    """growth.auto.max_probe_share: a check runs when its probes (candidates x probe_steps at their FLOPs per
-    step) plus the earlier ones stay within the share of the run's FLOPs if it never grew after the check;
-    otherwise the skip is logged and the run trains on. The share written out by hand."""
+    """growth.auto.max_probe_share: a check runs when its cheapest probe (probe_steps at that candidate's FLOPs
+    per step) plus what the earlier checks cost stay within the share of the run's FLOPs if it never grew after the
+    check; otherwise the skip is logged and the run trains on. The share written out by hand."""
     from types import SimpleNamespace
 
     from msg_megatron.config import Shape
@@ -117,7 +117,7 @@ def test_a_check_runs_only_within_the_probe_share(tmp_path):
     fpt = [flops_per_token(cfg.model, s, vocab) for s in
            (start, Shape(64, 64, 2, 1), Shape(32, 128, 2, 1), Shape(32, 64, 4, 1), Shape(32, 64, 2, 2))]
     spent, earlier = 20 * tokens * fpt[0], 1e9  # (20 steps of the start shape; earlier probes' FLOPs)
-    check = 10 * tokens * sum(fpt[1:])
+    check = 10 * tokens * min(fpt[1:])  # (the cheapest candidate's probe: the first a check runs)
     share = (earlier + check) / (spent + earlier + 25 * tokens * fpt[0] + check)
     logged = []
     tr = SimpleNamespace(step=20, schedule=cfg.schedule(), stage=0, train_flops=spent + earlier,
@@ -147,28 +147,46 @@ def runs(tmp_path_factory, tiny_data):
 
 @pytest.mark.slow
 def test_auto_grows_into_a_clearly_better_candidate_and_not_otherwise(runs):
+    """The stalled run checks at step 20: it trains its window (20-29), then probes candidates from step 20
+    cheapest first and keeps the first above the margin: its growth is at step 20, its steps replace the
+    window's (metrics.jsonl event auto_kept). Early in the normal run every candidate is behind: no growth."""
+    from msg_megatron.config import Shape
+    from msg_megatron.model.gpt import padded_vocab_size
+    from msg_megatron.training.flops import flops_per_token
+    from msg_megatron.training.runs import current
+
     grew = decisions(runs / "stalled" / "run")
     assert [d["step"] for d in grew] == [30] and grew[0]["choice"] is not None
-    best = max(grew[0]["candidates"], key=lambda c: c[1] if c[2] > 2 else float("-inf"))
-    assert best[0] == grew[0]["choice"] and best[2] > 2, grew
-    recs = records(runs / "stalled" / "run")
+    probed = grew[0]["candidates"]  # (cheapest first; none probed after the one kept)
+    assert probed[-1][0] == grew[0]["choice"] and probed[-1][2] > 2 and all(c[2] <= 2 for c in probed[:-1]), grew
+    everything = records(runs / "stalled" / "run")
+    recs = current(everything)
     growth = [r for r in recs if r.get("event") == "growth"]
-    assert [(g["step"], g["to"]) for g in growth] == [(30, grew[0]["choice"])]
+    assert [(g["step"], g["to"]) for g in growth] == [(20, grew[0]["choice"])]
     assert abs(growth[0]["probe_loss_after"] - growth[0]["probe_loss_before"]) <= 1e-5 * growth[0]["probe_loss_before"]
-    assert all(r["shape"] == grew[0]["choice"] for r in recs if "loss" in r and r["step"] >= 30)
-    probes = [r for r in recs if r.get("event") == "auto_probes"]
-    assert [p["step"] for p in probes] == [20] and 0 < probes[0]["probe_share"] < 1
-    assert any("gamma" in r and "gamma_se" in r for r in recs if "loss" in r)  # the running estimate
-    # early, the small model learns faster per FLOP than any grown copy: no growth
+    trained = [r for r in recs if "loss" in r and "event" not in r]
+    assert [r["step"] for r in trained] == list(range(45))
+    assert all((r["shape"] == grew[0]["choice"]) == (r["step"] >= 20) for r in trained)
+    assert all(bool(r.get("probe")) == (20 <= r["step"] < 30) for r in trained)  # (the kept probe's steps)
+    window = [r for r in everything if "loss" in r and "event" not in r and 20 <= r["step"] < 30 and not r.get("probe")]
+    assert len(window) == 10 and all(r["shape"] == [32, 64, 2, 1] for r in window)  # (the run's own, replaced)
+    assert [r["step"] for r in everything if r.get("event") == "auto_check"] == [20]
+    probes = [r for r in everything if r.get("event") == "auto_probes"]
+    assert [p["step"] for p in probes] == [30] and 0 < probes[0]["probe_share"] < 1 and probes[0]["window_s"] > 0
+    assert any("gamma" in r and "gamma_se" in r for r in trained)  # (the running estimate)
+    # early, the small model learns faster per FLOP than any grown copy: no growth, all four probed cheapest first
     kept = decisions(runs / "normal" / "run")
     assert [d["step"] for d in kept] == [30] and kept[0]["choice"] is None
-    assert all(c[2] < 2 for c in kept[0]["candidates"]), kept
+    assert len(kept[0]["candidates"]) == 4 and all(c[2] < 2 for c in kept[0]["candidates"]), kept
+    cfg = auto_cfg(runs)
+    cost = [flops_per_token(cfg.model, Shape(*c[0]), padded_vocab_size(cfg.model)) for c in kept[0]["candidates"]]
+    assert cost == sorted(cost)
 
 
 @pytest.mark.slow
 def test_probes_leave_the_run_bitwise_where_it_was(runs, tmp_path):
-    """The normal run probed four grown copies at step 20 and kept its shape: every loss equals a run of
-    that shape without any probe, bitwise (weights, AdamW state, masks, RNG and data position restored)."""
+    """The normal run probed four grown copies from step 20 at step 30 and kept its shape: every loss equals a
+    run of that shape without any probe, bitwise (weights, AdamW state, masks, RNG and data position restored)."""
     from msg_megatron.training.trainer import Trainer
 
     plain = load_config(None, BASE + ["model.hidden_size=32", "model.ffn_hidden_size=64", "model.num_attention_heads=2",
@@ -190,7 +208,7 @@ def test_a_committed_growth_is_the_fixed_schedules(runs, tmp_path):
     fixed = load_config(str(out), [f"logging.run_dir={tmp_path}/run"])
     choice = decisions(runs / "stalled" / "run")[0]["choice"]
     assert fixed.growth.schedule == "fixed" and [(s.step, s.shape) for s in fixed.growth.stages] == [
-        (0, [32, 64, 2, 1]), (30, choice)]
+        (0, [32, 64, 2, 1]), (20, choice)]
     assert "not the model section" in r.stderr  # (it stopped at one growth: the model section is the shape reached)
     Trainer(fixed).run()
     assert losses(tmp_path / "run") == losses(runs / "stalled" / "run")
@@ -200,10 +218,10 @@ def test_a_committed_growth_is_the_fixed_schedules(runs, tmp_path):
 
 @pytest.mark.slow
 def test_resume_inside_a_probe_and_across_a_growth_is_bitwise(runs, tmp_path):
-    """kill -9 in the probes (after the first candidate's, as a node's crash ends the trainer and its helper
-    processes): the run resumes from the check's checkpoint and replays the check; resumed inside the
-    decision window (step 25) or mid-ramp after the growth (step 35): losses and decisions bitwise the
-    uninterrupted run's."""
+    """kill -9 in the probes (as a node's crash ends the trainer and its helper processes): the run resumes
+    from the window end's checkpoint and replays the probes from the check's (which checkpoint.keep=1 did
+    not prune); resumed inside the window (step 25) or mid-ramp after the kept growth (step 35): losses and
+    decisions bitwise the uninterrupted run's."""
     import signal
     import subprocess
     import sys
@@ -218,23 +236,25 @@ def test_resume_inside_a_probe_and_across_a_growth_is_bitwise(runs, tmp_path):
     for step in (25, 35):
         Trainer(auto_cfg(tmp_path / f"r{step}", *STALLED, f"checkpoint.load={ref}/ck/step_{step:06d}")).run()
         got = losses(tmp_path / f"r{step}" / "run")
-        assert sorted(got) == list(range(step, 45)) and all(got[s] == want[s] for s in got), step
+        first = 20 if step < 30 else step  # (resumed inside the window, the run logs the kept probe's steps from 20)
+        assert sorted(got) == list(range(first, 45)) and all(got[s] == want[s] for s in got), step
         assert decisions(tmp_path / f"r{step}" / "run") == [d for d in want_dec if d["step"] >= step]
 
-    cfg = auto_cfg(tmp_path / "k", *STALLED)
+    cfg = auto_cfg(tmp_path / "k", *STALLED, "checkpoint.keep=1")
     (tmp_path / "k.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
     out = open(tmp_path / "k.out", "w")
     run = subprocess.Popen([sys.executable, "-m", "msg_megatron.pretrain", str(tmp_path / "k.yaml")], cwd=REPO,
                            env=dict(os.environ, WANDB_MODE="disabled", PYTHONUNBUFFERED="1"), stdout=out,
                            stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 240
-    while time.time() < deadline and run.poll() is None and "[auto] probe" not in (tmp_path / "k.out").read_text():
+    while time.time() < deadline and run.poll() is None and "[auto] probing" not in (tmp_path / "k.out").read_text():
         time.sleep(0.01)
     os.killpg(run.pid, signal.SIGKILL)
     run.wait(timeout=60)
     text = (tmp_path / "k.out").read_text()
-    assert text.count("[auto] probe") == 1 and "[auto] step 30" not in text, text[-2000:]  # (killed in the probes)
-    assert (tmp_path / "k" / "ck" / "latest").read_text().strip() == "step_000020"  # the check's checkpoint
+    assert text.count("[auto] probing") == 1 and "[auto] step 30: gamma" not in text, text[-2000:]  # (in the probes)
+    assert (tmp_path / "k" / "ck" / "latest").read_text().strip() == "step_000030"  # the window's end
+    assert {"step_000020", "step_000030"} <= set(os.listdir(tmp_path / "k" / "ck"))  # (20: protected from keep=1)
     Trainer(cfg).run()
     assert losses(tmp_path / "k" / "run") == want and decisions(tmp_path / "k" / "run") == want_dec
 
@@ -278,6 +298,6 @@ def test_time_as_the_cost_decides_alike_on_every_rank(tmp_path, tiny_data):
                    f"logging.run_dir={tmp_path}/run", f"checkpoint.save={tmp_path}/ck"], timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
     dec = decisions(tmp_path / "run")
-    assert [d["step"] for d in dec] == [30] and len(dec[0]["candidates"]) == 4
+    assert [d["step"] for d in dec] == [30] and dec[0]["choice"] and dec[0]["candidates"]
     assert all(json.loads(line)["unit"] == "loss per second" for line in (tmp_path / "run" / "metrics.jsonl")
                .read_text().splitlines() if '"auto_decision"' in line)

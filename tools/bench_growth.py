@@ -34,7 +34,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from msg_megatron.config import load_config  # noqa: E402
-from msg_megatron.training.runs import evals, growths, read_metrics, run_pretrain, steps  # noqa: E402
+from msg_megatron.training.runs import current, evals, growths, read_metrics, run_pretrain, steps  # noqa: E402
 
 COMMON = ["checkpoint.save=", "checkpoint.load=", "train.log_interval=1"]
 GROWN = [{"name": "msg", "over": ["growth.operator=msg"]}, {"name": "auto", "over": ["growth.operator=msg"]},
@@ -118,6 +118,7 @@ def jumps(step_recs, growth_recs):
 def summarise(name, recs, budget=None):
     """A run's figures; `budget` (the full-size run): those of its first `budget` steps, and its
     whole validation curve, past the budget, as `val_curve_ext` / `val_flops_curve_ext`."""
+    recs = current(recs)  # (MSG auto: the steps of a kept probe replace the run's own window)
     ext, every = evals(recs), recs
     if budget is not None:
         recs = [r for r in recs if r.get("step", 0) < budget or ("val_loss" in r and r["step"] == budget)]
@@ -143,17 +144,20 @@ def summarise(name, recs, budget=None):
 
 
 def auto_figures(recs) -> dict:
-    """growth.schedule=auto's decisions (step, the run's gamma, each candidate's gamma and margin in
-    standard errors, the choice) and its probes' spans of training time, with their share of it."""
+    """growth.schedule=auto's decisions (step, the run's gamma, each probed candidate's gamma and margin in
+    standard errors, the choice and the step it grew at) and its checks' spans of training time (their
+    saves, probes and loads; a kept probe's steps are the run's), with what the checks cost: the share of
+    the training time lost to them (saves, loads, the probes that lost, the window a kept probe replaced)."""
     dec = [{"step": r["step"], "gamma": r["gamma"], "gamma_se": r["gamma_se"], "unit": r["unit"], "choice": r["choice"],
+            "grown_at": r.get("grown_at"), "not_probed": r.get("not_probed", []),
             "candidates": [(c["shape"], c["gamma"], c["sigma"]) for c in r["candidates"]]}
            for r in recs if r.get("event") == "auto_decision"]
     spans = [(r["train_time_start"], r["train_time_end"]) for r in recs if r.get("event") == "auto_probes"]
     if not dec and not spans:
         return {}
-    spent = sum(b - a for a, b in spans)
-    parts = {k: sum(r.get(k, 0.0) for r in recs if r.get("event") == "auto_probes")
-             for k in ("save_s", "grow_s", "train_s", "load_s")}
+    spent = max([r["probe_time_s"] for r in recs if r.get("event") == "auto_decision"], default=0.0)
+    parts = {k: sum(r.get(k, 0.0) for r in recs if r.get("event") in ("auto_check", "auto_probes"))
+             for k in ("save_s", "window_s", "grow_s", "train_s", "load_s")}
     return {"decisions": dec, "probe_spans": spans, "probe_time_s": spent, "probe_parts_s": parts,
             "probe_share": spent / steps(recs)[-1]["train_time"],
             # checks skipped by growth.auto.max_probe_share: (step, the probes' share of the FLOPs had it checked)
@@ -391,20 +395,24 @@ def markdown(res: dict) -> str:
     auto = m.get("auto", {})
     if auto.get("decisions") is not None:
         unit = auto["decisions"][0]["unit"] if auto["decisions"] else ""
-        lines += ["", f"MSG auto (growth.schedule=auto): its decisions ({unit}; sigma = the candidate's gain over "
-                  "the run in standard errors, grown into above the margin). Probes took "
-                  f"{auto['probe_time_s']:.1f} s, {auto['probe_share']:.1%} of its training time ("
-                  + ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in auto.get("probe_parts_s", {}).items())
-                  + ": the check's save, growing each candidate, its steps, loading the check back)."
+        lines += ["", f"MSG auto (growth.schedule=auto): its decisions ({unit}; at each check the run trains its "
+                  "window, then candidates are probed from the check's step cheapest first and the first whose "
+                  "gain over the run exceeds the margin (sigma: standard errors) is kept, grown at the check's "
+                  f"step). The checks cost {auto['probe_time_s']:.1f} s, {auto['probe_share']:.1%} of its training "
+                  "time (" + ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in auto.get("probe_parts_s", {}).items())
+                  + ": the checks' saves, the run's window where a probe replaced it, growing the candidates, "
+                  "their steps (a kept probe's count as the run's), loading checkpoints)."
                   + (" Checks skipped by growth.auto.max_probe_share: " + ", ".join(
                       f"step {st} (would have made the probes {sh:.1%} of the run's FLOPs)"
                       for st, sh in auto["skipped"])
                      + "." if auto.get("skipped") else ""), "",
-                  "| decision step | the run's gamma | candidates: gamma (sigma) | grew to |", "|---:|---:|---|---|"]
+                  "| decision step | the run's gamma | probed, cheapest first: gamma (sigma) | not probed (share) "
+                  "| grew to (at step) |", "|---:|---:|---|---|---|"]
         for d in auto["decisions"]:
             cands = ", ".join(f"{tuple(sh)} {g:.4g} ({sg:+.1f})" for sh, g, sg in d["candidates"])
             lines.append(f"| {d['step']} | {d['gamma']:.4g} +- {d['gamma_se']:.2g} | {cands} | "
-                         f"{tuple(d['choice']) if d['choice'] else '-'} |")
+                         + (", ".join(str(tuple(x)) for x in d.get("not_probed") or []) or "-") + " | "
+                         + (f"{tuple(d['choice'])} (at {d.get('grown_at')})" if d['choice'] else '-') + " |")
     if res.get("repeats"):
         lines += ["", repeats_markdown(res)]
     lines += ["", "Mask strength (Table 3): MSG with several ramp lengths, validation loss at the last step:", "",

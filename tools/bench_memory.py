@@ -142,10 +142,14 @@ def worker(args) -> None:
             t.step += 1
         with ph("save-half"):  # the 6-layer checkpoint (for msg-grow), before the growth
             t.save()
-        with ph("probe"):  # auto's probe of the full depth from here, returning to this state
+        with ph("probe"):  # auto's probe of the full depth from this checkpoint, then loading it back
             auto_cfg = copy.deepcopy(t.cfg)
-            auto_cfg.growth.auto.shapes, auto_cfg.growth.auto.probe_steps = [list(t.cfg.model.shape.as_tuple())], 3
-            AutoSchedule(auto_cfg).run_probes(t)
+            auto_cfg.growth.stages = auto_cfg.growth.stages[:t.stage + 1]
+            auto_cfg.growth.auto.probe_steps, shape, path = 3, t.model.shape, t._last_saved_path
+            auto = AutoSchedule(auto_cfg, {"check": {"step": t.step, "from": os.path.basename(path),
+                                                     "consumed": t.consumed_samples, "current": {}}})
+            auto._probe(t, t.cfg.model.shape, path, shape)
+            auto._load(t, shape, path)
         with ph("grow"):
             t.grow(1)
         with ph("train"):

@@ -220,8 +220,10 @@ def _rng_sharded(state: torch.Tensor):
 
 
 def save_checkpoint(save_dir: str, model, optimizer, state: dict, config: dict, tokenizer_path: str = "",
-                    keep: int = 3, writers: int = 4, streamed: Optional[tuple] = None) -> str:
+                    keep: int = 3, writers: int = 4, streamed: Optional[tuple] = None, protect=()) -> str:
     """Write SAVE/step_<step, 6 digits> atomically; `state` is a JSON-able dict (step, stage, data position...).
+    `keep`: the newest step directories kept, besides those named in `protect` (a check's start, which
+    growth.schedule=auto's probes still load).
     `writers`: files this rank writes in parallel. `streamed`: (state dict of placeholders, source,
     has optimizer state) for a save whose tensors are made as they are written (msg-grow:
     stream_writer.py); `model` then only gives the shape."""
@@ -232,7 +234,7 @@ def save_checkpoint(save_dir: str, model, optimizer, state: dict, config: dict, 
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     try:
         return _write_step(save_dir, name, final, tmp, rank0, model, optimizer, state, config, tokenizer_path,
-                           keep, writers, streamed)
+                           keep, writers, streamed, protect)
     except CHECKPOINT_FAILURES as e:  # a full disk is one line, not a traceback
         if not _no_space(e):
             raise
@@ -256,7 +258,7 @@ def _no_space(e: BaseException) -> bool:
 
 
 def _write_step(save_dir, name, final, tmp, rank0, model, optimizer, state, config, tokenizer_path, keep, writers,
-                streamed) -> str:
+                streamed, protect=()) -> str:
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 
@@ -305,7 +307,7 @@ def _write_step(save_dir, name, final, tmp, rank0, model, optimizer, state, conf
         with open(marker_tmp, "w") as f:
             f.write(name)
         os.replace(marker_tmp, os.path.join(save_dir, "latest"))
-        _prune(save_dir, keep)
+        _prune(save_dir, keep, protect)
         _remove_leftovers(save_dir)
     if dist.is_initialized():
         dist.barrier()
@@ -320,9 +322,11 @@ def _remove_leftovers(save_dir: str) -> None:
             shutil.rmtree(os.path.join(save_dir, d), ignore_errors=True)
 
 
-def _prune(save_dir: str, keep: int) -> None:
+def _prune(save_dir: str, keep: int, protect=()) -> None:
     steps = step_dirs(save_dir)  # by step number
     for d in steps[:-keep]:
+        if d in protect:
+            continue
         shutil.rmtree(os.path.join(save_dir, d), ignore_errors=True)
 
 

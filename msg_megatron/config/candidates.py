@@ -68,13 +68,15 @@ def first_check(cfg) -> int:
 
 
 def probe_budget(auto, shape: Shape, final: Shape, step: int, steps: int, train_flops: float, probe_flops: float,
-                 fpt, tokens: int) -> dict:
-    """Whether a check at `step` from `shape` fits growth.auto.max_probe_share: its probes (each candidate x
-    probe_steps at the candidate's FLOPs per token `fpt(shape)`, `tokens` per step) plus the earlier checks'
-    (`probe_flops`) within that share of the run's FLOPs if it never grew after this check (`train_flops` so
-    far, probes included, + the remaining steps at `shape` + this check). Model FLOPs, not seconds: every
-    rank and every rerun skips the same checks."""
-    check = auto.probe_steps * tokens * sum(fpt(c) for c in auto_candidates(auto, shape, final))
+                 fpt, tokens: int, candidates=None) -> dict:
+    """Whether probing `candidates` (default: the cheapest of this check's) from `shape` at `step` fits
+    growth.auto.max_probe_share: their probes (probe_steps each at the candidate's FLOPs per token `fpt(shape)`,
+    `tokens` per step) plus what the earlier checks cost (`probe_flops`) within that share of the run's FLOPs
+    if it never grew after this (`train_flops` so far, probes included, + the remaining steps at `shape` +
+    these probes). Model FLOPs, not seconds: every rank and every rerun probes the same."""
+    if candidates is None:
+        candidates = sorted(auto_candidates(auto, shape, final), key=fpt)[:1]
+    check = auto.probe_steps * tokens * sum(fpt(c) for c in candidates)
     total = train_flops + (steps - step) * tokens * fpt(shape) + check
     return {"fits": probe_flops + check <= auto.max_probe_share * total, "check_flops": check,
             "share": (probe_flops + check) / total if total else 0.0}

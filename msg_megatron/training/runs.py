@@ -61,6 +61,32 @@ def run_pretrain(config: str, overrides: List[str], run_dir: str, timeout: Optio
     return read_metrics(run_dir)
 
 
+AUTO_EVENTS = ("auto_check", "auto_probes", "auto_decision", "auto_skipped")
+
+
+def current(records: List[dict]) -> List[dict]:
+    """The records a run stands by: the lines of steps trained again after a resume, or replaced by a
+    probe growth.schedule=auto kept (event auto_kept: its check's records stay), dropped, as msg-plot
+    reads them. The state of step s holds the steps before s: training steps and growths from s on,
+    evaluations (made after a step) beyond s, go."""
+    out: List[dict] = []
+    for r in records:
+        event = r.get("event")
+        if event in ("resume", "auto_kept"):
+            s = r["step"]
+
+            def stale(x):
+                if "step" not in x or x.get("event") in ("resume", "auto_kept") or (
+                        event == "auto_kept" and x.get("event") in AUTO_EVENTS):
+                    return False
+                after = "val_loss" in x or any(k.startswith("tasks/") for k in x)
+                return x["step"] > s if after else x["step"] >= s
+
+            out = [x for x in out if not stale(x)]
+        out.append(r)
+    return out
+
+
 def steps(records: List[dict]) -> List[dict]:
     return [r for r in records if "loss" in r and "event" not in r]
 

@@ -19,7 +19,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from ..checkpoint.dist import save_checkpoint
-from ..config import Config, ConfigError, StageConfig
+from ..config import Config, ConfigError, Shape, StageConfig
 from ..data.tokenizer import load_tokenizer
 from ..growth.apply import grow
 from ..model import count_parameters, update_masks
@@ -103,8 +103,9 @@ class Trainer:
         self.peak_tflops = device_peak_tflops()
 
     # ---- growth --------------------------------------------------------------------------
-    def grow(self, stage: int) -> dict:
-        """Grow to `stage`'s shape before training step `self.step` (paper section 3.1)."""
+    def grow(self, stage: int, log: bool = True) -> dict:
+        """Grow to `stage`'s shape before training step `self.step` (paper section 3.1). `log`=False:
+        the record is returned only (growth.schedule=auto's probes: logged if the probe is kept)."""
         old_shape, new_shape = self.model.shape, self.schedule[stage][1]
         loss_before = self.probe_loss()
         self.model, self.optimizer = grow(self.model, self.optimizer, new_shape, self.cfg, self.step, stage)
@@ -116,10 +117,15 @@ class Trainer:
         record = {"event": "growth", "step": self.step, "stage": stage, "from": list(old_shape.as_tuple()),
                   "to": list(new_shape.as_tuple()), "params": self.num_params(),
                   "probe_loss_before": loss_before, "probe_loss_after": loss_after}
-        self.metrics.print(f"[grow] step {self.step}: stage {stage} {old_shape} -> {new_shape}, "
-                           f"params {record['params']:,}, probe loss {loss_before:.6f} -> {loss_after:.6f}")
-        self.metrics.log(record)
+        if log:
+            self.log_growth(record)
         return record
+
+    def log_growth(self, record: dict) -> None:
+        self.metrics.print(f"[grow] step {record['step']}: stage {record['stage']} {Shape(*record['from'])} -> "
+                           f"{Shape(*record['to'])}, params {record['params']:,}, probe loss "
+                           f"{record['probe_loss_before']:.6f} -> {record['probe_loss_after']:.6f}")
+        self.metrics.log(record)
 
     # ---- steps ---------------------------------------------------------------------------
     def train_step(self) -> StepOut:
@@ -214,8 +220,8 @@ class Trainer:
             return None
         self.sync_steps()  # no checkpoint of a model whose pending losses were not finite
         path = save_checkpoint(ck.save, self.model, self.optimizer, self.state(), self.cfg.to_dict(),
-                               self.tokenizer_path, ck.keep,
-                               writers=ck.writers)
+                               self.tokenizer_path, ck.keep, writers=ck.writers,
+                               protect=self.auto.protected() if self.auto else ())
         self.metrics.print(f"[save] step {self.step} -> {path}")
         self._last_saved, self._last_saved_path = self.step, path
         return path
@@ -348,39 +354,58 @@ class Trainer:
 
     # ---- growth.schedule=auto ----------------------------------------------------------------
     def _auto_check(self) -> bool:
-        """At a check step, probe the candidates (auto_growth.py); where a check's window ends, decide
-        and, if a candidate won, add its stage at this step (the loop then grows into it). False when
-        a preemption signal stopped the probes."""
+        """Where a check's window ends, probe and decide (auto_growth.py; a kept probe becomes the run); at
+        a check step, start one. False when a preemption signal stopped the probes."""
         if self.auto.deciding(self.step):
-            self.sync_steps()  # (the window's last losses)
-            rec = self.auto.decide(self)
+            rec = self.auto.finish_check(self)
+            if rec is None:
+                return False
+            kept, probes = rec.pop("kept"), rec.pop("probes")
+            self.metrics.log({"event": "auto_probes", **probes, "probe_share": rec["probe_share"]})
             self.metrics.log(rec)
             cands = ", ".join(f"{tuple(r['shape'])} {r['gamma']:.4g} ({r['sigma']:+.1f} sigma)"
                               for r in rec["candidates"])
             self.metrics.print(f"[auto] step {self.step}: gamma {rec['gamma']:.4g} +- {rec['gamma_se']:.2g} "
-                               f"{rec['unit']}; candidates {cands}; "
-                               + (f"growing to {tuple(rec['choice'])}" if rec["choice"] else
-                                  f"none beats it by {rec['margin_sigma']:g} sigma: not growing")
-                               + f" (probes {rec['probe_share']:.1%} of the training time)")
-            if rec["choice"]:
-                self.cfg.growth.stages.append(StageConfig(step=self.step, shape=list(rec["choice"])))
-                self.schedule, self.lr_schedule = self.cfg.schedule(), lr_schedule(self.cfg)
-        elif self.auto.due(self):
-            t0 = self.train_time
-            done = self.auto.run_probes(self)
-            probes = self.auto.check["probes"] if done else []
-            self.metrics.log({"event": "auto_probes", "step": self.step, "train_time_start": t0,
-                              "train_time_end": self.train_time, "probe_share": self.auto.probe_time / max(
-                                  self.train_time, 1e-9), "completed": done, "save_s": self.auto.last_save_s,
-                              **{k: sum(p[k] for p in probes) for k in ("grow_s", "train_s", "load_s")}})
-            return done
+                               f"{rec['unit']}; probed {cands}"
+                               + (f"; not probed (growth.auto.max_probe_share) {rec['not_probed']}"
+                                  if rec["not_probed"] else "") + "; "
+                               + (f"kept {tuple(rec['choice'])}, grown at step {rec['grown_at']}" if rec["choice"]
+                                  else f"none beats it by {rec['margin_sigma']:g} sigma: not growing")
+                               + f" (checks {rec['probe_share']:.1%} of the training time)")
+            if kept:
+                self._adopt_probe(kept)
+        if self.auto.due(self):
+            self.metrics.log(self.auto.start_check(self))
         return True
+
+    def _adopt_probe(self, kept: dict) -> None:
+        """A kept probe is the run: its stage joins growth.stages at the check's step, and its steps replace
+        the window's in metrics.jsonl (readers drop the window's lines at event auto_kept, as at a resume),
+        logged as the loop logs them; the evaluation due at this step is made again, on the kept model."""
+        t, s = self.cfg.train, kept["stage_step"]
+        self.cfg.growth.stages.append(StageConfig(step=s, shape=list(kept["shape"])))
+        self.schedule, self.lr_schedule = self.cfg.schedule(), lr_schedule(self.cfg)
+        self.stage += 1
+        self.auto.stage_started()
+        self.auto.observe(kept["rows"])
+        self.metrics.log({"event": "auto_kept", "step": s, "until": self.step, "shape": kept["shape"]})
+        self.log_growth(kept["growth"])
+        fpt = kept["flops_per_step"] / kept["tokens"]
+        for i, ((step, loss, grad_norm), mask, lr) in enumerate(zip(kept["rows"], kept["masks"], kept["lrs"])):
+            if step % t.log_interval == 0 or step == t.steps - 1:
+                self.metrics.log({"lr": lr, "tokens": kept["tokens"], "flops_per_token": fpt, "loss": loss,
+                                  "grad_norm": grad_norm, "step_time": kept["seconds_per_step"], "step": step,
+                                  "stage": self.stage, "shape": list(kept["shape"]), "params": self.num_params(),
+                                  "mask": mask, "train_time": kept["time0"] + (i + 1) * kept["seconds_per_step"],
+                                  "train_flops": kept["flops0"] + (i + 1) * kept["flops_per_step"], "probe": True})
+        if t.eval_interval and self.step % t.eval_interval == 0 and self.step < t.steps:
+            self._log_eval()
 
     def _stop_in_probe(self) -> dict:
         """A preemption signal during the probes: the check's checkpoint (saved before them) is where a
         resume replays the check from; the probed state is not saved."""
-        self.metrics.print(f"[preempt] stopping in the probes of step {self.step}; the resume point is the check's "
-                           f"checkpoint {self._last_saved_path}")
+        self.metrics.print(f"[preempt] stopping in the probes of step {self.step}; the resume point is the window "
+                           f"end's checkpoint {self._last_saved_path}, from which the probes are replayed")
         self.metrics.close()
         return {"step": self.step, "preempted": True, "shape": list(self.model.shape.as_tuple())}
 
