@@ -110,8 +110,9 @@ def plan(cfg: Config, mfu: float, gpu: str, distributed_optimizer: bool = True, 
 def plan_auto(cfg: Config, *args, **kwargs) -> dict:
     """msg-plan of a growth.schedule=auto config: its stages are decided during the run, so the plan is
     two fixed schedules that bound it, the probes' largest cost, and what cannot be known ahead.
-    `upper` grows straight to the model section at the first decision (the table shows it: its last
-    stage has the largest memory any stage can have), `lower` never grows past the given stages."""
+    `upper` grows straight to the model section at the first check (a kept probe's stage is at its check's
+    step; the table shows it: its last stage has the largest memory any stage can have), `lower` never
+    grows past the given stages."""
     a, t = cfg.growth.auto, cfg.train
     last = cfg.growth.stages[-1]
     first_check = first_check_step(cfg)  # (once the masks of the last growth are all 1)
@@ -119,7 +120,7 @@ def plan_auto(cfg: Config, *args, **kwargs) -> dict:
     fixed = dataclasses.replace(cfg.growth, schedule="fixed")
     lower = plan(dataclasses.replace(cfg, growth=fixed), *args, **kwargs)
     grown = dataclasses.replace(fixed, stages=list(fixed.stages) + [
-        StageConfig(step=first_decision, shape=list(cfg.model.shape.as_tuple()))])
+        StageConfig(step=first_check, shape=list(cfg.model.shape.as_tuple()))])
     res = plan(dataclasses.replace(cfg, growth=grown), *args, **kwargs)
     checks = len(range(first_check, t.steps - a.probe_steps, a.check_interval))
     start = Shape(*last.shape)
@@ -150,16 +151,17 @@ def auto_table(res: dict) -> str:
     ph = f" ({a['probe_gpu_hours_max']:.3g} GPU-hours)" if a["probe_gpu_hours_max"] is not None else ""
     return "\n".join([
         "growth.schedule=auto: the stages are decided during the run. Planned: the table below grows straight to the "
-        f"model section at the first decision (step {a['first_decision']}), so its last stage has the largest memory "
+        f"model section at the first check (step {a['first_check']}, kept at step {a['first_decision']}), so its last "
+        "stage has the largest memory "
         f"any stage can have ({len(a['reachable_shapes'])} reachable shapes, all checked against the layout);",
         f"training FLOPs between {a['flops_range'][0]:.3g} (never grows) and {a['flops_range'][1]:.3g} (grows at step "
-        f"{a['first_decision']}), {a['gpu_hours_range'][0]:.3g}-{a['gpu_hours_range'][1]:.3g} GPU-hours, "
+        f"{a['first_check']}), {a['gpu_hours_range'][0]:.3g}-{a['gpu_hours_range'][1]:.3g} GPU-hours, "
         f"{a['days_range'][0]:.1f}-{a['days_range'][1]:.1f} days;",
         f"probes: at most {a['checks_max']} checks (every growth.auto.check_interval steps from step "
         f"{a['first_check']}), each at most {a['candidates_first_check']} candidates x {a['probe_steps']} steps, at most "
         f"{a['probe_flops_max']:.3g} FLOPs{ph} (at the final shape's cost, and within growth.auto.max_probe_share="
-        f"{a['max_probe_share']:g} of the run's FLOPs: checks beyond it are skipped), plus one checkpoint save per "
-        "check and one load per candidate;",
+        f"{a['max_probe_share']:g} of the run's FLOPs: probes beyond it are skipped), plus two checkpoint saves per "
+        "check (its step and its window's end) and one load per candidate probed, one more where none is kept;",
         f"not predictable: {a['cannot_predict']}.", "", table(res)])
 
 

@@ -236,7 +236,7 @@ def test_interleaved_activation_count_is_the_schedules_peak(p, m, v):
 
 def test_an_auto_schedule_plans_its_bounds():
     """msg-plan on growth.schedule=auto: the two fixed schedules that bound it (never growing; growing to the
-    model section at the first decision, whose table it prints), the probes' most FLOPs counted by hand, and
+    model section at the first check, whose table it prints), the probes' most FLOPs counted by hand, and
     what it cannot predict."""
     from msg_megatron.config import load_config
     from msg_megatron.plan import plan
@@ -251,7 +251,7 @@ def test_an_auto_schedule_plans_its_bounds():
                                                        "model.ffn_hidden_size=256", "model.num_attention_heads=4",
                                                        "model.num_layers=2"]), 0.5, "A800")
     grown = plan(load_config("configs/demo_cpu.yaml", ["growth.stages=[{step: 0, shape: [128, 256, 4, 2]}, "
-                                                       "{step: 64, shape: [192, 768, 6, 4]}]"]), 0.5, "A800")
+                                                       "{step: 48, shape: [192, 768, 6, 4]}]"]), 0.5, "A800")
     assert a["first_check"] == 48 and a["first_decision"] == 64
     assert a["flops_range"] == pytest.approx([never["flops"], grown["flops"]], rel=1e-12)
     assert res["stages"][-1]["memory_gib"] == grown["stages"][-1]["memory_gib"]

@@ -129,16 +129,18 @@ class StageConfig:
 @dataclass
 class AutoGrowthConfig:
     """growth.schedule=auto (training/auto_growth.py): the run decides when to grow and to what. Every
-    check_interval steps (once the last growth's masks are all 1) each candidate is grown from the run's
-    state with the same operators a fixed schedule uses, trained probe_steps steps on the batches the run
-    sees next, and the run returns to its checkpoint of the check; then the run itself trains those
-    steps, and the candidate whose pre-training rate (the paper's gamma, eq. 21, per unit of `cost`)
-    beats the run's own over the same steps by margin_sigma standard errors is grown into."""
+    check_interval steps (once the last growth's masks are all 1) the run saves, trains its next
+    probe_steps steps itself, saves again, and then grows candidates from the first checkpoint, cheapest
+    first, with the same operators a fixed schedule uses, each trained those same steps on the same
+    batches; the first whose pre-training rate (the paper's gamma, eq. 21, per unit of `cost`) beats the
+    run's own over them by margin_sigma standard errors is kept (its steps become the run's, its growth a
+    stage at the check's step), else the run goes on from its own."""
 
     check_interval: int = 100
     """Steps between checks (at every multiple, from the first one after the last growth's ramp)."""
     probe_steps: int = 50
-    """Steps each candidate trains in a probe; also the window over which both rates are measured."""
+    """Steps of a check's window: the run trains them, then each candidate probed; both rates are measured
+    over them (about growth.ramp_steps: a growth's payoff shows once its masks have ramped)."""
     window: int = 100
     """Steps of the run's own training loss (its latest, since its last growth) its rate is fit over: its
     running estimate, logged as gamma +- gamma_se, and the baseline at each decision (>= probe_steps)."""
@@ -155,10 +157,11 @@ class AutoGrowthConfig:
     """A candidate is grown into only when its rate beats the run's by this many standard errors of the
     difference (the step-to-step noise of the paired losses over the window; 2: ~2.3% false growths)."""
     max_probe_share: float = 0.1
-    """The most the probes may cost, as a share of the run's model FLOPs (probes included): a check runs only
-    when its probes (every candidate x probe_steps, at the candidate's FLOPs per step) together with the
-    earlier checks' stay within this share of the run's FLOPs if it never grew after the check. Counted in
-    FLOPs so that every rank and every rerun skips the same checks; 1 checks at every check_interval."""
+    """The most the checks may cost, as a share of the run's model FLOPs (probes included): each probe runs
+    only when it (probe_steps at the candidate's FLOPs per step) together with what the earlier checks cost
+    (the probes that lost, the windows kept probes replaced) stays within this share of the run's FLOPs if
+    it never grew after it; a check starts only when its cheapest probe fits. Counted in FLOPs so that
+    every rank and every rerun probes the same; 1 probes every candidate at every check_interval."""
     cost: str = "flops"
     """The rate's denominator: `flops` (model FLOPs per step: the same decisions in every rerun and on any
     machine) or `time` (measured seconds per step: what this machine delivers; not reproducible)."""
