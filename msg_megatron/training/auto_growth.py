@@ -32,6 +32,7 @@ the running rate estimate are part of the checkpoint's state: a resume anywhere,
 from __future__ import annotations
 
 import copy
+import gc
 import os
 import time
 from typing import List, Optional
@@ -291,7 +292,10 @@ class AutoSchedule:
                               f"copy `{name}` into checkpoint.save")
 
     def _load(self, tr, shape: Shape, path: str) -> None:
-        tr.model = tr.optimizer = None  # (the probed model goes before a checkpoint's is built)
+        # (the probed model goes before a checkpoint's is built: the trainer's parameter count caches the model
+        # object it counted, so that reference goes too)
+        tr.model = tr.optimizer = tr._params_of = None
+        gc.collect()  # (megatron's DDP and optimizer hold reference cycles: freed now, not beside the next model)
         tr.model, tr.optimizer = load_model_and_optimizer(self.cfg, shape, path)
         configure_recompute(tr.model, self.cfg.train.recompute, self.cfg.train.recompute_num_layers)
 
