@@ -133,6 +133,26 @@ def test_a_check_runs_only_within_the_probe_share(tmp_path):
     assert not auto.due(tr) and len(logged) == 1
 
 
+def test_a_check_whose_checkpoint_is_gone_names_it(tmp_path):
+    """A resume inside a check's window from a directory without the check's own checkpoint (neither in
+    checkpoint.save nor beside the one resumed from): refused, naming the checkpoint and the two fixes; found
+    beside the resumed one, it is used."""
+    from types import SimpleNamespace
+
+    from msg_megatron.checkpoint.dist import CheckpointError
+    from msg_megatron.training.auto_growth import AutoSchedule
+
+    auto = AutoSchedule(auto_cfg(tmp_path), {"check": {"step": 20, "from": "step_000020", "consumed": 160,
+                                                       "current": {}}})
+    other = tmp_path / "elsewhere"
+    (other / "step_000025").mkdir(parents=True)
+    tr = SimpleNamespace(resumed_from=str(other / "step_000025"))
+    with pytest.raises(CheckpointError, match="step_000020.*resume from a checkpoint before step 20.*copy"):
+        auto._start_path(tr)
+    (other / "step_000020").mkdir()
+    assert auto._start_path(tr) == str(other / "step_000020")
+
+
 # ---- runs (slow tier) --------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_data):
