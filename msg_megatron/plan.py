@@ -27,7 +27,7 @@ from typing import List
 
 from .cli import run_cli
 from .config import Config, Shape, StageConfig, load_config
-from .config.candidates import auto_candidates, reachable_shapes
+from .config.candidates import auto_candidates, probe_warnings, reachable_shapes
 from .config.candidates import first_check as first_check_step
 from .dry_run import DryRunError, dry_run
 from .model.gpt import padded_vocab_size
@@ -142,6 +142,7 @@ def plan_auto(cfg: Config, *args, **kwargs) -> dict:
         "reachable_shapes": [list(s.as_tuple()) for s in reachable_shapes(a, start, cfg.model.shape)],
         "cannot_predict": "when the run grows and into which shapes (each check decides from the measured rates); "
                           "msg-schedule --from-auto writes the stages a run chose as a fixed schedule",
+        "warnings": probe_warnings(cfg),
     }
     return res
 
@@ -162,7 +163,7 @@ def auto_table(res: dict) -> str:
         f"{a['probe_flops_max']:.3g} FLOPs{ph} (at the final shape's cost, and within growth.auto.max_probe_share="
         f"{a['max_probe_share']:g} of the run's FLOPs: probes beyond it are skipped), plus two checkpoint saves per "
         "check (its step and its window's end) and one load per candidate probed, one more where none is kept;",
-        f"not predictable: {a['cannot_predict']}.", "", table(res)])
+        f"not predictable: {a['cannot_predict']}.", *[f"warning: {w}" for w in a["warnings"]], "", table(res)])
 
 
 def pipeline_bubble(pp: int, micro_batches: int, virtual_pipeline: int = 1) -> float:

@@ -72,6 +72,44 @@ def test_grown_gain_is_the_paired_least_squares_rate():
     assert diverged["gain"] == float("-inf")
 
 
+def test_gap_profile_is_the_paired_gap_by_quarter_and_its_late_slope():
+    """gap_profile against numpy: the mean of grown - run over each quarter of the probe, and the least-squares
+    slope (with its standard error) over the second half; a transient (behind, then gaining) shows as positive
+    early quarters and a negative late slope while the slope over the whole probe is near 0."""
+    import numpy as np
+
+    from msg_megatron.training.rates import gap_profile, grown_gain
+
+    rng = np.random.default_rng(2)
+    steps = np.arange(14)
+    batch = rng.normal(0, 0.2, 14)
+    cur = 5.0 - 0.01 * steps + batch
+    gap = np.where(steps < 7, 0.004 * steps, 0.028 - 0.006 * (steps - 7)) + rng.normal(0, 0.001, 14)
+    g = gap_profile(list(cur), list(cur + gap))
+    bounds = [0, 4, 7, 10, 14]  # (round(k * 14 / 4): 0, 3.5 -> 4, 7, 10.5 -> 10, 14)
+    assert g["gap_quarters"] == pytest.approx([gap[a:b].mean() for a, b in zip(bounds, bounds[1:])], abs=1e-12)
+    (slope, _), cov = np.polyfit(steps[7:], gap[7:], 1, cov=True)
+    assert g["late_delta"] == pytest.approx(slope) and g["late_delta_se"] == pytest.approx(float(np.sqrt(cov[0, 0])))
+    assert g["gap_quarters"][1] > 0.01 and g["late_delta"] < -0.005
+    assert abs(grown_gain((-0.01, 0.001), 1.0, list(cur), list(cur + gap), 1.0)["delta"]) < 0.001  # (whole probe: ~0)
+    short = gap_profile([5.0, 4.9, 4.8], [5.0, 4.95, 4.9])  # (3 steps: three quarters, no late slope)
+    assert short["gap_quarters"] == pytest.approx([0.0, 0.05, 0.1]) and np.isnan(short["late_delta"])
+    assert np.isnan(gap_profile([5.0] * 8, [5.0] * 7 + [float("nan")])["late_delta"])
+    with pytest.raises(ValueError, match="paired losses"):
+        gap_profile([5.0] * 3, [5.0] * 4)
+
+
+def test_probes_shorter_than_the_ramp_are_warned_of(tmp_path):
+    """A probe shorter than growth.ramp_steps ends inside the growth's transient: said at the start (and by
+    msg-plan: tests/test_plan.py), naming both fields and the fix; nothing for probes that cover the ramp."""
+    from msg_megatron.config.candidates import probe_warnings
+
+    (w,) = probe_warnings(auto_cfg(tmp_path, "growth.ramp_steps=20"))
+    assert all(x in w for x in ("probe_steps=10", "ramp_steps=20", "0.50", "probe_steps >= 20"))
+    assert probe_warnings(auto_cfg(tmp_path)) == []  # (probe_steps 10 >= ramp_steps 5)
+    assert probe_warnings(load_config(None, BASE)) == []  # (a fixed schedule)
+
+
 @pytest.mark.parametrize("extra, words", [
     (["growth.auto.probe_steps=30"], ["growth.auto.probe_steps=30", "step 50", "train.steps=45"]),
     (["growth.stages=[{step: 0, shape: [64, 128, 4, 2]}]"], ["no candidate", "model section's shape already"]),
@@ -191,6 +229,13 @@ def test_auto_grows_into_a_clearly_better_candidate_and_not_otherwise(runs):
     window = [r for r in everything if "loss" in r and "event" not in r and 20 <= r["step"] < 30 and not r.get("probe")]
     assert len(window) == 10 and all(r["shape"] == [32, 64, 2, 1] for r in window)  # (the run's own, replaced)
     assert [r["step"] for r in everything if r.get("event") == "auto_check"] == [20]
+    # the kept probe's gap profile is its logged losses' minus the window's (numpy, 1e-12)
+    import numpy as np
+    row = [r for r in everything if r.get("event") == "auto_decision"][0]["candidates"][-1]
+    gap = np.array([r["loss"] for r in trained if r.get("probe")]) - np.array([r["loss"] for r in window])
+    assert row["gap_quarters"] == pytest.approx([gap[a:b].mean() for a, b in ((0, 2), (2, 5), (5, 8), (8, 10))],
+                                                abs=1e-12)
+    assert row["late_delta"] == pytest.approx(np.polyfit(np.arange(5, 10), gap[5:], 1)[0], abs=1e-12)
     probes = [r for r in everything if r.get("event") == "auto_probes"]
     assert [p["step"] for p in probes] == [30] and 0 < probes[0]["probe_share"] < 1 and probes[0]["window_s"] > 0
     assert any("gamma" in r and "gamma_se" in r for r in trained)  # (the running estimate)

@@ -263,5 +263,10 @@ def test_an_auto_schedule_plans_its_bounds():
 
     shared = plan_auto(load_config("configs/demo_cpu.yaml", auto + ["growth.auto.max_probe_share=0.2"]), 0.5, "A800")
     assert shared["auto"]["probe_flops_max"] == pytest.approx(0.25 * grown["flops"], rel=1e-12)
+    # 16-step probes of a 40-step ramp end inside the growth's transient: warned of; 40-step ones are not
+    assert len(a["warnings"]) == 1 and "probe_steps=16 is shorter than growth.ramp_steps=40" in a["warnings"][0]
+    covered = plan_auto(load_config("configs/demo_cpu.yaml", auto + ["growth.auto.probe_steps=40"]), 0.5, "A800")
+    assert covered["auto"]["warnings"] == []
     text = run_cli(["msg_megatron.plan", "configs/demo_cpu.yaml", *auto]).stdout
     assert "not predictable: when the run grows and into which shapes" in text and "msg-schedule --from-auto" in text
+    assert "warning: growth.auto.probe_steps=16" in text

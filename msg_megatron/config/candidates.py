@@ -80,3 +80,18 @@ def probe_budget(auto, shape: Shape, final: Shape, step: int, steps: int, train_
     total = train_flops + (steps - step) * tokens * fpt(shape) + check
     return {"fits": probe_flops + check <= auto.max_probe_share * total, "check_flops": check,
             "share": (probe_flops + check) / total if total else 0.0}
+
+
+def probe_warnings(cfg) -> List[str]:
+    """What makes a growth.schedule=auto config's probes unable to show a growth's payoff, said at the
+    run's start and by msg-plan (a warning, not a refusal: such a run is valid, its checks just decide
+    on the growth's transient). A probe shorter than growth.ramp_steps ends with the new parts' masks
+    below 1; on the BERT demo the grown copies' loss stayed above the run's for 24-32 steps of a 40-step
+    ramp and gained only after (training/rates.py gap_profile; docs/benchmarks.md)."""
+    a, ramp = cfg.growth.auto, cfg.growth.ramp_steps
+    if cfg.growth.schedule != "auto" or a.probe_steps >= ramp:
+        return []
+    return [f"growth.auto.probe_steps={a.probe_steps} is shorter than growth.ramp_steps={ramp}: each probe ends "
+            f"with the new parts' masks at {a.probe_steps / ramp:.2f}, inside the growth's transient (the grown copy "
+            "behind the run before it gains), so a check measures the growth's cost more than its payoff; set "
+            f"probe_steps >= {ramp} or shorten the ramp (each decision logs the gap by quarter and its late slope)"]

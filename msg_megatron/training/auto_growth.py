@@ -48,7 +48,7 @@ from ..model.gpt import padded_vocab_size
 from ..model.recompute import configure_recompute
 from ..parallel import device
 from .flops import flops_per_token
-from .rates import fit_slope, grown_gain, rate
+from .rates import fit_slope, gap_profile, grown_gain, rate
 from .schedule import lr_schedule
 from .starts import load_model_and_optimizer
 
@@ -240,11 +240,13 @@ class AutoSchedule:
             row = {"shape": list(cand.as_tuple()), "gamma": g["gamma"] * self.unit, "gain": g["gain"] * self.unit,
                    "gain_se": g["gain_se"] * self.unit, "sigma": g["sigma"], "delta_per_step": g["delta"],
                    "delta_se": g["delta_se"], "cost_ratio": c / cost,
-                   "loss_start": p["losses"][0], "loss_end": p["losses"][-1]}
+                   "loss_start": p["losses"][0], "loss_end": p["losses"][-1]} | gap_profile(current, p["losses"])
             rows.append(row)
             tr.metrics.print(f"[auto] probe {cand}: loss {row['loss_start']:.4f} -> {row['loss_end']:.4f}, "
                              f"{row['sigma']:+.1f} sigma against the run "
-                             f"({p['load_s'] + p['grow_s'] + p['train_s']:.1f} s)")
+                             f"({p['load_s'] + p['grow_s'] + p['train_s']:.1f} s); its loss minus the run's by "
+                             f"quarter {' '.join(f'{q:+.4f}' for q in row['gap_quarters'])}, over the second half "
+                             f"{row['late_delta']:+.5f} +- {row['late_delta_se']:.5f} per step")
             if row["sigma"] > a.margin_sigma:
                 # kept: its steps are the run's; the run's own window and the load are what the check cost
                 self.probe_time += window_s + p["load_s"]

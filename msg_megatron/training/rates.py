@@ -57,3 +57,25 @@ def grown_gain(run_slope: Tuple[float, float], cost: float, current: List[float]
     sigma = gain / se if se > 0 else (math.inf if gain > 0 else -math.inf if gain < 0 else 0.0)
     return {"gamma": -(b + delta) / grown_cost, "gain": gain, "gain_se": se, "sigma": sigma,
             "delta": delta, "delta_se": se_d}
+
+
+def gap_profile(current: List[float], grown: List[float]) -> dict:
+    """Where a probe's paired gap g_i = grown_i - current_i stands over its steps: its mean over each
+    quarter of the probe (`gap_quarters`, in order) and its slope per step over the probe's second half
+    with the standard error (`late_delta`, `late_delta_se`). A grown copy first falls behind the run (its
+    new parts' masks ramp in from 0, their AdamW moments start at 0, an LR reset lifts the rate) and
+    gains later: on the BERT demo (docs/benchmarks.md, 2026-12-04) the gap stayed positive for 24-32 steps
+    of a 40-step ramp, then fell ~0.001 per step, as fast as the run's own loss. The profile shows whether
+    a probe ended inside that transient, which `grown_gain`'s slope over the whole probe cannot tell.
+    NaN where the grown copy diverged or the half is under 3 steps."""
+    n, nan = len(grown), float("nan")
+    if len(current) != n:
+        raise ValueError(f"paired losses of {len(current)} and {n} steps")
+    gaps = [g - c for c, g in zip(current, grown)]
+    if not all(math.isfinite(x) for x in gaps):
+        return {"gap_quarters": [nan] * min(4, n), "late_delta": nan, "late_delta_se": nan}
+    bounds = sorted({round(k * n / 4) for k in range(5)})
+    quarters = [sum(gaps[a:b]) / (b - a) for a, b in zip(bounds, bounds[1:])]
+    half = list(range(n // 2, n))
+    slope, se = fit_slope(half, gaps[n // 2:]) if len(half) >= 3 else (nan, nan)
+    return {"gap_quarters": quarters, "late_delta": slope, "late_delta_se": se}

@@ -14,6 +14,7 @@ from megatron.core import parallel_state as ps
 
 from ..checkpoint.run_lock import RunLock, hold_save_dir
 from ..config import Config, ConfigError
+from ..config.candidates import probe_warnings
 from ..data import validation_problem
 from ..data.sources import open_data
 from ..model.hf_arch import export_warnings
@@ -85,6 +86,8 @@ def build_run(cfg: Config, log_enabled: bool = True) -> RunParts:
         metrics.print(layout_note)
     for note in export_warnings(cfg.model, cfg.schedule()):
         metrics.print(f"[export] warning: {note}")
+    for note in probe_warnings(cfg):
+        metrics.print(f"[auto] warning: {note}")
     if lock is not None and lock.note:
         metrics.print(f"[lock] {cfg.checkpoint.save}: {lock.note}")
     data = open_data(cfg, metrics.print)
