@@ -39,7 +39,13 @@ def test_bench_growth_quick(tmp_path, cache_dir, family, stem):
     assert [d["step"] for d in auto["decisions"]][:1] == [24] and all(d["step"] % 20 == 4 for d in auto["decisions"])
     assert len(auto["probe_spans"]) == len(auto["decisions"]) and 0 < auto["probe_share"] < 1
     assert [g["to"] for g in auto["growths"]] == [d["choice"] for d in auto["decisions"] if d["choice"]]
-    assert "MSG auto" in (tmp_path / f"{stem}.md").read_text()
+    report = (tmp_path / f"{stem}.md").read_text()
+    assert "MSG auto" in report
+    # each probe's gap profile (4-step probes: a quarter per step, no second-half slope), in the report too
+    probed = [g for d in auto["decisions"] for g in d["gaps"]]
+    assert len(probed) == sum(len(d["candidates"]) for d in auto["decisions"]) > 0
+    assert all(len(q) == 4 and late != late for _, q, late, _ in probed)  # (NaN: under 6 steps)
+    assert "Each probe's transient" in report and "- (a probe under 6 steps, or diverged)" in report
     assert m["full"]["train_flops"] > m["msg"]["train_flops"]  # the growth schedule costs fewer FLOPs
     assert len(m["msg"]["growths"]) == 4 and not m["full"]["growths"]
     for g in m["msg"]["growths"]:

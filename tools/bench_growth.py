@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
@@ -151,7 +152,10 @@ def auto_figures(recs) -> dict:
     the training time lost to them (saves, loads, the probes that lost, the window a kept probe replaced)."""
     dec = [{"step": r["step"], "gamma": r["gamma"], "gamma_se": r["gamma_se"], "unit": r["unit"], "choice": r["choice"],
             "grown_at": r.get("grown_at"), "not_probed": r.get("not_probed", []),
-            "candidates": [(c["shape"], c["gamma"], c["sigma"]) for c in r["candidates"]]}
+            "candidates": [(c["shape"], c["gamma"], c["sigma"]) for c in r["candidates"]],
+            # each probe's transient (training/rates.py gap_profile; absent from records before 2026-12-04)
+            "gaps": [(c["shape"], c["gap_quarters"], c["late_delta"], c["late_delta_se"])
+                     for c in r["candidates"] if "gap_quarters" in c]}
            for r in recs if r.get("event") == "auto_decision"]
     spans = [(r["train_time_start"], r["train_time_end"]) for r in recs if r.get("event") == "auto_probes"]
     if not dec and not spans:
@@ -414,6 +418,16 @@ def markdown(res: dict) -> str:
             lines.append(f"| {d['step']} | {d['gamma']:.4g} +- {d['gamma_se']:.2g} | {cands} | "
                          + (", ".join(str(tuple(x)) for x in d.get("not_probed") or []) or "-") + " | "
                          + (f"{tuple(d['choice'])} (at {d.get('grown_at')})" if d['choice'] else '-') + " |")
+        gaps = [(d["step"], g) for d in auto["decisions"] for g in d.get("gaps", [])]
+        if gaps:
+            lines += ["", "Each probe's transient: its training loss minus the run's on the same batches, averaged by "
+                      "quarter of the probe, and that gap's slope per step over the probe's second half (a grown "
+                      "copy first falls behind, then gains: docs/benchmarks.md, 2026-12-04):", "",
+                      "| decision step | candidate | gap by quarter | slope, second half |", "|---:|---|---|---|"]
+            for st, (sh, quarters, late, se) in gaps:
+                slope = (f"{late:+.5f} +- {se:.5f}" if late is not None and math.isfinite(late)
+                         else "- (a probe under 6 steps, or diverged)")
+                lines.append(f"| {st} | {tuple(sh)} | {' '.join(f'{q:+.4f}' for q in quarters)} | {slope} |")
     if res.get("repeats"):
         lines += ["", repeats_markdown(res)]
     lines += ["", "Mask strength (Table 3): MSG with several ramp lengths, validation loss at the last step:", "",
